@@ -1,0 +1,163 @@
+"""The Device contract and the registry of drivers.
+
+A driver is one module. Built-in drivers are the modules of ``offload.drivers`` (found by module
+name); third-party drivers register a module under the ``offload.drivers`` entry point group.
+A driver module defines ``discover() -> list[DeviceInfo]``; discovery never raises: a driver
+whose packages or hardware are missing lists itself as unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import pkgutil
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import DeviceUnavailableError
+
+# An op builder compiles one IR node for a plan: it receives the BuildContext, the node's resolved
+# attributes, its data operands (device buffers for run-time tensors, NumPy arrays for constants)
+# and the output buffer, and returns a zero-argument callable that runs the op.
+OpBuilder = Callable[..., Callable[[], None]]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a device can do: IR ops, tensor dtypes, and numeric precisions."""
+
+    ops: frozenset
+    dtypes: frozenset = frozenset({"float32"})
+    precisions: frozenset = frozenset({"float32"})
+
+
+class Device:
+    """One coprocessor (or the CPU) behind the common contract.
+
+    Memory: ``alloc(nbytes)`` returns a raw block; ``view(raw, shape, dtype)`` a typed buffer at
+    its start; ``upload(array)`` a constant buffer; ``copy_in(dst, host)`` and ``copy_out(host,
+    src)`` move data and return the bytes moved; ``synchronize()`` waits for queued work.
+    Ops: ``ops[name]`` is an OpBuilder for each IR op the device implements.
+    """
+
+    kind: str = ""
+    index: int = 0
+    name: str = ""
+    ops: dict[str, OpBuilder] = {}
+    capabilities: Capabilities = Capabilities(frozenset())
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self.index}"
+
+    def alloc(self, nbytes: int) -> Any:
+        raise NotImplementedError
+
+    def view(self, raw: Any, shape: tuple, dtype=np.float32) -> Any:
+        raise NotImplementedError
+
+    def upload(self, array: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def copy_in(self, dst: Any, src: np.ndarray) -> int:
+        raise NotImplementedError
+
+    def copy_out(self, dst: np.ndarray, src: Any) -> int:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<offload.Device {self.spec} {self.name!r}>"
+
+
+@dataclass
+class DeviceInfo:
+    """A device known to offload, available or not."""
+
+    spec: str
+    available: bool
+    name: str = ""
+    reason: str = ""
+    open: Callable[[], Device] | None = field(default=None, repr=False)
+    driver: str = ""
+
+    def __str__(self) -> str:
+        state = "available" if self.available else f"unavailable: {self.reason}"
+        return f"{self.spec:12s} {self.name or '-'}  ({state})"
+
+
+def parse_spec(spec: str | Device) -> str:
+    """'cuda' -> 'cuda:0', 'CPU' -> 'cpu:0'."""
+    if isinstance(spec, Device):
+        return spec.spec
+    text = str(spec).strip().lower()
+    kind, _, index = text.partition(":")
+    if not kind or (index and not index.isdigit()):
+        raise DeviceUnavailableError(f"bad device spec {spec!r}: expected 'kind' or 'kind:N', "
+                                     "e.g. 'cpu', 'opencl:0', 'cuda:0'")
+    return f"{kind}:{int(index or 0)}"
+
+
+_lock = threading.Lock()
+_opened: dict[str, Device] = {}
+_discovered: list[DeviceInfo] | None = None
+
+
+def _driver_modules():
+    from . import drivers
+    for module in pkgutil.iter_modules(drivers.__path__):
+        if not module.name.startswith("_"):
+            yield module.name, lambda name=module.name: importlib.import_module(
+                f"offload.drivers.{name}")
+    for ep in importlib.metadata.entry_points(group="offload.drivers"):
+        yield ep.name, ep.load
+
+
+def _discover_all() -> list[DeviceInfo]:
+    found: list[DeviceInfo] = []
+    for name, load in _driver_modules():
+        try:
+            infos = list(load().discover())
+        except Exception as e:  # a broken driver must not break discovery of the others
+            infos = [DeviceInfo(f"{name}:0", False, reason=f"driver failed to load: "
+                                f"{type(e).__name__}: {e}")]
+        for info in infos:
+            info.driver = info.driver or name
+        found.extend(infos)
+    found.sort(key=lambda i: (i.spec.split(":")[0] != "cpu", i.spec))
+    return found
+
+
+def devices(refresh: bool = False) -> list[DeviceInfo]:
+    """Every known device, available or not, with the reason when not."""
+    global _discovered
+    with _lock:
+        if _discovered is None or refresh:
+            _discovered = _discover_all()
+        return list(_discovered)
+
+
+def device(spec: str | Device = "cpu") -> Device:
+    """Open (once) and return the device named by ``spec``: 'cpu', 'opencl:0', 'cuda:0'…"""
+    if isinstance(spec, Device):
+        return spec
+    key = parse_spec(spec)
+    with _lock:
+        if key in _opened:
+            return _opened[key]
+    infos = {i.spec: i for i in devices()}
+    info = infos.get(key)
+    if info is None:
+        known = ", ".join(infos) or "none"
+        raise DeviceUnavailableError(f"no device {spec!r}; known devices: {known}")
+    if not info.available:
+        raise DeviceUnavailableError(f"device {key} is unavailable: {info.reason}")
+    with _lock:
+        if key not in _opened:
+            _opened[key] = info.open()
+        return _opened[key]

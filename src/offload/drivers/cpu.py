@@ -1,0 +1,350 @@
+"""The CPU device in NumPy: the embedded default and the reference every other device is checked
+against.
+
+Activations are NCHW float32 in 4 KiB-aligned host blocks. Convolutions are GEMMs: 1x1 stride-1
+convs multiply the weights by the input directly; other convs gather patches (im2col) into shared
+scratch first. Bias and activation are applied in place on the GEMM output (the fused epilogue).
+Everything is float32 end to end: no float64 temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .. import graph as G
+from ..device import Capabilities, Device, DeviceInfo
+from ..hostmem import aligned_empty
+
+F32 = np.float32
+
+
+def epilogue(y: np.ndarray, attrs: dict, bias=None, tmp=None):
+    """Return a callable applying bias (broadcast ready) and the fused activation to y in place."""
+    fn = attrs.get("activation", attrs.get("fn", "identity"))
+    ops = []
+    if bias is not None:
+        ops.append(lambda: np.add(y, bias, out=y))
+    if fn == "relu":
+        ops.append(lambda: np.maximum(y, F32(0), out=y))
+    elif fn == "leaky_relu":
+        alpha = F32(attrs.get("alpha", 0.01))
+        if tmp is None:
+            tmp = np.empty_like(y)
+
+        def leaky():
+            np.multiply(y, alpha, out=tmp)
+            if alpha <= 1:
+                np.maximum(y, tmp, out=y)
+            else:
+                np.minimum(y, tmp, out=y)
+        ops.append(leaky)
+    elif fn == "sigmoid":
+        def sigmoid():
+            with np.errstate(over="ignore"):
+                np.negative(y, out=y)
+                np.exp(y, out=y)
+                np.add(y, F32(1), out=y)
+                np.reciprocal(y, out=y)
+        ops.append(sigmoid)
+    elif fn == "tanh":
+        ops.append(lambda: np.tanh(y, out=y))
+    elif fn == "clip":
+        lo, hi = F32(attrs.get("lo", -np.inf)), F32(attrs.get("hi", np.inf))
+        ops.append(lambda: np.clip(y, lo, hi, out=y))
+    elif fn != "identity":
+        raise ValueError(f"unknown activation {fn!r}")
+    if len(ops) == 1:
+        return ops[0]
+    return lambda: [op() for op in ops] and None
+
+
+def _sequence(*fns):
+    fns = tuple(f for f in fns if f is not None)
+    if len(fns) == 1:
+        return fns[0]
+
+    def run():
+        for f in fns:
+            f()
+    return run
+
+
+def build_dense(ctx, attrs, ins, out):
+    x, w = ins[0], ins[1]
+    k, n = w.shape
+    x2 = x.reshape(-1, k)
+    y2 = out.reshape(-1, n)
+    w = ctx.weight(w)
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+
+    def matmul():
+        np.matmul(x2, w, out=y2)
+    return _sequence(matmul, epilogue(y2, attrs, bias))
+
+
+def _padded_source(ctx, x, pads, value, tag_shape=None):
+    """A callable filling a padded copy of x (in scratch-free, dedicated memory) and the copy."""
+    t, l, b, r = pads
+    if not any(pads):
+        return None, x
+    n, c, h, w = x.shape
+    xp = np.empty((n, c, h + t + b, w + l + r), F32)
+    xp.fill(value)
+    inner = xp[:, :, t:t + h, l:l + w]
+    return (lambda: np.copyto(inner, x)), xp
+
+
+def _windows(xp, kernel, strides, dilations, out_hw):
+    """A strided view (N, C, kh, kw, OH, OW) of every window tap of xp."""
+    sn, sc, sh, sw = xp.strides
+    n, c = xp.shape[:2]
+    shape = (n, c, kernel[0], kernel[1], out_hw[0], out_hw[1])
+    strides = (sn, sc, sh * dilations[0], sw * dilations[1], sh * strides[0], sw * strides[1])
+    return as_strided(xp, shape, strides, writeable=False)
+
+
+def build_conv2d(ctx, attrs, ins, out):
+    x, w = ins[0], ins[1]
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    groups = attrs["groups"]
+    _, _, oh, ow = out.shape
+    strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
+    bias = ctx.weight(ins[2], "col", lambda b: b.reshape(-1, 1)) if len(ins) > 2 else None
+    if groups == 1 and (kh, kw) == (1, 1) and strides == (1, 1) and not any(pads):
+        wm = ctx.weight(w, "gemm", lambda a: a.reshape(m, c))
+        x3, y3 = x.reshape(n, c, h * wd), out.reshape(n, m, oh * ow)
+        if n == 1:
+            x2, y2 = x3[0], y3[0]
+
+            def gemm():
+                np.matmul(wm, x2, out=y2)
+        else:
+            def gemm():
+                np.matmul(wm, x3, out=y3)
+        return _sequence(gemm, epilogue(y3, attrs, bias))
+
+    if groups == c and cg == 1 and m == c:
+        return _build_depthwise(ctx, attrs, ins, out, bias)
+
+    fill, xp = _padded_source(ctx, x, pads, 0.0)
+    taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
+    ckk = cg * kh * kw
+    cols = ctx.scratch((n, c, kh, kw, oh, ow))
+    wm = ctx.weight(w, "gemm", lambda a: a.reshape(groups, m // groups, ckk))
+    cols_g = cols.reshape(n, groups, ckk, oh * ow)
+    y_g = out.reshape(n, groups, m // groups, oh * ow)
+    if groups == 1 and n == 1:
+        w2, c2, y2 = wm[0], cols_g[0, 0], y_g[0, 0]
+
+        def gemm():
+            np.copyto(cols, taps)
+            np.matmul(w2, c2, out=y2)
+    else:
+        def gemm():
+            np.copyto(cols, taps)
+            np.matmul(wm, cols_g, out=y_g)
+    return _sequence(fill, gemm, epilogue(out.reshape(n, m, oh * ow), attrs, bias))
+
+
+def _build_depthwise(ctx, attrs, ins, out, bias):
+    """Depthwise conv: one multiply-add over the whole tensor per kernel tap."""
+    x, w = ins[0], ins[1]
+    m, _, kh, kw = w.shape
+    n, _, oh, ow = out.shape
+    fill, xp = _padded_source(ctx, x, attrs["pads"], 0.0)
+    taps = _windows(xp, (kh, kw), attrs["strides"], attrs["dilations"], (oh, ow))
+    wt = ctx.weight(w, "taps", lambda a: a.reshape(m, kh * kw).T.reshape(kh, kw, m, 1, 1).copy())
+    tmp = ctx.scratch(out.shape)
+
+    def conv():
+        np.multiply(taps[:, :, 0, 0], wt[0, 0], out=out)
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    np.multiply(taps[:, :, i, j], wt[i, j], out=tmp)
+                    np.add(out, tmp, out=out)
+    return _sequence(fill, conv, epilogue(out.reshape(n, m, oh * ow), attrs, bias))
+
+
+def build_pool(kind):
+    def build(ctx, attrs, ins, out):
+        x = ins[0]
+        n, c, h, w = x.shape
+        _, _, oh, ow = out.shape
+        (kh, kw), strides, dil = attrs["kernel"], attrs["strides"], attrs["dilations"]
+        t, l, b, r = attrs["pads"]
+        # extend the bottom/right pad so ceil_mode windows stay inside the padded copy
+        b = max(b, (oh - 1) * strides[0] + dil[0] * (kh - 1) + 1 - (h + t))
+        r = max(r, (ow - 1) * strides[1] + dil[1] * (kw - 1) + 1 - (w + l))
+        fill, xp = _padded_source(ctx, x, (t, l, b, r), -np.inf if kind == "maxpool" else 0.0)
+        taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
+        reduce = np.maximum if kind == "maxpool" else np.add
+        scale = None
+        if kind == "avgpool":
+            scale = _avg_divisor(attrs, (h, w), (oh, ow))
+
+        def pool():
+            np.copyto(out, taps[:, :, 0, 0])
+            for i in range(kh):
+                for j in range(kw):
+                    if i or j:
+                        reduce(out, taps[:, :, i, j], out=out)
+            if scale is not None:
+                np.multiply(out, scale, out=out)
+        return _sequence(fill, pool)
+    return build
+
+
+def _avg_divisor(attrs, in_hw, out_hw):
+    """1 / (number of elements counted) for every output position, as float32 [OH, OW]."""
+    counts = []
+    for axis in range(2):
+        k, s, d = attrs["kernel"][axis], attrs["strides"][axis], attrs["dilations"][axis]
+        begin, end = attrs["pads"][axis], attrs["pads"][axis + 2]
+        size = in_hw[axis]
+        row = []
+        for o in range(out_hw[axis]):
+            positions = [o * s - begin + i * d for i in range(k)]
+            if attrs.get("count_include_pad", 0):
+                row.append(sum(1 for p in positions if p < size + end))
+            else:
+                row.append(sum(1 for p in positions if 0 <= p < size))
+        counts.append(np.array(row, np.float64))
+    return (1.0 / np.outer(counts[0], counts[1])).astype(F32)
+
+
+def build_global_avgpool(ctx, attrs, ins, out):
+    x = ins[0]
+    n, c = x.shape[:2]
+    x3 = x.reshape(n, c, -1)
+    y2 = out.reshape(n, c)
+    return lambda: np.mean(x3, axis=2, out=y2)
+
+
+def build_binary(fn):
+    def build(ctx, attrs, ins, out):
+        a, b = ins
+        if isinstance(a, np.ndarray) and not a.flags.writeable is False:
+            pass
+        return lambda: fn(a, b, out=out)
+    return build
+
+
+def build_activation(ctx, attrs, ins, out):
+    x = ins[0]
+    tmp = ctx.scratch(out.shape) if attrs["fn"] == "leaky_relu" else None
+    return _sequence(lambda: np.copyto(out, x), epilogue(out, attrs, tmp=tmp))
+
+
+def build_softmax(ctx, attrs, ins, out):
+    x, axis = ins[0], attrs["axis"]
+    red_shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
+    tmp = np.empty(red_shape, F32)
+
+    def softmax():
+        np.max(x, axis=axis, keepdims=True, out=tmp)
+        np.subtract(x, tmp, out=out)
+        np.exp(out, out=out)
+        np.sum(out, axis=axis, keepdims=True, out=tmp)
+        np.divide(out, tmp, out=out)
+    return softmax
+
+
+def build_concat(ctx, attrs, ins, out):
+    axis = attrs["axis"]
+    return lambda: np.concatenate(ins, axis=axis, out=out)
+
+
+def build_reduce(ctx, attrs, ins, out):
+    x, axes = ins[0], attrs["axes"]
+    if not axes:
+        return lambda: np.copyto(out, x)
+    keep_shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    y = out.reshape(keep_shape)
+    fn = {"sum": np.sum, "mean": np.mean, "max": np.max}[attrs["fn"]]
+    return lambda: fn(x, axis=axes, keepdims=True, out=y)
+
+
+def build_pad(ctx, attrs, ins, out):
+    x = ins[0]
+    begin, end, value = attrs["begin"], attrs["end"], F32(attrs.get("value", 0.0))
+    src = tuple(slice(max(-bg, 0), d - max(-e, 0)) for d, bg, e in zip(x.shape, begin, end))
+    dst = tuple(slice(max(bg, 0), max(bg, 0) + (s.stop - s.start)) for bg, s in zip(begin, src))
+    inner_src, inner_dst = x[src], out[dst]
+
+    def pad():
+        out.fill(value)
+        np.copyto(inner_dst, inner_src)
+    return pad
+
+
+def build_transpose(ctx, attrs, ins, out):
+    xt = ins[0].transpose(attrs["perm"])
+    return lambda: np.copyto(out, xt)
+
+
+OPS = {
+    "conv2d": build_conv2d,
+    "dense": build_dense,
+    "maxpool": build_pool("maxpool"),
+    "avgpool": build_pool("avgpool"),
+    "global_avgpool": build_global_avgpool,
+    "add": build_binary(np.add),
+    "sub": build_binary(np.subtract),
+    "mul": build_binary(np.multiply),
+    "div": build_binary(np.divide),
+    "activation": build_activation,
+    "softmax": build_softmax,
+    "concat": build_concat,
+    "reduce": build_reduce,
+    "pad": build_pad,
+    "transpose": build_transpose,
+}
+assert set(OPS) == G.DEVICE_OPS
+
+
+class CPUDevice(Device):
+    """NumPy on the host's cores."""
+
+    kind = "cpu"
+    index = 0
+    ops = OPS
+    capabilities = Capabilities(frozenset(OPS))
+
+    def __init__(self):
+        import platform
+        self.name = f"NumPy {np.__version__} on {platform.machine()} ({_cpu_count()} cores)"
+
+    def alloc(self, nbytes):
+        return aligned_empty(nbytes)
+
+    def view(self, raw, shape, dtype=F32):
+        count = math.prod(shape)
+        return raw[:count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    def upload(self, array):
+        return np.ascontiguousarray(array, dtype=F32 if array.dtype.kind == "f" else None)
+
+    def copy_in(self, dst, src):
+        np.copyto(dst, src, casting="same_kind")
+        return dst.nbytes
+
+    def copy_out(self, dst, src):
+        np.copyto(dst, src)
+        return dst.nbytes
+
+
+def _cpu_count():
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def discover():
+    return [DeviceInfo("cpu:0", True, CPUDevice().name, open=CPUDevice)]

@@ -1,0 +1,290 @@
+"""The intermediate representation: a graph of IR ops on named tensors, and its shape rules.
+
+Tensors carry NCHW semantics as ONNX does; a device may pick another layout inside its ops. Shapes
+are concrete tuples at plan time; at load time the batch axis and other free axes are names (str).
+
+IR ops run on devices (each device's op table implements them):
+    conv2d, dense, maxpool, avgpool, global_avgpool, add, sub, mul, div, concat, activation,
+    softmax, reduce, pad, transpose
+View ops share their input's memory (no kernel): reshape, flatten, squeeze, unsqueeze, identity.
+Host ops only ever see constants and are evaluated once (at load, or at plan time when they
+depend on an input's shape): shape, gather, cast, slice, constant_of_shape, range, batchnorm
+inputs of folding, and every device op above when all its inputs are constants.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ShapeError
+
+DEVICE_OPS = frozenset({
+    "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
+    "concat", "activation", "softmax", "reduce", "pad", "transpose",
+})
+VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
+HOST_OPS = frozenset({"shape", "gather", "cast", "slice", "constant_of_shape", "range", "batchnorm"})
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip", "identity")
+
+
+@dataclass
+class TensorInfo:
+    """A graph input: name, shape (ints and axis names) and NumPy dtype."""
+
+    name: str
+    shape: tuple
+    dtype: np.dtype = np.dtype(np.float32)
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) for d in self.shape)
+        return f"[{dims}] {np.dtype(self.dtype).name}"
+
+
+@dataclass
+class Node:
+    """One IR op. ``inputs`` may hold "" for an absent optional input."""
+
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    name: str = ""
+    source_op: str = ""  # the ONNX op type it came from, for messages
+
+    def __repr__(self) -> str:
+        return f"Node({self.op} {self.name!r}: {self.inputs} -> {self.outputs} {self.attrs})"
+
+
+@dataclass
+class Graph:
+    """Nodes in topological order, graph inputs, output names and constant tensors."""
+
+    nodes: list[Node]
+    inputs: list[TensorInfo]
+    outputs: list[str]
+    constants: dict[str, np.ndarray]
+    name: str = "model"
+
+    def consumers(self) -> dict[str, list[Node]]:
+        uses: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                if name:
+                    uses.setdefault(name, []).append(node)
+        return uses
+
+    def producers(self) -> dict[str, Node]:
+        return {out: node for node in self.nodes for out in node.outputs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape rules (concrete shapes). Each takes the node, the input shapes and the values of the
+# inputs that are constants (None where not), and returns the output shape.
+
+def conv_output_hw(in_hw, kernel, strides, pads, dilations, ceil_mode=False):
+    out = []
+    for i in range(2):
+        span = dilations[i] * (kernel[i] - 1) + 1
+        total = in_hw[i] + pads[i] + pads[i + 2] - span
+        rounding = math.ceil if ceil_mode else math.floor
+        o = rounding(total / strides[i]) + 1
+        if ceil_mode and (o - 1) * strides[i] >= in_hw[i] + pads[i]:
+            o -= 1  # the last window must start inside the input or its leading pad
+        out.append(int(o))
+    return tuple(out)
+
+
+def resolve_auto_pad(auto_pad, in_hw, kernel, strides, dilations):
+    """Turn ONNX auto_pad into explicit (top, left, bottom, right) pads."""
+    if auto_pad in ("VALID",):
+        return (0, 0, 0, 0)
+    begin, end = [], []
+    for i in range(2):
+        out = math.ceil(in_hw[i] / strides[i])
+        span = dilations[i] * (kernel[i] - 1) + 1
+        total = max(0, (out - 1) * strides[i] + span - in_hw[i])
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else big)
+        end.append(big if auto_pad == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def window_attrs(node: Node, x_shape) -> dict:
+    """Conv/pool attributes with auto_pad resolved for a concrete input shape."""
+    a = dict(node.attrs)
+    if a.get("auto_pad") not in (None, "NOTSET"):
+        a["pads"] = resolve_auto_pad(a["auto_pad"], x_shape[2:], a["kernel"], a["strides"],
+                                     a["dilations"])
+    a["auto_pad"] = "NOTSET"
+    return a
+
+
+def normalize_axis(axis: int, rank: int, node: Node) -> int:
+    if not -rank <= axis < rank:
+        raise ShapeError(f"{node.op} node {node.name!r}: axis {axis} is out of range for rank {rank}")
+    return axis % rank
+
+
+def broadcast_shapes(a, b, node: Node):
+    try:
+        return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
+    except ValueError:
+        raise ShapeError(f"{node.op} node {node.name!r}: shapes {list(a)} and {list(b)} do not "
+                         "broadcast") from None
+
+
+def reshape_target(node: Node, x_shape, target) -> tuple:
+    target = [int(t) for t in np.asarray(target).reshape(-1)]
+    allowzero = node.attrs.get("allowzero", 0)
+    out = []
+    for i, t in enumerate(target):
+        if t == 0 and not allowzero:
+            if i >= len(x_shape):
+                raise ShapeError(f"Reshape node {node.name!r}: 0 at position {i} but input has "
+                                 f"rank {len(x_shape)}")
+            out.append(x_shape[i])
+        else:
+            out.append(t)
+    size = math.prod(x_shape)
+    if out.count(-1) > 1:
+        raise ShapeError(f"Reshape node {node.name!r}: more than one -1 in target {target}")
+    if -1 in out:
+        known = math.prod(d for d in out if d != -1)
+        if known == 0 or size % known:
+            raise ShapeError(f"Reshape node {node.name!r}: cannot reshape {list(x_shape)} to "
+                             f"{target}")
+        out[out.index(-1)] = size // known
+    if math.prod(out) != size:
+        raise ShapeError(f"Reshape node {node.name!r}: cannot reshape {list(x_shape)} "
+                         f"({size} elements) to {out}")
+    return tuple(out)
+
+
+def unsqueeze_shape(x_shape, axes):
+    rank = len(x_shape) + len(axes)
+    axes = sorted(a % rank for a in axes)
+    out = list(x_shape)
+    for a in axes:
+        out.insert(a, 1)
+    return tuple(out)
+
+
+def squeeze_shape(x_shape, axes, node: Node):
+    if axes is None:
+        return tuple(d for d in x_shape if d != 1)
+    axes = {normalize_axis(a, len(x_shape), node) for a in axes}
+    for a in axes:
+        if x_shape[a] != 1:
+            raise ShapeError(f"Squeeze node {node.name!r}: axis {a} has size {x_shape[a]}, not 1")
+    return tuple(d for i, d in enumerate(x_shape) if i not in axes)
+
+
+def reduce_axes(node: Node, rank: int, axes_value):
+    """The axes a reduce node reduces, as a sorted tuple (empty tuple: identity)."""
+    axes = node.attrs.get("axes")
+    if axes is None and axes_value is not None:
+        axes = [int(a) for a in np.asarray(axes_value).reshape(-1)]
+    if axes is None or len(axes) == 0:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return ()
+        return tuple(range(rank))
+    return tuple(sorted(normalize_axis(a, rank, node) for a in axes))
+
+
+def pad_amounts(node: Node, rank: int, pads_value, axes_value):
+    """(begin, end) pad per axis for a pad node."""
+    pads = node.attrs.get("pads")
+    if pads is None:
+        pads = [int(p) for p in np.asarray(pads_value).reshape(-1)]
+    if axes_value is not None:
+        axes = [normalize_axis(int(a), rank, node) for a in np.asarray(axes_value).reshape(-1)]
+    else:
+        axes = list(range(rank))
+    if len(pads) != 2 * len(axes):
+        raise ShapeError(f"Pad node {node.name!r}: expected {2 * len(axes)} pad values for "
+                         f"rank {rank}, got {len(pads)}")
+    begin, end = [0] * rank, [0] * rank
+    for i, a in enumerate(axes):
+        begin[a], end[a] = pads[i], pads[i + len(axes)]
+    return begin, end
+
+
+def infer_shape(node: Node, shapes: list, values: list) -> tuple:
+    """Output shape of a device or view op, given concrete input shapes and constant values."""
+    op, a = node.op, node.attrs
+    x = shapes[0] if shapes else None
+    if op in ("conv2d", "maxpool", "avgpool"):
+        if len(x) != 4:
+            raise ShapeError(f"{op} node {node.name!r}: expected a 4-D [N, C, H, W] input, got "
+                             f"shape {list(x)}")
+        w = window_attrs(node, x)
+        hw = conv_output_hw(x[2:], w["kernel"], w["strides"], w["pads"], w["dilations"],
+                            w.get("ceil_mode", 0))
+        if min(hw) <= 0:
+            raise ShapeError(f"{op} node {node.name!r}: input {list(x)} is smaller than the "
+                             f"window {list(w['kernel'])}")
+        if op == "conv2d":
+            wshape = shapes[1]
+            if x[1] != wshape[1] * a["groups"]:
+                raise ShapeError(f"Conv node {node.name!r}: expected {wshape[1] * a['groups']} "
+                                 f"input channels, got shape {list(x)}")
+            return (x[0], wshape[0]) + hw
+        return (x[0], x[1]) + hw
+    if op == "dense":
+        k = shapes[1][0]
+        if x[-1] != k:
+            raise ShapeError(f"dense node {node.name!r}: expected last axis {k}, got shape "
+                             f"{list(x)}")
+        return tuple(x[:-1]) + (shapes[1][1],)
+    if op == "global_avgpool":
+        return tuple(x[:2]) + (1,) * (len(x) - 2)
+    if op in ("add", "sub", "mul", "div"):
+        return broadcast_shapes(shapes[0], shapes[1], node)
+    if op in ("activation", "softmax", "identity"):
+        if op == "softmax":
+            normalize_axis(a["axis"], len(x), node)
+        return tuple(x)
+    if op == "concat":
+        axis = normalize_axis(a["axis"], len(x), node)
+        for s in shapes[1:]:
+            if len(s) != len(x) or any(s[i] != x[i] for i in range(len(x)) if i != axis):
+                raise ShapeError(f"Concat node {node.name!r}: shapes {[list(s) for s in shapes]} "
+                                 f"differ outside axis {axis}")
+        return tuple(x[:axis]) + (sum(s[axis] for s in shapes),) + tuple(x[axis + 1:])
+    if op == "reduce":
+        axes = reduce_axes(node, len(x), values[1] if len(values) > 1 else None)
+        if a.get("keepdims", 1):
+            return tuple(1 if i in axes else d for i, d in enumerate(x))
+        return tuple(d for i, d in enumerate(x) if i not in axes)
+    if op == "pad":
+        begin, end = pad_amounts(node, len(x), values[1] if len(values) > 1 else None,
+                                 values[3] if len(values) > 3 else None)
+        return tuple(d + b + e for d, b, e in zip(x, begin, end))
+    if op == "transpose":
+        perm = a.get("perm") or tuple(reversed(range(len(x))))
+        if sorted(perm) != list(range(len(x))):
+            raise ShapeError(f"Transpose node {node.name!r}: perm {list(perm)} does not fit "
+                             f"shape {list(x)}")
+        return tuple(x[p] for p in perm)
+    if op == "reshape":
+        if values[1] is None:
+            raise ShapeError(f"Reshape node {node.name!r}: the target shape is computed from "
+                             "data at run time; only shapes known before the run are supported")
+        return reshape_target(node, x, values[1])
+    if op == "flatten":
+        axis = normalize_axis(a.get("axis", 1), len(x) + 1, node) if x else 0
+        return (math.prod(x[:axis]), math.prod(x[axis:]))
+    if op == "unsqueeze":
+        axes = a.get("axes")
+        if axes is None:
+            axes = [int(v) for v in np.asarray(values[1]).reshape(-1)]
+        return unsqueeze_shape(x, axes)
+    if op == "squeeze":
+        axes = a.get("axes")
+        if axes is None and len(values) > 1 and values[1] is not None:
+            axes = [int(v) for v in np.asarray(values[1]).reshape(-1)]
+        return squeeze_shape(x, axes, node)
+    raise ShapeError(f"no shape rule for op {op!r} (node {node.name!r})")

@@ -1,0 +1,299 @@
+"""Graph rewrites, run once at load. Each is a small function Graph -> Graph (in place)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import graph as G
+from . import reference
+from .errors import UnsupportedOpError
+
+FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | {"gemm", "matmul", "clip"}) - {"shape"}
+
+
+def optimize(graph: G.Graph, label: str, ranks: dict[str, int]) -> G.Graph:
+    """The load-time pipeline: fold, lower to IR, fold BatchNorm, fuse bias and activations."""
+    for rewrite in (remove_identities, fold_constants, lower, fold_batchnorm, fuse_bias,
+                    fuse_activation, eliminate_dead_nodes, check_host_ops):
+        graph = rewrite(graph, label=label, ranks=ranks)
+    return graph
+
+
+def _sole_consumer(graph: G.Graph, name: str, uses: dict) -> G.Node | None:
+    users = uses.get(name, [])
+    if len(users) == 1 and name not in graph.outputs:
+        return users[0]
+    return None
+
+
+def remove_identities(graph, **_):
+    """Drop identity/dropout nodes by pointing their consumers at their input."""
+    keep = []
+    rename: dict[str, str] = {}
+    for node in graph.nodes:
+        node.inputs = [rename.get(i, i) for i in node.inputs]
+        if node.op == "identity" and node.outputs[0] not in graph.outputs:
+            rename[node.outputs[0]] = node.inputs[0]
+            continue
+        keep.append(node)
+    graph.nodes = keep
+    return graph
+
+
+def fold_constants(graph, **_):
+    """Evaluate every node whose inputs are all constants (initializers, Constant nodes)."""
+    keep = []
+    for node in graph.nodes:
+        if node.op in FOLDABLE and all(not i or i in graph.constants for i in node.inputs):
+            values = reference.evaluate(node, [graph.constants.get(i) if i else None
+                                               for i in node.inputs])
+            for name, value in zip(node.outputs, values):
+                graph.constants[name] = np.asarray(value)
+            continue
+        keep.append(node)
+    graph.nodes = keep
+    return graph
+
+
+def lower(graph, label, **_):
+    """Turn gemm/matmul/clip into IR ops; check that weights are constants."""
+    c = graph.constants
+    out, problems = [], []
+
+    def const(name):
+        return c.get(name) if name else None
+
+    for node in graph.nodes:
+        if node.op == "matmul":
+            w = const(node.inputs[1])
+            if w is None or w.ndim != 2:
+                problems.append(("MatMul", node.name, "the second operand must be a constant "
+                                 "2-D matrix (weights)"))
+                continue
+            node.op, node.attrs = "dense", {"activation": "identity"}
+            node.inputs[1] = _new_constant(graph, node.name + "/weight", w.astype(np.float32))
+            out.append(node)
+        elif node.op == "gemm":
+            out.extend(_lower_gemm(graph, node, problems))
+        elif node.op == "conv2d":
+            w = const(node.inputs[1])
+            bias = node.inputs[2] if len(node.inputs) > 2 else ""
+            if w is None or w.ndim != 4 or (bias and const(bias) is None):
+                problems.append(("Conv", node.name, "weights and bias must be constants of a 2-D "
+                                 "convolution"))
+                continue
+            if node.attrs["kernel"] is None:
+                node.attrs["kernel"] = tuple(w.shape[2:])
+            node.inputs = node.inputs[:2] + ([bias] if bias else [])
+            out.append(node)
+        elif node.op == "clip":
+            lo, hi = (node.inputs + ["", ""])[1:3]
+            if (lo and const(lo) is None) or (hi and const(hi) is None):
+                problems.append(("Clip", node.name, "min and max must be constants"))
+                continue
+            out.append(G.Node("activation", node.inputs[:1], node.outputs, {
+                "fn": "clip", "lo": float(const(lo)) if lo else -np.inf,
+                "hi": float(const(hi)) if hi else np.inf}, node.name))
+        elif node.op == "batchnorm":
+            if any(const(i) is None for i in node.inputs[1:5]):
+                problems.append(("BatchNormalization", node.name,
+                                 "scale, bias, mean and variance must be constants"))
+                continue
+            out.append(node)
+        else:
+            out.append(node)
+    if problems:
+        from .onnx_import import raise_unsupported
+        raise_unsupported(label, problems)
+    graph.nodes = out
+    return graph
+
+
+def _new_constant(graph, base: str, value: np.ndarray) -> str:
+    name = base
+    while name in graph.constants:
+        name += "'"
+    graph.constants[name] = value
+    return name
+
+
+def _lower_gemm(graph, node, problems):
+    a = node.attrs
+    b = graph.constants.get(node.inputs[1])
+    if b is None or b.ndim != 2:
+        problems.append(("Gemm", node.name, "B must be a constant matrix (weights)"))
+        return []
+    w = (b.T if a.get("transB", 0) else b).astype(np.float64) * a.get("alpha", 1.0)
+    nodes, x = [], node.inputs[0]
+    if a.get("transA", 0):
+        xt = _new_constant(graph, node.name + "/xT", np.zeros(0)) and node.name + "/transA"
+        graph.constants.pop(node.name + "/xT", None)
+        nodes.append(G.Node("transpose", [x], [xt], {"perm": (1, 0)}, node.name))
+        x = xt
+    inputs = [x, _new_constant(graph, node.name + "/weight", w.astype(np.float32))]
+    cname = node.inputs[2] if len(node.inputs) > 2 else ""
+    beta = a.get("beta", 1.0)
+    c = graph.constants.get(cname) if cname else None
+    y = node.outputs[0]
+    if c is not None and (c.ndim <= 1 or c.shape[0] == 1) and c.size in (1, w.shape[1]):
+        bias = np.broadcast_to(c.reshape(-1) * beta, (w.shape[1],)).astype(np.float32)
+        inputs.append(_new_constant(graph, node.name + "/bias", bias))
+        cname = ""
+    dense_out = y if not cname else node.name + "/gemm"
+    nodes.append(G.Node("dense", inputs, [dense_out], {"activation": "identity"}, node.name))
+    if cname:  # a C that is not a bias row: add it after the product
+        if c is not None:
+            nodes.append(G.Node("add", [dense_out, _new_constant(graph, node.name + "/C",
+                                (c * beta).astype(np.float32))], [y], {}, node.name))
+        elif beta == 1.0:
+            nodes.append(G.Node("add", [dense_out, cname], [y], {}, node.name))
+        else:
+            scaled = node.name + "/betaC"
+            beta_name = _new_constant(graph, node.name + "/beta", np.float32(beta))
+            nodes += [G.Node("mul", [cname, beta_name], [scaled], {}, node.name),
+                      G.Node("add", [dense_out, scaled], [y], {}, node.name)]
+    return nodes
+
+
+def _bn_scale_shift(graph, node):
+    scale, bias, mean, var = (graph.constants[i].astype(np.float64) for i in node.inputs[1:5])
+    s = scale / np.sqrt(var + node.attrs["epsilon"])
+    return s, bias - mean * s
+
+
+def fold_batchnorm(graph, ranks, **_):
+    """Fold BatchNormalization into the conv/dense before it, or into the dense after it;
+    otherwise lower it to a per-channel multiply and add."""
+    uses, producers = graph.consumers(), graph.producers()
+    out, removed = [], set()
+    for node in graph.nodes:
+        if id(node) in removed:
+            continue
+        if node.op != "batchnorm":
+            out.append(node)
+            continue
+        s, t = _bn_scale_shift(graph, node)
+        x = node.inputs[0]
+        prev = producers.get(x)
+        after = _sole_consumer(graph, node.outputs[0], uses)
+        if (prev is not None and prev.op in ("conv2d", "dense") and _sole_consumer(graph, x, uses)
+                and prev.attrs.get("activation") == "identity"
+                and (prev.op == "conv2d" or ranks.get(x) == 2)):
+            w = graph.constants[prev.inputs[1]].astype(np.float64)
+            b = graph.constants[prev.inputs[2]].astype(np.float64) if len(prev.inputs) > 2 \
+                else np.zeros(w.shape[0] if prev.op == "conv2d" else w.shape[1])
+            w = w * (s.reshape(-1, 1, 1, 1) if prev.op == "conv2d" else s.reshape(1, -1))
+            prev.inputs[1] = _new_constant(graph, prev.name + "/weight_bn", w.astype(np.float32))
+            bias = _new_constant(graph, prev.name + "/bias_bn", (b * s + t).astype(np.float32))
+            prev.inputs = prev.inputs[:2] + [bias]
+            prev.outputs = node.outputs
+            continue
+        if (after is not None and after.op == "dense" and after.inputs[0] == node.outputs[0]
+                and ranks.get(x) == 2):
+            w = graph.constants[after.inputs[1]].astype(np.float64)
+            b = graph.constants[after.inputs[2]].astype(np.float64) if len(after.inputs) > 2 \
+                else np.zeros(w.shape[1])
+            after.inputs[0] = x
+            after.inputs[1] = _new_constant(graph, after.name + "/weight_bn",
+                                            (s.reshape(-1, 1) * w).astype(np.float32))
+            bias = _new_constant(graph, after.name + "/bias_bn", (b + t @ w).astype(np.float32))
+            after.inputs = after.inputs[:2] + [bias]
+            continue
+        rank = ranks.get(x)
+        if rank is None:
+            raise UnsupportedOpError(f"BatchNormalization node {node.name!r}: the rank of its "
+                                     "input is unknown", [("BatchNormalization", node.name)])
+        shape = (-1,) + (1,) * (rank - 2)
+        scaled = node.name + "/scaled"
+        s_name = _new_constant(graph, node.name + "/scale", s.reshape(shape).astype(np.float32))
+        t_name = _new_constant(graph, node.name + "/shift", t.reshape(shape).astype(np.float32))
+        out += [G.Node("mul", [x, s_name], [scaled], {}, node.name),
+                G.Node("add", [scaled, t_name], node.outputs, {}, node.name)]
+    graph.nodes = out
+    return graph
+
+
+def fuse_bias(graph, ranks, **_):
+    """add(conv/dense, constant per-channel vector) -> the conv/dense's bias."""
+    uses, producers = graph.consumers(), graph.producers()
+    out = []
+    for node in graph.nodes:
+        if node.op == "add":
+            x, cname = node.inputs
+            prev = producers.get(x)
+            c = graph.constants.get(cname)
+            if c is None and x in graph.constants:  # constant first
+                x, cname = cname, x
+                prev, c = producers.get(x), graph.constants.get(cname)
+            if (prev is not None and c is not None and prev.op in ("conv2d", "dense")
+                    and prev.attrs.get("activation") == "identity"
+                    and _sole_consumer(graph, x, uses) is node):
+                w = graph.constants[prev.inputs[1]]
+                channels = w.shape[0] if prev.op == "conv2d" else w.shape[1]
+                rank = ranks.get(x)
+                per_channel = (prev.op == "dense" and c.ndim <= 1 and c.size in (1, channels)) or \
+                    (prev.op == "conv2d" and rank == 4 and c.ndim in (3, 4) and
+                     c.shape[-2:] == (1, 1) and c.size in (1, channels) and
+                     (c.ndim == 3 or c.shape[0] == 1))
+                if per_channel:
+                    b = graph.constants[prev.inputs[2]] if len(prev.inputs) > 2 else 0.0
+                    bias = np.broadcast_to(b + c.reshape(-1), (channels,)).astype(np.float32)
+                    prev.inputs = prev.inputs[:2] + [
+                        _new_constant(graph, prev.name + "/bias_add", bias)]
+                    prev.outputs = node.outputs
+                    continue
+        out.append(node)
+    graph.nodes = out
+    return graph
+
+
+def fuse_activation(graph, **_):
+    """activation(conv/dense) -> the conv/dense's fused epilogue."""
+    uses, producers = graph.consumers(), graph.producers()
+    out = []
+    for node in graph.nodes:
+        if node.op == "activation":
+            prev = producers.get(node.inputs[0])
+            if (prev is not None and prev.op in ("conv2d", "dense")
+                    and prev.attrs.get("activation") == "identity"
+                    and _sole_consumer(graph, node.inputs[0], uses) is node):
+                prev.attrs = dict(prev.attrs, activation=node.attrs["fn"],
+                                  **{k: node.attrs[k] for k in ("alpha", "lo", "hi")
+                                     if k in node.attrs})
+                prev.outputs = node.outputs
+                continue
+        out.append(node)
+    graph.nodes = out
+    return graph
+
+
+def eliminate_dead_nodes(graph, **_):
+    needed = set(graph.outputs)
+    keep = []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.outputs):
+            keep.append(node)
+            needed.update(i for i in node.inputs if i)
+    graph.nodes = keep[::-1]
+    graph.constants = {k: v for k, v in graph.constants.items() if k in needed}
+    return graph
+
+
+def check_host_ops(graph, label, **_):
+    """Host ops (gather, slice, cast to int…) must not depend on input values, only on shapes."""
+    data = {t.name for t in graph.inputs}
+    problems, failed = [], set()
+    for node in graph.nodes:
+        if node.op == "shape" or not any(i in data for i in node.inputs):
+            continue
+        data.update(node.outputs)
+        if any(i in failed for i in node.inputs):
+            failed.update(node.outputs)
+        elif node.op in G.HOST_OPS:
+            problems.append((node.source_op or node.op, node.name, "runs on input data; offload "
+                             "supports it only on constants and shapes"))
+            failed.update(node.outputs)
+    if problems:
+        from .onnx_import import raise_unsupported
+        raise_unsupported(label, problems)
+    return graph
