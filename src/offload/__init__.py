@@ -11,18 +11,20 @@ from __future__ import annotations
 import os
 
 from .device import Capabilities, Device, DeviceInfo, device, devices
+from .device import parse_spec as device_spec
 from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableError,
                      KernelBuildError, ModelFormatError, OffloadError, ShapeError,
                      UnsupportedOpError)
 from .hostmem import empty
 from .model import Model
+from . import zoo  # noqa: E402  (builds reference models on demand; no downloads)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
-    "ShapeError", "UnsupportedOpError", "device", "devices", "empty", "import_onnx", "load",
+    "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
 ]
 
 
@@ -32,7 +34,7 @@ def import_onnx(source):
     model, label = onnx_import.read_model(source)
     graph = onnx_import.to_graph(model, label)
     inferred = onnx_import.check(model, label)
-    return passes.optimize(graph, label, onnx_import.ranks(inferred))
+    return passes.optimize(graph, label, onnx_import.shapes(inferred))
 
 
 def load(source: str | os.PathLike, device: str | Device = "cpu") -> Model:
@@ -41,7 +43,6 @@ def load(source: str | os.PathLike, device: str | Device = "cpu") -> Model:
     ``source`` is a path to an .onnx file, its bytes, an ``onnx.ModelProto``, or a zoo name
     (``offload.zoo.NAMES``) which is built on first use.
     """
-    from . import zoo
     if isinstance(source, str) and source in zoo.NAMES and not os.path.exists(source):
         source = zoo.path(source)
     graph = import_onnx(source)

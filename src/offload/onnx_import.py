@@ -349,14 +349,16 @@ def check(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
                                f"{str(e).splitlines()[0]}") from None
 
 
-def ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """The rank of every tensor whose rank shape inference knows."""
+def shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """The shape of every tensor that shape inference knows: ints for fixed axes, names for free
+    axes, None where even the axis is unknown."""
     out = {}
     g = model.graph
     for v in list(g.input) + list(g.value_info) + list(g.output):
         t = v.type.tensor_type
         if t.HasField("shape"):
-            out[v.name] = len(t.shape.dim)
+            out[v.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in t.shape.dim)
     for t in g.initializer:
-        out[t.name] = len(t.dims)
+        out[t.name] = tuple(t.dims)
     return out

@@ -11,11 +11,13 @@ from .errors import UnsupportedOpError
 FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | {"gemm", "matmul", "clip"}) - {"shape"}
 
 
-def optimize(graph: G.Graph, label: str, ranks: dict[str, int]) -> G.Graph:
-    """The load-time pipeline: fold, lower to IR, fold BatchNorm, fuse bias and activations."""
+def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple]) -> G.Graph:
+    """The load-time pipeline: fold, lower to IR, fold BatchNorm, fuse bias, residual adds and
+    activations. ``shapes`` are ONNX shape inference's (free axes as names)."""
+    ranks = {name: len(shape) for name, shape in shapes.items()}
     for rewrite in (remove_identities, fold_constants, lower, fold_batchnorm, fuse_bias,
-                    fuse_activation, eliminate_dead_nodes, check_host_ops):
-        graph = rewrite(graph, label=label, ranks=ranks)
+                    fuse_residual, fuse_activation, eliminate_dead_nodes, check_host_ops):
+        graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes)
     return graph
 
 
@@ -242,6 +244,41 @@ def fuse_bias(graph, ranks, **_):
                         _new_constant(graph, prev.name + "/bias_add", bias)]
                     prev.outputs = node.outputs
                     continue
+        out.append(node)
+    graph.nodes = out
+    return graph
+
+
+def fuse_residual(graph, shapes, **_):
+    """add(conv/dense, r) with r a run-time tensor of the same shape -> the conv/dense adds r in
+    its epilogue (before the activation), as ResNet's bottleneck needs."""
+    uses, producers = graph.consumers(), graph.producers()
+    out = []
+    for node in graph.nodes:
+        if node.op == "add" and not any(i in graph.constants for i in node.inputs):
+            for y, r in (node.inputs, node.inputs[::-1]):
+                prev = producers.get(y)
+                same = shapes.get(y) is not None and shapes.get(y) == shapes.get(r) and \
+                    None not in shapes[y]
+                if (prev is not None and prev.op in ("conv2d", "dense") and same and y != r
+                        and prev.attrs.get("activation") == "identity"
+                        and not prev.attrs.get("residual")
+                        and _sole_consumer(graph, y, uses) is node):
+                    if len(prev.inputs) == 2:
+                        w = graph.constants[prev.inputs[1]]
+                        channels = w.shape[0] if prev.op == "conv2d" else w.shape[1]
+                        prev.inputs.append(_new_constant(graph, prev.name + "/bias0",
+                                                         np.zeros(channels, np.float32)))
+                    prev.inputs.append(r)
+                    prev.attrs = dict(prev.attrs, residual=True)
+                    prev.outputs = node.outputs
+                    # r may be computed after prev: prev now runs where the add stood
+                    out[:] = [n for n in out if n is not prev]
+                    out.append(prev)
+                    break
+            else:
+                out.append(node)
+            continue
         out.append(node)
     graph.nodes = out
     return graph

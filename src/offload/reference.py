@@ -24,7 +24,7 @@ def apply_activation(y: np.ndarray, attrs: dict) -> np.ndarray:
     if fn == "leaky_relu":
         return np.where(y >= 0, y, y * np.float32(attrs.get("alpha", 0.01))).astype(y.dtype)
     if fn == "sigmoid":
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", under="ignore"):
             return (1.0 / (1.0 + np.exp(-y.astype(np.float64)))).astype(y.dtype)
     if fn == "tanh":
         return np.tanh(y)
@@ -38,7 +38,7 @@ def pad_input(x, pads, value):
     return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=value)
 
 
-def conv2d(x, w, b, attrs):
+def conv2d(x, w, b, attrs, residual=None):
     a = G.window_attrs(G.Node("conv2d", [], [], attrs), x.shape)
     n, c, h, wd = x.shape
     m, cg, kh, kw = w.shape
@@ -57,13 +57,17 @@ def conv2d(x, w, b, attrs):
                 y[:, g * mg:(g + 1) * mg] += np.einsum("nchw,mc->nmhw", patch, wg[:, :, i, j])
     if b is not None:
         y += b.reshape(1, -1, 1, 1)
+    if residual is not None:
+        y += residual
     return apply_activation(y.astype(np.float32), attrs)
 
 
-def dense(x, w, b, attrs):
+def dense(x, w, b, attrs, residual=None):
     y = x.astype(np.float64) @ w.astype(np.float64)
     if b is not None:
         y = y + b
+    if residual is not None:
+        y = y + residual
     return apply_activation(y.astype(np.float32), attrs)
 
 
@@ -142,9 +146,9 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
     x = inputs[0] if inputs else None
     opt = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
     if op == "conv2d":
-        return [conv2d(x, inputs[1], opt(2), a)]
+        return [conv2d(x, inputs[1], opt(2), a, opt(3))]
     if op == "dense":
-        return [dense(x, inputs[1], opt(2), a)]
+        return [dense(x, inputs[1], opt(2), a, opt(3))]
     if op in ("maxpool", "avgpool"):
         return [pool(x, a, op)]
     if op == "global_avgpool":

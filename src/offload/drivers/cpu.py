@@ -21,12 +21,15 @@ from ..hostmem import aligned_empty
 F32 = np.float32
 
 
-def epilogue(y: np.ndarray, attrs: dict, bias=None, tmp=None):
-    """Return a callable applying bias (broadcast ready) and the fused activation to y in place."""
+def epilogue(y: np.ndarray, attrs: dict, bias=None, tmp=None, residual=None):
+    """Return a callable applying bias (broadcast ready), a residual tensor (same shape) and the
+    fused activation to y in place."""
     fn = attrs.get("activation", attrs.get("fn", "identity"))
     ops = []
     if bias is not None:
         ops.append(lambda: np.add(y, bias, out=y))
+    if residual is not None:
+        ops.append(lambda: np.add(y, residual, out=y))
     if fn == "relu":
         ops.append(lambda: np.maximum(y, F32(0), out=y))
     elif fn == "leaky_relu":
@@ -43,7 +46,7 @@ def epilogue(y: np.ndarray, attrs: dict, bias=None, tmp=None):
         ops.append(leaky)
     elif fn == "sigmoid":
         def sigmoid():
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore", under="ignore"):
                 np.negative(y, out=y)
                 np.exp(y, out=y)
                 np.add(y, F32(1), out=y)
@@ -56,13 +59,13 @@ def epilogue(y: np.ndarray, attrs: dict, bias=None, tmp=None):
         ops.append(lambda: np.clip(y, lo, hi, out=y))
     elif fn != "identity":
         raise ValueError(f"unknown activation {fn!r}")
-    if len(ops) == 1:
-        return ops[0]
-    return lambda: [op() for op in ops] and None
+    return _sequence(*ops)
 
 
 def _sequence(*fns):
     fns = tuple(f for f in fns if f is not None)
+    if not fns:
+        return lambda: None
     if len(fns) == 1:
         return fns[0]
 
@@ -79,10 +82,11 @@ def build_dense(ctx, attrs, ins, out):
     y2 = out.reshape(-1, n)
     w = ctx.weight(w)
     bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    residual = ins[3].reshape(-1, n) if len(ins) > 3 else None
 
     def matmul():
         np.matmul(x2, w, out=y2)
-    return _sequence(matmul, epilogue(y2, attrs, bias))
+    return _sequence(matmul, epilogue(y2, attrs, bias, residual=residual))
 
 
 def _padded_source(ctx, x, pads, value, tag_shape=None):
@@ -114,6 +118,7 @@ def build_conv2d(ctx, attrs, ins, out):
     _, _, oh, ow = out.shape
     strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
     bias = ctx.weight(ins[2], "col", lambda b: b.reshape(-1, 1)) if len(ins) > 2 else None
+    residual = ins[3].reshape(n, m, oh * ow) if len(ins) > 3 else None
     if groups == 1 and (kh, kw) == (1, 1) and strides == (1, 1) and not any(pads):
         wm = ctx.weight(w, "gemm", lambda a: a.reshape(m, c))
         x3, y3 = x.reshape(n, c, h * wd), out.reshape(n, m, oh * ow)
@@ -125,10 +130,10 @@ def build_conv2d(ctx, attrs, ins, out):
         else:
             def gemm():
                 np.matmul(wm, x3, out=y3)
-        return _sequence(gemm, epilogue(y3, attrs, bias))
+        return _sequence(gemm, epilogue(y3, attrs, bias, residual=residual))
 
     if groups == c and cg == 1 and m == c:
-        return _build_depthwise(ctx, attrs, ins, out, bias)
+        return _build_depthwise(ctx, attrs, ins, out, bias, residual)
 
     fill, xp = _padded_source(ctx, x, pads, 0.0)
     taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
@@ -147,10 +152,11 @@ def build_conv2d(ctx, attrs, ins, out):
         def gemm():
             np.copyto(cols, taps)
             np.matmul(wm, cols_g, out=y_g)
-    return _sequence(fill, gemm, epilogue(out.reshape(n, m, oh * ow), attrs, bias))
+    return _sequence(fill, gemm, epilogue(out.reshape(n, m, oh * ow), attrs, bias,
+                                          residual=residual))
 
 
-def _build_depthwise(ctx, attrs, ins, out, bias):
+def _build_depthwise(ctx, attrs, ins, out, bias, residual):
     """Depthwise conv: one multiply-add over the whole tensor per kernel tap."""
     x, w = ins[0], ins[1]
     m, _, kh, kw = w.shape
@@ -167,7 +173,8 @@ def _build_depthwise(ctx, attrs, ins, out, bias):
                 if i or j:
                     np.multiply(taps[:, :, i, j], wt[i, j], out=tmp)
                     np.add(out, tmp, out=out)
-    return _sequence(fill, conv, epilogue(out.reshape(n, m, oh * ow), attrs, bias))
+    return _sequence(fill, conv, epilogue(out.reshape(n, m, oh * ow), attrs, bias,
+                                          residual=residual))
 
 
 def build_pool(kind):
@@ -228,8 +235,11 @@ def build_global_avgpool(ctx, attrs, ins, out):
 def build_binary(fn):
     def build(ctx, attrs, ins, out):
         a, b = ins
-        if isinstance(a, np.ndarray) and not a.flags.writeable is False:
-            pass
+        if fn is np.divide:
+            def divide():
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    np.divide(a, b, out=out)
+            return divide
         return lambda: fn(a, b, out=out)
     return build
 
@@ -248,7 +258,8 @@ def build_softmax(ctx, attrs, ins, out):
     def softmax():
         np.max(x, axis=axis, keepdims=True, out=tmp)
         np.subtract(x, tmp, out=out)
-        np.exp(out, out=out)
+        with np.errstate(under="ignore", invalid="ignore"):
+            np.exp(out, out=out)
         np.sum(out, axis=axis, keepdims=True, out=tmp)
         np.divide(out, tmp, out=out)
     return softmax

@@ -1,0 +1,83 @@
+"""The device matrix: every test that takes ``device`` runs on every known device.
+
+A device that is not available here is reported as skipped with its reason, never as passed.
+Narrow the run with ``--device=cpu,opencl:0`` or ``OFFLOAD_TEST_DEVICES=cpu``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import offload
+
+# (rtol, atol) per precision when a device is compared with the CPU device or onnxruntime.
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("OFFLOAD_TEST_DEVICES", ""),
+                     help="comma-separated device specs to test (default: every known device)")
+
+
+def _selected(config):
+    wanted = [s for s in config.getoption("--device").split(",") if s.strip()]
+    infos = offload.devices()
+    if not wanted:
+        return infos
+    specs = {offload.device_spec(s) for s in wanted}
+    unknown = specs - {i.spec for i in infos}
+    if unknown:
+        raise pytest.UsageError(f"--device: unknown {sorted(unknown)}; known "
+                                f"{[i.spec for i in infos]}")
+    return [i for i in infos if i.spec in specs]
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        params = []
+        for info in _selected(metafunc.config):
+            marks = [] if info.available else [pytest.mark.skip(
+                reason=f"{info.spec} unavailable: {info.reason}")]
+            params.append(pytest.param(info.spec, id=info.spec, marks=marks))
+        metafunc.parametrize("device", params, indirect=True)
+
+
+@pytest.fixture
+def device(request):
+    return offload.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def cpu():
+    return offload.device("cpu")
+
+
+def assert_close(got, want, precision="float32", what=""):
+    rtol, atol = TOLERANCE[precision]
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
+    assert got.dtype == np.float32, f"{what}: dtype {got.dtype}"
+    if not np.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
+        err = np.abs(got.astype(np.float64) - want)
+        raise AssertionError(f"{what}: max abs error {np.nanmax(err):.3g} at "
+                             f"{np.unravel_index(np.nanargmax(err), err.shape)} "
+                             f"(rtol={rtol}, atol={atol})")
+
+
+def as_tuple(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+@pytest.fixture(scope="session")
+def assert_matches_cpu():
+    """Run ``source`` on ``device`` and on the CPU device with the same inputs and compare."""
+    def check(source, device, inputs, precision="float32"):
+        got = as_tuple(offload.load(source, device=device)(inputs))
+        want = as_tuple(offload.load(source, device="cpu")(inputs))
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, precision, f"output {k} on {device.spec} vs cpu")
+        return got
+    return check
