@@ -142,6 +142,9 @@ class Model:
             raise ShapeError("pass inputs either by position or by name, not both")
         if len(inputs) == 1 and isinstance(inputs[0], Mapping):
             named, inputs = dict(inputs[0]), ()
+            if not named:
+                raise ShapeError(f"model inputs are {[t.name for t in specs]}; got an empty "
+                                 f"mapping (missing {[t.name for t in specs]})")
         if named:
             unknown = set(named) - {t.name for t in specs}
             missing = [t.name for t in specs if t.name not in named]

@@ -16,7 +16,8 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple]) -> G.Graph:
     activations. ``shapes`` are ONNX shape inference's (free axes as names)."""
     ranks = {name: len(shape) for name, shape in shapes.items()}
     for rewrite in (remove_identities, fold_constants, lower, fold_batchnorm, fuse_bias,
-                    fuse_residual, fuse_activation, eliminate_dead_nodes, check_host_ops):
+                    fuse_residual, fuse_activation, eliminate_dead_nodes, check_host_ops,
+                    contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes)
     return graph
 
@@ -333,4 +334,13 @@ def check_host_ops(graph, label, **_):
     if problems:
         from .onnx_import import raise_unsupported
         raise_unsupported(label, problems)
+    return graph
+
+
+def contiguous_constants(graph, **_):
+    """Float constants become C-contiguous float32 once, so plans share them without copies."""
+    for name, value in graph.constants.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            graph.constants[name] = np.ascontiguousarray(value, dtype=np.float32)
     return graph

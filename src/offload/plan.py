@@ -156,6 +156,7 @@ class Plan:
             self.input_buffers.append(buffers[t.name])
 
         self.steps: list[Step] = []
+        self.activation_blocks = 0  # blocks allocated for step outputs (reuse keeps this low)
         for i, (node, attrs, operands, out_shape) in enumerate(entries):
             out = node.outputs[0]
             if node.op in G.VIEW_OPS:
@@ -170,6 +171,7 @@ class Plan:
                     blocks[out] = best[1], best[0]
                 else:
                     blocks[out] = device.alloc(nbytes), nbytes
+                    self.activation_blocks += 1
                 buffers[out] = device.view(blocks[out][0], out_shape)
                 data = [buffers[n] if n in buffers else
                         np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]

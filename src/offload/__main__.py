@@ -1,0 +1,5 @@
+"""python -m offload: the offload command line."""
+
+from .cli import main
+
+raise SystemExit(main())

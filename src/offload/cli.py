@@ -1,0 +1,325 @@
+"""The ``offload`` command: list devices, run a model on .npy files, benchmark, demo.
+
+    offload devices
+    offload run model.onnx --input x.npy --device cpu --output y.npy
+    offload bench jet_mlp --device cpu --batch 1,1024 --profile
+    offload demo --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# Errors that end a command with one line on stderr and exit status 2 (no traceback).
+EXIT_ERROR = 2
+
+DEMO_BATCHES = {"resnet50": (1, 8), "jet_mlp": (1, 16000), "hcal_mlp": (16000,),
+                "jet_cnn": (1, 1024)}
+
+
+class CommandError(Exception):
+    """A usage problem found after parsing (bad batch list, output count...)."""
+
+
+def _err(message: str) -> None:
+    print(f"offload: error: {message}", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)) and e.filename:
+        text = f"{e.filename}: {e.strerror or text}"
+    return text[:2000] or type(e).__name__
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,32; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers; got {text!r}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _device_list(values: list[str] | None) -> list[str]:
+    """--device may repeat and take commas; 'cpu' and 'cpu:0' are one device."""
+    from .device import parse_spec
+    specs = []
+    for value in values or ["cpu"]:
+        for part in value.split(","):
+            if part.strip():
+                spec = parse_spec(part)
+                if spec not in specs:
+                    specs.append(spec)
+    return specs
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_devices(args) -> int:
+    import offload
+    infos = offload.devices(refresh=True)
+    width = max([len(i.spec) for i in infos] + [4])
+    for info in infos:
+        state = "available" if info.available else f"unavailable: {info.reason}"
+        print(f"{info.spec:<{width}}  {info.name or '-'}  ({state})")
+    return 0
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise CommandError(f"{path}: cannot read as a .npy array without pickle ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        names = list(data.files)
+        data.close()
+        raise CommandError(f"{path}: is an .npz archive ({names}); pass one .npy file per input")
+    return data
+
+
+def _output_paths(outputs: list[str], count: int) -> list[str]:
+    if len(outputs) == count:
+        return outputs
+    if len(outputs) == 1:
+        root, ext = os.path.splitext(outputs[0])
+        return [f"{root}_{k}{ext or '.npy'}" for k in range(count)]
+    raise CommandError(f"the model has {count} outputs but --output was given {len(outputs)} "
+                       "times; give it once (numbered files) or once per output")
+
+
+def _preview(a: np.ndarray, n: int = 8) -> str:
+    flat = a.reshape(-1)[:n]
+    values = ", ".join(f"{v:.6g}" for v in flat.tolist())
+    return f"[{values}{', ...' if a.size > n else ''}]"
+
+
+def cmd_run(args) -> int:
+    import offload
+    arrays = [_load_npy(p) for p in args.input]
+    model = offload.load(args.model, device=args.device)
+    result = model(*arrays)
+    results = list(result) if isinstance(result, tuple) else [result]
+    names = model.outputs
+    if args.output:
+        for path, name, y in zip(_output_paths(args.output, len(results)), names, results):
+            np.save(path, y, allow_pickle=False)
+            print(f"{name}: {list(y.shape)} {y.dtype} -> {path}")
+    else:
+        for name, y in zip(names, results):
+            print(f"{name}: {list(y.shape)} {y.dtype} {_preview(y)}")
+    return 0
+
+
+ROW_COLUMNS = [
+    ("model", "model"), ("batch", "batch"), ("device", "device"),
+    ("median_ms", "offload median ms", ".3f"), ("p90_ms", "p90 ms", ".3f"),
+    ("samples_per_s", "samples/s", ",.0f"), ("ort_median_ms", "onnxruntime median ms", ".3f"),
+    ("ratio", "offload/onnxruntime", ".2f"), ("max_abs_diff", "max abs diff", ".1e"),
+]
+
+
+def _jsonable(rows: list[dict]) -> list[dict]:
+    def fix(v):
+        if isinstance(v, float) and not np.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: fix(u) for k, u in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(u) for u in v]
+        return v
+    return [fix(r) for r in rows]
+
+
+def _print_profiles(rows: list[dict]) -> None:
+    from . import bench
+    for row in rows:
+        if row.get("profile"):
+            print(f"\n### Profile: {row['model']} b{row['batch']} on {row['device']}\n")
+            print(bench.format_profile(row["profile"]))
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    devices = _device_list(args.device)
+    if not bench._is_zoo(args.model) and not os.path.exists(args.model):
+        from . import zoo
+        raise CommandError(f"{args.model}: no such model file (zoo models: "
+                           f"{', '.join(zoo.NAMES)})")
+    cases = [bench.Case(args.model, b) for b in args.batch]
+    ort_reason = bench.onnxruntime_missing_reason() if args.onnxruntime else None
+    if ort_reason:
+        _progress(f"onnxruntime: skipped, {ort_reason}")
+    _progress(f"bench {bench.model_label(args.model)}: batches {args.batch} on "
+              f"{', '.join(devices)}; {args.repeats} repeats, ~{args.min_time:g} s per contender")
+    rows = bench.run_suite(cases, devices, repeats=args.repeats, min_time_s=args.min_time,
+                           warmup=args.warmup, onnxruntime=args.onnxruntime and not ort_reason,
+                           threads=args.threads, profile_runs=args.profile_runs if args.profile
+                           else 0, progress=_progress)
+    print(bench.format_suite(rows, ROW_COLUMNS))
+    if args.profile:
+        _print_profiles(rows)
+    if args.json:
+        doc = dict(command=["offload"] + list(args.argv), machine=bench.machine_info(),
+                   repeats=args.repeats, min_time_s=args.min_time,
+                   onnxruntime_threads=args.threads or os.cpu_count(), rows=_jsonable(rows))
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        _progress(f"wrote {args.json}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def cmd_demo(args) -> int:
+    import offload
+    from . import bench, zoo
+    names = list(zoo.NAMES)
+    if args.models:
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+        unknown = [n for n in names if n not in zoo.NAMES]
+        if unknown:
+            raise CommandError(f"unknown zoo model(s) {unknown}; choose from {list(zoo.NAMES)}")
+    repeats, min_time = (3, 0.1) if args.quick else (5, 0.4)
+    t_start = time.perf_counter()
+
+    print("Devices:")
+    infos = offload.devices(refresh=True)
+    for info in infos:
+        state = "available" if info.available else f"unavailable: {info.reason}"
+        print(f"  {info.spec:<10} {info.name or '-'}  ({state})")
+    specs = [i.spec for i in infos if i.available]
+
+    _progress("Building zoo models:")
+    for name in names:
+        t0 = time.perf_counter()
+        path = zoo.path(name)
+        _progress(f"  {name:<9} {time.perf_counter() - t0:6.2f} s  {path}")
+
+    ort_reason = bench.onnxruntime_missing_reason()
+    if ort_reason:
+        print(f"onnxruntime: not compared, {ort_reason}")
+    cases = []
+    for name in names:
+        for b in DEMO_BATCHES[name]:
+            if args.quick and name == "resnet50" and b > 1:
+                continue
+            cases.append(bench.Case(name, b))
+    rows = bench.run_suite(cases, specs, repeats=repeats, min_time_s=min_time, warmup=1,
+                           onnxruntime=not ort_reason, progress=_progress)
+    print()
+    for name in names:
+        print(f"- {zoo.describe(name)}")
+    print()
+    print(bench.format_suite(rows, ROW_COLUMNS))
+    print(f"\n{repeats} alternating repeats per point, ~{min_time:g} s per contender; "
+          f"onnxruntime: CPUExecutionProvider, {os.cpu_count()} threads; "
+          f"total {time.perf_counter() - t_start:.0f} s")
+    bad = [r for r in rows if r.get("max_abs_diff") is not None and
+           not r["max_abs_diff"] <= args.tolerance]
+    for r in bad:
+        print(f"WARNING: {r['model']} b{r['batch']} on {r['device']}: output differs from "
+              f"onnxruntime by {r['max_abs_diff']:.3g} (> {args.tolerance:g})")
+    return 1 if bad or any(r.get("error") for r in rows) else 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offload", description="Run ONNX models on the devices offload knows.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("devices", help="list every device, available or not (with the reason)")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("run", help="run a model on .npy inputs")
+    p.add_argument("model", metavar="MODEL", help="an .onnx file (or a zoo name)")
+    p.add_argument("--input", "-i", action="append", required=True, metavar="X.npy",
+                   help="an input array (.npy, read without pickle); repeat for several inputs, "
+                        "in the model's input order")
+    p.add_argument("--device", "-d", default="cpu", help="device spec (default: cpu)")
+    p.add_argument("--output", "-o", action="append", default=[], metavar="Y.npy",
+                   help="where to save the output; with several outputs, give it once "
+                        "(y.npy -> y_0.npy, y_1.npy, ...) or once per output. Without it, "
+                        "the shape and first values are printed")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="time a model beside onnxruntime")
+    p.add_argument("model", metavar="MODEL", help="an .onnx file or a zoo name")
+    p.add_argument("--device", "-d", action="append", metavar="D",
+                   help="device spec(s), comma separated or repeated (default: cpu)")
+    p.add_argument("--batch", "-b", type=_batches, default=[1], metavar="B[,B...]",
+                   help="batch sizes, comma separated (default: 1)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="timing blocks per contender, alternated (default: 5)")
+    p.add_argument("--min-time", type=_positive_float, default=1.0, metavar="S",
+                   help="seconds of timing per contender and point (default: 1.0)")
+    p.add_argument("--warmup", type=_positive_int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
+                   help="time onnxruntime (CPUExecutionProvider) alongside (default: yes)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="onnxruntime intra-op threads (default: os.cpu_count())")
+    p.add_argument("--profile", action="store_true", help="print the per-op profile after")
+    p.add_argument("--profile-runs", type=_positive_int, default=20, help=argparse.SUPPRESS)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="build the zoo and run every model on every device")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter timings")
+    p.add_argument("--models", help=argparse.SUPPRESS)  # e.g. jet_mlp,hcal_mlp (tests)
+    p.add_argument("--tolerance", type=_positive_float, default=1e-3, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``offload`` console script; returns the exit status."""
+    from .errors import OffloadError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed by argparse
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    args.argv = argv
+    try:
+        return args.func(args)
+    except (OffloadError, CommandError, OSError) as e:
+        _err(_one_line(e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
