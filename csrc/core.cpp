@@ -4,6 +4,7 @@
 //       backed by std::aligned_alloc, freed by a capsule deleter)
 //   address(obj) -> int  data pointer of any DLPack / buffer-protocol object
 //   ALIGNMENT = 4096
+//   dense, epilogue, softmax: fused float32 CPU kernels (cpu_kernels.cpp)
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -94,6 +95,8 @@ std::uintptr_t address(nb::handle obj) {
 
 }  // namespace
 
+void register_cpu_kernels(nb::module_ &m);  // cpu_kernels.cpp
+
 NB_MODULE(_core, m) {
     m.doc() = "Native helpers for offload (aligned host buffers, pointers).";
 
@@ -112,4 +115,6 @@ NB_MODULE(_core, m) {
           nb::sig("def address(array: object) -> int"),
           "Return the data pointer (as int) of an object that supports DLPack "
           "or the buffer protocol, without copying it.");
+
+    register_cpu_kernels(m);
 }

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "Case", "Contender", "Measurement", "format_table", "machine_info", "make_input", "measure",
+    "Case", "Contender", "Measurement", "contention", "cpu_counters", "format_table", "machine_info", "make_input", "measure",
     "offload_contender", "onnxruntime_contender", "onnxruntime_missing_reason", "profile",
     "run_suite",
 ]
@@ -170,18 +170,19 @@ def measure(contenders: Sequence[Contender], x, repeats: int = 5, min_time_s: fl
             time.sleep(pause_s)
         for _ in range(max(1, int(warmup))):
             c.fn(x)
-        # Calibrate: time calls until ~a tenth of a block (or 10 ms) has passed, 1 call minimum.
+        # Calibrate: time calls until ~a tenth of a block (or 10 ms) has passed, 1 call minimum;
+        # the median call sizes the blocks (a call slowed down by a neighbour must not shrink
+        # every block of this contender).
         goal = min(max(block_budget / 10, 1e-3), 0.01)
-        n, t0 = 0, clock()
+        stamps = [clock()]
         while True:
             c.fn(x)
-            n += 1
-            elapsed = clock() - t0
-            if elapsed >= goal or n >= 10_000:
+            stamps.append(clock())
+            if stamps[-1] - stamps[0] >= goal or len(stamps) > 10_000:
                 break
-        per_call = elapsed / n
-        sizes.append(max(1, min(1_000_000, round(block_budget / per_call)) if per_call > 0
-                         else 1))
+        per_call = float(np.median(np.diff(stamps)))
+        sizes.append(max(1, min(1_000_000, round(block_budget / per_call))) if per_call > 0
+                     else 1)
 
     blocks = [[] for _ in contenders]
     calls = [[] for _ in contenders]
@@ -400,6 +401,33 @@ def machine_info() -> dict:
     }
 
 
+# -- contention ----------------------------------------------------------------------------------
+def cpu_counters() -> dict | None:
+    """A snapshot for :func:`contention`: the machine's busy and stolen CPU seconds (Linux
+    /proc/stat), this process's CPU seconds and the wall clock; None where unavailable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        hz = os.sysconf("SC_CLK_TCK")
+        v = [int(x) for x in fields[1:9]]
+    except (OSError, ValueError, AttributeError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return dict(busy=(user + nice + system + irq + softirq) / hz, steal=steal / hz,
+                own=time.process_time(), wall=time.perf_counter())
+
+
+def contention(before: dict | None, after: dict | None) -> dict | None:
+    """Between two :func:`cpu_counters` snapshots, the average number of cores busy with other
+    processes (``others``) and stolen by the hypervisor (``steal``). On a quiet machine both stay
+    near 0; well above 0, the timings of that interval are suspect."""
+    if not before or not after or after["wall"] <= before["wall"]:
+        return None
+    wall = after["wall"] - before["wall"]
+    others = (after["busy"] - before["busy"]) - (after["own"] - before["own"])
+    return dict(others=max(0.0, others / wall), steal=(after["steal"] - before["steal"]) / wall)
+
+
 # -- suites --------------------------------------------------------------------------------------
 @dataclass
 class Case:
@@ -482,7 +510,9 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
     :func:`measure`. Returns one row per (case, device) with: model, batch, device, median_ms,
     p90_ms, samples_per_s, ort_median_ms, ort_p90_ms, ort_samples_per_s, ratio (offload median /
     onnxruntime median), max_abs_diff (offload vs onnxruntime output), calls_per_block, error,
-    measurement (Measurement dicts) and, with ``profile_runs``, profile (see :func:`profile`).
+    measurement (Measurement dicts), other_cores and steal_cores (CPU taken by other processes
+    and by the hypervisor while timing, in cores; see :func:`contention`) and, with
+    ``profile_runs``, profile (see :func:`profile`).
     A device that cannot load or run a model gives a row with ``error`` set; the others go on.
     """
     say = progress or (lambda text: None)
@@ -554,14 +584,18 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
             runnable.append((c, row))
         timed = [c for c, _ in runnable] + ([ort] if ort is not None else [])
         t0 = time.perf_counter()
+        counters = cpu_counters()
         results = measure(timed, x, repeats=repeats, min_time_s=min_time_s,
                           warmup=warmup) if runnable else {}
+        load = contention(counters, cpu_counters()) if runnable else None
         ref = results.get(ort.name) if ort is not None else None
         for c, row in runnable:
             m = results[c.name]
             row.update(median_ms=1e3 * m.median_s, p90_ms=1e3 * m.p90_s,
                        samples_per_s=m.throughput, calls_per_block=m.calls_per_block)
             row["measurement"] = m.to_dict()
+            if load:
+                row["other_cores"], row["steal_cores"] = load["others"], load["steal"]
             if ref is not None:
                 row.update(ort_median_ms=1e3 * ref.median_s, ort_p90_ms=1e3 * ref.p90_s,
                            ort_samples_per_s=ref.throughput,

@@ -176,6 +176,12 @@ def cmd_bench(args) -> int:
         from . import zoo
         raise CommandError(f"{args.model}: no such model file (zoo models: "
                            f"{', '.join(zoo.NAMES)})")
+    if not bench._is_zoo(args.model):
+        # Fail early, in one line, on inputs that cannot be generated (free non-batch axes).
+        import offload
+        inputs = offload.import_onnx(args.model).inputs
+        for b in args.batch:
+            bench.make_input(args.model, b, inputs)
     cases = [bench.Case(args.model, b) for b in args.batch]
     ort_reason = bench.onnxruntime_missing_reason() if args.onnxruntime else None
     if ort_reason:

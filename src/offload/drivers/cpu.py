@@ -9,6 +9,7 @@ Everything is float32 end to end: no float64 temporaries.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -16,50 +17,33 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
+from .. import _core
 from ..hostmem import aligned_empty
 
 F32 = np.float32
 
 
-def epilogue(y: np.ndarray, attrs: dict, bias=None, tmp=None, residual=None):
-    """Return a callable applying bias (broadcast ready), a residual tensor (same shape) and the
-    fused activation to y in place."""
-    fn = attrs.get("activation", attrs.get("fn", "identity"))
-    ops = []
-    if bias is not None:
-        ops.append(lambda: np.add(y, bias, out=y))
-    if residual is not None:
-        ops.append(lambda: np.add(y, residual, out=y))
-    if fn == "relu":
-        ops.append(lambda: np.maximum(y, F32(0), out=y))
-    elif fn == "leaky_relu":
-        alpha = F32(attrs.get("alpha", 0.01))
-        if tmp is None:
-            tmp = np.empty_like(y)
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "clip": 5}
+SMALL_DENSE_MACS = 1 << 15  # below this a product is call overhead: one fused native call
 
-        def leaky():
-            np.multiply(y, alpha, out=tmp)
-            if alpha <= 1:
-                np.maximum(y, tmp, out=y)
-            else:
-                np.minimum(y, tmp, out=y)
-        ops.append(leaky)
-    elif fn == "sigmoid":
-        def sigmoid():
-            with np.errstate(over="ignore", under="ignore"):
-                np.negative(y, out=y)
-                np.exp(y, out=y)
-                np.add(y, F32(1), out=y)
-                np.reciprocal(y, out=y)
-        ops.append(sigmoid)
-    elif fn == "tanh":
-        ops.append(lambda: np.tanh(y, out=y))
-    elif fn == "clip":
-        lo, hi = F32(attrs.get("lo", -np.inf)), F32(attrs.get("hi", np.inf))
-        ops.append(lambda: np.clip(y, lo, hi, out=y))
-    elif fn != "identity":
+
+def _activation_args(attrs):
+    fn = attrs.get("activation", attrs.get("fn", "identity"))
+    if fn not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {fn!r}")
-    return _sequence(*ops)
+    return (ACTIVATION_CODES[fn], float(attrs.get("alpha", 0.01)),
+            float(attrs.get("lo", -np.inf)), float(attrs.get("hi", np.inf)))
+
+
+def epilogue(y2: np.ndarray, attrs: dict, bias=None, bias_axis=1, residual=None):
+    """A callable applying, in one native pass over y2 ([rows, cols], in place), the bias (one
+    value per column, or per row cycling when bias_axis=0), a residual and the activation."""
+    act = _activation_args(attrs)
+    if bias is None and residual is None and act[0] == 0:
+        return None
+    if residual is not None:
+        residual = residual.reshape(y2.shape)
+    return functools.partial(_core.epilogue, y2, bias, bias_axis, residual, *act)
 
 
 def _sequence(*fns):
@@ -83,10 +67,10 @@ def build_dense(ctx, attrs, ins, out):
     w = ctx.weight(w)
     bias = ctx.weight(ins[2]) if len(ins) > 2 else None
     residual = ins[3].reshape(-1, n) if len(ins) > 3 else None
-
-    def matmul():
-        np.matmul(x2, w, out=y2)
-    return _sequence(matmul, epilogue(y2, attrs, bias, residual=residual))
+    if x2.shape[0] * k * n <= SMALL_DENSE_MACS:
+        return functools.partial(_core.dense, x2, w, bias, residual, y2, *_activation_args(attrs))
+    return _sequence(functools.partial(np.matmul, x2, w, out=y2),
+                     epilogue(y2, attrs, bias, 1, residual))
 
 
 def _padded_source(ctx, x, pads, value, tag_shape=None):
@@ -117,8 +101,9 @@ def build_conv2d(ctx, attrs, ins, out):
     groups = attrs["groups"]
     _, _, oh, ow = out.shape
     strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
-    bias = ctx.weight(ins[2], "col", lambda b: b.reshape(-1, 1)) if len(ins) > 2 else None
-    residual = ins[3].reshape(n, m, oh * ow) if len(ins) > 3 else None
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    residual = ins[3] if len(ins) > 3 else None
+    y_rows = out.reshape(n * m, oh * ow)
     if groups == 1 and (kh, kw) == (1, 1) and strides == (1, 1) and not any(pads):
         wm = ctx.weight(w, "gemm", lambda a: a.reshape(m, c))
         x3, y3 = x.reshape(n, c, h * wd), out.reshape(n, m, oh * ow)
@@ -130,10 +115,10 @@ def build_conv2d(ctx, attrs, ins, out):
         else:
             def gemm():
                 np.matmul(wm, x3, out=y3)
-        return _sequence(gemm, epilogue(y3, attrs, bias, residual=residual))
+        return _sequence(gemm, epilogue(y_rows, attrs, bias, 0, residual))
 
     if groups == c and cg == 1 and m == c:
-        return _build_depthwise(ctx, attrs, ins, out, bias, residual)
+        return _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows)
 
     fill, xp = _padded_source(ctx, x, pads, 0.0)
     taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
@@ -152,11 +137,10 @@ def build_conv2d(ctx, attrs, ins, out):
         def gemm():
             np.copyto(cols, taps)
             np.matmul(wm, cols_g, out=y_g)
-    return _sequence(fill, gemm, epilogue(out.reshape(n, m, oh * ow), attrs, bias,
-                                          residual=residual))
+    return _sequence(fill, gemm, epilogue(y_rows, attrs, bias, 0, residual))
 
 
-def _build_depthwise(ctx, attrs, ins, out, bias, residual):
+def _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows):
     """Depthwise conv: one multiply-add over the whole tensor per kernel tap."""
     x, w = ins[0], ins[1]
     m, _, kh, kw = w.shape
@@ -173,8 +157,7 @@ def _build_depthwise(ctx, attrs, ins, out, bias, residual):
                 if i or j:
                     np.multiply(taps[:, :, i, j], wt[i, j], out=tmp)
                     np.add(out, tmp, out=out)
-    return _sequence(fill, conv, epilogue(out.reshape(n, m, oh * ow), attrs, bias,
-                                          residual=residual))
+    return _sequence(fill, conv, epilogue(y_rows, attrs, bias, 0, residual))
 
 
 def build_pool(kind):
@@ -246,12 +229,14 @@ def build_binary(fn):
 
 def build_activation(ctx, attrs, ins, out):
     x = ins[0]
-    tmp = ctx.scratch(out.shape) if attrs["fn"] == "leaky_relu" else None
-    return _sequence(lambda: np.copyto(out, x), epilogue(out, attrs, tmp=tmp))
+    y2 = out.reshape(1, -1)
+    return _sequence(functools.partial(np.copyto, out, x), epilogue(y2, attrs))
 
 
 def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
+    if axis == x.ndim - 1:
+        return functools.partial(_core.softmax, x, out)
     red_shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
     tmp = np.empty(red_shape, F32)
 

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""CPU benchmark of record: offload's cpu device beside onnxruntime on the zoo models.
+
+    python benchmarks/bench_cpu.py            # ~7 repeats, ~2 s per contender and point
+    python benchmarks/bench_cpu.py --quick    # 5 repeats, ~0.3 s per contender and point
+    python benchmarks/bench_cpu.py --models jet_mlp,hcal_mlp --out /tmp/results
+
+Points: resnet50 b1 and b8, jet_mlp b1 and b16000, hcal_mlp b16000, jet_cnn b1 and b1024.
+At each point offload (cpu) and onnxruntime (CPUExecutionProvider, os.cpu_count() intra-op
+threads) are timed alternately in one run (offload.bench.measure: round-robin blocks, medians
+over the repeats). Prints the table and writes <out>/cpu-<YYYYMMDD-HHMM>.json and .md (UTC
+time) with the machine, the date, the exact command line, the ratios offload/onnxruntime, and
+per-op profiles of resnet50 b1 and jet_mlp b1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+import offload
+from offload import bench, zoo
+
+CASES = [("resnet50", 1), ("resnet50", 8), ("jet_mlp", 1), ("jet_mlp", 16000),
+         ("hcal_mlp", 16000), ("jet_cnn", 1), ("jet_cnn", 1024)]
+PROFILED = [("resnet50", 1), ("jet_mlp", 1)]
+HERE = pathlib.Path(__file__).resolve().parent
+
+COLUMNS = [
+    ("model", "model"), ("batch", "batch"),
+    ("median_ms", "offload ms", ".3f"), ("p90_ms", "p90", ".3f"),
+    ("samples_per_s", "offload samples/s", ",.0f"),
+    ("ort_median_ms", "onnxruntime ms", ".3f"), ("ort_p90_ms", "p90", ".3f"),
+    ("ort_samples_per_s", "onnxruntime samples/s", ",.0f"),
+    ("ratio", "offload/onnxruntime", ".2f"), ("max_abs_diff", "max abs diff", ".1e"),
+    ("calls_per_block", "calls/block"), ("other_cores", "other load", ".2f"),
+]
+
+
+def _git() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None,
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _geomean(values) -> float | None:
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _target(out: pathlib.Path, stamp: str) -> pathlib.Path:
+    base = out / f"cpu-{stamp}"
+    k = 2
+    while base.with_suffix(".json").exists() or base.with_suffix(".md").exists():
+        base = out / f"cpu-{stamp}-{k}"
+        k += 1
+    return base
+
+
+def _markdown(doc: dict) -> str:
+    m = doc["machine"]
+    blas = m.get("blas") or {}
+    lines = [
+        f"# offload CPU benchmark, {m['date']}",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        f"- Machine: {m['platform']}; CPU {m['cpu']}, {m['cores']} cores "
+        f"({m['usable_cores']} usable), {m['memory_gib']} GiB",
+        f"- Python {m['python']}, NumPy {m['numpy']} (BLAS: {blas.get('name', '?')} "
+        f"{blas.get('version', '')}), onnxruntime {m['onnxruntime']}, offload {m['offload']}",
+        f"- Environment: " + ", ".join(f"{k}={v}" for k, v in m["env"].items()),
+        f"- Load average (1, 5, 15 min) before: {doc['load_before']}, after: "
+        f"{doc['load_after']}",
+        f"- Git: {doc['git']['commit']}{' (dirty tree)' if doc['git']['dirty'] else ''}",
+        f"- Method: {doc['repeats']} repeats, ~{doc['min_time_s']:g} s per contender and point; "
+        "offload and onnxruntime alternate block by block in one run (0.1 s pause before each "
+        "block so the other runtime's spinning threads go idle); latency = block time / calls "
+        "in the block; median and p90 over the blocks; samples/s = batch / median. "
+        f"onnxruntime: CPUExecutionProvider, intra_op_num_threads={doc['onnxruntime_threads']}.",
+        f"- Total time: {doc['wall_s']:.0f} s. CPU used by other processes during the whole "
+        f"run: {doc['contention']['others']:.2f} cores on average, stolen by the hypervisor: "
+        f"{doc['contention']['steal']:.2f} cores (column 'other load': the same, per point; "
+        "well above 0 means that point's timings are suspect)" if doc.get("contention") else
+        f"- Total time: {doc['wall_s']:.0f} s",
+        "",
+        "## Results",
+        "",
+        bench.format_suite(doc["rows"], COLUMNS),
+        "",
+    ]
+    if doc.get("geomean_ratio"):
+        lines += [f"Geometric mean of offload/onnxruntime: {doc['geomean_ratio']:.2f} "
+                  "(> 1: offload slower).", ""]
+    for prof in doc["profiles"]:
+        lines += [f"## Profile: {prof['model']} b{prof['batch']} on cpu", ""]
+        lines += [prof["error"] if prof.get("error") else bench.format_profile(prof["profile"],
+                                                                                top_nodes=15), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 repeats, ~0.3 s per point")
+    parser.add_argument("--models", help=f"comma separated subset of {','.join(zoo.NAMES)}")
+    parser.add_argument("--out", type=pathlib.Path, default=HERE / "results",
+                        help="folder for the .json and .md (default: benchmarks/results)")
+    parser.add_argument("--repeats", type=int, help="override (at least 5)")
+    parser.add_argument("--min-time", type=float, help="override, seconds per contender")
+    args = parser.parse_args(argv)
+
+    models = list(zoo.NAMES)
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = sorted(set(models) - set(zoo.NAMES))
+        if unknown:
+            parser.error(f"unknown models {unknown}; choose from {list(zoo.NAMES)}")
+    repeats = max(5, args.repeats or (5 if args.quick else 7))
+    min_time = args.min_time if args.min_time is not None else (0.3 if args.quick else 2.0)
+    threads = os.cpu_count() or 1
+    reason = bench.onnxruntime_missing_reason()
+    if reason:
+        print(f"warning: onnxruntime missing, offload only: {reason}", file=sys.stderr)
+
+    def say(text):
+        print(text, file=sys.stderr, flush=True)
+
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    counters = bench.cpu_counters()
+    t0 = time.perf_counter()
+    for name in models:
+        zoo.path(name)
+    cases = [bench.Case(n, b) for n, b in CASES if n in models]
+    rows = bench.run_suite(cases, ["cpu"], repeats=repeats, min_time_s=min_time, warmup=2,
+                           onnxruntime=reason is None, threads=threads, progress=say)
+
+    profiles = []
+    for name, b in PROFILED:
+        if name not in models:
+            continue
+        say(f"profile {name} b{b} ...")
+        try:
+            model = offload.load(zoo.path(name), device="cpu")
+            profiles.append(dict(model=name, batch=b, profile=bench.profile(
+                model, zoo.sample_input(name, b), runs=10 if args.quick else 30)))
+        except offload.OffloadError as e:
+            profiles.append(dict(model=name, batch=b, error=f"{type(e).__name__}: {e}"))
+    wall = time.perf_counter() - t0
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    doc = dict(
+        command=shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
+        machine=bench.machine_info(), git=_git(), repeats=repeats, min_time_s=min_time,
+        onnxruntime_threads=threads, load_before=load_before,
+        load_after=[round(v, 2) for v in os.getloadavg()], wall_s=wall,
+        contention=bench.contention(counters, bench.cpu_counters()),
+        ratios={f"{r['model']} b{r['batch']}": r.get("ratio") for r in rows},
+        geomean_ratio=_geomean(r.get("ratio") for r in rows),
+        rows=rows, profiles=profiles)
+
+    print(bench.format_suite(rows, COLUMNS))
+    if doc["geomean_ratio"]:
+        print(f"\ngeometric mean offload/onnxruntime: {doc['geomean_ratio']:.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = _target(args.out, now.strftime("%Y%m%d-%H%M"))
+    base.with_suffix(".json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    base.with_suffix(".md").write_text(_markdown(doc) + "\n")
+    print(f"\nwrote {base}.json and {base}.md")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+// Fused float32 CPU kernels for the NumPy CPU device: the parts NumPy can only do as several
+// passes over memory (bias + residual + activation epilogues, row softmax) and small matrix
+// products whose cost is all call overhead (batch-1 MLPs). Large products stay with NumPy's BLAS.
+//
+// Every entry point checks shapes, releases the GIL, and writes only into `out`/`y`.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace nb = nanobind;
+
+namespace {
+
+using In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+
+// Same codes as offload/drivers/cpu.py ACTIVATION_CODES.
+enum Activation : int { kIdentity = 0, kRelu, kLeakyRelu, kSigmoid, kTanh, kClip };
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define OFFLOAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OFFLOAD_CLONES
+#endif
+
+struct Epilogue {
+    int act;
+    float alpha, lo, hi;
+
+    inline void apply(float *row, std::int64_t n) const {
+        switch (act) {
+        case kRelu:
+            for (std::int64_t j = 0; j < n; ++j) row[j] = row[j] > 0.f ? row[j] : (row[j] != row[j] ? row[j] : 0.f);
+            break;
+        case kLeakyRelu:
+            for (std::int64_t j = 0; j < n; ++j) row[j] = row[j] >= 0.f ? row[j] : row[j] * alpha;
+            break;
+        case kSigmoid:
+            for (std::int64_t j = 0; j < n; ++j) row[j] = 1.f / (1.f + std::exp(-row[j]));
+            break;
+        case kTanh:
+            for (std::int64_t j = 0; j < n; ++j) row[j] = std::tanh(row[j]);
+            break;
+        case kClip:
+            for (std::int64_t j = 0; j < n; ++j) row[j] = row[j] != row[j] ? row[j] : std::min(std::max(row[j], lo), hi);
+            break;
+        default:
+            break;
+        }
+    }
+};
+
+void check(bool ok, const std::string &what) {
+    if (!ok) throw nb::value_error(what.c_str());
+}
+
+std::string shape_of(const nb::ndarray<> &a) {
+    std::string s = "[";
+    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + "]";
+}
+
+OFFLOAD_CLONES
+void dense_rows(const float *x, const float *w, const float *bias, const float *residual,
+                float *y, std::int64_t m, std::int64_t k, std::int64_t n, Epilogue e) {
+    for (std::int64_t i = 0; i < m; ++i) {
+        float *row = y + i * n;
+        if (bias) std::copy(bias, bias + n, row); else std::fill(row, row + n, 0.f);
+        const float *xi = x + i * k;
+        for (std::int64_t p = 0; p < k; ++p) {
+            const float a = xi[p];
+            const float *wp = w + p * n;
+            for (std::int64_t j = 0; j < n; ++j) row[j] += a * wp[j];
+        }
+        if (residual) {
+            const float *r = residual + i * n;
+            for (std::int64_t j = 0; j < n; ++j) row[j] += r[j];
+        }
+        e.apply(row, n);
+    }
+}
+
+// y[m, n] = act(x[m, k] @ w[k, n] + bias[n] + residual[m, n]); for small products.
+void dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
+           float alpha, float lo, float hi) {
+    check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, "dense: expected 2-D x, w and out");
+    const std::int64_t m = x.shape(0), k = x.shape(1), n = w.shape(1);
+    check(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
+          "dense: x " + shape_of(nb::ndarray<>(x.handle())) + " @ w " +
+              shape_of(nb::ndarray<>(w.handle())) + " does not fit out " +
+              shape_of(nb::ndarray<>(y.handle())));
+    check(!bias || bias->size() == (size_t) n, "dense: bias must have " + std::to_string(n) + " values");
+    check(!residual || (residual->size() == (size_t) (m * n)), "dense: residual must be [m, n]");
+    nb::gil_scoped_release release;
+    dense_rows(x.data(), w.data(), bias ? bias->data() : nullptr,
+               residual ? residual->data() : nullptr, y.data(), m, k, n,
+               Epilogue{act, alpha, lo, hi});
+}
+
+OFFLOAD_CLONES
+void epilogue_rows(float *y, const float *bias, std::int64_t nbias, int bias_axis,
+                   const float *residual, std::int64_t rows, std::int64_t cols, Epilogue e) {
+    for (std::int64_t i = 0; i < rows; ++i) {
+        float *row = y + i * cols;
+        if (bias && bias_axis == 0) {
+            const float b = bias[i % nbias];
+            for (std::int64_t j = 0; j < cols; ++j) row[j] += b;
+        } else if (bias) {
+            for (std::int64_t j = 0; j < cols; ++j) row[j] += bias[j];
+        }
+        if (residual) {
+            const float *r = residual + i * cols;
+            for (std::int64_t j = 0; j < cols; ++j) row[j] += r[j];
+        }
+        e.apply(row, cols);
+    }
+}
+
+// In place on y viewed as [rows, cols]: add bias (bias_axis 0: one value per row, cycling, as a
+// conv's per-channel bias over [N*C, H*W]; 1: one per column), add residual, apply activation.
+void epilogue(Out y, std::optional<In> bias, int bias_axis, std::optional<In> residual, int act,
+              float alpha, float lo, float hi) {
+    check(y.ndim() == 2, "epilogue: expected a 2-D view of the output");
+    const std::int64_t rows = y.shape(0), cols = y.shape(1);
+    std::int64_t nbias = 0;
+    if (bias) {
+        nbias = (std::int64_t) bias->size();
+        check(nbias > 0 && (bias_axis == 0 ? rows % nbias == 0 : nbias == cols),
+              "epilogue: " + std::to_string(nbias) + " bias values do not fit output [" +
+                  std::to_string(rows) + ", " + std::to_string(cols) + "]");
+    }
+    check(!residual || residual->size() == (size_t) (rows * cols),
+          "epilogue: residual must have the output's size");
+    nb::gil_scoped_release release;
+    epilogue_rows(y.data(), bias ? bias->data() : nullptr, nbias, bias_axis,
+                  residual ? residual->data() : nullptr, rows, cols,
+                  Epilogue{act, alpha, lo, hi});
+}
+
+OFFLOAD_CLONES
+void softmax_rows(const float *x, float *y, std::int64_t rows, std::int64_t cols) {
+    for (std::int64_t i = 0; i < rows; ++i) {
+        const float *xi = x + i * cols;
+        float *yi = y + i * cols;
+        float mx = -INFINITY;
+        bool nan = false;
+        for (std::int64_t j = 0; j < cols; ++j) {
+            nan |= xi[j] != xi[j];
+            mx = std::max(mx, xi[j]);
+        }
+        if (nan) {
+            std::fill(yi, yi + cols, NAN);
+            continue;
+        }
+        float sum = 0.f;
+        for (std::int64_t j = 0; j < cols; ++j) {
+            yi[j] = std::exp(xi[j] - mx);
+            sum += yi[j];
+        }
+        const float inv = 1.f / sum;
+        for (std::int64_t j = 0; j < cols; ++j) yi[j] *= inv;
+    }
+}
+
+// Softmax over the last axis of x viewed as [rows, cols].
+void softmax(In x, Out y) {
+    check(x.size() == y.size() && x.ndim() >= 1, "softmax: x and out must have the same size");
+    const std::int64_t cols = x.shape(x.ndim() - 1);
+    const std::int64_t rows = cols ? (std::int64_t) x.size() / cols : 0;
+    nb::gil_scoped_release release;
+    softmax_rows(x.data(), y.data(), rows, cols);
+}
+
+}  // namespace
+
+void register_cpu_kernels(nb::module_ &m) {
+    m.def("dense", &dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
+          nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"), nb::arg("alpha"),
+          nb::arg("lo"), nb::arg("hi"),
+          "out = act(x @ w + bias + residual) for float32 C-contiguous 2-D arrays (small sizes).");
+    m.def("epilogue", &epilogue, nb::arg("y").noconvert(), nb::arg("bias").none(), nb::arg("bias_axis"),
+          nb::arg("residual").none(), nb::arg("act"), nb::arg("alpha"), nb::arg("lo"),
+          nb::arg("hi"), "In place: y = act(y + bias + residual), y viewed as [rows, cols].");
+    m.def("softmax", &softmax, nb::arg("x"), nb::arg("out").noconvert(), "Softmax over the last axis.");
+}
