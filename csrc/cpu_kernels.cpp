@@ -178,6 +178,36 @@ void softmax(In x, Out y) {
     softmax_rows(x.data(), y.data(), rows, cols);
 }
 
+
+// y[n, m, :] = act(prod[m, n, :] + bias[m] + residual[n, m, :]): a batch-folded GEMM's output
+// back to NCHW with the fused epilogue, in one pass.
+void conv_epilogue(In prod, Out y, std::optional<In> bias, std::optional<In> residual, int act,
+                   float alpha, float lo, float hi) {
+    check(prod.ndim() == 3 && y.ndim() == 3, "conv_epilogue: expected prod [M, N, HW], y [N, M, HW]");
+    const std::int64_t m = prod.shape(0), n = prod.shape(1), hw = prod.shape(2);
+    check(y.shape(0) == (size_t) n && y.shape(1) == (size_t) m && y.shape(2) == (size_t) hw,
+          "conv_epilogue: y must be [N, M, HW] for prod [M, N, HW]");
+    check(!bias || bias->size() == (size_t) m, "conv_epilogue: bias must have M values");
+    check(!residual || residual->size() == y.size(), "conv_epilogue: residual must match y");
+    const float *p = prod.data(), *b = bias ? bias->data() : nullptr;
+    const float *r = residual ? residual->data() : nullptr;
+    float *out = y.data();
+    const Epilogue e{act, alpha, lo, hi};
+    nb::gil_scoped_release release;
+    for (std::int64_t s = 0; s < n; ++s)
+        for (std::int64_t ch = 0; ch < m; ++ch) {
+            float *o = out + (s * m + ch) * hw;
+            const float *q = p + (ch * n + s) * hw;
+            const float add = b ? b[ch] : 0.f;
+            for (std::int64_t k = 0; k < hw; ++k) o[k] = q[k] + add;
+            if (r) {
+                const float *rr = r + (s * m + ch) * hw;
+                for (std::int64_t k = 0; k < hw; ++k) o[k] += rr[k];
+            }
+            e.apply(o, hw);
+        }
+}
+
 }  // namespace
 
 void register_cpu_kernels(nb::module_ &m) {
@@ -188,5 +218,8 @@ void register_cpu_kernels(nb::module_ &m) {
     m.def("epilogue", &epilogue, nb::arg("y").noconvert(), nb::arg("bias").none(), nb::arg("bias_axis"),
           nb::arg("residual").none(), nb::arg("act"), nb::arg("alpha"), nb::arg("lo"),
           nb::arg("hi"), "In place: y = act(y + bias + residual), y viewed as [rows, cols].");
+    m.def("conv_epilogue", &conv_epilogue, nb::arg("prod"), nb::arg("y").noconvert(),
+          nb::arg("bias").none(), nb::arg("residual").none(), nb::arg("act"), nb::arg("alpha"),
+          nb::arg("lo"), nb::arg("hi"), "y[n, m] = act(prod[m, n] + bias[m] + residual[n, m]).");
     m.def("softmax", &softmax, nb::arg("x"), nb::arg("out").noconvert(), "Softmax over the last axis.");
 }

@@ -207,7 +207,7 @@ def test_demo_quick(capsys):
     assert main(["demo", "--quick", "--models", "jet_mlp"]) == 0
     captured = capsys.readouterr()
     assert "cpu:0" in captured.out and "(available)" in captured.out
-    rows = _table_rows(captured.out, "jet_mlp")
+    rows = [r for r in _table_rows(captured.out, "jet_mlp") if r[2] == "cpu:0"]
     assert [r[1] for r in rows] == ["1", "16000"]
     assert "jet_mlp" in captured.err  # build progress
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "Case", "Contender", "Measurement", "contention", "cpu_counters", "format_table", "machine_info", "make_input", "measure",
+    "Case", "Contender", "Measurement", "contention", "cpu_counters", "format_profile",
+    "format_suite", "format_table", "machine_info", "make_input", "measure", "model_path",
     "offload_contender", "onnxruntime_contender", "onnxruntime_missing_reason", "profile",
     "run_suite",
 ]

@@ -26,8 +26,7 @@ class BuildContext:
     def __init__(self, device: Device, weights: dict):
         self.device = device
         self._weights = weights  # shared by every plan of one model on one device
-        self._scratch = None
-        self._scratch_bytes = 0
+        self._scratch: dict[int, tuple] = {}  # slot -> (raw block, nbytes)
 
     def weight(self, array: np.ndarray, tag: str = "", transform=None):
         """A device copy of a constant, transformed once (e.g. re-laid out) and cached."""
@@ -38,12 +37,15 @@ class BuildContext:
             hit = self._weights[key] = (array, self.device.upload(np.ascontiguousarray(host)))
         return hit[1]
 
-    def scratch(self, shape, dtype=np.float32):
-        """A temporary buffer valid only while one step runs (shared between steps)."""
+    def scratch(self, shape, dtype=np.float32, slot: int = 0):
+        """A temporary buffer valid only while one step runs, shared between steps; a step that
+        needs two temporaries asks for two slots."""
         nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
-        if nbytes > self._scratch_bytes:
-            self._scratch, self._scratch_bytes = self.device.alloc(nbytes), nbytes
-        return self.device.view(self._scratch, tuple(shape), dtype)
+        raw, size = self._scratch.get(slot, (None, 0))
+        if nbytes > size:
+            raw = self.device.alloc(nbytes)
+            self._scratch[slot] = (raw, nbytes)
+        return self.device.view(raw, tuple(shape), dtype)
 
 
 @dataclass

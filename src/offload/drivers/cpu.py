@@ -85,12 +85,19 @@ def _padded_source(ctx, x, pads, value, tag_shape=None):
     return (lambda: np.copyto(inner, x)), xp
 
 
-def _windows(xp, kernel, strides, dilations, out_hw):
-    """A strided view (N, C, kh, kw, OH, OW) of every window tap of xp."""
+def _windows(xp, kernel, strides, dilations, out_hw, batch_inner=False):
+    """A strided view (N, C, kh, kw, OH, OW) of every window tap of xp; with batch_inner,
+    (C, kh, kw, N, OH, OW)."""
     sn, sc, sh, sw = xp.strides
     n, c = xp.shape[:2]
-    shape = (n, c, kernel[0], kernel[1], out_hw[0], out_hw[1])
-    strides = (sn, sc, sh * dilations[0], sw * dilations[1], sh * strides[0], sw * strides[1])
+    taps = (kernel[0], kernel[1]), (sh * dilations[0], sw * dilations[1])
+    out = (out_hw[0], out_hw[1]), (sh * strides[0], sw * strides[1])
+    if batch_inner:
+        shape = (c,) + taps[0] + (n,) + out[0]
+        strides = (sc,) + taps[1] + (sn,) + out[1]
+    else:
+        shape = (n, c) + taps[0] + out[0]
+        strides = (sn, sc) + taps[1] + out[1]
     return as_strided(xp, shape, strides, writeable=False)
 
 
@@ -121,13 +128,32 @@ def build_conv2d(ctx, attrs, ins, out):
         return _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows)
 
     fill, xp = _padded_source(ctx, x, pads, 0.0)
-    taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
     ckk = cg * kh * kw
+    if groups == 1 and n > 1:
+        # fold the batch into one GEMM: cols [C*kh*kw, N*OH*OW], then [M, N, OH*OW] -> NCHW
+        taps = _windows(xp, (kh, kw), strides, dil, (oh, ow), batch_inner=True)
+        cols = ctx.scratch((c, kh, kw, n, oh, ow))
+        prod = ctx.scratch((m, n, oh * ow), slot=1)
+        w2 = ctx.weight(w, "gemm2d", lambda a: a.reshape(m, ckk))
+        cols2, prod2 = cols.reshape(ckk, n * oh * ow), prod.reshape(m, n * oh * ow)
+        out3 = out.reshape(n, m, oh * ow)
+        residual = residual.reshape(out3.shape) if residual is not None else None
+
+        finish = functools.partial(_core.conv_epilogue, prod, out3, bias, residual,
+                                   *_activation_args(attrs))
+
+        def gemm():
+            np.copyto(cols, taps)
+            np.matmul(w2, cols2, out=prod2)
+            finish()
+        return _sequence(fill, gemm)
+
+    taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
     cols = ctx.scratch((n, c, kh, kw, oh, ow))
     wm = ctx.weight(w, "gemm", lambda a: a.reshape(groups, m // groups, ckk))
     cols_g = cols.reshape(n, groups, ckk, oh * ow)
     y_g = out.reshape(n, groups, m // groups, oh * ow)
-    if groups == 1 and n == 1:
+    if groups == 1:
         w2, c2, y2 = wm[0], cols_g[0, 0], y_g[0, 0]
 
         def gemm():
