@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace nb = nanobind;
 
@@ -208,6 +209,51 @@ void conv_epilogue(In prod, Out y, std::optional<In> bias, std::optional<In> res
         }
 }
 
+// A sequence of small dense and softmax ops run by one call: for batch-1 MLPs the cost of a
+// call is the whole cost, so a plan's consecutive small ops are gathered here once and run
+// together. The Python side keeps every array alive as long as the program.
+class Program {
+  public:
+    void add_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
+                   float alpha, float lo, float hi) {
+        const std::int64_t m = x.shape(0), k = x.shape(1), n = w.shape(1);
+        check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2 && w.shape(0) == (size_t) k &&
+                  y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
+              "Program.add_dense: shapes do not fit");
+        check(!bias || bias->size() == (size_t) n, "Program.add_dense: bias must have n values");
+        check(!residual || residual->size() == y.size(), "Program.add_dense: bad residual");
+        ops_.push_back(Op{kDense, x.data(), w.data(), bias ? bias->data() : nullptr,
+                          residual ? residual->data() : nullptr, y.data(), m, k, n,
+                          Epilogue{act, alpha, lo, hi}});
+    }
+    void add_softmax(In x, Out y) {
+        check(x.size() == y.size() && x.ndim() >= 1, "Program.add_softmax: sizes differ");
+        const std::int64_t cols = x.shape(x.ndim() - 1);
+        ops_.push_back(Op{kSoftmax, x.data(), nullptr, nullptr, nullptr, y.data(),
+                          cols ? (std::int64_t) x.size() / cols : 0, 0, cols, Epilogue{0, 0, 0, 0}});
+    }
+    void run() const {
+        for (const Op &op : ops_) {
+            if (op.kind == kDense)
+                dense_rows(op.x, op.w, op.b, op.r, op.y, op.m, op.k, op.n, op.e);
+            else
+                softmax_rows(op.x, op.y, op.m, op.n);
+        }
+    }
+    size_t size() const { return ops_.size(); }
+
+  private:
+    enum Kind { kDense, kSoftmax };
+    struct Op {
+        Kind kind;
+        const float *x, *w, *b, *r;
+        float *y;
+        std::int64_t m, k, n;
+        Epilogue e;
+    };
+    std::vector<Op> ops_;
+};
+
 }  // namespace
 
 void register_cpu_kernels(nb::module_ &m) {
@@ -221,5 +267,13 @@ void register_cpu_kernels(nb::module_ &m) {
     m.def("conv_epilogue", &conv_epilogue, nb::arg("prod"), nb::arg("y").noconvert(),
           nb::arg("bias").none(), nb::arg("residual").none(), nb::arg("act"), nb::arg("alpha"),
           nb::arg("lo"), nb::arg("hi"), "y[n, m] = act(prod[m, n] + bias[m] + residual[n, m]).");
+    nb::class_<Program>(m, "Program", "Small dense/softmax ops run in order by one call.")
+        .def(nb::init<>())
+        .def("add_dense", &Program::add_dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
+             nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"),
+             nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"))
+        .def("add_softmax", &Program::add_softmax, nb::arg("x"), nb::arg("out").noconvert())
+        .def("run", &Program::run, nb::call_guard<nb::gil_scoped_release>())
+        .def("__len__", &Program::size);
     m.def("softmax", &softmax, nb::arg("x"), nb::arg("out").noconvert(), "Softmax over the last axis.");
 }

@@ -155,3 +155,46 @@ def test_alloc_free_cycles_do_not_leak():
     gc.collect()
     growth = _vmrss_bytes() - start
     assert growth < limit, f"RSS grew by {growth / 2**20:.1f} MiB"
+
+
+# -- the fused CPU kernels ---------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from offload import _core  # noqa: E402
+
+
+def test_native_dense_matches_numpy():
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((3, 7), (7, 5), (5,)))
+    out = np.empty((3, 5), np.float32)
+    _core.dense(x, w, b, None, out, 1, 0.0, 0.0, 0.0)  # relu
+    np.testing.assert_allclose(out, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_native_kernels_refuse_shapes_that_do_not_fit():
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        _core.dense(x, np.zeros((4, 5), np.float32), None, None, np.zeros((2, 5), np.float32),
+                    0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="bias values do not fit"):
+        _core.epilogue(np.zeros((2, 3), np.float32), np.zeros(4, np.float32), 1, None, 0, 0.0,
+                       0.0, 0.0)
+    with pytest.raises(TypeError):  # a non-contiguous output is never silently copied
+        _core.softmax(x, np.zeros((2, 6), np.float32)[:, ::2])
+
+
+def test_program_runs_ops_in_order():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 6), (6, 3)))
+    h, y = np.empty((1, 6), np.float32), np.empty((1, 3), np.float32)
+    program = _core.Program()
+    program.add_dense(x, w1, None, None, h, 4, 0.0, 0.0, 0.0)  # tanh
+    program.add_softmax(h, h)
+    program.add_dense(h, w2, None, None, y, 0, 0.0, 0.0, 0.0)
+    program.run()
+    t = np.tanh(x @ w1)
+    s = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
+    assert len(program) == 3
+    np.testing.assert_allclose(y, s @ w2, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,8 @@ class Device:
     Memory: ``alloc(nbytes)`` returns a raw block; ``view(raw, shape, dtype)`` a typed buffer at
     its start; ``upload(array)`` a constant buffer; ``copy_in(dst, host)`` and ``copy_out(host,
     src)`` move data and return the bytes moved; ``synchronize()`` waits for queued work.
-    Ops: ``ops[name]`` is an OpBuilder for each IR op the device implements.
+    Ops: ``ops[name]`` is an OpBuilder for each IR op the device implements; ``finalize`` may
+    merge a plan's steps.
     """
 
     kind: str = ""
@@ -70,6 +71,11 @@ class Device:
 
     def synchronize(self) -> None:
         pass
+
+    def finalize(self, runs: list) -> list:
+        """Given a plan's step callables in order, return the callables to run per inference
+        (a device may merge steps, e.g. into one native call or one captured graph)."""
+        return runs
 
     def __repr__(self) -> str:
         return f"<offload.Device {self.spec} {self.name!r}>"

@@ -191,7 +191,7 @@ class Plan:
                 self.outputs.append((None, np.asarray(values[o]), values[o].shape))
             else:
                 raise ShapeError(f"graph output {o!r} is never computed")
-        self._run_steps = tuple(s.run for s in self.steps)
+        self._run_steps = tuple(device.finalize([s.run for s in self.steps]))
 
     @property
     def output_shapes(self) -> list[tuple]:

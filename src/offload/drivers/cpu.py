@@ -35,6 +35,51 @@ def _activation_args(attrs):
             float(attrs.get("lo", -np.inf)), float(attrs.get("hi", np.inf)))
 
 
+class NativeStep:
+    """A step that is one native call; consecutive ones are merged into one _core.Program."""
+
+    def __init__(self, kind: str, *args):
+        self.kind, self.args = kind, args
+        self._run = functools.partial(getattr(_core, kind), *args)
+
+    def __call__(self):
+        self._run()
+
+    def add_to(self, program):
+        getattr(program, "add_" + self.kind)(*self.args)
+
+
+def merge_native_steps(runs):
+    """Consecutive NativeSteps become one call of a _core.Program (kept alive by the closure)."""
+    merged, group = [], []
+
+    def flush():
+        if len(group) > 1:
+            program = _core.Program()
+            for step in group:
+                step.add_to(program)
+            merged.append(_keep_alive(program.run, tuple(group)))
+        else:
+            merged.extend(group)
+        group.clear()
+
+    for run in runs:
+        if isinstance(run, NativeStep):
+            group.append(run)
+        else:
+            flush()
+            merged.append(run)
+    flush()
+    return merged
+
+
+def _keep_alive(fn, refs):
+    def run():
+        fn()
+    run.refs = refs  # the arrays the program points into live as long as this callable
+    return run
+
+
 def epilogue(y2: np.ndarray, attrs: dict, bias=None, bias_axis=1, residual=None):
     """A callable applying, in one native pass over y2 ([rows, cols], in place), the bias (one
     value per column, or per row cycling when bias_axis=0), a residual and the activation."""
@@ -68,7 +113,7 @@ def build_dense(ctx, attrs, ins, out):
     bias = ctx.weight(ins[2]) if len(ins) > 2 else None
     residual = ins[3].reshape(-1, n) if len(ins) > 3 else None
     if x2.shape[0] * k * n <= SMALL_DENSE_MACS:
-        return functools.partial(_core.dense, x2, w, bias, residual, y2, *_activation_args(attrs))
+        return NativeStep("dense", x2, w, bias, residual, y2, *_activation_args(attrs))
     return _sequence(functools.partial(np.matmul, x2, w, out=y2),
                      epilogue(y2, attrs, bias, 1, residual))
 
@@ -262,7 +307,7 @@ def build_activation(ctx, attrs, ins, out):
 def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
     if axis == x.ndim - 1:
-        return functools.partial(_core.softmax, x, out)
+        return NativeStep("softmax", x, out)
     red_shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
     tmp = np.empty(red_shape, F32)
 
@@ -358,6 +403,9 @@ class CPUDevice(Device):
     def copy_out(self, dst, src):
         np.copyto(dst, src)
         return dst.nbytes
+
+    def finalize(self, runs):
+        return merge_native_steps(runs)
 
 
 def _cpu_count():
