@@ -25,6 +25,16 @@
 #endif
 #define LX (TN / WN) /* work-group size along columns (axis 0) */
 #define LY (TM / WM) /* work-group size along rows (axis 1) */
+/* Which rows/columns a work-item owns: strided by the work-group size (GPUs: neighbouring
+ * work-items touch neighbouring addresses) or, with CONTIGUOUS_BLOCK (CPUs), WM x WN adjacent
+ * ones so that the compiler turns each register-block row into one SIMD vector. */
+#ifdef CONTIGUOUS_BLOCK
+#define ROW_OF(t, i) ((t) * WM + (i))
+#define COL_OF(t, j) ((t) * WN + (j))
+#else
+#define ROW_OF(t, i) ((t) + (i) * LY)
+#define COL_OF(t, j) ((t) + (j) * LX)
+#endif
 
 DEVICE_FN float epilogue(float v, int m, int n, GLOBAL const float* bias, int bias_mode,
                          GLOBAL const float* res, int ldc, int act, float alpha, float lo,
@@ -79,17 +89,17 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
         BARRIER();
         UNROLL for (int k = 0; k < TK; ++k) {
             float a[WM], b[WN];
-            UNROLL for (int i = 0; i < WM; ++i) a[i] = As[k][ty + i * LY];
-            UNROLL for (int j = 0; j < WN; ++j) b[j] = Bs[k][tx + j * LX];
+            UNROLL for (int i = 0; i < WM; ++i) a[i] = As[k][ROW_OF(ty, i)];
+            UNROLL for (int j = 0; j < WN; ++j) b[j] = Bs[k][COL_OF(tx, j)];
             UNROLL for (int i = 0; i < WM; ++i)
                 UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(a[i], b[j], acc[i][j]);
         }
         BARRIER();
     }
     UNROLL for (int i = 0; i < WM; ++i) {
-        int m = row0 + ty + i * LY;
+        int m = row0 + ROW_OF(ty, i);
         UNROLL for (int j = 0; j < WN; ++j) {
-            int n = col0 + tx + j * LX;
+            int n = col0 + COL_OF(tx, j);
             if (m < M && n < N)
                 C[m * ldc + n] = epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act, alpha,
                                           lo, hi);

@@ -1,0 +1,740 @@
+"""The OpenCL device on pyopencl: builds the kernel sources of ``offload/kernels``.
+
+One context and one in-order queue per device. Kernel sources are written once in the dialect of
+``kernels/dialect.h`` (OpenCL C 1.2 and CUDA C++); they are read from the package by path, their
+``#include "..."`` lines expanded here (with ``#line`` markers, so compiler messages name the real
+file and line), and each program is built once per device and kept in a disk cache of program
+binaries keyed by source hash, device, driver version and build options
+(``$OFFLOAD_CACHE/opencl`` or ``~/.cache/offload/opencl``).
+
+Op builders set every kernel argument at plan-build time; the per-inference callable only
+enqueues. Activations are NCHW float32 buffers at offset 0 of their blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from .. import graph as G
+from ..device import Capabilities, Device, DeviceInfo
+from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
+                      UnsupportedOpError)
+
+DRIVER_VERSION = "1"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl")
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "clip": 5}
+BINARY_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3}
+REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
+MAX_RANK = 6
+LOCAL_1D = 64  # work-group size of the one-dimensional kernels (fixed: PoCL compiles per size)
+
+# Tiled GEMM shapes (gemm.cl macros): CPUs want contiguous register blocks that become SIMD
+# vectors; GPUs want work-item-strided ones (coalesced loads).
+GEMM_CPU = dict(TM=32, TN=128, TK=32, WM=4, WN=16, CONTIGUOUS_BLOCK=1)
+GEMM_GPU = dict(TM=64, TN=64, TK=16, WM=4, WN=4)
+
+i32, f32 = np.int32, np.float32
+
+
+# ------------------------------------------------------------------------------------- sources
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def kernel_source(name: str, _seen=None) -> str:
+    """The source of kernels/<name> with its quoted includes expanded once each, ``#line``
+    markers keeping file names and line numbers for compiler messages."""
+    seen = set() if _seen is None else _seen
+    out = [f'#line 1 "{name}"']
+    for number, line in enumerate((KERNEL_DIR / name).read_text().splitlines(), 1):
+        m = _INCLUDE.match(line)
+        if m:
+            if m.group(1) not in seen:
+                seen.add(m.group(1))
+                out.append(kernel_source(m.group(1), seen))
+            out.append(f'#line {number + 1} "{name}"')
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OFFLOAD_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "offload"
+    return base / "opencl"
+
+
+def options_string(defines: dict) -> str:
+    parts = ["-cl-mad-enable", "-cl-std=CL1.2"]
+    for k, v in sorted(defines.items()):
+        parts.append(f"-D{k}={v}")
+    return " ".join(parts)
+
+
+_LOG_LOCATION = re.compile(r'([\w.\-/]+\.(?:cl|h)):(\d+):')
+
+
+def failing_line(log: str, source: str) -> str:
+    """'file:line: <source text>' of the first error the compiler log names, or ''. Lines are
+    looked up in ``source`` through its ``#line`` markers (so includes resolve to their file)."""
+    errors = [line for line in log.splitlines() if "error" in line]
+    m = next((m for m in map(_LOG_LOCATION.search, errors) if m), None)
+    if not m:
+        return ""
+    name, number = Path(m.group(1)).name, int(m.group(2))
+    lines, current, line = {}, "", 1
+    for text in source.splitlines():
+        marker = _LINE_MARKER.match(text)
+        if marker:
+            line, current = int(marker.group(1)), Path(marker.group(2)).name
+            continue
+        lines[(current, line)] = text
+        line += 1
+    return f"{name}:{number}: {lines.get((name, number), '').strip()}"
+
+
+_LINE_MARKER = re.compile(r'^\s*#\s*line\s+(\d+)\s+"([^"]*)"')
+
+
+# ---------------------------------------------------------------------------------- errors
+
+def _cl():
+    import pyopencl as cl
+    return cl
+
+
+def _is_memory_error(cl, e) -> bool:
+    if isinstance(e, (cl.MemoryError, MemoryError)):
+        return True
+    codes = {cl.status_code.MEM_OBJECT_ALLOCATION_FAILURE, cl.status_code.OUT_OF_RESOURCES,
+             cl.status_code.OUT_OF_HOST_MEMORY}
+    try:
+        return int(e.code) in codes
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def map_error(device, e, what: str):
+    """The typed offload error for a pyopencl error raised while doing ``what``."""
+    cl = _cl()
+    if _is_memory_error(cl, e):
+        return DeviceMemoryError(f"{device.spec}: out of device memory while {what} "
+                                 f"({device.bytes_in_use} bytes in use): {e}")
+    return DeviceRuntimeError(f"{device.spec}: {what} failed: {e}")
+
+
+# ---------------------------------------------------------------------------------- memory
+
+class Raw:
+    """A device memory block."""
+
+    __slots__ = ("mem", "nbytes", "__weakref__")
+
+    def __init__(self, mem, nbytes):
+        self.mem, self.nbytes = mem, nbytes
+
+
+class Buffer:
+    """A typed view of a device block: cl.Buffer, shape, dtype, offset (always 0 here)."""
+
+    __slots__ = ("mem", "shape", "dtype", "offset", "raw")
+
+    def __init__(self, raw: Raw, shape, dtype=np.float32):
+        self.raw, self.mem = raw, raw.mem
+        self.shape, self.dtype, self.offset = tuple(int(d) for d in shape), np.dtype(dtype), 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if -1 in shape:
+            known = math.prod(d for d in shape if d != -1)
+            shape = tuple(self.size // known if d == -1 else d for d in shape)
+        assert math.prod(shape) == self.size, (shape, self.shape)
+        return Buffer(self.raw, shape, self.dtype)
+
+    def __repr__(self):
+        return f"<opencl Buffer {self.shape} {self.dtype.name}>"
+
+
+# ---------------------------------------------------------------------------------- device
+
+class OpenCLDevice(Device):
+    """One OpenCL device: a context, an in-order queue, the built programs."""
+
+    kind = "opencl"
+
+    def __init__(self, index: int, cl_device):
+        cl = _cl()
+        self.index = index
+        self.cl_device = cl_device
+        self.name = f"{cl_device.platform.name} / {cl_device.name}"
+        self.is_cpu = bool(cl_device.type & cl.device_type.CPU)
+        try:
+            self.context = cl.Context([cl_device])
+            self.queue = cl.CommandQueue(self.context, cl_device)
+        except cl.Error as e:
+            raise map_error(self, e, "creating the context") from None
+        self.extensions = set(cl_device.extensions.split())
+        self.has_fp16 = "cl_khr_fp16" in self.extensions
+        self.max_alloc = int(cl_device.max_mem_alloc_size)
+        self.gemm_config = dict(GEMM_CPU if self.is_cpu else GEMM_GPU)
+        self._programs: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+        self._in_use = 0
+        self.ops = OPS
+        self.capabilities = Capabilities(frozenset(OPS))
+        self.build_stats = {"compiled": 0, "from_disk": 0, "seconds": 0.0}
+
+    # -- memory ---------------------------------------------------------------------------
+    @property
+    def bytes_in_use(self) -> int:
+        return self._in_use
+
+    def _release(self, nbytes):
+        self._in_use -= nbytes
+
+    def alloc(self, nbytes: int) -> Raw:
+        cl = _cl()
+        nbytes = max(int(nbytes), 4)
+        if nbytes > self.max_alloc:
+            raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes: larger than the "
+                                    f"device's largest block ({self.max_alloc} bytes); "
+                                    f"{self._in_use} bytes in use")
+        try:
+            mem = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
+        except (cl.Error, MemoryError) as e:
+            raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes "
+                                    f"({self._in_use} bytes in use): {e}") from None
+        raw = Raw(mem, nbytes)
+        self._in_use += nbytes
+        weakref.finalize(raw, self._release, nbytes)
+        return raw
+
+    def view(self, raw: Raw, shape, dtype=np.float32) -> Buffer:
+        return Buffer(raw, shape, dtype)
+
+    def upload(self, array: np.ndarray) -> Buffer:
+        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else None)
+        buf = Buffer(self.alloc(array.nbytes), array.shape, array.dtype)
+        self.copy_in(buf, array)
+        return buf
+
+    def copy_in(self, dst: Buffer, src: np.ndarray) -> int:
+        src = np.ascontiguousarray(src, dtype=dst.dtype)
+        if src.nbytes == 0:
+            return 0
+        try:
+            _cl().enqueue_copy(self.queue, dst.mem, src, is_blocking=True)
+        except _cl().Error as e:
+            raise map_error(self, e, "copying in") from None
+        return src.nbytes
+
+    def copy_out(self, dst: np.ndarray, src: Buffer) -> int:
+        if dst.nbytes == 0:
+            return 0
+        host = dst if dst.flags.c_contiguous and dst.dtype == src.dtype else \
+            np.empty(src.shape, src.dtype)
+        try:
+            _cl().enqueue_copy(self.queue, host, src.mem, is_blocking=True)
+        except _cl().Error as e:
+            raise map_error(self, e, "copying out") from None
+        if host is not dst:
+            np.copyto(dst, host.reshape(dst.shape))
+        return dst.nbytes
+
+    def synchronize(self) -> None:
+        try:
+            self.queue.finish()
+        except _cl().Error as e:
+            raise map_error(self, e, "running the queue") from None
+
+    # -- programs -------------------------------------------------------------------------
+    def program_key(self, source: str, options: str) -> str:
+        d = self.cl_device
+        ident = "\0".join([source, d.platform.name, d.platform.version, d.name, d.version,
+                           d.driver_version, DRIVER_VERSION, options])
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+    def program(self, name: str, defines: dict | None = None, source: str | None = None):
+        """The built program of kernels/<name> (or of ``source``) for this device: from this
+        process's table, else the disk cache of binaries, else compiled (and cached)."""
+        import time
+        cl = _cl()
+        options = options_string(defines or {})
+        key = (name, options, source)
+        with self._lock:
+            prg = self._programs.get(key)
+            if prg is not None:
+                return prg
+            t0 = time.perf_counter()
+            text = source if source is not None else kernel_source(name)
+            digest = self.program_key(text, options)
+            path = cache_dir() / f"{digest}.bin"
+            prg = None
+            if path.is_file():
+                try:
+                    prg = cl._cl._Program(self.context, [self.cl_device], [path.read_bytes()])
+                    _build(prg, options, self.cl_device)
+                    self.build_stats["from_disk"] += 1
+                except cl.Error:
+                    prg = None  # stale or foreign binary: rebuild from source
+            if prg is None:
+                prg = self._compile(name, text, options)
+                self.build_stats["compiled"] += 1
+                try:
+                    binary = prg.get_info(cl.program_info.BINARIES)[0]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+                    tmp.write_bytes(binary)
+                    os.replace(tmp, path)
+                except (OSError, cl.Error):
+                    pass  # a cache that cannot be written is only slower
+            self.build_stats["seconds"] += time.perf_counter() - t0
+            self._programs[key] = prg
+            return prg
+
+    def _compile(self, name, text, options):
+        cl = _cl()
+        prg = cl._cl._Program(self.context, text)
+        try:
+            _build(prg, options, self.cl_device)
+        except cl.Error as e:
+            try:
+                log = prg.get_build_info(self.cl_device, cl.program_build_info.LOG)
+            except cl.Error:
+                log = ""
+            log = (log or str(e)).strip()
+            where = failing_line(log, text)
+            raise KernelBuildError(f"{self.spec}: building {name} failed (options {options!r})"
+                                   + (f" at {where}" if where else ""), log, text) from None
+        return prg
+
+    def kernel(self, program: str, name: str, defines: dict | None = None):
+        return _cl().Kernel(self.program(program, defines), name)
+
+
+# ------------------------------------------------------------------------------ launching
+
+def _build(prg, options: str, cl_device):
+    """Build a raw pyopencl program (raises cl.Error; the build log stays readable)."""
+    prg._build(options=options.encode(), devices=[cl_device])
+
+
+def _round_up(n, m):
+    return (n + m - 1) // m * m
+
+
+def _launch(device, kernel, global_size, local_size, what, args=()):
+    """A callable that enqueues ``kernel`` (arguments already set); nothing for empty grids.
+    ``args`` are kept alive with the callable: clSetKernelArg does not retain memory objects."""
+    if any(g == 0 for g in global_size):
+        return lambda: None
+    cl = _cl()
+    enqueue, queue = cl.enqueue_nd_range_kernel, device.queue
+    gs, ls = tuple(int(g) for g in global_size), tuple(int(s) for s in local_size)
+    keep = (kernel, args)
+
+    def run():
+        assert keep
+        try:
+            enqueue(queue, kernel, gs, ls)
+        except cl.Error as e:
+            raise map_error(device, e, what) from None
+    return run
+
+
+def _launch_1d(device, program, name, n, args, what):
+    kernel = device.kernel(program, name)
+    kernel.set_args(*args)
+    return _launch(device, kernel, (_round_up(n, LOCAL_1D),), (LOCAL_1D,), what, args)
+
+
+def _sequence(*fns):
+    fns = tuple(f for f in fns if f is not None)
+    if len(fns) == 1:
+        return fns[0]
+
+    def run():
+        for f in fns:
+            f()
+    return run
+
+
+def _operand(ctx, x):
+    """A device buffer for an operand: run-time buffers as they are, constants uploaded once."""
+    if isinstance(x, np.ndarray):
+        return ctx.weight(x)
+    return x
+
+
+def _epilogue_args(attrs):
+    fn = attrs.get("activation", attrs.get("fn", "identity"))
+    if fn not in ACTIVATIONS:
+        raise UnsupportedOpError(f"opencl: unknown activation {fn!r}", [(fn, "")])
+    return (i32(ACTIVATIONS[fn]), f32(attrs.get("alpha", 0.01)),
+            f32(attrs.get("lo", -np.inf)), f32(attrs.get("hi", np.inf)))
+
+
+def gemm(device, a, b, c, m, n, k, *, lda, ldb, ldc, batch=1, groups=1, sa=(0, 0), sb=(0, 0),
+         sc=(0, 0), bias=None, bias_mode=0, bias_gs=0, residual=None, epilogue=None,
+         naive=False, defines=None):
+    """A callable running C[z] = epilogue(A[z] @ B[z]) for z in range(batch * groups) (see
+    gemm.cl for the operand layout)."""
+    cfg = dict(device.gemm_config if defines is None else defines)
+    kernel = device.kernel("gemm.cl", "gemm_naive" if naive else "gemm_tiled", cfg)
+    act, alpha, lo, hi = epilogue if epilogue is not None else _epilogue_args({})
+    args = (a.mem, b.mem, c.mem, bias.mem if bias is not None else None,
+            residual.mem if residual is not None else None,
+            i32(m), i32(n), i32(k), i32(lda), i32(ldb), i32(ldc), i32(groups),
+            i32(sa[0]), i32(sa[1]), i32(sb[0]), i32(sb[1]), i32(sc[0]), i32(sc[1]),
+            i32(bias_gs), i32(bias_mode), act, alpha, lo, hi)
+    kernel.set_args(*args)
+    z = batch * groups
+    if naive:
+        local = (16, 16, 1)
+        glob = (_round_up(n, 16), _round_up(m, 16), z)
+    else:
+        lx, ly = cfg["TN"] // cfg["WN"], cfg["TM"] // cfg["WM"]
+        local = (lx, ly, 1)
+        glob = (-(-n // cfg["TN"]) * lx, -(-m // cfg["TM"]) * ly, z)
+    if m == 0 or n == 0:
+        return lambda: None
+    if k == 0:
+        raise UnsupportedOpError("opencl: matrix product with an empty inner axis",
+                                 [("dense", "")])
+    return _launch(device, kernel, glob, local, "gemm", args)
+
+
+# -------------------------------------------------------------------------------- builders
+
+def build_dense(ctx, attrs, ins, out):
+    device = ctx.device
+    x, w = ins[0], ins[1]
+    k, n = w.shape
+    m = x.size // k if k else 0
+    wb = ctx.weight(w)
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
+    return gemm(device, x, wb, out, m, n, k, lda=k, ldb=n, ldc=n, bias=bias,
+                bias_mode=1 if bias is not None else 0, residual=residual,
+                epilogue=_epilogue_args(attrs))
+
+
+def build_conv2d(ctx, attrs, ins, out):
+    device = ctx.device
+    x, w = ins[0], ins[1]
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    groups = attrs["groups"]
+    _, _, oh, ow = out.shape
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs["strides"], attrs["pads"], attrs["dilations"]
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
+    epi = _epilogue_args(attrs)
+    p = oh * ow
+    if n * m * p == 0:
+        return lambda: None
+
+    if groups == c and cg == 1 and m == c:  # depthwise: direct
+        wb = ctx.weight(w)
+        total = n * m * p
+        return _launch_1d(device, "conv.cl", "depthwise_conv", total, (
+            x.mem, wb.mem, bias.mem if bias is not None else None,
+            residual.mem if residual is not None else None, out.mem, i32(total),
+            i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw),
+            i32(pt), i32(pl), i32(dh), i32(dw), *epi), "depthwise conv")
+
+    mg = m // groups
+    ckk = cg * kh * kw
+    wb = ctx.weight(w)  # [M, CG, KH, KW] is [G, MG, CKK] row-major
+    common = dict(batch=n, groups=groups, sa=(0, mg * ckk), sc=(m * p, mg * p), bias=bias,
+                  bias_mode=2 if bias is not None else 0, bias_gs=mg, residual=residual,
+                  epilogue=epi, lda=ckk, ldb=p, ldc=p)
+    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(attrs["pads"]):
+        # 1x1: the input image is already the [C, H*W] matrix
+        return gemm(device, wb, x, out, mg, p, ckk, sb=(c * p, cg * p), **common)
+    cols = ctx.scratch((n, c * kh * kw, p))
+    total = n * c * kh * kw * p
+    fill = _launch_1d(device, "conv.cl", "im2col", total, (
+        x.mem, cols.mem, i32(total), i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh),
+        i32(ow), i32(sh), i32(sw), i32(pt), i32(pl), i32(dh), i32(dw)), "im2col")
+    mult = gemm(device, wb, cols, out, mg, p, ckk, sb=(c * kh * kw * p, ckk * p), **common)
+    return _sequence(fill, mult)
+
+
+def _window_args(attrs, x, out):
+    _, _, h, w = x.shape
+    _, _, oh, ow = out.shape
+    (kh, kw), (sh, sw), (dh, dw) = attrs["kernel"], attrs["strides"], attrs["dilations"]
+    pt, pl, pb, pr = attrs["pads"]
+    return (i32(h), i32(w), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw), i32(pt),
+            i32(pl), i32(dh), i32(dw)), (pb, pr)
+
+
+def build_maxpool(ctx, attrs, ins, out):
+    x = ins[0]
+    args, _ = _window_args(attrs, x, out)
+    total = out.size
+    return _launch_1d(ctx.device, "pool.cl", "maxpool", total,
+                      (x.mem, out.mem, i32(total), *args), "maxpool")
+
+
+def build_avgpool(ctx, attrs, ins, out):
+    x = ins[0]
+    args, (pb, pr) = _window_args(attrs, x, out)
+    total = out.size
+    return _launch_1d(ctx.device, "pool.cl", "avgpool", total,
+                      (x.mem, out.mem, i32(total), *args, i32(pb), i32(pr),
+                       i32(1 if attrs.get("count_include_pad", 0) else 0)), "avgpool")
+
+
+def _reduce_rows(device, x, y, outer, r, inner, fn):
+    total = outer * inner
+    return _launch_1d(device, "reduce.cl", "reduce_axis", total,
+                      (x.mem, y.mem, i32(total), i32(r), i32(inner), i32(REDUCTIONS[fn])),
+                      "reduce")
+
+
+def build_global_avgpool(ctx, attrs, ins, out):
+    x = ins[0]
+    n, c = x.shape[:2]
+    return _reduce_rows(ctx.device, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
+
+
+def build_binary(op):
+    def build(ctx, attrs, ins, out):
+        device = ctx.device
+        a, b = (_operand(ctx, v) for v in ins)
+        total = out.size
+        if a.shape == b.shape == out.shape:
+            return _launch_1d(device, "elementwise.cl", "binary_same", total,
+                              (a.mem, b.mem, out.mem, i32(total), i32(BINARY_OPS[op])), op)
+        dims, sa, sb = _broadcast_strides(out.shape, a.shape, b.shape)
+        return _launch_1d(device, "elementwise.cl", "binary_bcast", total,
+                          (a.mem, b.mem, out.mem, i32(total), i32(BINARY_OPS[op]),
+                           *map(i32, dims), *map(i32, sa), *map(i32, sb)), op)
+    return build
+
+
+def _contiguous_strides(shape):
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return strides[::-1]
+
+
+def _collapse(dims, *stride_lists):
+    """Merge adjacent axes that every operand walks contiguously (to fit MAX_RANK)."""
+    out_d, out_s = [], [[] for _ in stride_lists]
+    for i, d in enumerate(dims):
+        if d == 1:
+            continue
+        if out_d and all(s[i] * d == o[-1] for s, o in zip(stride_lists, out_s)) and \
+                all(o[-1] != 0 or s[i] == 0 for s, o in zip(stride_lists, out_s)):
+            out_d[-1] *= d
+            for s, o in zip(stride_lists, out_s):
+                o[-1] = s[i]
+            continue
+        out_d.append(d)
+        for s, o in zip(stride_lists, out_s):
+            o.append(s[i])
+    return out_d, out_s
+
+
+def _pad_rank(dims, *stride_lists, fill=0):
+    if len(dims) > MAX_RANK:
+        raise UnsupportedOpError(f"opencl: rank {len(dims)} exceeds the kernels' {MAX_RANK}",
+                                 [("broadcast", "")])
+    extra = MAX_RANK - len(dims)
+    return ([1] * extra + list(dims),) + tuple([fill] * extra + list(s) for s in stride_lists)
+
+
+def _broadcast_strides(out_shape, a_shape, b_shape):
+    rank = len(out_shape)
+    lists = []
+    for shape in (a_shape, b_shape):
+        shape = (1,) * (rank - len(shape)) + tuple(shape)
+        strides = _contiguous_strides(shape)
+        lists.append([0 if d == 1 and o != 1 else s for d, o, s in zip(shape, out_shape,
+                                                                          strides)])
+    dims, (sa, sb) = _collapse(list(out_shape), *lists)
+    return _pad_rank(dims, sa, sb)
+
+
+def build_activation(ctx, attrs, ins, out):
+    x = ins[0]
+    total = out.size
+    return _launch_1d(ctx.device, "elementwise.cl", "activation", total,
+                      (x.mem, out.mem, i32(total), *_epilogue_args(attrs)), "activation")
+
+
+def _outer_r_inner(shape, axes):
+    """[outer, R, inner] for contiguous reduced ``axes``."""
+    lo, hi = axes[0], axes[-1] + 1
+    return math.prod(shape[:lo]), math.prod(shape[lo:hi]), math.prod(shape[hi:])
+
+
+def build_softmax(ctx, attrs, ins, out):
+    x, axis = ins[0], attrs["axis"]
+    outer, r, inner = _outer_r_inner(x.shape, (axis,))
+    total = outer * inner
+    return _launch_1d(ctx.device, "reduce.cl", "softmax_axis", total,
+                      (x.mem, out.mem, i32(total), i32(r), i32(inner)), "softmax")
+
+
+def _gather(device, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
+    """y[c] = x[sum (c_k - low_k) * s_k] where every c_k - low_k lies in [0, high_k), else
+    ``value`` (gather6 in elementwise.cl)."""
+    total = math.prod(out_shape)
+    dims, strides, lo, hi = _pad_rank(list(out_shape), list(x_index_strides), list(lows),
+                                      list(highs))
+    hi = [1] * (MAX_RANK - len(out_shape)) + list(highs)
+    return _launch_1d(device, "elementwise.cl", "gather6", total,
+                      (x.mem, y.mem, i32(total), i32(0), f32(value), *map(i32, dims),
+                       *map(i32, strides), *map(i32, lo), *map(i32, hi)), "gather")
+
+
+def build_reduce(ctx, attrs, ins, out):
+    device = ctx.device
+    x, axes = ins[0], tuple(attrs["axes"])
+    if not axes:
+        return _gather(device, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
+                       x.shape)
+    if axes == tuple(range(axes[0], axes[-1] + 1)):
+        outer, r, inner = _outer_r_inner(x.shape, axes)
+        return _reduce_rows(device, x, out, outer, r, inner, attrs["fn"])
+    # reduced axes not adjacent: move them last (a transposed copy in scratch), then rows
+    keep = [i for i in range(x.ndim) if i not in axes]
+    perm = keep + list(axes)
+    t_shape = tuple(x.shape[p] for p in perm)
+    tmp = ctx.scratch(t_shape)
+    xs = _contiguous_strides(x.shape)
+    move = _gather(device, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
+    r = math.prod(x.shape[a] for a in axes)
+    rows = _reduce_rows(device, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
+    return _sequence(move, rows)
+
+
+def build_pad(ctx, attrs, ins, out):
+    x = ins[0]
+    begin = list(attrs["begin"])
+    return _gather(ctx.device, x, out, out.shape, _contiguous_strides(x.shape), begin, x.shape,
+                   float(attrs.get("value", 0.0)))
+
+
+def build_transpose(ctx, attrs, ins, out):
+    x, perm = ins[0], attrs["perm"]
+    xs = _contiguous_strides(x.shape)
+    return _gather(ctx.device, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
+                   out.shape)
+
+
+def build_concat(ctx, attrs, ins, out):
+    device, axis = ctx.device, attrs["axis"]
+    y_inner = math.prod(out.shape[axis:])
+    steps, offset = [], 0
+    for part in ins:
+        part = _operand(ctx, part)
+        inner = math.prod(part.shape[axis:])
+        total = part.size
+        steps.append(_launch_1d(device, "elementwise.cl", "concat_part", total,
+                                (part.mem, out.mem, i32(total), i32(inner), i32(y_inner),
+                                 i32(offset)), "concat"))
+        offset += inner
+    return _sequence(*steps) if steps else (lambda: None)
+
+
+OPS = {
+    "conv2d": build_conv2d,
+    "dense": build_dense,
+    "maxpool": build_maxpool,
+    "avgpool": build_avgpool,
+    "global_avgpool": build_global_avgpool,
+    "add": build_binary("add"),
+    "sub": build_binary("sub"),
+    "mul": build_binary("mul"),
+    "div": build_binary("div"),
+    "activation": build_activation,
+    "softmax": build_softmax,
+    "concat": build_concat,
+    "reduce": build_reduce,
+    "pad": build_pad,
+    "transpose": build_transpose,
+}
+assert set(OPS) == G.DEVICE_OPS
+
+
+# ------------------------------------------------------------------------------- discovery
+
+_PROBE = "__kernel void probe(__global float* x) { x[get_global_id(0)] *= 2.0f; }"
+
+
+def _probe(cl_device) -> str:
+    """'' when the device compiles and runs a trivial kernel, else why not."""
+    cl = _cl()
+    try:
+        ctx = cl.Context([cl_device])
+        prg = cl._cl._Program(ctx, _PROBE)
+        try:
+            _build(prg, "", cl_device)
+        except cl.Error as e:
+            log = prg.get_build_info(cl_device, cl.program_build_info.LOG) or str(e)
+            return f"its compiler fails on a trivial kernel: {log.strip().splitlines()[0]}"
+        return ""
+    except cl.Error as e:
+        return f"cannot create a context: {e}"
+
+
+def discover():
+    try:
+        import pyopencl as cl
+    except ImportError:
+        return [DeviceInfo("opencl:0", False,
+                           reason="pyopencl is not installed (pip install offload[opencl])")]
+    try:
+        platforms = cl.get_platforms()
+    except Exception as e:  # noqa: BLE001 - no ICD loader / platform: report, never raise
+        return [DeviceInfo("opencl:0", False, reason=f"no OpenCL platform (ICD): {e}")]
+    found = []
+    for platform in platforms:
+        try:
+            found.extend((platform, d) for d in platform.get_devices())
+        except Exception:  # noqa: BLE001 - a platform without devices
+            continue
+    if not found:
+        return [DeviceInfo("opencl:0", False, reason="no OpenCL device on any platform")]
+    infos = []
+    for index, (platform, d) in enumerate(found):
+        spec = f"opencl:{index}"
+        name = f"{platform.name.strip()} / {d.name.strip()}"
+        try:
+            why = _probe(d)
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            infos.append(DeviceInfo(spec, False, name, reason=f"{platform.version.strip()}: {why}"))
+        else:
+            infos.append(DeviceInfo(spec, True, name,
+                                    open=lambda i=index, dev=d: OpenCLDevice(i, dev)))
+    return infos
