@@ -16,13 +16,14 @@ from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableErr
                      KernelBuildError, ModelFormatError, OffloadError, ShapeError,
                      UnsupportedOpError)
 from .hostmem import empty
+from .batching import Batching
 from .model import Model
 from . import zoo  # noqa: E402  (builds reference models on demand; no downloads)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
+    "Batching", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
     "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
 ]
@@ -37,14 +38,44 @@ def import_onnx(source):
     return passes.optimize(graph, label, onnx_import.shapes(inferred))
 
 
-def load(source: str | os.PathLike, device: str | Device = "cpu") -> Model:
+def load(source: str | os.PathLike, device: str | Device | list = "cpu",
+         batching: Batching | None = None, fallback: str = "error") -> Model:
     """Load an ONNX model for ``device`` (default: the embedded CPU device).
 
     ``source`` is a path to an .onnx file, its bytes, an ``onnx.ModelProto``, or a zoo name
-    (``offload.zoo.NAMES``) which is built on first use.
+    (``offload.zoo.NAMES``) which is built on first use. ``device`` may be a list of devices, or
+    "all" (every available device): each run goes to the least-loaded one. ``batching`` merges
+    concurrent requests into device batches (``offload.Batching(max_batch, max_delay_us)``).
+    ``fallback="cpu"`` reruns on the CPU device what a device fails to run (counted in
+    ``model.stats`` and warned once per reason); the default ``"error"`` raises.
     """
     if isinstance(source, str) and source in zoo.NAMES and not os.path.exists(source):
         source = zoo.path(source)
     graph = import_onnx(source)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
-    return Model(graph, globals()["device"](device), label)
+    opened, missing = _open_devices(device, fallback)
+    model = Model(graph, opened, label, batching, fallback)
+    for reason in missing:
+        model._stats.fallback(reason)
+    return model
+
+
+def _open_devices(spec, fallback: str) -> tuple[list[Device], list[str]]:
+    """The devices named by ``spec``; with fallback="cpu", unavailable ones are replaced by the
+    CPU device (warned) and their reasons returned."""
+    open_device = globals()["device"]
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return [open_device(i.spec) for i in devices() if i.available], []
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    opened, missing = [], []
+    for s in specs:
+        try:
+            opened.append(open_device(s))
+        except DeviceUnavailableError as e:
+            if fallback != "cpu":
+                raise
+            import warnings
+            warnings.warn(f"offload: {e}; using cpu instead (fallback='cpu')", RuntimeWarning,
+                          stacklevel=3)
+            missing.append(f"{s}: DeviceUnavailableError: {e}")
+    return (opened or [open_device("cpu")]), missing

@@ -2,59 +2,93 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
-import os
 import threading
+import time
+import warnings
+from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
 
 from . import graph as G
+from .batching import Batcher, Batching
 from .device import Device
-from .errors import OffloadError, ShapeError
-from .plan import Plan
+from .errors import ModelFormatError, OffloadError, ShapeError
+from .plan import Plan, batch_mixing_node
 
 ACCEPTED_FLOATS = (np.float32, np.float64, np.float16)
-
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _shared_executor():
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="offload")
-        return _executor
+FALLBACKS = ("error", "cpu")
+WINDOW = 2048  # requests kept for the latency percentiles
 
 
 class Stats:
-    """Counters of one model: calls, bytes and seconds of copy-in, compute and copy-out."""
+    """Counters of one model. ``calls`` counts requests, ``device_runs`` runs on a device (with
+    batching, one run serves many requests); copies and compute are summed over device runs;
+    latency and queue-wait percentiles cover the last 2048 requests."""
 
-    FIELDS = ("calls", "copy_in_bytes", "copy_out_bytes", "copy_in_s", "compute_s", "copy_out_s")
+    FIELDS = ("calls", "device_runs", "copy_in_bytes", "copy_out_bytes", "copy_in_s",
+              "compute_s", "copy_out_s", "queue_wait_s", "fallbacks")
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._values = dict.fromkeys(self.FIELDS, 0)
+        self.reset()
+
+    def reset(self):
+        with self._lock:
+            self._values = dict.fromkeys(self.FIELDS, 0)
+            self._latency: deque = deque(maxlen=WINDOW)
+            self._wait: deque = deque(maxlen=WINDOW)
+            self._fallback_reasons: dict[str, int] = {}
 
     def record(self, in_bytes, out_bytes, in_s, compute_s, out_s):
+        """One device run (called by Plan.run)."""
         with self._lock:
             v = self._values
-            v["calls"] += 1
+            v["device_runs"] += 1
             v["copy_in_bytes"] += in_bytes
             v["copy_out_bytes"] += out_bytes
             v["copy_in_s"] += in_s
             v["compute_s"] += compute_s
             v["copy_out_s"] += out_s
 
+    def request(self, latency_s: float, wait_s: float = 0.0):
+        """One request answered, ``latency_s`` after it arrived, ``wait_s`` of it queued."""
+        with self._lock:
+            self._values["calls"] += 1
+            self._values["queue_wait_s"] += wait_s
+            self._latency.append(latency_s)
+            self._wait.append(wait_s)
+
+    def fallback(self, reason: str) -> bool:
+        """Count a fallback; True the first time this reason is seen."""
+        with self._lock:
+            self._values["fallbacks"] += 1
+            first = reason not in self._fallback_reasons
+            self._fallback_reasons[reason] = self._fallback_reasons.get(reason, 0) + 1
+            return first
+
     def snapshot(self) -> dict:
         with self._lock:
-            return dict(self._values)
+            out = dict(self._values)
+            latency, wait = np.array(self._latency), np.array(self._wait)
+            out["fallback_reasons"] = dict(self._fallback_reasons)
+        for name, values in (("latency", latency), ("queue_wait", wait)):
+            for q in (50, 99):
+                out[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
+        return out
 
-    def reset(self):
-        with self._lock:
-            self._values = dict.fromkeys(self.FIELDS, 0)
+
+class _DeviceContext:
+    """One device of a model: its prepared weights, its pool of plans, its requests in flight."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.weights: dict = {}
+        self.plans: dict[tuple, list[Plan]] = {}
+        self.in_flight = 0
+        self.runs = 0  # device runs started here (not locked: a statistic, not a counter to trust)
 
 
 class Model:
@@ -67,18 +101,44 @@ class Model:
     (weights are shared).
     """
 
-    def __init__(self, graph: G.Graph, device: Device, source: str = ""):
+    def __init__(self, graph: G.Graph, device: Device | list[Device], source: str = "",
+                 batching: Batching | None = None, fallback: str = "error"):
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.graph = graph
-        self.device = device
+        self.devices = list(device) if isinstance(device, (list, tuple)) else [device]
+        if not self.devices:
+            raise ValueError("a model needs at least one device")
+        self.device = self.devices[0]
         self.source = source
-        self._weights: dict = {}
-        self._plans: dict[tuple, list[Plan]] = {}
+        self.fallback = fallback
+        self._contexts = [_DeviceContext(d) for d in self.devices]
+        self._fallback_context: _DeviceContext | None = None
+        self._dispatch_lock = threading.Lock()
         self._stats = Stats()
-        self._closed = False
+        self._closed = self._closing = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._mixing: dict[tuple, str | None] = {}
+        self.batching = batching
+        self._batcher = None
+        if batching is not None:
+            samples = tuple(t.shape[1:] for t in graph.inputs)
+            if all(isinstance(d, int) for s in samples for d in s):
+                self._check_batchable(samples)
+            self._batcher = Batcher(self._execute_batch, batching, self._stats.request,
+                                    self._unwrap, name=f"offload-batcher-{graph.name}")
         # per input: (name, rank, [(axis, size) of fixed axes]) for the fast check of each call
         self._input_checks = [(t.name, len(t.shape), [(i, d) for i, d in enumerate(t.shape)
                                                       if isinstance(d, int)])
                               for t in graph.inputs]
+
+    @property
+    def _plans(self):
+        return self._contexts[0].plans
+
+    @property
+    def _weights(self):
+        return self._contexts[0].weights
 
     # -- introspection -------------------------------------------------------------------------
     @property
@@ -99,34 +159,60 @@ class Model:
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{t.name}: {t.describe()}" for t in self.graph.inputs)
-        return f"<offload.Model {self.source or self.graph.name!r} on {self.device.spec} ({ins})>"
+        on = ", ".join(d.spec for d in self.devices)
+        return f"<offload.Model {self.source or self.graph.name!r} on {on} ({ins})>"
 
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *inputs, out=None, **named):
+        if self._batcher is not None and out is None:
+            return self.submit(*inputs, **named).result()
         return self._run(inputs, named, out=out)
 
     def run(self, *inputs, out=None, profile=None, **named):
-        """As ``__call__``; ``profile`` (a list) receives (node, op, seconds) per step."""
+        """As ``__call__`` (never batched); ``profile`` (a list) receives (node, op, seconds)
+        per step."""
         return self._run(inputs, named, out=out, profile=profile)
 
     def submit(self, *inputs, **named) -> concurrent.futures.Future:
-        """Run in the background; returns a concurrent.futures.Future of the result."""
-        arrays = self._prepare(inputs, named)  # validate now: errors surface at submit time
-        return _shared_executor().submit(self._run_prepared, arrays, None, None)
+        """Start the inference and return at once with a concurrent.futures.Future of its result.
+        Inputs are checked now (bad input raises here); the caller must not modify them until
+        the future is done."""
+        arrays = self._prepare(inputs, named)
+        if self._closing:
+            raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
+        if self._batcher is not None:
+            return self._batcher.submit(arrays)
+        if self._executor is None:
+            with self._dispatch_lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=2 * len(self.devices), thread_name_prefix="offload-model")
+        return self._executor.submit(self._run_timed, arrays, time.perf_counter())
+
+    async def infer_async(self, *inputs, **named):
+        """``await model.infer_async(x)``: the asyncio form of submit."""
+        return await asyncio.wrap_future(self.submit(*inputs, **named))
 
     def predict(self, x: np.ndarray, batch_size: int = 1024):
         """Run a large single-input array in batches of ``batch_size``; returns the concatenation."""
         x = np.asarray(x)
-        parts = [self(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
+        parts = [self.run(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
         if isinstance(parts[0], tuple):
             return tuple(np.concatenate(p) for p in zip(*parts))
         return np.concatenate(parts)
 
-    def close(self) -> None:
-        """Release the plans and device buffers of this model; later calls raise."""
+    def close(self, cancel: bool = False) -> None:
+        """Stop taking requests, finish the pending ones (``cancel=True``: cancel them), stop
+        this model's threads and release its plans and device buffers; later calls raise."""
+        self._closing = True  # refuse new requests, let the pending ones finish
+        if self._batcher is not None:
+            self._batcher.close(cancel=cancel)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
         self._closed = True
-        self._plans.clear()
-        self._weights.clear()
+        for ctx in self._contexts + ([self._fallback_context] if self._fallback_context else []):
+            ctx.plans.clear()
+            ctx.weights.clear()
 
     def __enter__(self):
         return self
@@ -136,7 +222,40 @@ class Model:
 
     # -- internals -----------------------------------------------------------------------------
     def _run(self, inputs, named, out=None, profile=None):
-        return self._run_prepared(self._prepare(inputs, named), out, profile)
+        start = time.perf_counter()
+        result = self._unwrap(self._dispatch(self._prepare(inputs, named), out, profile))
+        self._stats.request(time.perf_counter() - start)
+        return result
+
+    def _run_timed(self, arrays, submitted):
+        started = time.perf_counter()
+        result = self._unwrap(self._dispatch(arrays, None, None))
+        self._stats.request(time.perf_counter() - submitted, started - submitted)
+        return result
+
+    @staticmethod
+    def _unwrap(results):
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def _check_batchable(self, samples):
+        if samples not in self._mixing:
+            self._mixing[samples] = batch_mixing_node(self.graph, samples)
+        node = self._mixing[samples]
+        if node is not None:
+            raise ModelFormatError(f"model {self.source or self.graph.name!r} cannot be batched: "
+                                   f"{node} mixes samples across the batch axis, so merging "
+                                   "requests would change their results")
+
+    def _execute_batch(self, arrays, wait_s):
+        """The batcher's device call: pad to a power-of-two bucket (few plans), run, trim."""
+        self._check_batchable(tuple(a.shape[1:] for a in arrays))
+        rows = arrays[0].shape[0]
+        bucket = min(self._batcher.max_batch, 1 << (rows - 1).bit_length())
+        if bucket > rows:
+            arrays = [np.concatenate([a, np.zeros((bucket - rows,) + a.shape[1:], a.dtype)])
+                      for a in arrays]
+        outputs = self._dispatch(arrays, None, None)
+        return [o[:rows] for o in outputs]
 
     def _prepare(self, inputs, named) -> list[np.ndarray]:
         if not named and len(inputs) == len(self._input_checks):
@@ -184,50 +303,89 @@ class Model:
                              f"{list(x.shape)} {x.dtype}")
         return x
 
-    def _acquire(self, shapes: tuple) -> Plan:
+    def _acquire(self, ctx: _DeviceContext, shapes: tuple) -> Plan:
         try:
-            return self._plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
+            return ctx.plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
         except (KeyError, IndexError):
             pass
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        return Plan(self.graph, self.device, shapes, self._weights)
+        return Plan(self.graph, ctx.device, shapes, ctx.weights)
 
-    def _release(self, plan: Plan) -> None:
+    def _release(self, ctx: _DeviceContext, plan: Plan) -> None:
         if not self._closed:
-            self._plans.setdefault(plan.input_shapes, []).append(plan)
+            ctx.plans.setdefault(plan.input_shapes, []).append(plan)
 
     def plan(self, *shapes) -> Plan:
-        """Compile (or fetch) the plan for these input shapes, e.g. to warm up before timing."""
-        plan = self._acquire(tuple(tuple(s) for s in shapes))
-        self._release(plan)
+        """Compile (or fetch) the plan for these input shapes on the first device, e.g. to warm
+        up before timing."""
+        ctx = self._contexts[0]
+        plan = self._acquire(ctx, tuple(tuple(s) for s in shapes))
+        self._release(ctx, plan)
         return plan
 
-    def _run_prepared(self, arrays, out=None, profile=None):
+    def _pick(self) -> _DeviceContext:
+        """The least-loaded device (requests in flight)."""
+        with self._dispatch_lock:
+            ctx = min(self._contexts, key=lambda c: c.in_flight)
+            ctx.in_flight += 1
+            return ctx
+
+    def _dispatch(self, arrays, out, profile):
+        if len(self._contexts) == 1:
+            ctx = self._contexts[0]
+            try:
+                return self._run_on(ctx, arrays, out, profile)
+            except OffloadError as e:
+                return self._fall_back(ctx, e, arrays, out, profile)
+        ctx = self._pick()
+        try:
+            return self._run_on(ctx, arrays, out, profile)
+        except OffloadError as e:
+            return self._fall_back(ctx, e, arrays, out, profile)
+        finally:
+            with self._dispatch_lock:
+                ctx.in_flight -= 1
+
+    def _fall_back(self, ctx, error, arrays, out, profile):
+        """fallback="cpu": rerun a failed device run on the CPU device, counted and warned."""
+        if (self.fallback != "cpu" or isinstance(error, (ShapeError, ModelFormatError))
+                or ctx.device.kind == "cpu" or self._closed):
+            raise error
+        if self._fallback_context is None:
+            from .device import device as open_device
+            with self._dispatch_lock:
+                if self._fallback_context is None:
+                    self._fallback_context = _DeviceContext(open_device("cpu"))
+        reason = f"{ctx.device.spec}: {type(error).__name__}: {str(error).splitlines()[0]}"
+        if self._stats.fallback(reason):
+            warnings.warn(f"offload: falling back to cpu ({reason})", RuntimeWarning, stacklevel=4)
+        return self._run_on(self._fallback_context, arrays, out, profile)
+
+    def _run_on(self, ctx: _DeviceContext, arrays, out=None, profile=None):
         shapes = tuple([a.shape for a in arrays])
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        if shapes not in self._plans and any(0 in s for s in shapes):
-            results = self._empty_result(shapes)
-        else:
-            outs = None
-            if out is not None:
-                outs = [out] if isinstance(out, np.ndarray) else list(out)
-            plan = self._acquire(shapes)
-            try:
-                if outs is not None:
-                    for o, shape in zip(outs, plan.output_shapes):
-                        if o.shape != tuple(shape) or o.dtype != np.float32:
-                            raise ShapeError(f"out= array: expected shape {list(shape)} float32, "
-                                             f"got {list(o.shape)} {o.dtype}")
-                results = plan.run(arrays, outs, self._stats, profile)
-            finally:
-                self._release(plan)
-        return results[0] if len(results) == 1 else tuple(results)
+        if shapes not in ctx.plans and any(0 in s for s in shapes):
+            return self._empty_result(ctx, shapes)
+        outs = None
+        if out is not None:
+            outs = [out] if isinstance(out, np.ndarray) else list(out)
+        plan = self._acquire(ctx, shapes)
+        ctx.runs += 1
+        try:
+            if outs is not None:
+                for o, shape in zip(outs, plan.output_shapes):
+                    if o.shape != tuple(shape) or o.dtype != np.float32:
+                        raise ShapeError(f"out= array: expected shape {list(shape)} float32, "
+                                         f"got {list(o.shape)} {o.dtype}")
+            return plan.run(arrays, outs, self._stats, profile)
+        finally:
+            self._release(ctx, plan)
 
-    def _empty_result(self, shapes):
+    def _empty_result(self, ctx, shapes):
         """Outputs for an empty batch: the plan at batch 1 tells the other dimensions."""
         ones = tuple((1,) + tuple(s[1:]) for s in shapes)
-        plan = self._acquire(ones)
-        self._release(plan)
+        plan = self._acquire(ctx, ones)
+        self._release(ctx, plan)
         return [np.empty((0,) + tuple(s[1:]), np.float32) for s in plan.output_shapes]

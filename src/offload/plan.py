@@ -84,6 +84,83 @@ def _device_operands(node: G.Node, values: dict, shapes: dict):
     return a, [i for i in ins if i]
 
 
+@dataclass
+class Resolved:
+    """A graph at concrete input shapes: the run-time nodes in order with resolved attributes,
+    operands and output shapes, plus every tensor's shape and the plan-time constants."""
+
+    entries: list  # (node, attrs, data operand names, out shape)
+    shapes: dict
+    values: dict
+
+
+def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
+    """Resolve shapes and fold what the input shapes make constant; with ``device_ops``, check
+    that the device implements every run-time op (UnsupportedOpError lists all that it lacks)."""
+    values: dict[str, np.ndarray] = dict(graph.constants)
+    shapes: dict[str, tuple] = {t.name: s for t, s in zip(graph.inputs, input_shapes)}
+    entries = []
+    unsupported, failed = [], set()
+    for node in graph.nodes:
+        if any(i in failed for i in node.inputs):
+            failed.update(node.outputs)  # downstream of an op already reported
+            continue
+        if all(not i or i in values for i in node.inputs):
+            outs = reference.evaluate(node, [values.get(i) if i else None for i in node.inputs])
+            values.update(zip(node.outputs, (np.asarray(v) for v in outs)))
+            continue
+        if node.op == "shape":
+            dims = np.array(shapes[node.inputs[0]], np.int64)
+            values[node.outputs[0]] = dims[node.attrs.get("start", 0):node.attrs.get("end")]
+            continue
+        if node.op == "cast" and reference.ONNX_DTYPES.get(node.attrs["to"]) == np.float32:
+            node = G.Node("identity", node.inputs[:1], node.outputs, {}, node.name)
+        if node.op in G.HOST_OPS:
+            unsupported.append((node.op, node.name))
+            failed.update(node.outputs)
+            continue
+        in_shapes = [shapes.get(i) if i in shapes else
+                     (values[i].shape if i in values else None) for i in node.inputs]
+        out_shape = G.infer_shape(node, in_shapes, [values.get(i) for i in node.inputs])
+        shapes[node.outputs[0]] = out_shape
+        if node.op in G.VIEW_OPS:
+            entries.append((node, {}, node.inputs[:1], out_shape))
+        else:
+            if device_ops is not None and node.op not in device_ops:
+                unsupported.append((node.op, node.name))
+                failed.update(node.outputs)
+                continue
+            attrs, operands = _device_operands(node, values, shapes)
+            entries.append((node, attrs, operands, out_shape))
+    if unsupported:
+        items = ", ".join(f"{op} (node {name!r})" for op, name in unsupported)
+        raise UnsupportedOpError(f"cannot run {items} on run-time data", unsupported)
+    return Resolved(entries, shapes, values)
+
+
+def batch_mixing_node(graph: G.Graph, sample_shapes: tuple) -> str | None:
+    """The first node that mixes samples across the batch axis (axis 0 of every input), or None
+    when every op treats each sample on its own, so that requests may be merged into one batch.
+
+    Checked at an odd batch size no other axis is likely to have."""
+    probe = 7919
+    resolved = resolve(graph, tuple((probe,) + tuple(s) for s in sample_shapes))
+    for node, attrs, operands, out_shape in resolved.entries:
+        op = node.op
+        in_shape = resolved.shapes[operands[0]]
+        crosses = (
+            not out_shape or out_shape[0] != probe
+            or any(resolved.shapes[n][0] != probe for n in operands if n in resolved.shapes)
+            or (op == "reduce" and 0 in attrs["axes"])
+            or (op in ("softmax", "concat") and attrs["axis"] == 0)
+            or (op == "transpose" and attrs["perm"][0] != 0)
+            or (op == "pad" and (attrs["begin"][0] or attrs["end"][0]))
+            or (op in G.VIEW_OPS and (not in_shape or in_shape[0] != probe)))
+        if crosses:
+            return f"{node.source_op or op} node {node.name!r}"
+    return None
+
+
 class Plan:
     """``graph`` compiled for ``device`` at the given input shapes."""
 
@@ -91,46 +168,11 @@ class Plan:
         self.device = device
         self.input_shapes = input_shapes
         ctx = BuildContext(device, weights)
-        values: dict[str, np.ndarray] = dict(graph.constants)
-        shapes: dict[str, tuple] = {t.name: s for t, s in zip(graph.inputs, input_shapes)}
-        entries = []  # (node, attrs, data operand names, out shape) for run-time nodes
-        unsupported, failed = [], set()
-        for node in graph.nodes:
-            if any(i in failed for i in node.inputs):
-                failed.update(node.outputs)  # downstream of an op already reported
-                continue
-            if all(not i or i in values for i in node.inputs):
-                outs = reference.evaluate(node, [values.get(i) if i else None for i in node.inputs])
-                values.update(zip(node.outputs, (np.asarray(v) for v in outs)))
-                continue
-            if node.op == "shape":
-                dims = np.array(shapes[node.inputs[0]], np.int64)
-                values[node.outputs[0]] = dims[node.attrs.get("start", 0):node.attrs.get("end")]
-                continue
-            if node.op == "cast" and reference.ONNX_DTYPES.get(node.attrs["to"]) == np.float32:
-                node = G.Node("identity", node.inputs[:1], node.outputs, {}, node.name)
-            if node.op in G.HOST_OPS:
-                unsupported.append((node.op, node.name))
-                failed.update(node.outputs)
-                continue
-            in_shapes = [shapes.get(i) if i in shapes else
-                         (values[i].shape if i in values else None) for i in node.inputs]
-            out_shape = G.infer_shape(node, in_shapes, [values.get(i) for i in node.inputs])
-            shapes[node.outputs[0]] = out_shape
-            if node.op in G.VIEW_OPS:
-                entries.append((node, {}, node.inputs[:1], out_shape))
-            else:
-                if node.op not in device.ops:
-                    unsupported.append((node.op, node.name))
-                    failed.update(node.outputs)
-                    continue
-                attrs, operands = _device_operands(node, values, shapes)
-                entries.append((node, attrs, operands, out_shape))
-        if unsupported:
-            items = ", ".join(f"{op} (node {name!r})" for op, name in unsupported)  # noqa
-            raise UnsupportedOpError(f"device {device.spec} cannot run {items} on run-time data",
-                                     unsupported)
-        self._build(graph, device, ctx, values, shapes, entries)
+        try:
+            r = resolve(graph, input_shapes, device.ops)
+        except UnsupportedOpError as e:
+            raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
+        self._build(graph, device, ctx, r.values, r.shapes, r.entries)
 
     def _build(self, graph, device, ctx, values, shapes, entries):
         # Which memory block each run-time tensor lives in (views share their input's block).

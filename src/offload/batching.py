@@ -1,0 +1,196 @@
+"""In-process dynamic batching: requests from many threads merged into one device call.
+
+A Batcher owns one worker thread. Requests wait in a queue per sample shape (the shapes of the
+inputs without their batch axis; requests of different sample shapes are never merged). The
+worker takes the oldest waiting request, gathers more of the same sample shape until
+``max_batch`` rows are reached or ``max_delay_us`` has passed since that request arrived, runs
+them as one batch, and hands each caller exactly its own rows. A request larger than
+``max_batch`` is split into pieces that are batched like any other and joined again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import OffloadError
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How to merge requests: at most ``max_batch`` rows, waiting at most ``max_delay_us`` for
+    more requests after the first one arrives."""
+
+    max_batch: int = 64
+    max_delay_us: float = 500.0
+
+    def __post_init__(self):
+        if int(self.max_batch) < 1:
+            raise ValueError(f"Batching.max_batch must be >= 1, got {self.max_batch}")
+        if float(self.max_delay_us) < 0:
+            raise ValueError(f"Batching.max_delay_us must be >= 0, got {self.max_delay_us}")
+
+
+class _Request:
+    __slots__ = ("arrays", "rows", "future", "arrived", "finish")
+
+    def __init__(self, arrays, future, finish, arrived=None):
+        self.arrays = arrays
+        self.rows = arrays[0].shape[0]
+        self.future = future
+        self.finish = finish  # turns this request's list of outputs into its result
+        self.arrived = time.perf_counter() if arrived is None else arrived
+
+
+class Batcher:
+    """Merges requests for ``execute(arrays, queue_wait_s) -> list of output arrays`` (one run
+    of the model on a batch) and splits the results back to each request's future, whose result
+    is ``finish(list of its outputs)``. ``record(latency_s, wait_s)`` is told of every request
+    answered."""
+
+    def __init__(self, execute, config: Batching, record=None, finish=None,
+                 name: str = "offload-batcher"):
+        self._execute = execute
+        self._record = record or (lambda latency_s, wait_s: None)
+        self._finish = finish or (lambda outputs: outputs[0] if len(outputs) == 1
+                                  else tuple(outputs))
+        self.max_batch = int(config.max_batch)
+        self.max_delay_s = float(config.max_delay_us) * 1e-6
+        self._queues: dict[tuple, deque] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.batches = 0  # device calls made
+        self.requests = 0  # requests (pieces) served
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- callers -------------------------------------------------------------------------------
+    def submit(self, arrays: list[np.ndarray]) -> concurrent.futures.Future:
+        rows = {a.shape[0] for a in arrays}
+        if len(rows) != 1:
+            raise OffloadError(f"batched inputs must share the batch axis; got batch sizes "
+                               f"{[a.shape[0] for a in arrays]}")
+        n = rows.pop()
+        if n <= self.max_batch:
+            future = concurrent.futures.Future()
+            self._enqueue([_Request(arrays, future, self._finish)])
+            return future
+        now = time.perf_counter()
+        pieces = [_Request([a[i:i + self.max_batch] for a in arrays], concurrent.futures.Future(),
+                           list, now) for i in range(0, n, self.max_batch)]
+        joined = _joined([p.future for p in pieces], self._finish)
+        self._enqueue(pieces)
+        return joined
+
+    def _enqueue(self, requests):
+        with self._cond:
+            if self._closed:
+                raise OffloadError("the model is closed: no new requests")
+            for r in requests:
+                key = tuple(a.shape[1:] for a in r.arrays)
+                self._queues.setdefault(key, deque()).append(r)
+            self._cond.notify()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop taking requests; finish the waiting ones (or cancel them); join the worker."""
+        with self._cond:
+            self._closed = True
+            if cancel:
+                for queue in self._queues.values():
+                    for r in queue:
+                        r.future.cancel()
+                self._queues.clear()
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _take_batch(self):
+        """Block until a batch is due; return its requests (or None when closed and drained)."""
+        with self._cond:
+            while True:
+                waiting = [(q[0].arrived, key) for key, q in self._queues.items() if q]
+                if not waiting:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                    continue
+                first, key = min(waiting)
+                queue = self._queues[key]
+                rows = sum(r.rows for r in queue)
+                due = first + self.max_delay_s
+                now = time.perf_counter()
+                if rows < self.max_batch and now < due and not self._closed:
+                    self._cond.wait(due - now)
+                    continue
+                batch, total = [], 0
+                while queue and total + queue[0].rows <= self.max_batch:
+                    r = queue.popleft()
+                    batch.append(r)
+                    total += r.rows
+                return batch
+
+    def _loop(self):
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self._run(live)
+
+    def _run(self, batch):
+        started = time.perf_counter()
+        wait = float(np.mean([started - r.arrived for r in batch]))
+        try:
+            if len(batch) == 1:
+                arrays = batch[0].arrays
+            else:
+                arrays = [np.concatenate([r.arrays[k] for r in batch])
+                          for k in range(len(batch[0].arrays))]
+            outputs = self._execute(arrays, wait)
+        except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
+            for r in batch:
+                r.future.set_exception(e)
+            return
+        self.batches += 1
+        self.requests += len(batch)
+        offset, done = 0, time.perf_counter()
+        for r in batch:
+            mine = [o[offset:offset + r.rows] for o in outputs]
+            offset += r.rows
+            if r.finish is not list:  # pieces of a split request are counted once, when joined
+                self._record(done - r.arrived, started - r.arrived)
+            r.future.set_result(r.finish(mine))
+
+
+def _joined(futures, finish) -> concurrent.futures.Future:
+    """One future for the pieces of a split request: their outputs concatenated in order."""
+    joined = concurrent.futures.Future()
+    joined.set_running_or_notify_cancel()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_):
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        try:
+            parts = [f.result() for f in futures]
+        except BaseException as e:  # noqa: BLE001 - cancelled or failed piece
+            joined.set_exception(e if not isinstance(e, concurrent.futures.CancelledError)
+                                 else OffloadError("part of a split request was cancelled"))
+            return
+        joined.set_result(finish([np.concatenate([p[k] for p in parts])
+                                  for k in range(len(parts[0]))]))
+
+    for f in futures:
+        f.add_done_callback(done)
+    return joined
