@@ -276,3 +276,17 @@ def test_format_table_and_profile():
     assert sum(r["share"] for r in prof["by_node"]) == pytest.approx(100)
     info = bench.machine_info()
     assert info["cores"] >= 1 and "numpy" in info and "date" in info
+
+
+def test_bench_clients_table(capsys, tmp_path):
+    out = tmp_path / "clients.json"
+    assert main(["bench", "jet_mlp", "--clients", "1,3", "--min-time", "0.05",
+                 "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "1 caller with batches of 64" in captured.out
+    assert "unbatched" in captured.out and "| batched" in captured.out
+    doc = json.loads(out.read_text())
+    rows = doc["results"][0]["rows"]
+    assert [(r["clients"], r["mode"]) for r in rows] == [
+        (1, "unbatched"), (1, "batched"), (3, "unbatched"), (3, "batched")]
+    assert all(r["requests"] > 0 for r in rows)

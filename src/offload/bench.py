@@ -630,3 +630,120 @@ def format_suite(rows: Sequence[dict], columns=SUITE_COLUMNS) -> str:
             notes.append(f"- {where}: onnxruntime: {row['ort_error']}")
     notes = list(dict.fromkeys(notes))
     return text + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+# -- concurrent clients --------------------------------------------------------------------------
+
+CLIENT_COLUMNS = [
+    ("clients", "clients"), ("mode", "mode"),
+    ("samples_per_s", "samples/s", ",.0f"), ("vs_best", "of 1 caller, big batches", ".0%"),
+    ("p50_ms", "p50 ms", ".3f"), ("p99_ms", "p99 ms", ".3f"),
+    ("device_runs", "device runs"), ("requests", "requests"),
+]
+
+
+def clients_sweep(model: str, device: str = "cpu", clients: Sequence[int] = (1, 2, 4, 8),
+                  rows: int = 1, duration_s: float = 1.0, max_batch: int = 64,
+                  max_delay_us: float = 500.0, progress=None) -> dict:
+    """Throughput and per-request latency against the number of concurrent callers.
+
+    Each of ``clients`` threads sends requests of ``rows`` rows back to back for ``duration_s``,
+    once through a model without batching and once with ``Batching(max_batch, max_delay_us)``
+    (alternating the two modes at every client count). The reference is one caller sending
+    ``max_batch``-row batches: what the device gives when it is fed well. Returns
+    {"reference_samples_per_s", "rows": [...]}.
+    """
+    import threading
+
+    import offload
+    path = model_path(model)
+    inputs = None if _is_zoo(model) else offload.import_onnx(path).inputs
+    x = make_input(model, rows, inputs)
+    big = make_input(model, max_batch, inputs)
+    plain = offload.load(path, device=device)
+    batched = offload.load(path, device=device,
+                           batching=offload.Batching(max_batch=max_batch,
+                                                     max_delay_us=max_delay_us))
+    say = progress or (lambda text: None)
+
+    def call(m, data):
+        return m(*data) if isinstance(data, tuple) else m(data)
+
+    say(f"reference: 1 caller, batches of {max_batch} ...")
+    call(plain, big)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < duration_s:
+        call(plain, big)
+        count += 1
+    reference = count * max_batch / (time.perf_counter() - start)
+
+    out = []
+    for c in clients:
+        for mode, m in (("unbatched", plain), ("batched", batched)):
+            say(f"{c} clients, {mode} ...")
+            call(m, x)
+            m.reset_stats()
+            latencies = [[] for _ in range(c)]
+            stop = time.perf_counter() + duration_s
+            go = threading.Barrier(c + 1)
+
+            def client(k):
+                go.wait()
+                mine = latencies[k]
+                while True:
+                    t0 = time.perf_counter()
+                    if t0 >= stop:
+                        return
+                    call(m, x)
+                    mine.append(time.perf_counter() - t0)
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(c)]
+            for t in threads:
+                t.start()
+            go.wait()
+            began = time.perf_counter()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - began
+            every = np.array([v for mine in latencies for v in mine])
+            stats = m.stats
+            out.append(dict(clients=c, mode=mode, requests=len(every),
+                            samples_per_s=len(every) * rows / elapsed,
+                            vs_best=len(every) * rows / elapsed / reference,
+                            p50_ms=float(np.percentile(every, 50)) * 1e3 if len(every) else None,
+                            p99_ms=float(np.percentile(every, 99)) * 1e3 if len(every) else None,
+                            device_runs=stats["device_runs"]))
+    plain.close()
+    batched.close()
+    return {"reference_samples_per_s": reference, "rows": out, "model": model_label(model),
+            "device": device, "rows_per_request": rows, "duration_s": duration_s,
+            "max_batch": max_batch, "max_delay_us": max_delay_us}
+
+
+def plot_clients(result: dict, path) -> str | None:
+    """Throughput and p99 latency against clients, as a PNG; returns a reason if it cannot
+    (matplotlib is an optional extra: pip install "offload[bench]")."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'offload[bench]')"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("unbatched", "batched"):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        xs = [r["clients"] for r in rows]
+        left.plot(xs, [r["samples_per_s"] for r in rows], "o-", label=mode)
+        right.plot(xs, [r["p99_ms"] for r in rows], "o-", label=mode)
+    left.axhline(result["reference_samples_per_s"], ls="--", c="gray",
+                 label=f"1 caller, batches of {result['max_batch']}")
+    left.axhline(0.8 * result["reference_samples_per_s"], ls=":", c="gray", label="80 %")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="samples/s",
+             title=f"{result['model']} on {result['device']}: throughput")
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p99 latency (ms)",
+              title="per-request latency p99")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None

@@ -169,9 +169,37 @@ def _print_profiles(rows: list[dict]) -> None:
             print(bench.format_profile(row["profile"]))
 
 
+def cmd_bench_clients(args, devices) -> int:
+    from . import bench
+    results = []
+    for device in devices:
+        _progress(f"bench {bench.model_label(args.model)} on {device}: clients {args.clients}, "
+                  f"requests of {args.batch[0]} row(s), ~{args.min_time:g} s per point")
+        result = bench.clients_sweep(args.model, device, args.clients, rows=args.batch[0],
+                                     duration_s=args.min_time, max_batch=args.max_batch,
+                                     max_delay_us=args.max_delay_us, progress=_progress)
+        results.append(result)
+        print(f"\n{result['model']} on {device}: 1 caller with batches of {args.max_batch}: "
+              f"{result['reference_samples_per_s']:,.0f} samples/s")
+        print(bench.format_table(result["rows"], bench.CLIENT_COLUMNS))
+        if args.plot:
+            path = args.plot if len(devices) == 1 else f"{os.path.splitext(args.plot)[0]}-" \
+                f"{device.replace(':', '')}.png"
+            reason = bench.plot_clients(result, path)
+            _progress(f"plot: {reason}" if reason else f"wrote {path}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(command=["offload"] + list(args.argv), machine=bench.machine_info(),
+                           results=results), f, indent=1)
+        _progress(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
     devices = _device_list(args.device)
+    if args.clients:
+        return cmd_bench_clients(args, devices)
     if not bench._is_zoo(args.model) and not os.path.exists(args.model):
         from . import zoo
         raise CommandError(f"{args.model}: no such model file (zoo models: "
@@ -297,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="print the per-op profile after")
     p.add_argument("--profile-runs", type=_positive_int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--clients", type=_batches, metavar="C[,C...]",
+                   help="instead: throughput and latency against concurrent callers, with and "
+                   "without batching (requests of --batch rows, --min-time s per point)")
+    p.add_argument("--max-batch", type=_positive_int, default=64, help="with --clients")
+    p.add_argument("--max-delay-us", type=_positive_float, default=500.0, help="with --clients")
+    p.add_argument("--plot", metavar="PNG", help="with --clients: write a plot (matplotlib)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="build the zoo and run every model on every device")
