@@ -129,8 +129,7 @@ def _lower_gemm(graph, node, problems):
     w = (b.T if a.get("transB", 0) else b).astype(np.float64) * a.get("alpha", 1.0)
     nodes, x = [], node.inputs[0]
     if a.get("transA", 0):
-        xt = _new_constant(graph, node.name + "/xT", np.zeros(0)) and node.name + "/transA"
-        graph.constants.pop(node.name + "/xT", None)
+        xt = node.name + "/transA"
         nodes.append(G.Node("transpose", [x], [xt], {"perm": (1, 0)}, node.name))
         x = xt
     inputs = [x, _new_constant(graph, node.name + "/weight", w.astype(np.float32))]

@@ -118,8 +118,9 @@ def build_dense(ctx, attrs, ins, out):
                      epilogue(y2, attrs, bias, 1, residual))
 
 
-def _padded_source(ctx, x, pads, value, tag_shape=None):
-    """A callable filling a padded copy of x (in scratch-free, dedicated memory) and the copy."""
+def _padded_source(x, pads, value):
+    """(a callable refreshing a padded copy of x, the copy), or (None, x) without padding. The
+    copy has its own memory: its border is written once."""
     t, l, b, r = pads
     if not any(pads):
         return None, x
@@ -172,7 +173,7 @@ def build_conv2d(ctx, attrs, ins, out):
     if groups == c and cg == 1 and m == c:
         return _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows)
 
-    fill, xp = _padded_source(ctx, x, pads, 0.0)
+    fill, xp = _padded_source(x, pads, 0.0)
     ckk = cg * kh * kw
     if groups == 1 and n > 1:
         # fold the batch into one GEMM: cols [C*kh*kw, N*OH*OW], then [M, N, OH*OW] -> NCHW
@@ -216,7 +217,7 @@ def _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows):
     x, w = ins[0], ins[1]
     m, _, kh, kw = w.shape
     n, _, oh, ow = out.shape
-    fill, xp = _padded_source(ctx, x, attrs["pads"], 0.0)
+    fill, xp = _padded_source(x, attrs["pads"], 0.0)
     taps = _windows(xp, (kh, kw), attrs["strides"], attrs["dilations"], (oh, ow))
     wt = ctx.weight(w, "taps", lambda a: a.reshape(m, kh * kw).T.reshape(kh, kw, m, 1, 1).copy())
     tmp = ctx.scratch(out.shape)
@@ -241,7 +242,7 @@ def build_pool(kind):
         # extend the bottom/right pad so ceil_mode windows stay inside the padded copy
         b = max(b, (oh - 1) * strides[0] + dil[0] * (kh - 1) + 1 - (h + t))
         r = max(r, (ow - 1) * strides[1] + dil[1] * (kw - 1) + 1 - (w + l))
-        fill, xp = _padded_source(ctx, x, (t, l, b, r), -np.inf if kind == "maxpool" else 0.0)
+        fill, xp = _padded_source(x, (t, l, b, r), -np.inf if kind == "maxpool" else 0.0)
         taps = _windows(xp, (kh, kw), strides, dil, (oh, ow))
         reduce = np.maximum if kind == "maxpool" else np.add
         scale = None
