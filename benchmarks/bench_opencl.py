@@ -60,6 +60,9 @@ def bench_gemm(dev, size, repeat):
     best, med = best_of(lambda: np.matmul(a, b, out=out), repeat * 4)
     rows["numpy"] = dict(gflops=flops / best / 1e9, best_s=best, median_s=med)
     rows["tiled_vs_numpy"] = rows["tiled"]["gflops"] / rows["numpy"]["gflops"]
+    cfg = dev.gemm_config
+    rows["tiled_config"] = dict(kernel="gemm_direct" if cfg.get("DIRECT") else "gemm_tiled",
+                                **cfg)
     return rows
 
 
@@ -132,7 +135,9 @@ def markdown(result):
     for k in ("naive", "tiled", "numpy"):
         lines.append(f"| {k} | {g[k]['gflops']:.1f} | {g[k]['best_s'] * 1e3:.2f} | "
                      f"{g[k].get('max_err', 0):.2g} |")
+    cfg = g.get("tiled_config", {})
     lines += ["", f"tiled / numpy: {g['tiled_vs_numpy'] * 100:.1f} %", "",
+              "tiled: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), "",
               "## Kernel build (all programs)", "", "| | seconds | compiled | from disk |",
               "| --- | ---: | ---: | ---: |"]
     for k in ("cold", "warm"):
@@ -166,8 +171,8 @@ def main(argv=None):
     result["build"] = bench_build(dev)
     print("build:", result["build"])
     result["gemm"] = bench_gemm(dev, args.size, args.repeat)
-    print("gemm:", {k: (round(v["gflops"], 1) if isinstance(v, dict) else round(v, 3))
-                    for k, v in result["gemm"].items()})
+    print("gemm:", {k: (round(v["gflops"], 1) if "gflops" in v else v) if isinstance(v, dict)
+                    else round(v, 3) for k, v in result["gemm"].items()})
     if args.quick:
         batches = {"jet_mlp": (1, 256), "hcal_mlp": (1, 256), "jet_cnn": (1, 64)}
     else:

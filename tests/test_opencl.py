@@ -180,10 +180,14 @@ class _Ctx:
         return buf
 
 
-@pytest.mark.parametrize("naive", [False, True], ids=["tiled", "naive"])
+@pytest.mark.parametrize("kernel", ["cpu", "gpu", "naive"])
 @pytest.mark.parametrize("m,n,k,batch,groups", [(1, 1, 1, 1, 1), (37, 129, 70, 1, 1),
                                                 (64, 128, 32, 1, 1), (5, 300, 17, 3, 2)])
-def test_gemm_edges_batches_groups(dev, m, n, k, batch, groups, naive):
+def test_gemm_edges_batches_groups(dev, m, n, k, batch, groups, kernel):
+    """Both GEMM schedules (gemm_direct with GEMM_CPU, gemm_tiled with GEMM_GPU) and the naive
+    kernel, whatever the device: edges in every dimension, batches, groups, the epilogue."""
+    naive = kernel == "naive"
+    defines = None if naive else ocl.GEMM_CPU if kernel == "cpu" else ocl.GEMM_GPU
     rng = np.random.default_rng(m * n + k)
     z = batch * groups
     a = rng.standard_normal((groups, m, k)).astype(np.float32)       # weights, per group
@@ -195,7 +199,8 @@ def test_gemm_edges_batches_groups(dev, m, n, k, batch, groups, naive):
     run = ocl.gemm(dev, ab, bb, cb, m, n, k, lda=k, ldb=n, ldc=n, batch=batch, groups=groups,
                    sa=(0, m * k), sb=(groups * k * n, k * n), sc=(groups * m * n, m * n),
                    bias=biasb, bias_mode=2, bias_gs=m, residual=resb,
-                   epilogue=ocl._epilogue_args({"activation": "relu"}), naive=naive)
+                   epilogue=ocl._epilogue_args({"activation": "relu"}), naive=naive,
+                   defines=defines)
     run()
     got = np.empty((batch, groups, m, n), np.float32)
     dev.copy_out(got, cb)

@@ -25,15 +25,9 @@
 #endif
 #define LX (TN / WN) /* work-group size along columns (axis 0) */
 #define LY (TM / WM) /* work-group size along rows (axis 1) */
-/* Which rows/columns a work-item owns: strided by the work-group size (GPUs: neighbouring
- * work-items touch neighbouring addresses) or, with CONTIGUOUS_BLOCK (CPUs), WM x WN adjacent
- * ones so that the compiler turns each register-block row into one SIMD vector. */
-#ifdef CONTIGUOUS_BLOCK
-#define ROW_OF(t, i) ((t) * WM + (i))
-#define COL_OF(t, j) ((t) * WN + (j))
-#else
-#define ROW_OF(t, i) ((t) + (i) * LY)
-#define COL_OF(t, j) ((t) + (j) * LX)
+#define NT (LX * LY) /* work-items per work-group */
+#if (TM * TK) % NT || (TK * TN) % NT || TM % WM || TN % WN
+#error "gemm.cl: TM*TK and TK*TN must be multiples of (TM/WM)*(TN/WN), TM of WM, TN of WN"
 #endif
 
 DEVICE_FN float epilogue(float v, int m, int n, GLOBAL const float* bias, int bias_mode,
@@ -46,11 +40,14 @@ DEVICE_FN float epilogue(float v, int m, int n, GLOBAL const float* bias, int bi
     return activate(v, act, alpha, lo, hi);
 }
 
-/* Tiled GEMM: each work-group computes a TM x TN block of C from TK-deep tiles of A and B staged
- * in local memory; each work-item holds a WM x WN register block, its rows and columns strided
- * by the work-group size so neighbouring work-items touch neighbouring addresses (coalesced on
- * GPUs, vectorised across work-items by PoCL). Launch: global (ceil(N/TN)*LX, ceil(M/TM)*LY,
- * batch), local (LX, LY, 1). */
+#ifndef DIRECT /* the CPU schedule builds gemm_direct alone (unrolled 6 x 32 blocks would make
+                * this kernel's build take half a minute for nothing) */
+/* Tiled GEMM for GPUs (GEMM_GPU): each work-group computes a TM x TN block of C from TK-deep
+ * tiles of A and B staged in local memory, every work-item moving a fixed number of neighbouring
+ * floats; each work-item holds a WM x WN register block whose rows are strided by LY and columns
+ * by LX, so neighbouring work-items (axis 0) read neighbouring floats of B and write neighbouring
+ * floats of C (coalesced), and read the same float of A (a broadcast). Launch: global
+ * (ceil(N/TN)*LX, ceil(M/TM)*LY, batch), local (LX, LY, 1). */
 KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTRICT B,
                        GLOBAL float* RESTRICT C, GLOBAL const float* RESTRICT bias,
                        GLOBAL const float* RESTRICT R,
@@ -58,7 +55,7 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
                        int sa_o, int sa_i, int sb_o, int sb_i, int sc_o, int sc_i, int bias_gs,
                        int bias_mode, int act, float alpha, float lo, float hi)
 {
-    LOCAL float As[TK][TM];   /* A tile, transposed: As[k][m] */
+    LOCAL float As[TM][TK];
     LOCAL float Bs[TK][TN];
     const int tx = LID(0), ty = LID(1);
     const int col0 = GROUP(0) * TN, row0 = GROUP(1) * TM;
@@ -66,8 +63,6 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
     A += zo * sa_o + zi * sa_i;
     B += zo * sb_o + zi * sb_i;
     C += zo * sc_o + zi * sc_i;
-    if (R) R += zo * sc_o + zi * sc_i;
-    if (bias_mode) bias += zi * bias_gs;
     const int tid = ty * LX + tx;
 
     float acc[WM][WN];
@@ -75,31 +70,97 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
         UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = 0.0f;
 
     for (int k0 = 0; k0 < K; k0 += TK) {
-        /* stage A[row0:row0+TM, k0:k0+TK] and B[k0:k0+TK, col0:col0+TN], zero outside */
-        for (int e = tid; e < TM * TK; e += LX * LY) {
-            int r = e / TK, k = e - r * TK;
+        /* stage A[row0:+TM, k0:+TK] and B[k0:+TK, col0:+TN], zero outside; every work-item
+         * moves a fixed number of floats, neighbours neighbouring ones */
+        UNROLL for (int s = 0; s < TM * TK / NT; ++s) {
+            int e = tid + s * NT, r = e / TK, k = e - r * TK;
             int gr = row0 + r, gk = k0 + k;
-            As[k][r] = (gr < M && gk < K) ? A[gr * lda + gk] : 0.0f;
+            As[r][k] = (gr < M && gk < K) ? A[gr * lda + gk] : 0.0f;
         }
-        for (int e = tid; e < TK * TN; e += LX * LY) {
-            int k = e / TN, c = e - k * TN;
+        UNROLL for (int s = 0; s < TK * TN / NT; ++s) {
+            int e = tid + s * NT, k = e / TN, c = e - k * TN;
             int gk = k0 + k, gc = col0 + c;
             Bs[k][c] = (gk < K && gc < N) ? B[gk * ldb + gc] : 0.0f;
         }
         BARRIER();
         UNROLL for (int k = 0; k < TK; ++k) {
-            float a[WM], b[WN];
-            UNROLL for (int i = 0; i < WM; ++i) a[i] = As[k][ROW_OF(ty, i)];
-            UNROLL for (int j = 0; j < WN; ++j) b[j] = Bs[k][COL_OF(tx, j)];
-            UNROLL for (int i = 0; i < WM; ++i)
-                UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(a[i], b[j], acc[i][j]);
+            float b[WN];
+            UNROLL for (int j = 0; j < WN; ++j) b[j] = Bs[k][tx + j * LX];
+            UNROLL for (int i = 0; i < WM; ++i) {
+                float a = As[ty + i * LY][k];
+                UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(a, b[j], acc[i][j]);
+            }
         }
         BARRIER();
     }
+    if (R) R += zo * sc_o + zi * sc_i;
+    if (bias_mode) bias += zi * bias_gs;
     UNROLL for (int i = 0; i < WM; ++i) {
-        int m = row0 + ROW_OF(ty, i);
+        int m = row0 + ty + i * LY;
         UNROLL for (int j = 0; j < WN; ++j) {
-            int n = col0 + COL_OF(tx, j);
+            int n = col0 + tx + j * LX;
+            if (m < M && n < N)
+                C[m * ldc + n] = epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act, alpha,
+                                          lo, hi);
+        }
+    }
+}
+#endif
+
+/* Register-blocked GEMM for CPU devices (GEMM_CPU in drivers/opencl.py): no local memory and
+ * no barrier. PoCL runs a work-group as loops over its work-items and keeps every value that
+ * lives across a barrier in per-work-item memory; with gemm_tiled's barriers that includes the
+ * local-tile addresses, and the work-item loop then does not vectorise (5-35 GFLOP/s, 512^3).
+ * Here each work-item keeps a WM x WN block of C in registers over the whole K loop: WN adjacent
+ * columns (SIMD vectors: WN = 32 is two AVX-512 registers per row) times WM adjacent rows, read
+ * straight from global memory (the caches do the tiling; the work-group's TM x TN block keeps
+ * neighbouring work-items on the same columns of B). Columns past N take a second loop with
+ * clamped loads; rows past M read row M-1 and are not stored. Launch as gemm_tiled. */
+KERNEL void gemm_direct(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTRICT B,
+                        GLOBAL float* RESTRICT C, GLOBAL const float* RESTRICT bias,
+                       GLOBAL const float* RESTRICT R,
+                       int M, int N, int K, int lda, int ldb, int ldc, int G,
+                       int sa_o, int sa_i, int sb_o, int sb_i, int sc_o, int sc_i, int bias_gs,
+                       int bias_mode, int act, float alpha, float lo, float hi)
+{
+    const int n0 = GID(0) * WN, m0 = GID(1) * WM;
+    const int z = GROUP(2), zo = z / G, zi = z - zo * G;
+    if (m0 >= M || n0 >= N) return;
+    A += zo * sa_o + zi * sa_i;
+    B += zo * sb_o + zi * sb_i;
+    C += zo * sc_o + zi * sc_i;
+    float acc[WM][WN];
+    UNROLL for (int i = 0; i < WM; ++i)
+        UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = 0.0f;
+    GLOBAL const float* a[WM];
+    UNROLL for (int i = 0; i < WM; ++i) a[i] = A + (m0 + i < M ? m0 + i : M - 1) * lda;
+    if (n0 + WN <= N) {
+        GLOBAL const float* b = B + n0;
+        for (int k = 0; k < K; ++k, b += ldb) {
+            float bv[WN];
+            UNROLL for (int j = 0; j < WN; ++j) bv[j] = b[j];
+            UNROLL for (int i = 0; i < WM; ++i) {
+                float av = a[i][k];
+                UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(av, bv[j], acc[i][j]);
+            }
+        }
+    } else {
+        for (int k = 0; k < K; ++k) {
+            float bv[WN];
+            UNROLL for (int j = 0; j < WN; ++j)
+                bv[j] = B[k * ldb + (n0 + j < N ? n0 + j : N - 1)];
+            UNROLL for (int i = 0; i < WM; ++i) {
+                float av = a[i][k];
+                UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(av, bv[j], acc[i][j]);
+            }
+        }
+    }
+    if (R) R += zo * sc_o + zi * sc_i;
+    if (bias_mode) bias += zi * bias_gs;
+    UNROLL for (int i = 0; i < WM; ++i) {
+        int m = m0 + i;
+        UNROLL for (int j = 0; j < WN; ++j) {
+            int n = n0 + j;
             if (m < M && n < N)
                 C[m * ldc + n] = epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act, alpha,
                                           lo, hi);
