@@ -4,7 +4,9 @@ A Batcher owns one worker thread. Requests wait in a queue per sample shape (the
 inputs without their batch axis; requests of different sample shapes are never merged). The
 worker takes the oldest waiting request, gathers more of the same sample shape until
 ``max_batch`` rows are reached or ``max_delay_us`` has passed since that request arrived, runs
-them as one batch, and hands each caller exactly its own rows. A request larger than
+them as one batch, and hands each caller exactly its own rows. Requests that arrived while the
+previous batch ran have waited already: they go at once, with whatever else is queued (under load
+the device is never left idle to fill a batch). A request larger than
 ``max_batch`` is split into pieces that are batched like any other and joined again.
 """
 
@@ -64,6 +66,7 @@ class Batcher:
         self._queues: dict[tuple, deque] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._free_since = 0.0  # when the worker finished its last batch
         self.batches = 0  # device calls made
         self.requests = 0  # requests (pieces) served
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -125,7 +128,8 @@ class Batcher:
                 rows = sum(r.rows for r in queue)
                 due = first + self.max_delay_s
                 now = time.perf_counter()
-                if rows < self.max_batch and now < due and not self._closed:
+                if (rows < self.max_batch and now < due and first >= self._free_since
+                        and not self._closed):
                     self._cond.wait(due - now)
                     continue
                 batch, total = [], 0
@@ -141,9 +145,9 @@ class Batcher:
             if batch is None:
                 return
             live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            self._run(live)
+            if live:
+                self._run(live)
+            self._free_since = time.perf_counter()
 
     def _run(self, batch):
         started = time.perf_counter()

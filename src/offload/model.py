@@ -247,10 +247,12 @@ class Model:
                                    "requests would change their results")
 
     def _execute_batch(self, arrays, wait_s):
-        """The batcher's device call: pad to a power-of-two bucket (few plans), run, trim."""
+        """The batcher's device call: pad to a multiple of max_batch/8 rows (at most 8 plans,
+        at most 1/8 of max_batch padding), run, trim."""
         self._check_batchable(tuple(a.shape[1:] for a in arrays))
         rows = arrays[0].shape[0]
-        bucket = min(self._batcher.max_batch, 1 << (rows - 1).bit_length())
+        step = max(1, self._batcher.max_batch // 8)
+        bucket = min(self._batcher.max_batch, -(-rows // step) * step)
         if bucket > rows:
             arrays = [np.concatenate([a, np.zeros((bucket - rows,) + a.shape[1:], a.dtype)])
                       for a in arrays]
