@@ -174,6 +174,26 @@ def test_several_devices_share_the_work(jet_path):
     model.close()
 
 
+def test_batches_go_to_several_devices_at_once(jet_path):
+    cpu = offload.device("cpu")
+    model = Model(offload.import_onnx(jet_path), [cpu, cpu],
+                  batching=offload.Batching(max_batch=4, max_delay_us=1e6))
+    hold = threading.Barrier(2)
+    real = model._run_on
+
+    def together(ctx, *args):
+        hold.wait(10)  # both batches must be in flight at once: one per device
+        return real(ctx, *args)
+    model._run_on = together
+    xs = [zoo.sample_input("jet_mlp", 1, seed=k) for k in range(8)]
+    futures = [model.submit(x) for x in xs]
+    for x, f in zip(xs, futures):
+        np.testing.assert_allclose(f.result(timeout=30), offload.load(jet_path)(x), rtol=1e-5)
+    assert [c.runs for c in model._contexts] == [1, 1]
+    model.close()
+    assert not batcher_threads()
+
+
 def test_two_contexts_on_one_device_are_both_used(jet_path):
     cpu = offload.device("cpu")
     model = Model(offload.import_onnx(jet_path), [cpu, cpu])

@@ -56,7 +56,7 @@ class Batcher:
     answered."""
 
     def __init__(self, execute, config: Batching, record=None, finish=None,
-                 name: str = "offload-batcher"):
+                 name: str = "offload-batcher", workers: int = 1):
         self._execute = execute
         self._record = record or (lambda latency_s, wait_s: None)
         self._finish = finish or (lambda outputs: outputs[0] if len(outputs) == 1
@@ -69,8 +69,11 @@ class Batcher:
         self._free_since = 0.0  # when the worker finished its last batch
         self.batches = 0  # device calls made
         self.requests = 0  # requests (pieces) served
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        # one worker per device, so that several devices each run a batch at once
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{k}", daemon=True)
+                         for k in range(max(1, int(workers)))]
+        for t in self._threads:
+            t.start()
 
     # -- callers -------------------------------------------------------------------------------
     def submit(self, arrays: list[np.ndarray]) -> concurrent.futures.Future:
@@ -109,8 +112,9 @@ class Batcher:
                         r.future.cancel()
                 self._queues.clear()
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
 
     # -- the worker ----------------------------------------------------------------------------
     def _take_batch(self):

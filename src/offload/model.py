@@ -126,7 +126,8 @@ class Model:
             if all(isinstance(d, int) for s in samples for d in s):
                 self._check_batchable(samples)
             self._batcher = Batcher(self._execute_batch, batching, self._stats.request,
-                                    self._unwrap, name=f"offload-batcher-{graph.name}")
+                                    self._unwrap, name=f"offload-batcher-{graph.name}",
+                                    workers=len(self.devices))
         # per input: (name, rank, [(axis, size) of fixed axes]) for the fast check of each call
         self._input_checks = [(t.name, len(t.shape), [(i, d) for i, d in enumerate(t.shape)
                                                       if isinstance(d, int)])
