@@ -230,3 +230,11 @@ def test_predict_in_batches(jet_path):
     model = offload.load(jet_path)
     x = zoo.sample_input("jet_mlp", 2500)
     np.testing.assert_allclose(model.predict(x, batch_size=1000), model(x), rtol=1e-6, atol=1e-7)
+
+
+def test_empty_gives_aligned_arrays_a_model_takes(jet_path):
+    x = offload.empty((3, 16))
+    assert x.dtype == np.float32 and x.shape == (3, 16) and x.flags.c_contiguous
+    assert offload.hostmem.address(x) % 4096 == 0
+    x[:] = zoo.sample_input("jet_mlp", 3)
+    np.testing.assert_array_equal(offload.load(jet_path)(x), offload.load(jet_path)(x.copy()))
