@@ -212,3 +212,38 @@ def test_half_storage_needs_cl_khr_fp16(dev):
     if not dev.has_fp16:
         pytest.skip(f"{dev.spec} ({dev.name}) does not report cl_khr_fp16: no half storage")
     pytest.skip("half-storage kernels are not implemented yet: the driver runs float32 only")
+
+
+# -- zero-copy inputs ----------------------------------------------------------------------------
+
+def test_pocl_maps_a_use_host_ptr_buffer_at_the_same_address(dev):
+    import pyopencl as cl
+    if not dev.zero_copy:
+        pytest.skip(f"{dev.spec} does not share host memory")
+    host = offload.empty((1024,))
+    host[:] = 3.0
+    mem = cl.Buffer(dev.context, cl.mem_flags.READ_ONLY | cl.mem_flags.USE_HOST_PTR,
+                    hostbuf=host)
+    mapped, _ = cl.enqueue_map_buffer(dev.queue, mem, cl.map_flags.READ, 0, host.shape,
+                                      host.dtype)
+    assert offload.hostmem.address(mapped) == offload.hostmem.address(host)
+    mapped.base.release(dev.queue)
+
+
+def test_aligned_inputs_are_used_in_place(dev):
+    if not dev.zero_copy:
+        pytest.skip(f"{dev.spec} does not share host memory")
+    from offload import zoo
+    model = offload.load(zoo.path("jet_cnn"), device=dev)
+    reference = offload.load(zoo.path("jet_cnn"))
+    aligned = offload.empty((4, 1, 40, 40))
+    # contiguous but 4 bytes past a page boundary: copied
+    plain = offload.empty(4 * 40 * 40 + 1)[1:].reshape(4, 1, 40, 40)
+    strided = np.zeros((4, 1, 40, 80), np.float32)[..., ::2]  # not contiguous: copied
+    for k, x in enumerate([aligned, plain, aligned, strided, aligned]):
+        x[...] = zoo.sample_input("jet_cnn", 4, seed=k)
+        model.reset_stats()
+        y = model(x)
+        expected = 0 if x is aligned else 4 * 1600 * 4
+        assert model.stats["copy_in_bytes"] == expected, (k, model.stats)
+        np.testing.assert_allclose(y, reference(x), rtol=1e-4, atol=1e-5)

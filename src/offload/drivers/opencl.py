@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
+from ..hostmem import ALIGNMENT, address
 from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
                       UnsupportedOpError)
 
@@ -137,12 +138,19 @@ def map_error(device, e, what: str):
 # ---------------------------------------------------------------------------------- memory
 
 class Raw:
-    """A device memory block."""
+    """A device memory block. ``uses`` lists the (kernel, argument index) pairs that read it, so
+    that a plan input can be pointed at the caller's own host memory (``bound``) for one call."""
 
-    __slots__ = ("mem", "nbytes", "__weakref__")
+    __slots__ = ("mem", "nbytes", "uses", "bound", "__weakref__")
 
     def __init__(self, mem, nbytes):
         self.mem, self.nbytes = mem, nbytes
+        self.uses: list = []
+        self.bound = None  # a USE_HOST_PTR cl.Buffer the kernels read instead of mem, kept alive
+
+    @property
+    def current(self):
+        return self.bound if self.bound is not None else self.mem
 
 
 class Buffer:
@@ -203,6 +211,9 @@ class OpenCLDevice(Device):
         self._programs: dict[tuple, object] = {}
         self._lock = threading.Lock()
         self._in_use = 0
+        self._raws: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # host memory is device memory (PoCL, integrated GPUs): aligned inputs are used in place
+        self.zero_copy = self.is_cpu or bool(getattr(cl_device, "host_unified_memory", False))
         self.ops = OPS
         self.capabilities = Capabilities(frozenset(OPS))
         self.build_stats = {"compiled": 0, "from_disk": 0, "seconds": 0.0}
@@ -228,6 +239,7 @@ class OpenCLDevice(Device):
             raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes "
                                     f"({self._in_use} bytes in use): {e}") from None
         raw = Raw(mem, nbytes)
+        self._raws[mem.int_ptr] = raw
         self._in_use += nbytes
         weakref.finalize(raw, self._release, nbytes)
         return raw
@@ -242,6 +254,13 @@ class OpenCLDevice(Device):
         return buf
 
     def copy_in(self, dst: Buffer, src: np.ndarray) -> int:
+        """Copy ``src`` into the plan input ``dst``; or, when ``src`` is a C-contiguous,
+        4 KiB-aligned array of the right type on a device that shares host memory, point the
+        kernels that read ``dst`` at ``src`` itself (CL_MEM_USE_HOST_PTR): 0 bytes copied."""
+        if src.nbytes and self.zero_copy and self._bind(dst.raw, src, dst):
+            return 0
+        if dst.raw.bound is not None:
+            self._rebind(dst.raw, None)
         src = np.ascontiguousarray(src, dtype=dst.dtype)
         if src.nbytes == 0:
             return 0
@@ -251,13 +270,40 @@ class OpenCLDevice(Device):
             raise map_error(self, e, "copying in") from None
         return src.nbytes
 
+    def _bind(self, raw: Raw, src: np.ndarray, dst: Buffer) -> bool:
+        if (src.dtype != dst.dtype or not src.flags.c_contiguous or src.nbytes != dst.nbytes
+                or address(src) % ALIGNMENT or not raw.uses):
+            return False
+        cl = _cl()
+        try:
+            mem = cl.Buffer(self.context, cl.mem_flags.READ_ONLY | cl.mem_flags.USE_HOST_PTR,
+                            hostbuf=src)
+        except cl.Error:
+            return False
+        self._rebind(raw, mem)
+        return True
+
+    @staticmethod
+    def _rebind(raw: Raw, mem) -> None:
+        target = mem if mem is not None else raw.mem
+        for kernel, index in raw.uses:
+            kernel.set_arg(index, target)
+        raw.bound = mem
+
+    def note_uses(self, kernel, args) -> None:
+        """Record which kernel arguments read which blocks (see Raw.uses)."""
+        for index, arg in enumerate(args):
+            raw = self._raws.get(getattr(arg, "int_ptr", None))
+            if raw is not None:
+                raw.uses.append((kernel, index))
+
     def copy_out(self, dst: np.ndarray, src: Buffer) -> int:
         if dst.nbytes == 0:
             return 0
         host = dst if dst.flags.c_contiguous and dst.dtype == src.dtype else \
             np.empty(src.shape, src.dtype)
         try:
-            _cl().enqueue_copy(self.queue, host, src.mem, is_blocking=True)
+            _cl().enqueue_copy(self.queue, host, src.raw.current, is_blocking=True)
         except _cl().Error as e:
             raise map_error(self, e, "copying out") from None
         if host is not dst:
@@ -355,6 +401,7 @@ def _launch(device, kernel, global_size, local_size, what, args=()):
     enqueue, queue = cl.enqueue_nd_range_kernel, device.queue
     gs, ls = tuple(int(g) for g in global_size), tuple(int(s) for s in local_size)
     keep = (kernel, args)
+    device.note_uses(kernel, args)
 
     def run():
         assert keep
