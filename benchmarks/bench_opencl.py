@@ -8,6 +8,7 @@ run. Writes benchmarks/results/opencl-<date>.json and .md.
 from __future__ import annotations
 
 import argparse
+import sys
 import datetime
 import json
 import os
@@ -130,6 +131,8 @@ def markdown(result):
     g, b = result["gemm"], result["build"]
     lines = [f"# OpenCL benchmark {result['date']}", "",
              f"Device: {result['device']} ({result['spec']}); host {result['host']}", "",
+             f"Command: `{result.get('command', '')}`; environment {result.get('environment')}",
+             "",
              f"## GEMM {result['size']}^3 (float32)", "",
              "| kernel | GFLOP/s | best ms | max abs err |", "| --- | ---: | ---: | ---: |"]
     for k in ("naive", "tiled", "numpy"):
@@ -164,8 +167,11 @@ def main(argv=None):
     if args.build_once:
         return _build_once(args.build_once)
     dev = offload.device(args.device)
-    date = datetime.date.today().isoformat()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     result = dict(date=date, spec=dev.spec, device=dev.name, size=args.size,
+                  command=" ".join(["python", "benchmarks/bench_opencl.py", *(argv or sys.argv[1:])]),
+                  environment=env,
                   host=f"{platform.machine()} {os.cpu_count()} cpus, numpy {np.__version__}")
     print(f"device {dev.spec}: {dev.name}")
     result["build"] = bench_build(dev)
