@@ -152,7 +152,9 @@ class Model:
 
     @property
     def stats(self) -> dict:
-        """calls, copy_in_bytes, copy_out_bytes, copy_in_s, compute_s, copy_out_s."""
+        """calls (requests), device_runs, copy_in_bytes, copy_out_bytes, copy_in_s, compute_s,
+        copy_out_s, queue_wait_s, latency_p50_s, latency_p99_s, queue_wait_p50_s,
+        queue_wait_p99_s, fallbacks, fallback_reasons."""
         return self._stats.snapshot()
 
     def reset_stats(self) -> None:
