@@ -1,5 +1,19 @@
-/* elementwise.cl: activation, binary ops with broadcasting (rank <= 6), pad, transpose, concat. */
+/* elementwise.cl: bias/activation epilogue, activation, binary ops with broadcasting (rank <= 6), pad, transpose, concat. */
 #include "common.h"
+
+/* In place after a library matrix product (CUDA: cuBLAS), y viewed as [outer, C, inner]:
+   y = act(y + bias[c] + R); bias and R may be null. */
+KERNEL void bias_act(GLOBAL float* RESTRICT y, GLOBAL const float* RESTRICT bias,
+                     GLOBAL const float* RESTRICT R, int total, int C, int inner,
+                     int act, float alpha, float lo, float hi)
+{
+    int i = GID(0);
+    if (i >= total) return;
+    float v = y[i];
+    if (bias) v += bias[(i / inner) % C];
+    if (R) v += R[i];
+    y[i] = activate(v, act, alpha, lo, hi);
+}
 
 /* y[i] = fn(x[i]) */
 KERNEL void activation(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, int n,

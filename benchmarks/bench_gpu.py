@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""GPU benchmark: offload ``cuda:0`` beside PyTorch eager on the same weights, same card, one run.
+
+    python benchmarks/bench_gpu.py                      # writes under $OUT or benchmarks/results
+    python benchmarks/bench_gpu.py --cases jet_mlp:1,jet_mlp:16000 --budget-s 60
+
+PyTorch runs the zoo ONNX file itself: ``OnnxTorch`` below executes the file's nodes with
+``torch.nn.functional`` ops (Conv, BatchNormalization, Relu, MaxPool, Add, GlobalAveragePool,
+Flatten, Gemm, MatMul, Softmax) on its initializers moved to the GPU, i.e. the model as PyTorch
+eager would run it (BatchNorm unfused, cuDNN convs), with exactly offload's weights (no
+torchvision download). Float32 throughout (cuDNN TF32 is turned off so both sides are fp32).
+
+Per point: latency from CUDA events (device only: input already on the GPU; for offload the
+plan's steps, i.e. its CUDA graph, launched on the device's stream) and host end to end (NumPy in,
+NumPy out), median over repeats; throughput = batch / end-to-end median; max |offload - torch|.
+Plus a host-to-device bandwidth probe, pageable vs page-locked. Every point fails soft: its error
+is recorded and the run goes on. Writes gpu-<UTC stamp>.json and .md under the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+CASES = [("jet_mlp", 1), ("jet_mlp", 16000), ("hcal_mlp", 16000), ("resnet50", 1),
+         ("resnet50", 32), ("resnet50", 256)]
+
+
+# ------------------------------------------------------------------------- PyTorch side
+
+def onnx_torch(path, device):
+    """A callable running the ONNX file at ``path`` with torch ops on ``device``."""
+    import onnx
+    import torch
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).to(device)
+               for t in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant":
+            weights[node.output[0]] = torch.from_numpy(
+                numpy_helper.to_array(node.attribute[0].t).copy()).to(device)
+    nodes = [n for n in g.node if n.op_type != "Constant"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    in_name, out_name = g.input[0].name, g.output[0].name
+
+    def pads2(a):
+        p = list(a.get("pads", [0, 0, 0, 0]))
+        if p[0] != p[2] or p[1] != p[3]:
+            raise NotImplementedError(f"asymmetric pads {p}")
+        return (p[0], p[1])
+
+    def run(x):
+        env = dict(weights)
+        env[in_name] = x
+        for n, a in zip(nodes, attrs):
+            i = [env[name] if name else None for name in n.input]
+            op = n.op_type
+            if op == "Conv":
+                y = F.conv2d(i[0], i[1], i[2] if len(i) > 2 else None,
+                             tuple(a.get("strides", (1, 1))), pads2(a),
+                             tuple(a.get("dilations", (1, 1))), a.get("group", 1))
+            elif op == "BatchNormalization":
+                y = F.batch_norm(i[0], i[3], i[4], i[1], i[2], False, 0.0,
+                                 a.get("epsilon", 1e-5))
+            elif op == "Relu":
+                y = F.relu(i[0])
+            elif op == "MaxPool":
+                y = F.max_pool2d(i[0], tuple(a["kernel_shape"]), tuple(a.get("strides", (1, 1))),
+                                 pads2(a))
+            elif op == "AveragePool":
+                y = F.avg_pool2d(i[0], tuple(a["kernel_shape"]), tuple(a.get("strides", (1, 1))),
+                                 pads2(a), count_include_pad=bool(a.get("count_include_pad", 0)))
+            elif op == "GlobalAveragePool":
+                y = i[0].mean(dim=(2, 3), keepdim=True)
+            elif op == "Flatten":
+                y = torch.flatten(i[0], a.get("axis", 1))
+            elif op == "Gemm":
+                b = i[1].t() if a.get("transB", 0) else i[1]
+                aa = i[0].t() if a.get("transA", 0) else i[0]
+                y = torch.addmm(i[2], aa, b, beta=a.get("beta", 1.0), alpha=a.get("alpha", 1.0)) \
+                    if len(i) > 2 else a.get("alpha", 1.0) * (aa @ b)
+            elif op == "MatMul":
+                y = i[0] @ i[1]
+            elif op == "Add":
+                y = i[0] + i[1]
+            elif op == "Softmax":
+                y = torch.softmax(i[0], dim=a.get("axis", -1))
+            else:
+                raise NotImplementedError(f"OnnxTorch: op {op}")
+            env[n.output[0]] = y
+        return env[out_name]
+    return run
+
+
+# ------------------------------------------------------------------------------- timing
+
+def _median_ms(fn, sync, min_time_s, max_iters=1000, warmup=3):
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_time_s and len(times) < max_iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def _event_ms(run, stream_record, min_time_s, max_iters=1000):
+    """Median of CUDA-event-timed ``run`` (``stream_record(event)`` records on the right stream)."""
+    import cupy as cp
+    for _ in range(3):
+        run()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_time_s and len(times) < max_iters):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        stream_record(a)
+        run()
+        stream_record(b)
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return statistics.median(times)
+
+
+def bench_case(name, batch, min_time_s, log):
+    import cupy as cp
+    import torch
+
+    import offload
+    from offload import zoo
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = zoo.path(name)
+    x = zoo.sample_input(name, batch)
+    row = {"model": name, "batch": batch}
+
+    # offload
+    model = offload.load(path, device="cuda:0")
+    dev = model.device
+    y_off = model(x)
+    plan = model.plan(x.shape)
+    row["offload_graph"] = bool(getattr(plan._run_steps[0], "graph", None)) if plan._run_steps \
+        else False
+    row["offload_e2e_ms"], row["offload_calls"] = _median_ms(lambda: model(x), lambda: None,
+                                                             min_time_s)
+
+    def off_run():
+        for r in plan._run_steps:
+            r()
+    row["offload_gpu_ms"] = _event_ms(off_run, lambda e: e.record(dev.stream), min_time_s)
+    log(f"  offload: e2e {row['offload_e2e_ms']:.3f} ms, gpu {row['offload_gpu_ms']:.3f} ms, "
+        f"graph={row['offload_graph']}")
+
+    # torch eager on the same weights
+    fwd = onnx_torch(path, "cuda")
+    with torch.inference_mode():
+        xg = torch.from_numpy(x).cuda()
+        y_t = fwd(xg).float().cpu().numpy()
+        row["max_abs_diff"] = float(np.max(np.abs(y_t.reshape(y_off.shape) - y_off)))
+        row["torch_e2e_ms"], row["torch_calls"] = _median_ms(
+            lambda: fwd(torch.from_numpy(x).cuda()).cpu().numpy(), lambda: None, min_time_s)
+        ts = torch.cuda.current_stream()
+        ext = cp.cuda.ExternalStream(ts.cuda_stream)
+        row["torch_gpu_ms"] = _event_ms(lambda: fwd(xg), lambda e: e.record(ext), min_time_s)
+    log(f"  torch:   e2e {row['torch_e2e_ms']:.3f} ms, gpu {row['torch_gpu_ms']:.3f} ms, "
+        f"max|diff| {row['max_abs_diff']:.2e}")
+    row["offload_samples_per_s"] = batch / (row["offload_e2e_ms"] / 1e3)
+    row["torch_samples_per_s"] = batch / (row["torch_e2e_ms"] / 1e3)
+    row["e2e_ratio_offload_over_torch"] = row["offload_e2e_ms"] / row["torch_e2e_ms"]
+    del model, plan
+    torch.cuda.empty_cache()
+    return row
+
+
+def bandwidth_probe(nbytes=256 << 20):
+    """Host-to-device GB/s: pageable NumPy source vs page-locked staging (cupy)."""
+    import cupy as cp
+    host = np.ones(nbytes // 4, np.float32)
+    dev = cp.empty_like(host)
+    pinned_mem = cp.cuda.alloc_pinned_memory(nbytes)
+    pinned = np.frombuffer(pinned_mem, np.float32, host.size)
+    pinned[:] = host
+    stream = cp.cuda.Stream(non_blocking=True)
+    out = {}
+    for label, src in (("pageable", host), ("page_locked", pinned)):
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            dev.data.copy_from_host_async(src.ctypes.data, nbytes, stream)
+            stream.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"h2d_{label}_GBps"] = nbytes / statistics.median(times[1:]) / 1e9
+    out["bytes"] = nbytes
+    return out
+
+
+def _md(result):
+    lines = [f"# offload cuda vs PyTorch eager — {result['date']}", "",
+             f"Device: {result.get('device', '?')}; torch {result.get('torch', '?')}; "
+             f"cupy {result.get('cupy', '?')}; command `{result['command']}`", "",
+             "| model | batch | offload e2e ms | offload GPU ms | torch e2e ms | torch GPU ms | "
+             "offload samples/s | torch samples/s | offload/torch (e2e) | max abs diff | graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["cases"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | error: "
+                         f"{r['error'].splitlines()[-1][:120]} |||||||||")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['offload_e2e_ms']:.3f} | {r['offload_gpu_ms']:.3f}"
+            f" | {r['torch_e2e_ms']:.3f} | {r['torch_gpu_ms']:.3f} | "
+            f"{r['offload_samples_per_s']:,.0f} | {r['torch_samples_per_s']:,.0f} | "
+            f"{r['e2e_ratio_offload_over_torch']:.2f} | {r['max_abs_diff']:.1e} | "
+            f"{r['offload_graph']} |")
+    bw = result.get("bandwidth", {})
+    if bw:
+        lines += ["", f"Host to device ({bw.get('bytes', 0) >> 20} MiB): pageable "
+                  f"{bw.get('h2d_pageable_GBps', float('nan')):.1f} GB/s, page-locked "
+                  f"{bw.get('h2d_page_locked_GBps', float('nan')):.1f} GB/s"]
+    if result.get("errors"):
+        lines += ["", "Errors:"] + [f"- {e}" for e in result["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
+    ap.add_argument("--cases", default="", help="e.g. jet_mlp:1,resnet50:32")
+    ap.add_argument("--min-time-s", type=float, default=0.5)
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="skip the remaining points once this much time has passed")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    logf = open(out / f"gpu-{stamp}.log", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    cases = CASES if not args.cases else [
+        (c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    result = {"date": stamp, "command": " ".join([sys.executable, *sys.argv]),
+              "python": platform.python_version(), "cases": [], "errors": []}
+    t_start = time.perf_counter()
+    try:
+        import cupy
+        import torch
+
+        import offload
+        result["cupy"], result["torch"] = cupy.__version__, torch.__version__
+        result["device"] = str(next(i for i in offload.devices() if i.spec == "cuda:0"))
+        log(f"device: {result['device']}")
+    except Exception:  # noqa: BLE001 - recorded, the rest still runs where it can
+        result["errors"].append("setup: " + traceback.format_exc().splitlines()[-1])
+        log(traceback.format_exc())
+    try:
+        result["bandwidth"] = bandwidth_probe()
+        log(f"bandwidth: {result['bandwidth']}")
+    except Exception:  # noqa: BLE001
+        result["errors"].append("bandwidth: " + traceback.format_exc().splitlines()[-1])
+        log(traceback.format_exc())
+    for name, batch in cases:
+        if time.perf_counter() - t_start > args.budget_s:
+            result["cases"].append({"model": name, "batch": batch,
+                                    "error": "skipped: time budget spent"})
+            continue
+        log(f"{name} b{batch}")
+        try:
+            result["cases"].append(bench_case(name, batch, args.min_time_s, log))
+        except Exception:  # noqa: BLE001
+            tb = traceback.format_exc()
+            log(tb)
+            result["cases"].append({"model": name, "batch": batch, "error": tb})
+    try:
+        import offload
+        dev = offload.device("cuda:0")
+        result["graph_fallbacks"] = list(getattr(dev, "graph_fallbacks", []))
+    except Exception:  # noqa: BLE001
+        pass
+    result["seconds"] = time.perf_counter() - t_start
+    (out / f"gpu-{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"gpu-{stamp}.md").write_text(_md(result))
+    log(_md(result))
+    return 0 if result["cases"] and all("error" not in r for r in result["cases"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

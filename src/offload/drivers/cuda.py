@@ -1,0 +1,752 @@
+"""The CUDA device on CuPy: the shared kernel sources through NVRTC, cuBLAS for matrix products.
+
+CuPy is imported lazily (inside functions): this module imports, and ``discover()`` answers,
+without it. Discovery never raises: no CuPy, no driver, no GPU or no NVRTC/cuBLAS library each
+list ``cuda:0`` as unavailable with the reason (the CUDA error name where there is one, e.g.
+``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``).
+
+Layout and kernels. Activations are NCHW float32 CuPy arrays (views at offset 0 of raw blocks
+from CuPy's memory pool). The kernels are those of ``offload/kernels`` (the OpenCL driver's
+sources), expanded by ``opencl.kernel_source`` and compiled by ``cupy.RawModule`` (NVRTC) with
+the CUDA side of ``dialect.h`` (``__CUDACC__`` is defined by NVRTC); a compile error becomes a
+``KernelBuildError`` carrying the NVRTC log. Matrix products (dense, 1x1 convs, im2col convs)
+are cuBLAS ``sgemmStridedBatched`` calls on a handle of this device in float32 (default math
+mode: no TF32), the weights broadcast over the batch with stride 0; the bias, residual and
+activation are then applied in place by one epilogue kernel (``bias_act`` of ``kernels/elementwise.cl``, built on
+``common.h``'s ``activate``). Depthwise convs, im2col, pools, softmax, reductions, broadcast
+binary ops, pad/transpose (gather6) and concat run the shared kernels with the OpenCL driver's
+argument conventions. NCHW is kept everywhere: there is no NHWC path yet.
+
+Execution. One non-blocking stream per device; every enqueue holds the device's lock (so that a
+graph capture never records another thread's work). ``copy_in``/``copy_out`` go through
+page-locked staging buffers (one per device buffer, allocated on first use) with asynchronous
+copies on the stream; ``synchronize`` waits on an event recorded on the stream.
+
+CUDA graphs. ``finalize(runs)`` runs a plan's steps once (outside capture: lazy module loads and
+cuBLAS initialisation happen there), then captures them on the stream
+(``begin_capture``/``end_capture``) into one graph per plan, i.e. per (model, input shapes):
+an inference is then one ``graph.launch``. If capture is unavailable or fails, the plan falls
+back to plain launches of its steps (``device.graph_fallbacks`` records why). Set
+``OFFLOAD_CUDA_GRAPHS=0`` to disable capture.
+
+Not implemented: float16/bfloat16/TF32 precisions, DLPack input and ``out="device"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from .. import graph as G
+from ..device import Capabilities, Device, DeviceInfo
+from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
+                      UnsupportedOpError)
+from .opencl import (ACTIVATIONS, BINARY_OPS, REDUCTIONS, MAX_RANK, GEMM_GPU, PROGRAMS,
+                     _broadcast_strides, _contiguous_strides, _outer_r_inner, _pad_rank,
+                     kernel_source)
+
+BLOCK_1D = 256
+NULL = np.uint64(0)  # a null pointer kernel argument (absent bias / residual)
+i32, f32 = np.int32, np.float32
+CUBLAS_OP_N = 0
+NO_CUPY = "CuPy is not installed (pip install offload[cuda])"
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def nvrtc_options(defines: dict | None = None) -> tuple:
+    """NVRTC options for a program of kernels/ (the nvcc test's: C++17 plus the defines)."""
+    return ("-std=c++17",) + tuple(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))
+
+
+def program_source(name: str) -> str:
+    """The CUDA source of a program: kernels/<name> with its includes expanded."""
+    return kernel_source(name)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+def _error_types():
+    """(memory errors, CUDA errors) of the installed CuPy."""
+    cp = _cupy()
+    from cupy_backends.cuda.api import driver, runtime
+    cuda = [driver.CUDADriverError, runtime.CUDARuntimeError]
+    try:
+        from cupy_backends.cuda.libs import cublas
+        cuda.append(cublas.CUBLASError)
+    except Exception:  # noqa: BLE001 - cuBLAS missing: reported by discovery
+        pass
+    return (cp.cuda.memory.OutOfMemoryError, MemoryError), tuple(cuda)
+
+
+def map_error(device, e, what: str):
+    """The typed offload error for a CuPy/CUDA error raised while doing ``what``."""
+    memory, _ = device._errors
+    text = str(e)
+    if isinstance(e, memory) or "cudaErrorMemoryAllocation" in text or "OUT_OF_MEMORY" in text \
+            or "ALLOC_FAILED" in text:
+        return DeviceMemoryError(f"{device.spec}: out of device memory while {what} "
+                                 f"({device.bytes_in_use} bytes in use): {text}")
+    return DeviceRuntimeError(f"{device.spec}: {what} failed: {type(e).__name__}: {text}")
+
+
+# ---------------------------------------------------------------------------------- memory
+
+class Raw:
+    """A device memory block (a CuPy MemoryPointer) and its size."""
+
+    __slots__ = ("mem", "nbytes", "__weakref__")
+
+    def __init__(self, mem, nbytes):
+        self.mem, self.nbytes = mem, nbytes
+
+
+# ---------------------------------------------------------------------------------- device
+
+class CUDADevice(Device):
+    """One GPU: a non-blocking stream, a cuBLAS handle on it, the NVRTC-built modules."""
+
+    kind = "cuda"
+
+    def __init__(self, index: int):
+        cp = _cupy()
+        from cupy_backends.cuda.api import runtime
+        from cupy_backends.cuda.libs import cublas
+        self.index = index
+        self._errors = _error_types()
+        self._cublas = cublas
+        self._runtime = runtime
+        self._dev = cp.cuda.Device(index)
+        self._lock = threading.RLock()
+        self._tls = threading.local()
+        self._in_use = 0
+        self._modules: dict[tuple, object] = {}
+        self._staging: dict[int, object] = {}
+        self.graph_fallbacks: list[str] = []
+        self.graphs = 0
+        try:
+            with self._dev:
+                props = runtime.getDeviceProperties(index)
+                name = props["name"]
+                self.name = name.decode() if isinstance(name, bytes) else str(name)
+                self.compute_capability = f"{props['major']}{props['minor']}"
+                self.stream = cp.cuda.Stream(non_blocking=True)
+                self.handle = cublas.create()
+                cublas.setStream(self.handle, self.stream.ptr)
+                self._alpha = np.ones(1, np.float32)   # host scalars for pointer-taking
+                self._beta = np.zeros(1, np.float32)   # cuBLAS bindings (kept alive here)
+                self._gemm_takes_pointers = None
+        except self._errors[1] as e:
+            raise map_error(self, e, "opening the device") from None
+        self.ops = OPS
+        self.capabilities = Capabilities(frozenset(OPS))
+        self.build_stats = {"compiled": 0, "seconds": 0.0}
+        weakref.finalize(self, _destroy_handle, cublas, self.handle)
+
+    # -- memory ---------------------------------------------------------------------------
+    @property
+    def bytes_in_use(self) -> int:
+        return self._in_use
+
+    def _release(self, nbytes):
+        self._in_use -= nbytes
+
+    def alloc(self, nbytes: int) -> Raw:
+        cp = _cupy()
+        nbytes = max(int(nbytes), 4)
+        try:
+            with self._dev:
+                mem = cp.cuda.alloc(nbytes)
+        except self._errors[0] as e:
+            raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes "
+                                    f"({self._in_use} bytes in use by offload): {e}") from None
+        except self._errors[1] as e:
+            raise map_error(self, e, f"allocating {nbytes} bytes") from None
+        raw = Raw(mem, nbytes)
+        self._in_use += nbytes
+        weakref.finalize(raw, self._release, nbytes)
+        return raw
+
+    def view(self, raw: Raw, shape, dtype=np.float32):
+        cp = _cupy()
+        shape = tuple(int(d) for d in shape)
+        assert math.prod(shape) * np.dtype(dtype).itemsize <= raw.nbytes or math.prod(shape) == 0
+        with self._dev:
+            return cp.ndarray(shape, dtype, memptr=raw.mem)
+
+    def upload(self, array: np.ndarray):
+        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else None)
+        buf = self.view(self.alloc(array.nbytes), array.shape, array.dtype)
+        if array.nbytes:
+            try:
+                with self._dev, self._lock:
+                    buf.data.copy_from_host_async(array.ctypes.data, array.nbytes, self.stream)
+                    self.stream.synchronize()  # ``array`` may be a temporary
+            except self._errors[1] as e:
+                raise map_error(self, e, "uploading a weight") from None
+        return buf
+
+    def _stage(self, buf) -> np.ndarray:
+        """The page-locked host staging array of ``buf`` (same shape and dtype)."""
+        key = buf.data.ptr
+        stage = self._staging.get(key)
+        if stage is None or stage.shape != buf.shape or stage.dtype != buf.dtype:
+            cp = _cupy()
+            try:
+                mem = cp.cuda.alloc_pinned_memory(max(buf.nbytes, 1))
+            except Exception as e:  # noqa: BLE001 - CUDA error or host out of memory
+                raise DeviceMemoryError(f"{self.spec}: cannot allocate {buf.nbytes} bytes of "
+                                        f"page-locked host staging: {e}") from None
+            stage = np.frombuffer(mem, buf.dtype, buf.size).reshape(buf.shape)
+            self._staging[key] = stage
+        return stage
+
+    def copy_in(self, dst, src: np.ndarray) -> int:
+        if dst.nbytes == 0:
+            return 0
+        stage = self._stage(dst)
+        np.copyto(stage, np.reshape(src, dst.shape), casting="same_kind")
+        try:
+            with self._dev, self._lock:
+                dst.data.copy_from_host_async(stage.ctypes.data, dst.nbytes, self.stream)
+        except self._errors[1] as e:
+            raise map_error(self, e, "copying in") from None
+        return dst.nbytes
+
+    def copy_out(self, dst: np.ndarray, src) -> int:
+        if dst.nbytes == 0:
+            return 0
+        stage = self._stage(src)
+        try:
+            with self._dev:
+                with self._lock:
+                    src.data.copy_to_host_async(stage.ctypes.data, src.nbytes, self.stream)
+                    event = self._record()
+                event.synchronize()
+        except self._errors[1] as e:
+            raise map_error(self, e, "copying out (or a kernel before it)") from None
+        np.copyto(dst, stage.reshape(dst.shape))
+        return dst.nbytes
+
+    def _record(self):
+        """An event recorded now on the stream (one per thread, reused); call with the lock."""
+        event = getattr(self._tls, "event", None)
+        if event is None:
+            event = self._tls.event = _cupy().cuda.Event(block=False, disable_timing=True)
+        event.record(self.stream)
+        return event
+
+    def synchronize(self) -> None:
+        try:
+            with self._dev:
+                with self._lock:
+                    event = self._record()
+                event.synchronize()
+        except self._errors[1] as e:
+            raise map_error(self, e, "running the stream") from None
+
+    # -- programs -------------------------------------------------------------------------
+    def module(self, name: str, defines: dict | None = None):
+        """The NVRTC-built module of kernels/<name>, built once per device."""
+        import time
+        cp = _cupy()
+        options = nvrtc_options(defines)
+        key = (name, options)
+        with self._lock:
+            mod = self._modules.get(key)
+            if mod is None:
+                t0 = time.perf_counter()
+                text = program_source(name)
+                with self._dev:
+                    mod = cp.RawModule(code=text, options=options, backend="nvrtc")
+                    self._force_build(mod, name, options, text)
+                self.build_stats["compiled"] += 1
+                self.build_stats["seconds"] += time.perf_counter() - t0
+                self._modules[key] = mod
+            return mod
+
+    def _force_build(self, mod, name, options, text):
+        """RawModule compiles lazily: compile now so that errors surface at build time."""
+        from cupy.cuda.compiler import CompileException
+        try:
+            mod.compile()
+        except CompileException as e:
+            log = str(e)
+            raise KernelBuildError(f"{self.spec}: building {name} with NVRTC failed "
+                                   f"(options {' '.join(options)!r})", log, text) from None
+        except self._errors[1] as e:
+            raise map_error(self, e, f"loading {name}") from None
+
+    def kernel(self, program: str, name: str, defines: dict | None = None):
+        mod = self.module(program, defines)
+        try:
+            with self._dev:
+                return mod.get_function(name)
+        except self._errors[1] as e:
+            raise map_error(self, e, f"getting kernel {name}") from None
+
+    # -- cuBLAS ---------------------------------------------------------------------------
+    def _sgemm_batched(self, m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc, sc, count):
+        """Row-major C[z] = A[z] @ B[z] (A [m, k], B [k, n], C [m, n]) for z < count, as the
+        column-major product C^T = B^T A^T. Call with the lock held and the stream current."""
+        cublas = self._cublas
+        if self._gemm_takes_pointers:
+            alpha, beta = self._alpha.ctypes.data, self._beta.ctypes.data
+        else:
+            alpha, beta = 1.0, 0.0
+        cublas.sgemmStridedBatched(self.handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, alpha,
+                                   b_ptr, ldb, sb, a_ptr, lda, sa, beta, c_ptr, ldc, sc, count)
+
+    def _probe_gemm_binding(self):
+        """CuPy's sgemmStridedBatched takes alpha/beta as floats in some versions and as host
+        pointers in others: try floats (a pointer-taking binding rejects a float with
+        TypeError, never misreads it) on a 1x1x1 product, then pointers."""
+        if self._gemm_takes_pointers is not None:
+            return
+        cp = _cupy()
+        with self._dev, self._lock, self.stream:
+            a = cp.full((1,), 2.0, cp.float32)
+            c = cp.zeros((1,), cp.float32)
+            self._gemm_takes_pointers = False
+            try:
+                self._sgemm_batched(1, 1, 1, a.data.ptr, 1, 0, a.data.ptr, 1, 0, c.data.ptr, 1,
+                                    0, 1)
+            except TypeError:
+                self._gemm_takes_pointers = True
+                self._sgemm_batched(1, 1, 1, a.data.ptr, 1, 0, a.data.ptr, 1, 0, c.data.ptr, 1,
+                                    0, 1)
+            self.stream.synchronize()
+            got = float(c.get()[0])
+        if got != 4.0:
+            raise DeviceRuntimeError(f"{self.spec}: cuBLAS self-check: 2 * 2 gave {got}")
+
+    # -- graphs ---------------------------------------------------------------------------
+    def finalize(self, runs: list) -> list:
+        """The plan's steps as one CUDA graph launch (see the module docstring), else as they
+        are."""
+        runs = list(runs)
+        if not runs:
+            return runs
+        if os.environ.get("OFFLOAD_CUDA_GRAPHS", "1") == "0":
+            return runs
+        runtime = self._runtime
+        graph = None
+        with self._dev, self._lock:
+            for run in runs:  # warm-up outside capture: module loads, cuBLAS workspace
+                run()
+            self.stream.synchronize()
+            try:
+                mode = getattr(runtime, "streamCaptureModeRelaxed", None)
+                if mode is None:
+                    self.stream.begin_capture()
+                else:
+                    self.stream.begin_capture(mode=mode)
+                try:
+                    for run in runs:
+                        run()
+                finally:
+                    graph = self.stream.end_capture()
+                upload = getattr(graph, "upload", None)  # not in every CuPy version
+                if upload is not None:
+                    upload(self.stream)
+                self.stream.synchronize()
+            except Exception as e:  # noqa: BLE001 - any capture failure: plain launches
+                graph = None
+                self.graph_fallbacks.append(f"{type(e).__name__}: {e}")
+                try:
+                    if self.stream.is_capturing():
+                        self.stream.end_capture()
+                except Exception:  # noqa: BLE001
+                    pass
+                try:
+                    runtime.getLastError()  # clear a non-sticky capture error
+                except Exception:  # noqa: BLE001
+                    pass
+        if graph is None:
+            return runs
+        self.graphs += 1
+        stream, lock, dev, errors = self.stream, self._lock, self._dev, self._errors[1]
+        keep = tuple(runs)  # the buffers and kernels the graph points at stay alive with it
+
+        def launch():
+            assert keep
+            try:
+                with dev, lock:
+                    graph.launch(stream)
+            except errors as e:
+                raise map_error(self, e, "launching the plan's CUDA graph") from None
+        launch.graph = graph
+        return [launch]
+
+    def __repr__(self) -> str:
+        return f"<offload.Device {self.spec} {self.name!r}>"
+
+
+def _destroy_handle(cublas, handle):
+    try:
+        cublas.destroy(handle)
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+        pass
+
+
+# ------------------------------------------------------------------------------ launching
+
+def _launch(device, fn, grid, block, args, what):
+    """A callable launching ``fn`` on the device's stream; nothing for empty grids."""
+    if any(g == 0 for g in grid):
+        return lambda: None
+    grid, block, args = tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args)
+    stream, lock, dev, errors = device.stream, device._lock, device._dev, device._errors[1]
+
+    def run():
+        try:
+            with dev, lock:
+                fn(grid, block, args, stream=stream)
+        except errors as e:
+            raise map_error(device, e, what) from None
+    return run
+
+
+def _launch_1d(device, program, name, n, args, what):
+    return _launch(device, device.kernel(program, name), (-(-n // BLOCK_1D),), (BLOCK_1D,),
+                   args, what)
+
+
+def _sequence(*fns):
+    fns = tuple(f for f in fns if f is not None)
+    if len(fns) == 1:
+        return fns[0]
+
+    def run():
+        for f in fns:
+            f()
+    return run
+
+
+def _operand(ctx, x):
+    """A device buffer for an operand: run-time buffers as they are, constants uploaded once."""
+    if isinstance(x, np.ndarray):
+        return ctx.weight(x)
+    return x
+
+
+def _epilogue_args(attrs):
+    fn = attrs.get("activation", attrs.get("fn", "identity"))
+    if fn not in ACTIVATIONS:
+        raise UnsupportedOpError(f"cuda: unknown activation {fn!r}", [(fn, "")])
+    return (i32(ACTIVATIONS[fn]), f32(attrs.get("alpha", 0.01)),
+            f32(attrs.get("lo", -np.inf)), f32(attrs.get("hi", np.inf)))
+
+
+def _ptr(buf):
+    return buf.data.ptr
+
+
+def gemm(device, m, n, k, a, lda, sa, b, ldb, sb, c, ldc, sc, count, what="gemm"):
+    """A callable running row-major C[z] = A[z] @ B[z] for z < count on cuBLAS (a, b, c are
+    (array, element offset) pairs; strides in elements)."""
+    if m == 0 or n == 0 or count == 0:
+        return lambda: None
+    device._probe_gemm_binding()
+    (ab, ao), (bb, bo), (cb, co) = a, b, c
+    a_ptr, b_ptr, c_ptr = _ptr(ab) + 4 * ao, _ptr(bb) + 4 * bo, _ptr(cb) + 4 * co
+    keep = (ab, bb, cb)
+    stream, lock, dev, errors = device.stream, device._lock, device._dev, device._errors[1]
+    call = device._sgemm_batched
+
+    def run():
+        assert keep
+        try:
+            with dev, lock, stream:
+                call(m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc, sc, count)
+        except errors as e:
+            raise map_error(device, e, what) from None
+    return run
+
+
+def _epilogue(device, y, bias, residual, channels, inner, epi):
+    """y = act(y + bias[channel] + residual) in place; nothing when it is the identity."""
+    if bias is None and residual is None and int(epi[0]) == ACTIVATIONS["identity"]:
+        return None
+    total = y.size
+    return _launch_1d(device, "elementwise.cl", "bias_act", total, (
+        y, bias if bias is not None else NULL, residual if residual is not None else NULL,
+        i32(total), i32(channels), i32(inner), *epi), "bias/activation epilogue")
+
+
+# -------------------------------------------------------------------------------- builders
+
+def build_dense(ctx, attrs, ins, out):
+    device = ctx.device
+    x, w = ins[0], ins[1]
+    k, n = w.shape
+    m = x.size // k if k else 0
+    wb = ctx.weight(w)
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
+    if m * n == 0:
+        return lambda: None
+    mult = gemm(device, m, n, k, (x, 0), k, 0, (wb, 0), n, 0, (out, 0), n, 0, 1, "dense")
+    return _sequence(mult, _epilogue(device, out, bias, residual, n, 1, _epilogue_args(attrs)))
+
+
+def build_conv2d(ctx, attrs, ins, out):
+    device = ctx.device
+    x, w = ins[0], ins[1]
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    groups = attrs["groups"]
+    _, _, oh, ow = out.shape
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs["strides"], attrs["pads"], attrs["dilations"]
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
+    epi = _epilogue_args(attrs)
+    p = oh * ow
+    if n * m * p == 0:
+        return lambda: None
+
+    if groups == c and cg == 1 and m == c:  # depthwise: direct, epilogue fused
+        wb = ctx.weight(w)
+        total = n * m * p
+        return _launch_1d(device, "conv.cl", "depthwise_conv", total, (
+            x, wb, bias if bias is not None else NULL,
+            residual if residual is not None else NULL, out, i32(total),
+            i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw),
+            i32(pt), i32(pl), i32(dh), i32(dw), *epi), "depthwise conv")
+
+    mg = m // groups
+    ckk = cg * kh * kw
+    wb = ctx.weight(w)  # [M, CG, KH, KW] is [G, MG, CKK] row-major
+    steps = []
+    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(attrs["pads"]):
+        src, batch_stride = x, c * p  # 1x1: the input image is already the [C, H*W] matrix
+    else:
+        cols = ctx.scratch((n, c * kh * kw, p))
+        total = n * c * kh * kw * p
+        steps.append(_launch_1d(device, "conv.cl", "im2col", total, (
+            x, cols, i32(total), i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh),
+            i32(ow), i32(sh), i32(sw), i32(pt), i32(pl), i32(dh), i32(dw)), "im2col"))
+        src, batch_stride = cols, c * kh * kw * p
+    # out[b, g] (MG x P) = W[g] (MG x CKK) @ src[b, g] (CKK x P): one strided-batched product
+    # per group over the batch (the weights broadcast with stride 0)
+    for g in range(groups):
+        steps.append(gemm(device, mg, p, ckk, (wb, g * mg * ckk), ckk, 0,
+                          (src, g * ckk * p), p, batch_stride, (out, g * mg * p), p, m * p, n,
+                          "conv2d"))
+    steps.append(_epilogue(device, out, bias, residual, m, p, epi))
+    return _sequence(*steps)
+
+
+def _window_args(attrs, x, out):
+    _, _, h, w = x.shape
+    _, _, oh, ow = out.shape
+    (kh, kw), (sh, sw), (dh, dw) = attrs["kernel"], attrs["strides"], attrs["dilations"]
+    pt, pl, pb, pr = attrs["pads"]
+    return (i32(h), i32(w), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw), i32(pt),
+            i32(pl), i32(dh), i32(dw)), (pb, pr)
+
+
+def build_maxpool(ctx, attrs, ins, out):
+    x = ins[0]
+    args, _ = _window_args(attrs, x, out)
+    total = out.size
+    return _launch_1d(ctx.device, "pool.cl", "maxpool", total,
+                      (x, out, i32(total), *args), "maxpool")
+
+
+def build_avgpool(ctx, attrs, ins, out):
+    x = ins[0]
+    args, (pb, pr) = _window_args(attrs, x, out)
+    total = out.size
+    return _launch_1d(ctx.device, "pool.cl", "avgpool", total,
+                      (x, out, i32(total), *args, i32(pb), i32(pr),
+                       i32(1 if attrs.get("count_include_pad", 0) else 0)), "avgpool")
+
+
+def _reduce_rows(device, x, y, outer, r, inner, fn):
+    total = outer * inner
+    return _launch_1d(device, "reduce.cl", "reduce_axis", total,
+                      (x, y, i32(total), i32(r), i32(inner), i32(REDUCTIONS[fn])), "reduce")
+
+
+def build_global_avgpool(ctx, attrs, ins, out):
+    x = ins[0]
+    n, c = x.shape[:2]
+    return _reduce_rows(ctx.device, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
+
+
+def build_binary(op):
+    def build(ctx, attrs, ins, out):
+        device = ctx.device
+        a, b = (_operand(ctx, v) for v in ins)
+        total = out.size
+        if a.shape == b.shape == out.shape:
+            return _launch_1d(device, "elementwise.cl", "binary_same", total,
+                              (a, b, out, i32(total), i32(BINARY_OPS[op])), op)
+        dims, sa, sb = _broadcast_strides(out.shape, a.shape, b.shape)
+        return _launch_1d(device, "elementwise.cl", "binary_bcast", total,
+                          (a, b, out, i32(total), i32(BINARY_OPS[op]),
+                           *map(i32, dims), *map(i32, sa), *map(i32, sb)), op)
+    return build
+
+
+def build_activation(ctx, attrs, ins, out):
+    x = ins[0]
+    total = out.size
+    return _launch_1d(ctx.device, "elementwise.cl", "activation", total,
+                      (x, out, i32(total), *_epilogue_args(attrs)), "activation")
+
+
+def build_softmax(ctx, attrs, ins, out):
+    x, axis = ins[0], attrs["axis"]
+    outer, r, inner = _outer_r_inner(x.shape, (axis,))
+    total = outer * inner
+    return _launch_1d(ctx.device, "reduce.cl", "softmax_axis", total,
+                      (x, out, i32(total), i32(r), i32(inner)), "softmax")
+
+
+def _gather(device, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
+    """y[c] = x[sum (c_k - low_k) * s_k] where every c_k - low_k lies in [0, high_k), else
+    ``value`` (gather6 in elementwise.cl)."""
+    total = math.prod(out_shape)
+    dims, strides, lo, _ = _pad_rank(list(out_shape), list(x_index_strides), list(lows),
+                                     list(highs))
+    hi = [1] * (MAX_RANK - len(out_shape)) + list(highs)
+    return _launch_1d(device, "elementwise.cl", "gather6", total,
+                      (x, y, i32(total), i32(0), f32(value), *map(i32, dims),
+                       *map(i32, strides), *map(i32, lo), *map(i32, hi)), "gather")
+
+
+def build_reduce(ctx, attrs, ins, out):
+    device = ctx.device
+    x, axes = ins[0], tuple(attrs["axes"])
+    if not axes:
+        return _gather(device, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
+                       x.shape)
+    if axes == tuple(range(axes[0], axes[-1] + 1)):
+        outer, r, inner = _outer_r_inner(x.shape, axes)
+        return _reduce_rows(device, x, out, outer, r, inner, attrs["fn"])
+    keep = [i for i in range(x.ndim) if i not in axes]
+    perm = keep + list(axes)
+    t_shape = tuple(x.shape[p] for p in perm)
+    tmp = ctx.scratch(t_shape)
+    xs = _contiguous_strides(x.shape)
+    move = _gather(device, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
+    r = math.prod(x.shape[a] for a in axes)
+    rows = _reduce_rows(device, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
+    return _sequence(move, rows)
+
+
+def build_pad(ctx, attrs, ins, out):
+    x = ins[0]
+    return _gather(ctx.device, x, out, out.shape, _contiguous_strides(x.shape),
+                   list(attrs["begin"]), x.shape, float(attrs.get("value", 0.0)))
+
+
+def build_transpose(ctx, attrs, ins, out):
+    x, perm = ins[0], attrs["perm"]
+    xs = _contiguous_strides(x.shape)
+    return _gather(ctx.device, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
+                   out.shape)
+
+
+def build_concat(ctx, attrs, ins, out):
+    device, axis = ctx.device, attrs["axis"]
+    y_inner = math.prod(out.shape[axis:])
+    steps, offset = [], 0
+    for part in ins:
+        part = _operand(ctx, part)
+        inner = math.prod(part.shape[axis:])
+        total = part.size
+        steps.append(_launch_1d(device, "elementwise.cl", "concat_part", total,
+                                (part, out, i32(total), i32(inner), i32(y_inner), i32(offset)),
+                                "concat"))
+        offset += inner
+    return _sequence(*steps) if steps else (lambda: None)
+
+
+OPS = {
+    "conv2d": build_conv2d,
+    "dense": build_dense,
+    "maxpool": build_maxpool,
+    "avgpool": build_avgpool,
+    "global_avgpool": build_global_avgpool,
+    "add": build_binary("add"),
+    "sub": build_binary("sub"),
+    "mul": build_binary("mul"),
+    "div": build_binary("div"),
+    "activation": build_activation,
+    "softmax": build_softmax,
+    "concat": build_concat,
+    "reduce": build_reduce,
+    "pad": build_pad,
+    "transpose": build_transpose,
+}
+assert set(OPS) == G.DEVICE_OPS
+# gemm.cl is not used here (cuBLAS does the products); its GPU schedule still compiles as CUDA
+# (tests/test_kernels_nvcc.py). Keep these in step with the OpenCL driver.
+SOURCES = tuple(PROGRAMS)
+GEMM_DEFINES = dict(GEMM_GPU)
+
+
+# ------------------------------------------------------------------------------- discovery
+
+def _cuda_error_text(e) -> str:
+    """'cudaErrorNoDevice: no CUDA-capable device is detected' (CuPy's message keeps the
+    error name first)."""
+    text = str(e).strip()
+    return text or type(e).__name__
+
+
+def discover():
+    try:
+        import cupy
+    except ImportError:
+        return [DeviceInfo("cuda:0", False, reason=NO_CUPY)]
+    except Exception as e:  # noqa: BLE001 - a broken CuPy install must not break discovery
+        return [DeviceInfo("cuda:0", False, reason=f"CuPy failed to import: "
+                           f"{type(e).__name__}: {e}")]
+    try:
+        from cupy_backends.cuda.api import runtime
+        count = runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - no driver, old driver, no device
+        return [DeviceInfo("cuda:0", False, reason=_cuda_error_text(e))]
+    if count == 0:
+        return [DeviceInfo("cuda:0", False,
+                           reason="cudaErrorNoDevice: no CUDA-capable device is detected")]
+    missing = ""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:  # noqa: BLE001
+        missing = f"NVRTC is not usable ({type(e).__name__}: {e}); pip install " \
+                  "'nvidia-cuda-nvrtc' or install the CUDA toolkit"
+    if not missing:
+        try:
+            from cupy_backends.cuda.libs import cublas  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            missing = f"cuBLAS is not usable ({type(e).__name__}: {e}); pip install " \
+                      "'nvidia-cublas' or install the CUDA toolkit"
+    infos = []
+    for index in range(count):
+        spec = f"cuda:{index}"
+        try:
+            props = runtime.getDeviceProperties(index)
+            name = props["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            name = f"{name} (sm_{props['major']}{props['minor']}, CuPy {cupy.__version__})"
+        except Exception as e:  # noqa: BLE001
+            infos.append(DeviceInfo(spec, False, reason=_cuda_error_text(e)))
+            continue
+        if missing:
+            infos.append(DeviceInfo(spec, False, name, reason=missing))
+        else:
+            infos.append(DeviceInfo(spec, True, name,
+                                    open=lambda i=index: CUDADevice(i)))
+    return infos
