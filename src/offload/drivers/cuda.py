@@ -45,9 +45,9 @@ from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
 from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
                       UnsupportedOpError)
-from .opencl import (ACTIVATIONS, BINARY_OPS, REDUCTIONS, MAX_RANK, GEMM_GPU, PROGRAMS,
-                     _broadcast_strides, _contiguous_strides, _outer_r_inner, _pad_rank,
-                     kernel_source)
+from ._kernels import (ACTIVATIONS, BINARY_OPS, GEMM_GPU, MAX_RANK, PROGRAMS, REDUCTIONS,
+                       _broadcast_strides, _contiguous_strides, _operand, _outer_r_inner,
+                       _pad_rank, _sequence, _window_args, kernel_source)
 
 BLOCK_1D = 256
 NULL = np.uint64(0)  # a null pointer kernel argument (absent bias / residual)
@@ -418,22 +418,8 @@ def _launch_1d(device, program, name, n, args, what):
                    args, what)
 
 
-def _sequence(*fns):
-    fns = tuple(f for f in fns if f is not None)
-    if len(fns) == 1:
-        return fns[0]
-
-    def run():
-        for f in fns:
-            f()
-    return run
 
 
-def _operand(ctx, x):
-    """A device buffer for an operand: run-time buffers as they are, constants uploaded once."""
-    if isinstance(x, np.ndarray):
-        return ctx.weight(x)
-    return x
 
 
 def _epilogue_args(attrs):
@@ -543,13 +529,6 @@ def build_conv2d(ctx, attrs, ins, out):
     return _sequence(*steps)
 
 
-def _window_args(attrs, x, out):
-    _, _, h, w = x.shape
-    _, _, oh, ow = out.shape
-    (kh, kw), (sh, sw), (dh, dw) = attrs["kernel"], attrs["strides"], attrs["dilations"]
-    pt, pl, pb, pr = attrs["pads"]
-    return (i32(h), i32(w), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw), i32(pt),
-            i32(pl), i32(dh), i32(dw)), (pb, pr)
 
 
 def build_maxpool(ctx, attrs, ins, out):

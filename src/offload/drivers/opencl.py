@@ -26,48 +26,24 @@ import numpy as np
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
 from ..hostmem import ALIGNMENT, address
+from ._kernels import (ACTIVATIONS, BINARY_OPS, GEMM_CPU, GEMM_GPU, KERNEL_DIR,  # noqa: F401
+                       MAX_RANK, PROGRAMS, REDUCTIONS, _broadcast_strides,
+                       _contiguous_strides, _operand, _outer_r_inner, _pad_rank, _sequence,
+                       _window_args, kernel_source)
 from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
                       UnsupportedOpError)
 
 DRIVER_VERSION = "1"
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
-PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl")
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "clip": 5}
-BINARY_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3}
-REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
-MAX_RANK = 6
 LOCAL_1D = 64  # work-group size of the one-dimensional kernels (fixed: PoCL compiles per size)
 
-# GEMM shapes (gemm.cl macros; TM x TN is the block of C per work-group, WM x WN per work-item).
-# CPUs run gemm_direct (DIRECT): no local memory nor barrier, 6 x 32 register blocks that become
-# AVX-512 vectors (PoCL: ~150-180 GFLOP/s at 512^3 on 2 Zen 5 cores, against 5-35 for gemm_tiled);
-# GPUs run gemm_tiled: 64 x 64 local-memory tiles, work-item-strided 4 x 4 blocks (coalesced).
-GEMM_CPU = dict(TM=48, TN=32, WM=6, WN=32, DIRECT=1)
-GEMM_GPU = dict(TM=64, TN=64, TK=16, WM=4, WN=4)
 
 i32, f32 = np.int32, np.float32
 
 
 # ------------------------------------------------------------------------------------- sources
 
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
-def kernel_source(name: str, _seen=None) -> str:
-    """The source of kernels/<name> with its quoted includes expanded once each, ``#line``
-    markers keeping file names and line numbers for compiler messages."""
-    seen = set() if _seen is None else _seen
-    out = [f'#line 1 "{name}"']
-    for number, line in enumerate((KERNEL_DIR / name).read_text().splitlines(), 1):
-        m = _INCLUDE.match(line)
-        if m:
-            if m.group(1) not in seen:
-                seen.add(m.group(1))
-                out.append(kernel_source(m.group(1), seen))
-            out.append(f'#line {number + 1} "{name}"')
-        else:
-            out.append(line)
-    return "\n".join(out)
 
 
 def cache_dir() -> Path:
@@ -418,22 +394,8 @@ def _launch_1d(device, program, name, n, args, what):
     return _launch(device, kernel, (_round_up(n, LOCAL_1D),), (LOCAL_1D,), what, args)
 
 
-def _sequence(*fns):
-    fns = tuple(f for f in fns if f is not None)
-    if len(fns) == 1:
-        return fns[0]
-
-    def run():
-        for f in fns:
-            f()
-    return run
 
 
-def _operand(ctx, x):
-    """A device buffer for an operand: run-time buffers as they are, constants uploaded once."""
-    if isinstance(x, np.ndarray):
-        return ctx.weight(x)
-    return x
 
 
 def _epilogue_args(attrs):
@@ -532,13 +494,6 @@ def build_conv2d(ctx, attrs, ins, out):
     return _sequence(fill, mult)
 
 
-def _window_args(attrs, x, out):
-    _, _, h, w = x.shape
-    _, _, oh, ow = out.shape
-    (kh, kw), (sh, sw), (dh, dw) = attrs["kernel"], attrs["strides"], attrs["dilations"]
-    pt, pl, pb, pr = attrs["pads"]
-    return (i32(h), i32(w), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw), i32(pt),
-            i32(pl), i32(dh), i32(dw)), (pb, pr)
 
 
 def build_maxpool(ctx, attrs, ins, out):
@@ -586,50 +541,12 @@ def build_binary(op):
     return build
 
 
-def _contiguous_strides(shape):
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return strides[::-1]
 
 
-def _collapse(dims, *stride_lists):
-    """Merge adjacent axes that every operand walks contiguously (to fit MAX_RANK)."""
-    out_d, out_s = [], [[] for _ in stride_lists]
-    for i, d in enumerate(dims):
-        if d == 1:
-            continue
-        if out_d and all(s[i] * d == o[-1] for s, o in zip(stride_lists, out_s)) and \
-                all(o[-1] != 0 or s[i] == 0 for s, o in zip(stride_lists, out_s)):
-            out_d[-1] *= d
-            for s, o in zip(stride_lists, out_s):
-                o[-1] = s[i]
-            continue
-        out_d.append(d)
-        for s, o in zip(stride_lists, out_s):
-            o.append(s[i])
-    return out_d, out_s
 
 
-def _pad_rank(dims, *stride_lists, fill=0):
-    if len(dims) > MAX_RANK:
-        raise UnsupportedOpError(f"opencl: rank {len(dims)} exceeds the kernels' {MAX_RANK}",
-                                 [("broadcast", "")])
-    extra = MAX_RANK - len(dims)
-    return ([1] * extra + list(dims),) + tuple([fill] * extra + list(s) for s in stride_lists)
 
 
-def _broadcast_strides(out_shape, a_shape, b_shape):
-    rank = len(out_shape)
-    lists = []
-    for shape in (a_shape, b_shape):
-        shape = (1,) * (rank - len(shape)) + tuple(shape)
-        strides = _contiguous_strides(shape)
-        lists.append([0 if d == 1 and o != 1 else s for d, o, s in zip(shape, out_shape,
-                                                                          strides)])
-    dims, (sa, sb) = _collapse(list(out_shape), *lists)
-    return _pad_rank(dims, sa, sb)
 
 
 def build_activation(ctx, attrs, ins, out):
@@ -639,10 +556,6 @@ def build_activation(ctx, attrs, ins, out):
                       (x.mem, out.mem, i32(total), *_epilogue_args(attrs)), "activation")
 
 
-def _outer_r_inner(shape, axes):
-    """[outer, R, inner] for contiguous reduced ``axes``."""
-    lo, hi = axes[0], axes[-1] + 1
-    return math.prod(shape[:lo]), math.prod(shape[lo:hi]), math.prod(shape[hi:])
 
 
 def build_softmax(ctx, attrs, ins, out):
