@@ -6,7 +6,9 @@ Narrow the run with ``--device=cpu,opencl:0`` or ``OFFLOAD_TEST_DEVICES=cpu``.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -81,3 +83,14 @@ def assert_matches_cpu():
             assert_close(g, w, precision, f"output {k} on {device.spec} vs cpu")
         return got
     return check
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH or in /usr/local/cuda*/bin (the CUDA compile checks need no GPU)."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for path in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True):
+        if os.access(path, os.X_OK):
+            return path
+    return None

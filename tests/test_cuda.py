@@ -15,6 +15,7 @@ import offload
 from offload import DeviceMemoryError, DeviceUnavailableError, KernelBuildError
 from offload import graph as G
 from offload.drivers import cuda
+from conftest import find_nvcc
 
 
 def _cuda_info():
@@ -65,16 +66,10 @@ def test_nvrtc_options_and_sources():
 
 
 def _nvcc():
-    import glob
-    import os
-    import shutil
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for path in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True):
-        if os.access(path, os.X_OK):
-            return path
-    pytest.skip("nvcc not found on PATH nor in /usr/local/cuda*/bin")
+    path = find_nvcc()
+    if path is None:
+        pytest.skip("nvcc not found on PATH nor in /usr/local/cuda*/bin")
+    return path
 
 
 @pytest.mark.parametrize("program", ["elementwise.cl", "conv.cl", "pool.cl",

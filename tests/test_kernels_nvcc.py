@@ -2,29 +2,18 @@
 so the shared OpenCL/CUDA sources never break unseen on the CUDA side. Needs no GPU; skipped,
 with the reason, where nvcc is absent."""
 
-import glob
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from conftest import find_nvcc
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "src" / "offload" / "kernels"
 SOURCES = sorted(p.name for p in KERNEL_DIR.glob("*.cl"))
 # gemm.cl takes per-device tile macros; CUDA devices use the GPU ones (the CPU configuration,
 # fully unrolled 4x16 blocks, is for PoCL only and takes nvcc minutes to optimise).
 GEMM_GPU = dict(TM=64, TN=64, TK=16, WM=4, WN=4)
-
-
-def find_nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for path in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True):
-        if os.access(path, os.X_OK):
-            return path
-    return None
 
 
 @pytest.fixture(scope="module")
