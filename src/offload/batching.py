@@ -153,16 +153,32 @@ class Batcher:
                 self._run(live)
             self._free_since = time.perf_counter()
 
+    def bucket(self, rows: int) -> int:
+        """Rows of the device run for ``rows`` requested: a multiple of max_batch/8, so that a
+        sample shape needs at most 8 plans and at most max_batch/8 rows are padding."""
+        step = max(1, self.max_batch // 8)
+        return min(self.max_batch, -(-rows // step) * step)
+
+    def _gather(self, batch):
+        """The batch's inputs in one block per input (one copy), padded with zero rows."""
+        rows = sum(r.rows for r in batch)
+        size = self.bucket(rows)
+        if len(batch) == 1 and size == rows:
+            return batch[0].arrays
+        merged = []
+        for k in range(len(batch[0].arrays)):
+            parts = [r.arrays[k] for r in batch]
+            block = np.empty((size,) + parts[0].shape[1:], np.result_type(*parts))
+            np.concatenate(parts, out=block[:rows])
+            block[rows:] = 0
+            merged.append(block)
+        return merged
+
     def _run(self, batch):
         started = time.perf_counter()
         wait = float(np.mean([started - r.arrived for r in batch]))
         try:
-            if len(batch) == 1:
-                arrays = batch[0].arrays
-            else:
-                arrays = [np.concatenate([r.arrays[k] for r in batch])
-                          for k in range(len(batch[0].arrays))]
-            outputs = self._execute(arrays, wait)
+            outputs = self._execute(self._gather(batch), wait)
         except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
             for r in batch:
                 r.future.set_exception(e)

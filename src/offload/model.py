@@ -250,17 +250,9 @@ class Model:
                                    "requests would change their results")
 
     def _execute_batch(self, arrays, wait_s):
-        """The batcher's device call: pad to a multiple of max_batch/8 rows (at most 8 plans,
-        at most 1/8 of max_batch padding), run, trim."""
+        """The batcher's device call on a merged (and padded, see Batcher.bucket) batch."""
         self._check_batchable(tuple(a.shape[1:] for a in arrays))
-        rows = arrays[0].shape[0]
-        step = max(1, self._batcher.max_batch // 8)
-        bucket = min(self._batcher.max_batch, -(-rows // step) * step)
-        if bucket > rows:
-            arrays = [np.concatenate([a, np.zeros((bucket - rows,) + a.shape[1:], a.dtype)])
-                      for a in arrays]
-        outputs = self._dispatch(arrays, None, None)
-        return [o[:rows] for o in outputs]
+        return self._dispatch(arrays, None, None)
 
     def _prepare(self, inputs, named) -> list[np.ndarray]:
         if not named and len(inputs) == len(self._input_checks):
