@@ -17,13 +17,13 @@ from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableErr
                      UnsupportedOpError)
 from .hostmem import empty
 from .batching import Batching
-from .model import Model
+from .model import Binding, Model
 from . import zoo  # noqa: E402  (builds reference models on demand; no downloads)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batching", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
+    "Batching", "Binding", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
     "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
 ]

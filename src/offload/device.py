@@ -49,6 +49,12 @@ class Device:
     name: str = ""
     ops: dict[str, OpBuilder] = {}
     capabilities: Capabilities = Capabilities(frozenset())
+    # True when ``view`` also accepts a flat uint8 host array as the raw block, so that a plan
+    # may run on the caller's own aligned arrays instead of copying them (see Plan.run).
+    reads_host_arrays: bool = False
+    # The DLPack (device type, id) of arrays in this device's own memory that it takes as inputs
+    # without a host round trip (e.g. (2, 0) for CUDA device 0); None: host arrays only.
+    dlpack_device: tuple | None = None
 
     @property
     def spec(self) -> str:

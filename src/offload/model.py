@@ -20,46 +20,66 @@ from .plan import Plan, batch_mixing_node
 
 ACCEPTED_FLOATS = (np.float32, np.float64, np.float16)
 FALLBACKS = ("error", "cpu")
+HOST_DLPACK = (1, 3)  # kDLCPU, kDLCUDAHost (page-locked host memory)
+DLPACK_NAMES = {2: "cuda", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm", 13: "cuda-managed",
+                14: "oneapi"}
+
+
+def _dlpack_device(x):
+    """``x.__dlpack_device__()`` as (type, id), or None for an object without one."""
+    method = getattr(x, "__dlpack_device__", None)
+    if method is None:
+        return None
+    try:
+        kind, index = method()
+        return int(kind), int(index)
+    except Exception:
+        return None
+
 WINDOW = 2048  # requests kept for the latency percentiles
 
 
 class Stats:
     """Counters of one model. ``calls`` counts requests, ``device_runs`` runs on a device (with
     batching, one run serves many requests); copies and compute are summed over device runs;
-    latency and queue-wait percentiles cover the last 2048 requests."""
+    latency and queue-wait percentiles cover the last 2048 requests.
+
+    Each plan adds its runs into its own list (``run_counters()``, laid out as RUN_FIELDS)
+    without a lock, since a plan serves one call at a time; ``snapshot`` sums them."""
 
     FIELDS = ("calls", "device_runs", "copy_in_bytes", "copy_out_bytes", "copy_in_s",
               "compute_s", "copy_out_s", "queue_wait_s", "fallbacks")
+    RUN_FIELDS = ("device_runs", "copy_in_bytes", "copy_out_bytes", "copy_in_s", "compute_s",
+                  "copy_out_s", "calls")
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._runs: list[list] = []
         self.reset()
 
     def reset(self):
         with self._lock:
             self._values = dict.fromkeys(self.FIELDS, 0)
-            self._latency: deque = deque(maxlen=WINDOW)
-            self._wait: deque = deque(maxlen=WINDOW)
+            self.latency: deque = deque(maxlen=WINDOW)  # appended to by plans (thread-safe)
+            self.wait: deque = deque(maxlen=WINDOW)
             self._fallback_reasons: dict[str, int] = {}
+            for counters in self._runs:
+                counters[:] = [0] * len(counters)
 
-    def record(self, in_bytes, out_bytes, in_s, compute_s, out_s):
-        """One device run (called by Plan.run)."""
+    def run_counters(self) -> list:
+        """A new list of RUN_FIELDS counters for one plan, included in every snapshot."""
+        counters = [0] * len(self.RUN_FIELDS)
         with self._lock:
-            v = self._values
-            v["device_runs"] += 1
-            v["copy_in_bytes"] += in_bytes
-            v["copy_out_bytes"] += out_bytes
-            v["copy_in_s"] += in_s
-            v["compute_s"] += compute_s
-            v["copy_out_s"] += out_s
+            self._runs.append(counters)
+        return counters
 
     def request(self, latency_s: float, wait_s: float = 0.0):
         """One request answered, ``latency_s`` after it arrived, ``wait_s`` of it queued."""
         with self._lock:
             self._values["calls"] += 1
             self._values["queue_wait_s"] += wait_s
-            self._latency.append(latency_s)
-            self._wait.append(wait_s)
+            self.latency.append(latency_s)
+            self.wait.append(wait_s)
 
     def fallback(self, reason: str) -> bool:
         """Count a fallback; True the first time this reason is seen."""
@@ -72,12 +92,45 @@ class Stats:
     def snapshot(self) -> dict:
         with self._lock:
             out = dict(self._values)
-            latency, wait = np.array(self._latency), np.array(self._wait)
+            for counters in self._runs:
+                for name, value in zip(self.RUN_FIELDS, list(counters)):
+                    out[name] += value
+            latency, wait = np.array(self.latency), np.array(self.wait)
             out["fallback_reasons"] = dict(self._fallback_reasons)
         for name, values in (("latency", latency), ("queue_wait", wait)):
             for q in (50, 99):
                 out[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else 0.0
         return out
+
+
+class Binding:
+    """A model's plan bound to fixed input and output arrays (see ``Model.bind``); call it to
+    run. One call at a time: a call while another runs raises OffloadError."""
+
+    def __init__(self, model: "Model", plan: Plan, inputs: list, outputs: list):
+        self.model, self.plan = model, plan
+        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+        self._result = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        self._run = plan.bound(self.inputs, list(outputs))
+        self._stats = model._stats
+        self._busy = threading.Lock()
+
+    def __call__(self):
+        start = time.perf_counter()
+        if self.model._closed:
+            raise OffloadError(f"model {self.model.source or self.model.graph.name!r} is closed")
+        if not self._busy.acquire(blocking=False):
+            raise OffloadError("this binding is running in another thread; bind once per thread")
+        try:
+            self._run(self._stats, start)
+        finally:
+            self._busy.release()
+        return self._result
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(list(a.shape)) for a in self.inputs)
+        return f"<offload.Binding {self.model.source or self.model.graph.name!r} ({shapes}) " \
+               f"on {self.plan.device.spec}>"
 
 
 class _DeviceContext:
@@ -225,10 +278,9 @@ class Model:
 
     # -- internals -----------------------------------------------------------------------------
     def _run(self, inputs, named, out=None, profile=None):
-        start = time.perf_counter()
-        result = self._unwrap(self._dispatch(self._prepare(inputs, named), out, profile))
-        self._stats.request(time.perf_counter() - start)
-        return result
+        start = time.perf_counter()  # the request is counted with its device run (Stats.record)
+        results = self._dispatch(self._prepare(inputs, named), out, profile, start)
+        return results[0] if len(results) == 1 else tuple(results)
 
     def _run_timed(self, arrays, submitted):
         started = time.perf_counter()
@@ -258,12 +310,17 @@ class Model:
         if not named and len(inputs) == len(self._input_checks):
             ok = True  # fast path: float32 arrays of the right shape, checked without formatting
             for x, (_, rank, fixed) in zip(inputs, self._input_checks):
-                if (type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != rank
-                        or any(x.shape[i] != d for i, d in fixed)):
+                if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != rank:
                     ok = False
                     break
+                shape = x.shape
+                for i, d in fixed:
+                    if shape[i] != d:
+                        ok = False
+                if not ok:
+                    break
             if ok:
-                return list(inputs)
+                return inputs
         specs = self.graph.inputs
         if named and inputs:
             raise ShapeError("pass inputs either by position or by name, not both")
@@ -285,19 +342,45 @@ class Model:
         return [self._check(spec, k, x) for k, (spec, x) in enumerate(zip(specs, inputs))]
 
     def _check(self, spec: G.TensorInfo, k: int, x) -> np.ndarray:
+        what = f"input {spec.name!r} (#{k})"
         if not isinstance(x, np.ndarray):
+            where = _dlpack_device(x)
+            if where is not None and where[0] not in HOST_DLPACK:
+                return self._check_device_array(spec, what, x, where)
             try:
-                x = np.asarray(x)
+                x = np.from_dlpack(x) if where is not None else np.asarray(x)
             except Exception as e:
-                raise ShapeError(f"input {spec.name!r} (#{k}): expected an array {spec.describe()},"
-                                 f" got {type(x).__name__} ({e})") from None
-        if x.dtype not in ACCEPTED_FLOATS:
-            raise ShapeError(f"input {spec.name!r} (#{k}): expected dtype float32 (float64 and "
-                             f"float16 are converted), got {x.dtype} with shape {list(x.shape)}")
+                raise ShapeError(f"{what}: expected an array {spec.describe()}, "
+                                 f"got {type(x).__name__} ({e})") from None
+        if x.dtype.kind != "f" or x.dtype.newbyteorder("=") not in ACCEPTED_FLOATS:
+            raise ShapeError(f"{what}: expected dtype float32 (float64 and float16 are "
+                             f"converted), got {x.dtype} with shape {list(x.shape)}")
         if x.ndim != len(spec.shape) or any(
                 isinstance(d, int) and d != s for d, s in zip(spec.shape, x.shape)):
-            raise ShapeError(f"input {spec.name!r} (#{k}): expected shape {spec.describe()}, got "
+            raise ShapeError(f"{what}: expected shape {spec.describe()}, got "
                              f"{list(x.shape)} {x.dtype}")
+        return x
+
+    def _check_device_array(self, spec, what, x, where):
+        """An input in a device's memory (DLPack): taken as is by a device that reads that
+        memory (no host round trip), refused with both devices named otherwise."""
+        name = DLPACK_NAMES.get(where[0], f"DLPack device type {where[0]}") + f":{where[1]}"
+        if len(self.devices) > 1 or self._batcher is not None or \
+                self.device.dlpack_device != tuple(where):
+            on = ", ".join(d.spec for d in self.devices)
+            why = " with batching" if self._batcher is not None else ""
+            raise ShapeError(f"{what}: the array is in {name} memory ({type(x).__name__}); this "
+                             f"model runs on {on}{why} and takes host arrays (NumPy) there")
+        dtype = str(getattr(x, "dtype", "?")).replace("torch.", "")
+        shape = tuple(getattr(x, "shape", ()))
+        if dtype != "float32":
+            raise ShapeError(f"{what}: expected dtype float32 for an array in {name} memory "
+                             f"(not converted on the device), got {dtype} with shape "
+                             f"{list(shape)}")
+        if len(shape) != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, shape)):
+            raise ShapeError(f"{what}: expected shape {spec.describe()}, got {list(shape)} "
+                             f"{dtype} in {name} memory")
         return x
 
     def _acquire(self, ctx: _DeviceContext, shapes: tuple) -> Plan:
@@ -312,6 +395,32 @@ class Model:
     def _release(self, ctx: _DeviceContext, plan: Plan) -> None:
         if not self._closed:
             ctx.plans.setdefault(plan.input_shapes, []).append(plan)
+
+    def bind(self, *inputs, out=None, **named) -> "Binding":
+        """Bind arrays to a plan once, for repeated calls on the same buffers (the event loop
+        that refills one staging array per event): ``run = model.bind(x, out=y)``, then
+        ``run()`` computes ``y`` from the current contents of ``x``. Inputs and outputs are
+        checked here, not per call. With ``offload.empty`` arrays, a device that reads host
+        memory uses them in place (0 bytes copied); other arrays are copied (counted). ``out``
+        defaults to new ``offload.empty`` arrays (``run.outputs``). The binding holds one plan of
+        the model's first device; it is not batched and does not fall back."""
+        from .hostmem import empty
+        arrays = list(self._prepare(inputs, named))
+        for k, a in enumerate(arrays):
+            if a.dtype != np.float32:
+                raise ShapeError(f"bind(): input #{k} must be float32 (it is read at each call, "
+                                 f"not converted once), got {a.dtype}")
+        if self._closing:
+            raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
+        ctx = self._contexts[0]
+        plan = self._acquire(ctx, tuple(a.shape for a in arrays))
+        try:
+            outs = ([empty(s) for s in plan.output_shapes] if out is None else
+                    self._check_out(out, plan.output_shapes))
+        except BaseException:
+            self._release(ctx, plan)
+            raise
+        return Binding(self, plan, arrays, outs)
 
     def plan(self, *shapes) -> Plan:
         """Compile (or fetch) the plan for these input shapes on the first device, e.g. to warm
@@ -328,23 +437,24 @@ class Model:
             ctx.in_flight += 1
             return ctx
 
-    def _dispatch(self, arrays, out, profile):
+    def _dispatch(self, arrays, out, profile, since=None):
+        """Run on one of the model's devices; ``since``: count the request (see Stats.record)."""
         if len(self._contexts) == 1:
             ctx = self._contexts[0]
             try:
-                return self._run_on(ctx, arrays, out, profile)
+                return self._run_on(ctx, arrays, out, profile, since)
             except OffloadError as e:
-                return self._fall_back(ctx, e, arrays, out, profile)
+                return self._fall_back(ctx, e, arrays, out, profile, since)
         ctx = self._pick()
         try:
-            return self._run_on(ctx, arrays, out, profile)
+            return self._run_on(ctx, arrays, out, profile, since)
         except OffloadError as e:
-            return self._fall_back(ctx, e, arrays, out, profile)
+            return self._fall_back(ctx, e, arrays, out, profile, since)
         finally:
             with self._dispatch_lock:
                 ctx.in_flight -= 1
 
-    def _fall_back(self, ctx, error, arrays, out, profile):
+    def _fall_back(self, ctx, error, arrays, out, profile, since=None):
         """fallback="cpu": rerun a failed device run on the CPU device, counted and warned."""
         if (self.fallback != "cpu" or isinstance(error, (ShapeError, ModelFormatError))
                 or ctx.device.kind == "cpu" or self._closed):
@@ -357,28 +467,45 @@ class Model:
         reason = f"{ctx.device.spec}: {type(error).__name__}: {str(error).splitlines()[0]}"
         if self._stats.fallback(reason):
             warnings.warn(f"offload: falling back to cpu ({reason})", RuntimeWarning, stacklevel=4)
-        return self._run_on(self._fallback_context, arrays, out, profile)
+        return self._run_on(self._fallback_context, arrays, out, profile, since)
 
-    def _run_on(self, ctx: _DeviceContext, arrays, out=None, profile=None):
-        shapes = tuple([a.shape for a in arrays])
+    def _run_on(self, ctx: _DeviceContext, arrays, out=None, profile=None, since=None):
+        shapes = (arrays[0].shape,) if len(arrays) == 1 else tuple([a.shape for a in arrays])
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        if shapes not in ctx.plans and any(0 in s for s in shapes):
-            return self._empty_result(ctx, shapes)
-        outs = None
-        if out is not None:
-            outs = [out] if isinstance(out, np.ndarray) else list(out)
-        plan = self._acquire(ctx, shapes)
+        try:
+            plan = ctx.plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
+        except (KeyError, IndexError):
+            if any(0 in s for s in shapes):
+                if since is not None:
+                    self._stats.request(time.perf_counter() - since)
+                return self._empty_result(ctx, shapes)
+            plan = self._acquire(ctx, shapes)
         ctx.runs += 1
         try:
-            if outs is not None:
-                for o, shape in zip(outs, plan.output_shapes):
-                    if o.shape != tuple(shape) or o.dtype != np.float32:
-                        raise ShapeError(f"out= array: expected shape {list(shape)} float32, "
-                                         f"got {list(o.shape)} {o.dtype}")
-            return plan.run(arrays, outs, self._stats, profile)
+            outs = None if out is None else self._check_out(out, plan.output_shapes)
+            return plan.run(arrays, outs, self._stats, profile, since)
         finally:
-            self._release(ctx, plan)
+            if not self._closed:
+                ctx.plans.setdefault(shapes, []).append(plan)
+
+    @staticmethod
+    def _check_out(out, shapes) -> list:
+        if (type(out) is np.ndarray and len(shapes) == 1 and out.shape == shapes[0]
+                and out.dtype == np.float32 and out.flags.writeable):
+            return [out]
+        outs = [out] if isinstance(out, np.ndarray) else list(out)
+        if len(outs) != len(shapes):
+            raise ShapeError(f"out=: the model has {len(shapes)} output(s), got {len(outs)} "
+                             "array(s)")
+        for k, (o, shape) in enumerate(zip(outs, shapes)):
+            if not isinstance(o, np.ndarray) or o.shape != shape or o.dtype != np.float32 \
+                    or not o.flags.writeable:
+                got = (f"{list(o.shape)} {o.dtype}{'' if o.flags.writeable else ' read-only'}"
+                       if isinstance(o, np.ndarray) else type(o).__name__)
+                raise ShapeError(f"out= array #{k}: expected shape "
+                                 f"{list(shape)} float32 (writeable), got {got}")
+        return outs
 
     def _empty_result(self, ctx, shapes):
         """Outputs for an empty batch: the plan at batch 1 tells the other dimensions."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,9 @@ from . import graph as G
 from . import reference
 from .device import Device
 from .errors import ShapeError, UnsupportedOpError
+from .hostmem import ALIGNMENT, address
+
+IN_PLACE_BINDINGS = 4  # sets of caller arrays a plan keeps compiled steps for (least recently used go)
 
 
 class BuildContext:
@@ -173,6 +177,11 @@ class Plan:
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
         self._build(graph, device, ctx, r.values, r.shapes, r.entries)
+        # Devices that compute on host memory read aligned caller arrays in place: the steps that
+        # touch them are rebuilt once per set of arrays and kept (see _in_place_runs).
+        self._bindings = OrderedDict() if device.reads_host_arrays else None
+        self._last_bound = None
+        self._stats = self._counters = None  # the model's Stats, and this plan's counters in it
 
     def _build(self, graph, device, ctx, values, shapes, entries):
         # Which memory block each run-time tensor lives in (views share their input's block).
@@ -200,6 +209,7 @@ class Plan:
             self.input_buffers.append(buffers[t.name])
 
         self.steps: list[Step] = []
+        self._step_args: list[tuple] = []  # (attrs, operand names, data, out buffer) per step
         self.activation_blocks = 0  # blocks allocated for step outputs (reuse keeps this low)
         for i, (node, attrs, operands, out_shape) in enumerate(entries):
             out = node.outputs[0]
@@ -220,6 +230,7 @@ class Plan:
                 data = [buffers[n] if n in buffers else
                         np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
                 self.steps.append(Step(node, device.ops[node.op](ctx, attrs, data, buffers[out])))
+                self._step_args.append((attrs, operands, data, buffers[out]))
             for name in set(operands):
                 r = root.get(name)
                 if r is not None and last_use.get(r) == i and r not in pinned:
@@ -234,21 +245,38 @@ class Plan:
             else:
                 raise ShapeError(f"graph output {o!r} is never computed")
         self._run_steps = tuple(device.finalize([s.run for s in self.steps]))
+        self._output_shapes = tuple(tuple(shape) for _, _, shape in self.outputs)
+        self._ctx, self._root, self._shapes = ctx, root, shapes
+        self._input_roots = [t.name for t in graph.inputs]
+        out_roots = [root.get(o) for o in graph.outputs]
+        # an output can be written in place into the caller's array when its block is its own
+        self._output_roots = [r if r is not None and r not in self._input_roots
+                              and out_roots.count(r) == 1 else None for r in out_roots]
 
     @property
-    def output_shapes(self) -> list[tuple]:
-        return [shape for _, _, shape in self.outputs]
+    def output_shapes(self) -> tuple:
+        return self._output_shapes
 
-    def run(self, arrays, outs=None, stats=None, profile=None):
-        """Copy ``arrays`` in, run every step, copy the outputs out (into ``outs`` if given)."""
+    def run(self, arrays, outs=None, stats=None, profile=None, request_since=None):
+        """Copy ``arrays`` in, run every step, copy the outputs out (into ``outs`` if given).
+        On a device that computes on host memory, 4 KiB-aligned C-contiguous float32 arrays
+        (``offload.empty``) are read, and written as ``outs``, in place: 0 bytes copied."""
         device = self.device
         t0 = time.perf_counter()
+        runs, in_place = self._run_steps, None
+        if self._bindings is not None and profile is None:
+            runs, in_place = self._in_place_runs(arrays, outs)
         copied_in = 0
-        for buf, array in zip(self.input_buffers, arrays):
-            copied_in += device.copy_in(buf, array)
+        if in_place is None:
+            for buf, array in zip(self.input_buffers, arrays):
+                copied_in += device.copy_in(buf, array)
+        else:
+            for buf, array, bound in zip(self.input_buffers, arrays, in_place):
+                if not bound:
+                    copied_in += device.copy_in(buf, array)
         t1 = time.perf_counter()
         if profile is None:
-            for run in self._run_steps:
+            for run in runs:
                 run()
             device.synchronize()
         else:
@@ -259,9 +287,12 @@ class Plan:
                 profile.append((step.node.name, step.node.op, time.perf_counter() - s))
         t2 = time.perf_counter()
         results, copied_out = [], 0
+        bound_out = in_place[len(arrays):] if in_place is not None else None
         for k, (buf, const, shape) in enumerate(self.outputs):
             dst = outs[k] if outs is not None else np.empty(shape, np.float32)
-            if buf is None:
+            if bound_out is not None and bound_out[k]:
+                pass  # the steps wrote into dst
+            elif buf is None:
                 np.copyto(dst, const)
                 copied_out += dst.nbytes
             else:
@@ -269,5 +300,136 @@ class Plan:
             results.append(dst)
         t3 = time.perf_counter()
         if stats is not None:
-            stats.record(copied_in, copied_out, t1 - t0, t2 - t1, t3 - t2)
+            self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
         return results
+
+    def bound(self, arrays, outs):
+        """A callable ``(stats, request_since)`` that runs this plan on these fixed arrays
+        (Model.bind): what is used in place and what is copied is decided once, here."""
+        runs, in_place = self._run_steps, None
+        if self._bindings is not None:
+            runs, in_place = self._in_place_runs(arrays, outs)
+        n = len(arrays)
+        copy_in = [(b, a) for k, (b, a) in enumerate(zip(self.input_buffers, arrays))
+                   if in_place is None or not in_place[k]]
+        copy_out = [(o, buf, const) for k, ((buf, const, _), o) in enumerate(zip(self.outputs, outs))
+                    if in_place is None or not in_place[n + k]]
+        device, perf_counter = self.device, time.perf_counter
+
+        def run(stats, request_since):
+            t0 = perf_counter()
+            copied_in = copied_out = 0
+            for buf, array in copy_in:
+                copied_in += device.copy_in(buf, array)
+            t1 = perf_counter() if copy_in else t0
+            for step in runs:
+                step()
+            device.synchronize()
+            t2 = perf_counter()
+            for dst, buf, const in copy_out:
+                if buf is None:
+                    np.copyto(dst, const)
+                    copied_out += dst.nbytes
+                else:
+                    copied_out += device.copy_out(dst, buf)
+            t3 = perf_counter() if copy_out else t2
+            self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
+        return run
+
+    def _count(self, stats, copied_in, copied_out, t0, t1, t2, t3, request_since):
+        """Add one run to this plan's counters in ``stats`` (Stats.RUN_FIELDS); a plan serves
+        one call at a time, so no lock."""
+        if stats is not self._stats:
+            self._stats, self._counters = stats, stats.run_counters()
+        c = self._counters
+        c[0] += 1
+        c[1] += copied_in
+        c[2] += copied_out
+        c[3] += t1 - t0
+        c[4] += t2 - t1
+        c[5] += t3 - t2
+        if request_since is not None:
+            c[6] += 1
+            stats.latency.append(t3 - request_since)
+            stats.wait.append(0.0)
+
+    def _in_place_runs(self, arrays, outs):
+        """The steps to run when the caller's aligned arrays are used in place, and which
+        inputs/outputs that covers; ``(self._run_steps, None)`` when none qualifies."""
+        last = self._last_bound  # the same array objects as last call: the same binding
+        if last is not None and _same(arrays, last[0]) and _same(outs, last[1]):
+            return last[2], last[3]
+        if outs is None:
+            for a in arrays:
+                if a.base is not None:
+                    break
+            else:  # arrays that own their memory: NumPy's, not page-aligned (_in_place_address)
+                return self._run_steps, None
+        key = [_in_place_address(a) for a in arrays]
+        if outs is not None:
+            key += [_in_place_address(o) if r is not None else 0
+                    for o, r in zip(outs, self._output_roots)]
+        else:
+            key += [0] * len(self._output_roots)
+        if not any(key):
+            self._last_bound = None
+            return self._run_steps, None
+        key = tuple(key)
+        runs = self._bindings.get(key)
+        if runs is not None:
+            self._bindings.move_to_end(key)
+        else:
+            arrays_outs = list(arrays) + list(outs or ())
+            spans = sorted((a, a + x.nbytes, k >= len(arrays))
+                           for k, (a, x) in enumerate(zip(key, arrays_outs)) if a)
+            if any(s[1] > t[0] and (s[2] or t[2]) for s, t in zip(spans, spans[1:])):
+                return self._run_steps, None  # an output overlaps another array: copy instead
+            roots = self._input_roots + self._output_roots
+            subs = {roots[k]: x.reshape(-1).view(np.uint8)
+                    for k, (a, x) in enumerate(zip(key, arrays_outs)) if a}
+            runs = self._bindings[key] = tuple(self.device.finalize(self._steps_with(subs)))
+            if len(self._bindings) > IN_PLACE_BINDINGS:
+                self._bindings.popitem(last=False)
+        self._last_bound = (tuple(arrays), None if outs is None else tuple(outs), runs, key)
+        return runs, key
+
+    def _steps_with(self, subs: dict) -> list:
+        """The plan's step callables, rebuilt where a step touches a block in ``subs`` (block root
+        name -> caller memory), which then replaces the plan's own block."""
+        device, root, runs = self.device, self._root, []
+        for step, (attrs, operands, data, out) in zip(self.steps, self._step_args):
+            node = step.node
+            if not any(root.get(n) in subs for n in operands + node.outputs[:1]):
+                runs.append(step.run)
+                continue
+            data = [device.view(subs[root[n]], self._shapes[n]) if root.get(n) in subs else d
+                    for n, d in zip(operands, data)]
+            if root.get(node.outputs[0]) in subs:
+                out = device.view(subs[root[node.outputs[0]]], self._shapes[node.outputs[0]])
+            runs.append(device.ops[node.op](self._ctx, attrs, data, out))
+        return runs
+
+
+def _same(a, b) -> bool:
+    """Whether two sequences of arrays (or None) hold the same objects."""
+    if a is None or b is None:
+        return a is b
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is not y:
+            return False
+    return True
+
+
+def _in_place_address(x) -> int:
+    """The address of ``x`` when a host-memory device may use it in place, else 0: a writeable,
+    C-contiguous float32 view on 4 KiB-aligned memory (``offload.empty``). An array that owns
+    its memory got it from NumPy's allocator, which does not align to pages: not checked."""
+    if type(x) is not np.ndarray or x.base is None or x.dtype != np.float32:
+        return 0
+    flags = x.flags
+    if not (flags.c_contiguous and flags.writeable) or not x.size:
+        return 0
+    a = address(x)
+    return a if a % ALIGNMENT == 0 else 0
