@@ -196,3 +196,34 @@ def test_other_dtypes_raise_shape_error(jet_path, dtype):
     model = offload.load(jet_path)
     with pytest.raises(offload.ShapeError, match=f"expected dtype float32.*got {np.dtype(dtype)}"):
         model(np.zeros((ROWS, 16), dtype))
+
+
+def test_out_device_returns_arrays_in_the_device_memory(device, jet_path, reference):
+    model = offload.load(jet_path, device=device)
+    y = model(sample(), out="device")
+    if device.kind == "cpu":
+        assert isinstance(y, np.ndarray)
+        host = y
+    elif device.kind == "opencl":
+        import pyopencl.array as cla
+        assert isinstance(y, cla.Array)
+        host = y.get()
+    else:  # cuda: a CuPy array on the device
+        assert y.__dlpack_device__() == device.dlpack_device
+        host = y.get()
+    assert_close(host, reference(sample()))
+    again = model(sample(1), out="device")  # the plan's buffers are reused: y must not change
+    assert_close(host if device.kind == "cpu" else y.get(), reference(sample()))
+    del again
+
+
+def test_a_gpu_array_goes_in_without_a_host_round_trip(device, jet_path, reference):
+    if device.dlpack_device is None:
+        pytest.skip(f"{device.spec} takes host arrays only")
+    cupy = pytest.importorskip("cupy")
+    model = offload.load(jet_path, device=device)
+    with cupy.cuda.Device(device.dlpack_device[1]):
+        x = cupy.asarray(sample())
+    model.reset_stats()
+    assert_close(model(x), reference(sample()))
+    assert model.stats["copy_in_bytes"] == NBYTES_IN  # one device-to-device copy

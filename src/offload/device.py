@@ -78,6 +78,11 @@ class Device:
     def synchronize(self) -> None:
         pass
 
+    def device_array(self, src: Any):
+        """A new array in the device's own memory holding a copy of the buffer ``src`` (for
+        ``model(x, out="device")``); host-memory devices return NumPy arrays."""
+        raise NotImplementedError(f"{self.spec} has no device array type")
+
     def finalize(self, runs: list) -> list:
         """Given a plan's step callables in order, return the callables to run per inference
         (a device may merge steps, e.g. into one native call or one captured graph)."""

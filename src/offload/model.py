@@ -483,7 +483,8 @@ class Model:
             plan = self._acquire(ctx, shapes)
         ctx.runs += 1
         try:
-            outs = None if out is None else self._check_out(out, plan.output_shapes)
+            outs = None if out is None else "device" if isinstance(out, str) and out == \
+                "device" else self._check_out(out, plan.output_shapes)
             return plan.run(arrays, outs, self._stats, profile, since)
         finally:
             if not self._closed:

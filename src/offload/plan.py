@@ -258,14 +258,15 @@ class Plan:
         return self._output_shapes
 
     def run(self, arrays, outs=None, stats=None, profile=None, request_since=None):
-        """Copy ``arrays`` in, run every step, copy the outputs out (into ``outs`` if given).
+        """Copy ``arrays`` in, run every step, copy the outputs out (into ``outs`` if given;
+        ``outs="device"``: new arrays in the device's memory, see Device.device_array).
         On a device that computes on host memory, 4 KiB-aligned C-contiguous float32 arrays
         (``offload.empty``) are read, and written as ``outs``, in place: 0 bytes copied."""
         device = self.device
         t0 = time.perf_counter()
         runs, in_place = self._run_steps, None
         if self._bindings is not None and profile is None:
-            runs, in_place = self._in_place_runs(arrays, outs)
+            runs, in_place = self._in_place_runs(arrays, None if isinstance(outs, str) else outs)
         copied_in = 0
         if in_place is None:
             for buf, array in zip(self.input_buffers, arrays):
@@ -287,17 +288,21 @@ class Plan:
                 profile.append((step.node.name, step.node.op, time.perf_counter() - s))
         t2 = time.perf_counter()
         results, copied_out = [], 0
-        bound_out = in_place[len(arrays):] if in_place is not None else None
-        for k, (buf, const, shape) in enumerate(self.outputs):
-            dst = outs[k] if outs is not None else np.empty(shape, np.float32)
-            if bound_out is not None and bound_out[k]:
-                pass  # the steps wrote into dst
-            elif buf is None:
-                np.copyto(dst, const)
-                copied_out += dst.nbytes
-            else:
-                copied_out += device.copy_out(dst, buf)
-            results.append(dst)
+        if isinstance(outs, str):  # "device"
+            results = [np.array(const, np.float32) if buf is None else device.device_array(buf)
+                       for buf, const, _ in self.outputs]
+        else:
+            bound_out = in_place[len(arrays):] if in_place is not None else None
+            for k, (buf, const, shape) in enumerate(self.outputs):
+                dst = outs[k] if outs is not None else np.empty(shape, np.float32)
+                if bound_out is not None and bound_out[k]:
+                    pass  # the steps wrote into dst
+                elif buf is None:
+                    np.copyto(dst, const)
+                    copied_out += dst.nbytes
+                else:
+                    copied_out += device.copy_out(dst, buf)
+                results.append(dst)
         t3 = time.perf_counter()
         if stats is not None:
             self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)

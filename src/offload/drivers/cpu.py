@@ -406,6 +406,9 @@ class CPUDevice(Device):
         dst[...] = src
         return dst.nbytes
 
+    def device_array(self, src):
+        return src.copy()
+
     def finalize(self, runs):
         return merge_native_steps(runs)
 

@@ -29,7 +29,12 @@ an inference is then one ``graph.launch``. If capture is unavailable or fails, t
 back to plain launches of its steps (``device.graph_fallbacks`` records why). Set
 ``OFFLOAD_CUDA_GRAPHS=0`` to disable capture.
 
-Not implemented: float16/bfloat16/TF32 precisions, DLPack input and ``out="device"``.
+Device arrays. A CuPy array or PyTorch CUDA tensor on this GPU (DLPack device (2, index)) goes
+in without a host round trip: one device-to-device copy into the plan's input on the stream.
+``model(x, out="device")`` returns CuPy arrays (a device-to-device copy of each output, since
+the plan's buffers are reused by the next call).
+
+Not implemented: float16/bfloat16/TF32 precisions (float32 only), NHWC.
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ class CUDADevice(Device):
             raise map_error(self, e, "opening the device") from None
         self.ops = OPS
         self.capabilities = Capabilities(frozenset(OPS))
+        self.dlpack_device = (2, index)  # kDLCUDA: CuPy arrays and CUDA tensors on this GPU
         self.build_stats = {"compiled": 0, "seconds": 0.0}
         weakref.finalize(self, _destroy_handle, cublas, self.handle)
 
@@ -207,9 +213,11 @@ class CUDADevice(Device):
             self._staging[key] = stage
         return stage
 
-    def copy_in(self, dst, src: np.ndarray) -> int:
+    def copy_in(self, dst, src) -> int:
         if dst.nbytes == 0:
             return 0
+        if not isinstance(src, np.ndarray):  # an array in this GPU's memory (DLPack)
+            return self._copy_in_device_array(dst, src)
         stage = self._stage(dst)
         np.copyto(stage, np.reshape(src, dst.shape), casting="same_kind")
         try:
@@ -218,6 +226,36 @@ class CUDADevice(Device):
         except self._errors[1] as e:
             raise map_error(self, e, "copying in") from None
         return dst.nbytes
+
+    def _copy_in_device_array(self, dst, src) -> int:
+        """Copy a CuPy array / CUDA tensor on this GPU into ``dst`` on the device's stream, no
+        host round trip. ``cupy.from_dlpack`` runs with our stream current, so the producer
+        orders its pending work on ``src`` before our copy (the DLPack stream handshake)."""
+        cp = _cupy()
+        try:
+            with self._dev, self._lock, self.stream:
+                array = cp.from_dlpack(src)
+                cp.copyto(dst, array.reshape(dst.shape))
+        except self._errors[1] as e:
+            raise map_error(self, e, "copying in a device array") from None
+        return dst.nbytes
+
+    def device_array(self, src):
+        """A new CuPy array on this GPU holding a copy of ``src``, complete when returned (any
+        stream may use it)."""
+        cp = _cupy()
+        try:
+            with self._dev, self._lock, self.stream:
+                out = src.copy()
+                self.stream.synchronize()
+        except self._errors[1] as e:
+            raise map_error(self, e, "copying an output on the device") from None
+        except self._errors[0] as e:
+            raise DeviceMemoryError(f"{self.spec}: cannot allocate {src.nbytes} bytes for an "
+                                    f"output ({self._in_use} bytes in use by offload): {e}") \
+                from None
+        assert isinstance(out, cp.ndarray)
+        return out
 
     def copy_out(self, dst: np.ndarray, src) -> int:
         if dst.nbytes == 0:

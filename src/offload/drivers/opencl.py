@@ -273,6 +273,19 @@ class OpenCLDevice(Device):
             if raw is not None:
                 raw.uses.append((kernel, index))
 
+    def device_array(self, src: Buffer):
+        """A new ``pyopencl.array.Array`` on this device holding a copy of ``src``."""
+        import pyopencl.array as cla
+        cl = _cl()
+        try:
+            out = cla.empty(self.queue, src.shape, src.dtype)
+            if src.nbytes:
+                cl.enqueue_copy(self.queue, out.data, src.raw.current, byte_count=src.nbytes)
+            self.queue.finish()
+        except cl.Error as e:
+            raise map_error(self, e, "copying an output on the device") from None
+        return out
+
     def copy_out(self, dst: np.ndarray, src: Buffer) -> int:
         if dst.nbytes == 0:
             return 0
