@@ -399,8 +399,9 @@ std::string shape_text(const Py_buffer &v, int from) {
 }
 
 // parts[i] of shape (rows_i, *sample) copied back to back into out of shape (rows, *sample);
-// the rows after them are zeroed. Returns the number of rows written.
-std::int64_t gather(nb::handle out, nb::sequence parts) {
+// the rows after them are zeroed. Returns the number of rows written; with strict=false, -1
+// (nothing written) where a part is not C-contiguous or not of out's format and sample shape.
+std::int64_t gather(nb::handle out, nb::sequence parts, bool strict) {
     Buffer o;
     get_buffer(o, out, true, "gather(): out");
     if (o.view.ndim < 1)
@@ -412,12 +413,23 @@ std::int64_t gather(nb::handle out, nb::sequence parts) {
     std::int64_t rows = 0;
     for (std::size_t i = 0; i < n; ++i) {
         Buffer &p = held[i];
-        get_buffer(p, parts[i], false, ("gather(): part " + std::to_string(i)).c_str());
-        const std::string fmt = p.view.format ? p.view.format : "B";
-        bool same = fmt == out_format && p.view.itemsize == o.view.itemsize &&
+        nb::handle part = parts[i];
+        if (!strict) {
+            if (PyObject_GetBuffer(part.ptr(), &p.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+                PyErr_Clear();
+                return -1;
+            }
+            p.held = true;
+        } else {
+            get_buffer(p, part, false, ("gather(): part " + std::to_string(i)).c_str());
+        }
+        const char *fmt = p.view.format ? p.view.format : "B";
+        bool same = out_format == fmt && p.view.itemsize == o.view.itemsize &&
                     p.view.ndim == o.view.ndim;
         for (int k = 1; same && k < o.view.ndim; ++k)
             same = p.view.shape[k] == o.view.shape[k];
+        if (!same && !strict)
+            return -1;
         if (!same)
             throw nb::value_error(("gather(): part " + std::to_string(i) + " must have format '" +
                                    out_format + "' and sample shape " + shape_text(o.view, 1) +
@@ -426,6 +438,8 @@ std::int64_t gather(nb::handle out, nb::sequence parts) {
         total += (std::size_t) p.view.len;
         rows += p.view.shape[0];
     }
+    if (total > (std::size_t) o.view.len && !strict)
+        return -1;
     if (total > (std::size_t) o.view.len)
         throw nb::value_error(("gather(): the parts hold " + std::to_string(rows) +
                                " rows, out has only " + std::to_string(o.view.shape[0])).c_str());
@@ -516,10 +530,11 @@ NB_MODULE(_core, m) {
           "Copy src into dst (both C-contiguous host buffers of the same byte size) with one "
           "memmove; the GIL is released for copies of 64 KiB and more.");
 
-    m.def("gather", &gather, nb::arg("out"), nb::arg("parts"),
+    m.def("gather", &gather, nb::arg("out"), nb::arg("parts"), nb::arg("strict") = true,
           "Copy ``parts`` (each C-contiguous, of out's format and sample shape) back to back "
           "into ``out`` along its first axis and zero the rest, one memcpy each, with the GIL "
-          "released; returns the number of rows written.");
+          "released; returns the number of rows written. A part that does not fit raises "
+          "TypeError/ValueError, or with strict=False makes it return -1 with nothing written.");
 
     register_cpu_kernels(m);
 }

@@ -13,13 +13,15 @@ the device is never left idle to fill a batch). A request larger than
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import _core
 from .errors import OffloadError
 
 
@@ -168,9 +170,17 @@ class Batcher:
         merged = []
         for k in range(len(batch[0].arrays)):
             parts = [r.arrays[k] for r in batch]
-            block = np.empty((size,) + parts[0].shape[1:], np.result_type(*parts))
-            np.concatenate(parts, out=block[:rows])
-            block[rows:] = 0
+            block = None
+            if parts[0].dtype == np.float32:
+                # native: one memcpy each, zero rows after, GIL released; -1 (nothing written)
+                # unless every part is C-contiguous float32 of the same sample shape
+                block = _ARENA.take((size,) + parts[0].shape[1:])
+                if _core.gather(block, parts, strict=False) < 0:
+                    block = None
+            if block is None:
+                block = np.empty((size,) + parts[0].shape[1:], np.result_type(*parts))
+                np.concatenate(parts, out=block[:rows])
+                block[rows:] = 0
             merged.append(block)
         return merged
 
@@ -192,6 +202,52 @@ class Batcher:
             if r.finish is not list:  # pieces of a split request are counted once, when joined
                 self._record(done - r.arrived, started - r.arrived)
             r.future.set_result(r.finish(mine))
+
+
+class _Arena:
+    """Reusable 4 KiB-aligned float32 staging blocks for merged batches, a few per shape.
+
+    Reuse is safe only when nothing refers to a block any more. After ``_run`` the batch array
+    is gone from the batcher, but others may still hold it: a device that reads the input in
+    place can keep it bound (the CPU plan, an OpenCL buffer made with CL_MEM_USE_HOST_PTR) or
+    still read it after returning; an output may be a view of the input (an Identity or Reshape
+    model), and those rows go to the callers, who keep them as long as they like. Every such
+    holder keeps the block's owner (a ``_core.HostBuffer``) referenced: arrays and views through
+    their memoryview base, DLPack consumers directly. So a pooled block is handed out again only
+    when its owner's reference count shows nobody but the pool; otherwise a new block is made
+    (and pooled while the pool has room). Never more than ``per_shape`` blocks per shape,
+    ``shapes`` shapes (least recently used dropped) and ``max_bytes`` in all are kept.
+    """
+
+    def __init__(self, per_shape: int = 4, shapes: int = 16, max_bytes: int = 64 << 20):
+        self.per_shape, self.shapes, self.max_bytes = per_shape, shapes, max_bytes
+        self._pools: OrderedDict[tuple, list] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # one Batcher worker per device: several take at once
+
+    def take(self, shape: tuple) -> np.ndarray:
+        """An uninitialised float32 array of ``shape`` that nobody else refers to."""
+        with self._lock:
+            pool = self._pools.get(shape)
+            if pool is None:
+                pool = self._pools[shape] = []
+                while len(self._pools) > self.shapes:
+                    _, dropped = self._pools.popitem(last=False)
+                    self._bytes -= sum(b.nbytes for b in dropped)
+            else:
+                self._pools.move_to_end(shape)
+            for owner in pool:
+                # references: the pool's list, this loop's name, getrefcount's argument
+                if sys.getrefcount(owner) <= 3:
+                    return np.asarray(owner)  # made under the lock: now referenced
+            owner = _core.HostBuffer(shape, "<f4")
+            if len(pool) < self.per_shape and self._bytes + owner.nbytes <= self.max_bytes:
+                pool.append(owner)
+                self._bytes += owner.nbytes
+            return np.asarray(owner)
+
+
+_ARENA = _Arena()
 
 
 def _joined(futures, finish) -> concurrent.futures.Future:
