@@ -16,7 +16,8 @@ import pytest
 import offload
 
 # (rtol, atol) per precision when a device is compared with the CPU device or onnxruntime.
-TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+TOLERANCE = {"float32": (1e-4, 1e-4), "tf32": (1e-2, 1e-2), "float16": (1e-2, 1e-2),
+             "bfloat16": (5e-2, 5e-2)}
 
 
 def pytest_addoption(parser):

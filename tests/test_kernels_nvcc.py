@@ -38,9 +38,15 @@ def test_driver_config_matches():
     assert set(SOURCES) == set(opencl.PROGRAMS)
 
 
+STORAGES = {"float32": (), "float16": ("STORAGE_F16=1",), "bfloat16": ("STORAGE_BF16=1",)}
+
+
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("source", SOURCES)
-def test_kernel_compiles_with_nvcc(source, nvcc, tmp_path):
-    ptx = compile_ptx(nvcc, source, tmp_path / f"{source}.ptx")
+def test_kernel_compiles_with_nvcc(source, storage, nvcc, tmp_path):
+    defines = STORAGES[storage] + (tuple(f"{k}={v}" for k, v in GEMM_GPU.items())
+                                   if source == "gemm.cl" else ())
+    ptx = compile_ptx(nvcc, source, tmp_path / f"{source}.ptx", tuple(defines))
     kernels = [line.split()[-1].rstrip("(") for line in ptx.splitlines() if ".entry" in line]
     declared = [line.split("(")[0].split()[-1] for line in
                 (KERNEL_DIR / source).read_text().splitlines() if line.startswith("KERNEL void")]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import offload
+from offload.plan import BuildContext
 from offload import DeviceMemoryError, DeviceRuntimeError, KernelBuildError
 from offload.drivers import opencl as ocl
 
@@ -86,7 +87,7 @@ def test_program_cache_on_disk(dev, tmp_path, monkeypatch):
     # a program loaded from its binary runs
     x = np.array([-2.0, -0.5, 0.0, 3.0], np.float32)
     xb, yb = warm.upload(x), warm.view(warm.alloc(x.nbytes), x.shape)
-    run = ocl.build_activation(_Ctx(warm), {"fn": "relu"}, [xb], yb)
+    run = ocl.build_activation(BuildContext(warm, {}), {"fn": "relu"}, [xb], yb)
     run()
     y = np.empty_like(x)
     warm.copy_out(y, yb)
@@ -160,24 +161,6 @@ def test_cl_errors_map_to_typed_errors(dev):
                       DeviceMemoryError)
     other = ocl.map_error(dev, error(cl.status_code.INVALID_VALUE), "running gemm")
     assert isinstance(other, DeviceRuntimeError) and "running gemm" in str(other)
-
-
-class _Ctx:
-    """The part of plan.BuildContext the builders use."""
-
-    def __init__(self, device):
-        self.device = device
-        self._keep = []
-
-    def weight(self, array, tag="", transform=None):
-        buf = self.device.upload(np.ascontiguousarray(transform(array) if transform else array))
-        self._keep.append(buf)
-        return buf
-
-    def scratch(self, shape, dtype=np.float32):
-        buf = self.device.view(self.device.alloc(int(np.prod(shape)) * 4), tuple(shape), dtype)
-        self._keep.append(buf)
-        return buf
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "gpu", "naive"])

@@ -39,7 +39,8 @@ def import_onnx(source):
 
 
 def load(source: str | os.PathLike, device: str | Device | list = "cpu",
-         batching: Batching | None = None, fallback: str = "error") -> Model:
+         batching: Batching | None = None, fallback: str = "error",
+         precision: str | None = None) -> Model:
     """Load an ONNX model for ``device`` (default: the embedded CPU device).
 
     ``source`` is a path to an .onnx file, its bytes, an ``onnx.ModelProto``, or a zoo name
@@ -48,13 +49,16 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
     concurrent requests into device batches (``offload.Batching(max_batch, max_delay_us)``).
     ``fallback="cpu"`` reruns on the CPU device what a device fails to run (counted in
     ``model.stats`` and warned once per reason); the default ``"error"`` raises.
+    ``precision``: "float32" (default), "tf32", "float16" or "bfloat16" on a device that runs
+    it (``Capabilities.precisions``; see offload.precision); inputs and outputs stay float32.
     """
     if isinstance(source, str) and source in zoo.NAMES and not os.path.exists(source):
         source = zoo.path(source)
     graph = import_onnx(source)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     opened, missing = _open_devices(device, fallback)
-    model = Model(graph, opened, label, batching, fallback)
+    model = Model(graph, opened, label, batching, fallback,
+                  precision=precision if precision is not None else "float32")
     for reason in missing:
         model._stats.fallback(reason)
     return model

@@ -15,7 +15,8 @@ import numpy as np
 from . import graph as G
 from .batching import Batcher, Batching
 from .device import Device
-from .errors import ModelFormatError, OffloadError, ShapeError
+from .errors import ModelFormatError, OffloadError, ShapeError, UnsupportedOpError
+from .precision import check as check_precision
 from .plan import Plan, batch_mixing_node
 
 ACCEPTED_FLOATS = (np.float32, np.float64, np.float16)
@@ -136,8 +137,9 @@ class Binding:
 class _DeviceContext:
     """One device of a model: its prepared weights, its pool of plans, its requests in flight."""
 
-    def __init__(self, device: Device):
+    def __init__(self, device: Device, precision: str = "float32"):
         self.device = device
+        self.precision = precision
         self.weights: dict = {}
         self.plans: dict[tuple, list[Plan]] = {}
         self.in_flight = 0
@@ -155,7 +157,8 @@ class Model:
     """
 
     def __init__(self, graph: G.Graph, device: Device | list[Device], source: str = "",
-                 batching: Batching | None = None, fallback: str = "error"):
+                 batching: Batching | None = None, fallback: str = "error",
+                 precision: str = "float32"):
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.graph = graph
@@ -165,7 +168,13 @@ class Model:
         self.device = self.devices[0]
         self.source = source
         self.fallback = fallback
-        self._contexts = [_DeviceContext(d) for d in self.devices]
+        self.precision = check_precision(precision)
+        for d in self.devices:
+            if precision not in d.capabilities.precisions:
+                raise UnsupportedOpError(
+                    f"device {d.spec} does not run precision {precision!r} (it runs "
+                    f"{sorted(d.capabilities.precisions)})", [(f"precision {precision}", "")])
+        self._contexts = [_DeviceContext(d, precision) for d in self.devices]
         self._fallback_context: _DeviceContext | None = None
         self._dispatch_lock = threading.Lock()
         self._stats = Stats()
@@ -390,7 +399,7 @@ class Model:
             pass
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        return Plan(self.graph, ctx.device, shapes, ctx.weights)
+        return Plan(self.graph, ctx.device, shapes, ctx.weights, ctx.precision)
 
     def _release(self, ctx: _DeviceContext, plan: Plan) -> None:
         if not self._closed:

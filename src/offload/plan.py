@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import graph as G
+from . import precision as P
 from . import reference
 from .device import Device
 from .errors import ShapeError, UnsupportedOpError
@@ -25,25 +26,35 @@ IN_PLACE_BINDINGS = 4  # sets of caller arrays a plan keeps compiled steps for (
 
 
 class BuildContext:
-    """What op builders may ask of the plan: prepared weights and scratch memory."""
+    """What op builders may ask of the plan: prepared weights, scratch memory, and the plan's
+    precision: tensors in device memory are ``storage`` (float32, float16 or bfloat16 bits),
+    and kernels are compiled with ``kernel_defines`` (see offload.precision)."""
 
-    def __init__(self, device: Device, weights: dict):
+    def __init__(self, device: Device, weights: dict, precision: str = "float32"):
         self.device = device
+        self.precision = precision
+        self.storage = P.storage_dtype(precision)
+        self.kernel_defines = P.kernel_defines(precision)
         self._weights = weights  # shared by every plan of one model on one device
         self._scratch: dict[int, tuple] = {}  # slot -> (raw block, nbytes)
 
     def weight(self, array: np.ndarray, tag: str = "", transform=None):
-        """A device copy of a constant, transformed once (e.g. re-laid out) and cached."""
+        """A device copy of a constant, transformed once (e.g. re-laid out), converted to the
+        plan's storage type when it is a float tensor, and cached."""
         key = (id(array), tag)
         hit = self._weights.get(key)
         if hit is None:
             host = transform(array) if transform is not None else array
+            if self.storage != np.float32 and np.asarray(host).dtype.kind == "f":
+                host = P.to_storage(host, self.precision)
             hit = self._weights[key] = (array, self.device.upload(np.ascontiguousarray(host)))
         return hit[1]
 
-    def scratch(self, shape, dtype=np.float32, slot: int = 0):
-        """A temporary buffer valid only while one step runs, shared between steps; a step that
-        needs two temporaries asks for two slots."""
+    def scratch(self, shape, dtype=None, slot: int = 0):
+        """A temporary buffer (of the storage type unless ``dtype`` says) valid only while one
+        step runs, shared between steps; a step that needs two temporaries asks for two
+        slots."""
+        dtype = self.storage if dtype is None else dtype
         nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
         raw, size = self._scratch.get(slot, (None, 0))
         if nbytes > size:
@@ -168,10 +179,13 @@ def batch_mixing_node(graph: G.Graph, sample_shapes: tuple) -> str | None:
 class Plan:
     """``graph`` compiled for ``device`` at the given input shapes."""
 
-    def __init__(self, graph: G.Graph, device: Device, input_shapes: tuple, weights: dict):
+    def __init__(self, graph: G.Graph, device: Device, input_shapes: tuple, weights: dict,
+                 precision: str = "float32"):
         self.device = device
         self.input_shapes = input_shapes
-        ctx = BuildContext(device, weights)
+        self.precision = precision
+        self.storage = P.storage_dtype(precision)
+        ctx = BuildContext(device, weights, precision)
         try:
             r = resolve(graph, input_shapes, device.ops)
         except UnsupportedOpError as e:
@@ -196,16 +210,17 @@ class Plan:
                     last_use[root[name]] = i
         pinned = {t.name for t in graph.inputs} | {root[o] for o in graph.outputs if o in root}
 
+        storage, item = self.storage, self.storage.itemsize
         blocks: dict[str, tuple] = {}  # root name -> (raw, nbytes)
         free: list[tuple[int, object]] = []
         buffers = {}
         self.input_buffers = []
         for t in graph.inputs:
             shape = shapes[t.name]
-            nbytes = max(1, math.prod(shape) * 4)
+            nbytes = max(1, math.prod(shape) * item)
             raw = device.alloc(nbytes)
             blocks[t.name] = (raw, nbytes)
-            buffers[t.name] = device.view(raw, shape)
+            buffers[t.name] = device.view(raw, shape, storage)
             self.input_buffers.append(buffers[t.name])
 
         self.steps: list[Step] = []
@@ -215,9 +230,9 @@ class Plan:
             out = node.outputs[0]
             if node.op in G.VIEW_OPS:
                 raw = blocks[root[out]][0]
-                buffers[out] = device.view(raw, out_shape)
+                buffers[out] = device.view(raw, out_shape, storage)
             else:
-                nbytes = max(1, math.prod(out_shape) * 4)
+                nbytes = max(1, math.prod(out_shape) * item)
                 fit = [(cap, raw) for cap, raw in free if nbytes <= cap <= 4 * nbytes + 4096]
                 if fit:
                     best = min(fit, key=lambda f: f[0])
@@ -226,7 +241,7 @@ class Plan:
                 else:
                     blocks[out] = device.alloc(nbytes), nbytes
                     self.activation_blocks += 1
-                buffers[out] = device.view(blocks[out][0], out_shape)
+                buffers[out] = device.view(blocks[out][0], out_shape, storage)
                 data = [buffers[n] if n in buffers else
                         np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
                 self.steps.append(Step(node, device.ops[node.op](ctx, attrs, data, buffers[out])))
@@ -268,6 +283,8 @@ class Plan:
         if self._bindings is not None and profile is None:
             runs, in_place = self._in_place_runs(arrays, None if isinstance(outs, str) else outs)
         copied_in = 0
+        if self.storage != np.float32:
+            arrays = [self._to_storage(a) for a in arrays]
         if in_place is None:
             for buf, array in zip(self.input_buffers, arrays):
                 copied_in += device.copy_in(buf, array)
@@ -289,6 +306,9 @@ class Plan:
         t2 = time.perf_counter()
         results, copied_out = [], 0
         if isinstance(outs, str):  # "device"
+            if self.precision == "bfloat16":
+                raise ShapeError('out="device": a bfloat16 plan has no device array type to '
+                                 "return (CuPy and pyopencl lack bfloat16); use host outputs")
             results = [np.array(const, np.float32) if buf is None else device.device_array(buf)
                        for buf, const, _ in self.outputs]
         else:
@@ -300,6 +320,10 @@ class Plan:
                 elif buf is None:
                     np.copyto(dst, const)
                     copied_out += dst.nbytes
+                elif self.storage != np.float32:
+                    host = np.empty(shape, self.storage)
+                    copied_out += device.copy_out(host, buf)
+                    P.from_storage(host, self.precision, out=dst)
                 else:
                     copied_out += device.copy_out(dst, buf)
                 results.append(dst)
@@ -308,9 +332,22 @@ class Plan:
             self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
         return results
 
+    def _to_storage(self, array):
+        """A host input converted to the storage type; an array in device memory goes as it is
+        (the device converts it while copying it in) except to bfloat16, which has no device
+        array type to convert through."""
+        if isinstance(array, np.ndarray):
+            return P.to_storage(array, self.precision)
+        if self.precision == "bfloat16":
+            raise ShapeError("a bfloat16 plan takes host arrays only (no device bfloat16 type "
+                             f"to convert a {type(array).__name__} through)")
+        return array
+
     def bound(self, arrays, outs):
         """A callable ``(stats, request_since)`` that runs this plan on these fixed arrays
         (Model.bind): what is used in place and what is copied is decided once, here."""
+        if self.storage != np.float32:  # conversions on every call: the general path
+            return lambda stats, since: self.run(arrays, outs, stats, None, since)
         runs, in_place = self._run_steps, None
         if self._bindings is not None:
             runs, in_place = self._in_place_runs(arrays, outs)

@@ -34,7 +34,14 @@ in without a host round trip: one device-to-device copy into the plan's input on
 ``model(x, out="device")`` returns CuPy arrays (a device-to-device copy of each output, since
 the plan's buffers are reused by the next call).
 
-Not implemented: float16/bfloat16/TF32 precisions (float32 only), NHWC.
+Precisions (``offload.load(..., precision=...)``, see offload.precision): float32 (sgemm,
+no tensor-op rounding), tf32 (cublasGemmStridedBatchedEx with CUBLAS_COMPUTE_32F_FAST_TF32),
+float16 and bfloat16 (activations and weights stored in 16 bits, every kernel compiled with
+STORAGE_F16/STORAGE_BF16 converting on load and store, products through GemmStridedBatchedEx
+with float32 accumulation).
+
+Not implemented: NHWC (every layout here is NCHW; NHWC was not measured), cuBLASLt epilogues
+(the bias/activation epilogue is one extra kernel per product).
 """
 
 from __future__ import annotations
@@ -58,6 +65,15 @@ BLOCK_1D = 256
 NULL = np.uint64(0)  # a null pointer kernel argument (absent bias / residual)
 i32, f32 = np.int32, np.float32
 CUBLAS_OP_N = 0
+# cublasGemmStridedBatchedEx per precision: (cudaDataType of A, B and C, cublasComputeType).
+# Products accumulate in float32 in every precision; tf32 rounds the float32 inputs to TF32 on
+# the tensor cores. float32 itself goes through sgemmStridedBatched (no tensor-op rounding).
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUBLAS_GEMM_DEFAULT = -1
+GEMM_EX = {"tf32": (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32),
+           "float16": (CUDA_R_16F, CUBLAS_COMPUTE_32F),
+           "bfloat16": (CUDA_R_16BF, CUBLAS_COMPUTE_32F)}
 NO_CUPY = "CuPy is not installed (pip install offload[cuda])"
 
 def _cupy():
@@ -150,7 +166,8 @@ class CUDADevice(Device):
         except self._errors[1] as e:
             raise map_error(self, e, "opening the device") from None
         self.ops = OPS
-        self.capabilities = Capabilities(frozenset(OPS))
+        self.capabilities = Capabilities(frozenset(OPS), precisions=frozenset(
+            {"float32", *GEMM_EX}))
         self.dlpack_device = (2, index)  # kDLCUDA: CuPy arrays and CUDA tensors on this GPU
         self.build_stats = {"compiled": 0, "seconds": 0.0}
         weakref.finalize(self, _destroy_handle, cublas, self.handle)
@@ -187,7 +204,7 @@ class CUDADevice(Device):
             return cp.ndarray(shape, dtype, memptr=raw.mem)
 
     def upload(self, array: np.ndarray):
-        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else None)
+        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype == np.float64 else None)
         buf = self.view(self.alloc(array.nbytes), array.shape, array.dtype)
         if array.nbytes:
             try:
@@ -341,6 +358,16 @@ class CUDADevice(Device):
         cublas.sgemmStridedBatched(self.handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, alpha,
                                    b_ptr, ldb, sb, a_ptr, lda, sa, beta, c_ptr, ldc, sc, count)
 
+    def _gemm_ex_batched(self, precision, m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc,
+                         sc, count):
+        """As _sgemm_batched in a reduced precision (GEMM_EX): float32 alpha/beta by host
+        pointer, float32 accumulation."""
+        dtype, compute = GEMM_EX[precision]
+        self._cublas.gemmStridedBatchedEx(
+            self.handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, self._alpha.ctypes.data,
+            b_ptr, dtype, ldb, sb, a_ptr, dtype, lda, sa, self._beta.ctypes.data,
+            c_ptr, dtype, ldc, sc, count, compute, CUBLAS_GEMM_DEFAULT)
+
     def _probe_gemm_binding(self):
         """CuPy's sgemmStridedBatched takes alpha/beta as floats in some versions and as host
         pointers in others: try floats (a pointer-taking binding rejects a float with
@@ -451,9 +478,10 @@ def _launch(device, fn, grid, block, args, what):
     return run
 
 
-def _launch_1d(device, program, name, n, args, what):
-    return _launch(device, device.kernel(program, name), (-(-n // BLOCK_1D),), (BLOCK_1D,),
-                   args, what)
+def _launch_1d(ctx, program, name, n, args, what):
+    """A 1-D launch of a kernel compiled for the plan's tensor storage (ctx.kernel_defines)."""
+    return _launch(ctx.device, ctx.device.kernel(program, name, ctx.kernel_defines),
+                   (-(-n // BLOCK_1D),), (BLOCK_1D,), args, what)
 
 
 
@@ -472,17 +500,23 @@ def _ptr(buf):
     return buf.data.ptr
 
 
-def gemm(device, m, n, k, a, lda, sa, b, ldb, sb, c, ldc, sc, count, what="gemm"):
+def gemm(device, m, n, k, a, lda, sa, b, ldb, sb, c, ldc, sc, count, what="gemm",
+         precision="float32"):
     """A callable running row-major C[z] = A[z] @ B[z] for z < count on cuBLAS (a, b, c are
-    (array, element offset) pairs; strides in elements)."""
+    (array, element offset) pairs; strides in elements) in ``precision`` (see GEMM_EX)."""
     if m == 0 or n == 0 or count == 0:
         return lambda: None
     device._probe_gemm_binding()
     (ab, ao), (bb, bo), (cb, co) = a, b, c
-    a_ptr, b_ptr, c_ptr = _ptr(ab) + 4 * ao, _ptr(bb) + 4 * bo, _ptr(cb) + 4 * co
+    item = ab.dtype.itemsize
+    a_ptr, b_ptr, c_ptr = _ptr(ab) + item * ao, _ptr(bb) + item * bo, _ptr(cb) + item * co
     keep = (ab, bb, cb)
     stream, lock, dev, errors = device.stream, device._lock, device._dev, device._errors[1]
-    call = device._sgemm_batched
+    if precision == "float32":
+        call = device._sgemm_batched
+    else:
+        def call(*args):
+            device._gemm_ex_batched(precision, *args)
 
     def run():
         assert keep
@@ -494,12 +528,12 @@ def gemm(device, m, n, k, a, lda, sa, b, ldb, sb, c, ldc, sc, count, what="gemm"
     return run
 
 
-def _epilogue(device, y, bias, residual, channels, inner, epi):
+def _epilogue(ctx, y, bias, residual, channels, inner, epi):
     """y = act(y + bias[channel] + residual) in place; nothing when it is the identity."""
     if bias is None and residual is None and int(epi[0]) == ACTIVATIONS["identity"]:
         return None
     total = y.size
-    return _launch_1d(device, "elementwise.cl", "bias_act", total, (
+    return _launch_1d(ctx, "elementwise.cl", "bias_act", total, (
         y, bias if bias is not None else NULL, residual if residual is not None else NULL,
         i32(total), i32(channels), i32(inner), *epi), "bias/activation epilogue")
 
@@ -516,8 +550,9 @@ def build_dense(ctx, attrs, ins, out):
     residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
     if m * n == 0:
         return lambda: None
-    mult = gemm(device, m, n, k, (x, 0), k, 0, (wb, 0), n, 0, (out, 0), n, 0, 1, "dense")
-    return _sequence(mult, _epilogue(device, out, bias, residual, n, 1, _epilogue_args(attrs)))
+    mult = gemm(device, m, n, k, (x, 0), k, 0, (wb, 0), n, 0, (out, 0), n, 0, 1, "dense",
+                ctx.precision)
+    return _sequence(mult, _epilogue(ctx, out, bias, residual, n, 1, _epilogue_args(attrs)))
 
 
 def build_conv2d(ctx, attrs, ins, out):
@@ -527,7 +562,7 @@ def build_conv2d(ctx, attrs, ins, out):
     m, cg, kh, kw = w.shape
     groups = attrs["groups"]
     _, _, oh, ow = out.shape
-    (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs["strides"], attrs["pads"], attrs["dilations"]
+    (sh, sw), (pt, pl, _, _), (dh, dw) = attrs["strides"], attrs["pads"], attrs["dilations"]
     bias = ctx.weight(ins[2]) if len(ins) > 2 else None
     residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
     epi = _epilogue_args(attrs)
@@ -538,7 +573,7 @@ def build_conv2d(ctx, attrs, ins, out):
     if groups == c and cg == 1 and m == c:  # depthwise: direct, epilogue fused
         wb = ctx.weight(w)
         total = n * m * p
-        return _launch_1d(device, "conv.cl", "depthwise_conv", total, (
+        return _launch_1d(ctx, "conv.cl", "depthwise_conv", total, (
             x, wb, bias if bias is not None else NULL,
             residual if residual is not None else NULL, out, i32(total),
             i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw),
@@ -553,7 +588,7 @@ def build_conv2d(ctx, attrs, ins, out):
     else:
         cols = ctx.scratch((n, c * kh * kw, p))
         total = n * c * kh * kw * p
-        steps.append(_launch_1d(device, "conv.cl", "im2col", total, (
+        steps.append(_launch_1d(ctx, "conv.cl", "im2col", total, (
             x, cols, i32(total), i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh),
             i32(ow), i32(sh), i32(sw), i32(pt), i32(pl), i32(dh), i32(dw)), "im2col"))
         src, batch_stride = cols, c * kh * kw * p
@@ -562,8 +597,8 @@ def build_conv2d(ctx, attrs, ins, out):
     for g in range(groups):
         steps.append(gemm(device, mg, p, ckk, (wb, g * mg * ckk), ckk, 0,
                           (src, g * ckk * p), p, batch_stride, (out, g * mg * p), p, m * p, n,
-                          "conv2d"))
-    steps.append(_epilogue(device, out, bias, residual, m, p, epi))
+                          "conv2d", ctx.precision))
+    steps.append(_epilogue(ctx, out, bias, residual, m, p, epi))
     return _sequence(*steps)
 
 
@@ -573,7 +608,7 @@ def build_maxpool(ctx, attrs, ins, out):
     x = ins[0]
     args, _ = _window_args(attrs, x, out)
     total = out.size
-    return _launch_1d(ctx.device, "pool.cl", "maxpool", total,
+    return _launch_1d(ctx, "pool.cl", "maxpool", total,
                       (x, out, i32(total), *args), "maxpool")
 
 
@@ -581,33 +616,32 @@ def build_avgpool(ctx, attrs, ins, out):
     x = ins[0]
     args, (pb, pr) = _window_args(attrs, x, out)
     total = out.size
-    return _launch_1d(ctx.device, "pool.cl", "avgpool", total,
+    return _launch_1d(ctx, "pool.cl", "avgpool", total,
                       (x, out, i32(total), *args, i32(pb), i32(pr),
                        i32(1 if attrs.get("count_include_pad", 0) else 0)), "avgpool")
 
 
-def _reduce_rows(device, x, y, outer, r, inner, fn):
+def _reduce_rows(ctx, x, y, outer, r, inner, fn):
     total = outer * inner
-    return _launch_1d(device, "reduce.cl", "reduce_axis", total,
+    return _launch_1d(ctx, "reduce.cl", "reduce_axis", total,
                       (x, y, i32(total), i32(r), i32(inner), i32(REDUCTIONS[fn])), "reduce")
 
 
 def build_global_avgpool(ctx, attrs, ins, out):
     x = ins[0]
     n, c = x.shape[:2]
-    return _reduce_rows(ctx.device, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
+    return _reduce_rows(ctx, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
 
 
 def build_binary(op):
     def build(ctx, attrs, ins, out):
-        device = ctx.device
         a, b = (_operand(ctx, v) for v in ins)
         total = out.size
         if a.shape == b.shape == out.shape:
-            return _launch_1d(device, "elementwise.cl", "binary_same", total,
+            return _launch_1d(ctx, "elementwise.cl", "binary_same", total,
                               (a, b, out, i32(total), i32(BINARY_OPS[op])), op)
         dims, sa, sb = _broadcast_strides(out.shape, a.shape, b.shape)
-        return _launch_1d(device, "elementwise.cl", "binary_bcast", total,
+        return _launch_1d(ctx, "elementwise.cl", "binary_bcast", total,
                           (a, b, out, i32(total), i32(BINARY_OPS[op]),
                            *map(i32, dims), *map(i32, sa), *map(i32, sb)), op)
     return build
@@ -616,7 +650,7 @@ def build_binary(op):
 def build_activation(ctx, attrs, ins, out):
     x = ins[0]
     total = out.size
-    return _launch_1d(ctx.device, "elementwise.cl", "activation", total,
+    return _launch_1d(ctx, "elementwise.cl", "activation", total,
                       (x, out, i32(total), *_epilogue_args(attrs)), "activation")
 
 
@@ -624,64 +658,63 @@ def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
     outer, r, inner = _outer_r_inner(x.shape, (axis,))
     total = outer * inner
-    return _launch_1d(ctx.device, "reduce.cl", "softmax_axis", total,
+    return _launch_1d(ctx, "reduce.cl", "softmax_axis", total,
                       (x, out, i32(total), i32(r), i32(inner)), "softmax")
 
 
-def _gather(device, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
+def _gather(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
     """y[c] = x[sum (c_k - low_k) * s_k] where every c_k - low_k lies in [0, high_k), else
     ``value`` (gather6 in elementwise.cl)."""
     total = math.prod(out_shape)
     dims, strides, lo, _ = _pad_rank(list(out_shape), list(x_index_strides), list(lows),
                                      list(highs))
     hi = [1] * (MAX_RANK - len(out_shape)) + list(highs)
-    return _launch_1d(device, "elementwise.cl", "gather6", total,
+    return _launch_1d(ctx, "elementwise.cl", "gather6", total,
                       (x, y, i32(total), i32(0), f32(value), *map(i32, dims),
                        *map(i32, strides), *map(i32, lo), *map(i32, hi)), "gather")
 
 
 def build_reduce(ctx, attrs, ins, out):
-    device = ctx.device
     x, axes = ins[0], tuple(attrs["axes"])
     if not axes:
-        return _gather(device, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
+        return _gather(ctx, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
                        x.shape)
     if axes == tuple(range(axes[0], axes[-1] + 1)):
         outer, r, inner = _outer_r_inner(x.shape, axes)
-        return _reduce_rows(device, x, out, outer, r, inner, attrs["fn"])
+        return _reduce_rows(ctx, x, out, outer, r, inner, attrs["fn"])
     keep = [i for i in range(x.ndim) if i not in axes]
     perm = keep + list(axes)
     t_shape = tuple(x.shape[p] for p in perm)
     tmp = ctx.scratch(t_shape)
     xs = _contiguous_strides(x.shape)
-    move = _gather(device, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
+    move = _gather(ctx, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
     r = math.prod(x.shape[a] for a in axes)
-    rows = _reduce_rows(device, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
+    rows = _reduce_rows(ctx, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
     return _sequence(move, rows)
 
 
 def build_pad(ctx, attrs, ins, out):
     x = ins[0]
-    return _gather(ctx.device, x, out, out.shape, _contiguous_strides(x.shape),
+    return _gather(ctx, x, out, out.shape, _contiguous_strides(x.shape),
                    list(attrs["begin"]), x.shape, float(attrs.get("value", 0.0)))
 
 
 def build_transpose(ctx, attrs, ins, out):
     x, perm = ins[0], attrs["perm"]
     xs = _contiguous_strides(x.shape)
-    return _gather(ctx.device, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
+    return _gather(ctx, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
                    out.shape)
 
 
 def build_concat(ctx, attrs, ins, out):
-    device, axis = ctx.device, attrs["axis"]
+    axis = attrs["axis"]
     y_inner = math.prod(out.shape[axis:])
     steps, offset = [], 0
     for part in ins:
         part = _operand(ctx, part)
         inner = math.prod(part.shape[axis:])
         total = part.size
-        steps.append(_launch_1d(device, "elementwise.cl", "concat_part", total,
+        steps.append(_launch_1d(ctx, "elementwise.cl", "concat_part", total,
                                 (part, out, i32(total), i32(inner), i32(y_inner), i32(offset)),
                                 "concat"))
         offset += inner

@@ -191,7 +191,10 @@ class OpenCLDevice(Device):
         # host memory is device memory (PoCL, integrated GPUs): aligned inputs are used in place
         self.zero_copy = self.is_cpu or bool(getattr(cl_device, "host_unified_memory", False))
         self.ops = OPS
-        self.capabilities = Capabilities(frozenset(OPS))
+        # float16/bfloat16: half-size tensors in memory, float arithmetic (vload_half is core
+        # OpenCL 1.2: no cl_khr_fp16 needed)
+        self.capabilities = Capabilities(frozenset(OPS),
+                                         precisions=frozenset({"float32", "float16", "bfloat16"}))
         self.build_stats = {"compiled": 0, "from_disk": 0, "seconds": 0.0}
 
     # -- memory ---------------------------------------------------------------------------
@@ -224,7 +227,7 @@ class OpenCLDevice(Device):
         return Buffer(raw, shape, dtype)
 
     def upload(self, array: np.ndarray) -> Buffer:
-        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else None)
+        array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype == np.float64 else None)
         buf = Buffer(self.alloc(array.nbytes), array.shape, array.dtype)
         self.copy_in(buf, array)
         return buf
@@ -401,10 +404,11 @@ def _launch(device, kernel, global_size, local_size, what, args=()):
     return run
 
 
-def _launch_1d(device, program, name, n, args, what):
-    kernel = device.kernel(program, name)
+def _launch_1d(ctx, program, name, n, args, what):
+    """A 1-D launch of a kernel compiled for the plan's tensor storage (ctx.kernel_defines)."""
+    kernel = ctx.device.kernel(program, name, ctx.kernel_defines)
     kernel.set_args(*args)
-    return _launch(device, kernel, (_round_up(n, LOCAL_1D),), (LOCAL_1D,), what, args)
+    return _launch(ctx.device, kernel, (_round_up(n, LOCAL_1D),), (LOCAL_1D,), what, args)
 
 
 
@@ -421,10 +425,12 @@ def _epilogue_args(attrs):
 
 def gemm(device, a, b, c, m, n, k, *, lda, ldb, ldc, batch=1, groups=1, sa=(0, 0), sb=(0, 0),
          sc=(0, 0), bias=None, bias_mode=0, bias_gs=0, residual=None, epilogue=None,
-         naive=False, defines=None):
+         naive=False, defines=None, storage=None):
     """A callable running C[z] = epilogue(A[z] @ B[z]) for z in range(batch * groups) (see
-    gemm.cl for the operand layout)."""
+    gemm.cl for the operand layout); ``defines``: the tile shape (default: the device's),
+    ``storage``: the tensor storage defines (precision.kernel_defines)."""
     cfg = dict(device.gemm_config if defines is None else defines)
+    cfg.update(storage or {})
     name = "gemm_naive" if naive else "gemm_direct" if cfg.get("DIRECT") else "gemm_tiled"
     kernel = device.kernel("gemm.cl", name, cfg)
     act, alpha, lo, hi = epilogue if epilogue is not None else _epilogue_args({})
@@ -462,7 +468,7 @@ def build_dense(ctx, attrs, ins, out):
     residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
     return gemm(device, x, wb, out, m, n, k, lda=k, ldb=n, ldc=n, bias=bias,
                 bias_mode=1 if bias is not None else 0, residual=residual,
-                epilogue=_epilogue_args(attrs))
+                epilogue=_epilogue_args(attrs), storage=ctx.kernel_defines)
 
 
 def build_conv2d(ctx, attrs, ins, out):
@@ -472,7 +478,7 @@ def build_conv2d(ctx, attrs, ins, out):
     m, cg, kh, kw = w.shape
     groups = attrs["groups"]
     _, _, oh, ow = out.shape
-    (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs["strides"], attrs["pads"], attrs["dilations"]
+    (sh, sw), (pt, pl, _, _), (dh, dw) = attrs["strides"], attrs["pads"], attrs["dilations"]
     bias = ctx.weight(ins[2]) if len(ins) > 2 else None
     residual = _operand(ctx, ins[3]) if len(ins) > 3 else None
     epi = _epilogue_args(attrs)
@@ -483,7 +489,7 @@ def build_conv2d(ctx, attrs, ins, out):
     if groups == c and cg == 1 and m == c:  # depthwise: direct
         wb = ctx.weight(w)
         total = n * m * p
-        return _launch_1d(device, "conv.cl", "depthwise_conv", total, (
+        return _launch_1d(ctx, "conv.cl", "depthwise_conv", total, (
             x.mem, wb.mem, bias.mem if bias is not None else None,
             residual.mem if residual is not None else None, out.mem, i32(total),
             i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh), i32(ow), i32(sh), i32(sw),
@@ -494,13 +500,13 @@ def build_conv2d(ctx, attrs, ins, out):
     wb = ctx.weight(w)  # [M, CG, KH, KW] is [G, MG, CKK] row-major
     common = dict(batch=n, groups=groups, sa=(0, mg * ckk), sc=(m * p, mg * p), bias=bias,
                   bias_mode=2 if bias is not None else 0, bias_gs=mg, residual=residual,
-                  epilogue=epi, lda=ckk, ldb=p, ldc=p)
+                  epilogue=epi, lda=ckk, ldb=p, ldc=p, storage=ctx.kernel_defines)
     if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(attrs["pads"]):
         # 1x1: the input image is already the [C, H*W] matrix
         return gemm(device, wb, x, out, mg, p, ckk, sb=(c * p, cg * p), **common)
     cols = ctx.scratch((n, c * kh * kw, p))
     total = n * c * kh * kw * p
-    fill = _launch_1d(device, "conv.cl", "im2col", total, (
+    fill = _launch_1d(ctx, "conv.cl", "im2col", total, (
         x.mem, cols.mem, i32(total), i32(c), i32(h), i32(wd), i32(kh), i32(kw), i32(oh),
         i32(ow), i32(sh), i32(sw), i32(pt), i32(pl), i32(dh), i32(dw)), "im2col")
     mult = gemm(device, wb, cols, out, mg, p, ckk, sb=(c * kh * kw * p, ckk * p), **common)
@@ -513,7 +519,7 @@ def build_maxpool(ctx, attrs, ins, out):
     x = ins[0]
     args, _ = _window_args(attrs, x, out)
     total = out.size
-    return _launch_1d(ctx.device, "pool.cl", "maxpool", total,
+    return _launch_1d(ctx, "pool.cl", "maxpool", total,
                       (x.mem, out.mem, i32(total), *args), "maxpool")
 
 
@@ -521,14 +527,14 @@ def build_avgpool(ctx, attrs, ins, out):
     x = ins[0]
     args, (pb, pr) = _window_args(attrs, x, out)
     total = out.size
-    return _launch_1d(ctx.device, "pool.cl", "avgpool", total,
+    return _launch_1d(ctx, "pool.cl", "avgpool", total,
                       (x.mem, out.mem, i32(total), *args, i32(pb), i32(pr),
                        i32(1 if attrs.get("count_include_pad", 0) else 0)), "avgpool")
 
 
-def _reduce_rows(device, x, y, outer, r, inner, fn):
+def _reduce_rows(ctx, x, y, outer, r, inner, fn):
     total = outer * inner
-    return _launch_1d(device, "reduce.cl", "reduce_axis", total,
+    return _launch_1d(ctx, "reduce.cl", "reduce_axis", total,
                       (x.mem, y.mem, i32(total), i32(r), i32(inner), i32(REDUCTIONS[fn])),
                       "reduce")
 
@@ -536,19 +542,18 @@ def _reduce_rows(device, x, y, outer, r, inner, fn):
 def build_global_avgpool(ctx, attrs, ins, out):
     x = ins[0]
     n, c = x.shape[:2]
-    return _reduce_rows(ctx.device, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
+    return _reduce_rows(ctx, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
 
 
 def build_binary(op):
     def build(ctx, attrs, ins, out):
-        device = ctx.device
         a, b = (_operand(ctx, v) for v in ins)
         total = out.size
         if a.shape == b.shape == out.shape:
-            return _launch_1d(device, "elementwise.cl", "binary_same", total,
+            return _launch_1d(ctx, "elementwise.cl", "binary_same", total,
                               (a.mem, b.mem, out.mem, i32(total), i32(BINARY_OPS[op])), op)
         dims, sa, sb = _broadcast_strides(out.shape, a.shape, b.shape)
-        return _launch_1d(device, "elementwise.cl", "binary_bcast", total,
+        return _launch_1d(ctx, "elementwise.cl", "binary_bcast", total,
                           (a.mem, b.mem, out.mem, i32(total), i32(BINARY_OPS[op]),
                            *map(i32, dims), *map(i32, sa), *map(i32, sb)), op)
     return build
@@ -565,7 +570,7 @@ def build_binary(op):
 def build_activation(ctx, attrs, ins, out):
     x = ins[0]
     total = out.size
-    return _launch_1d(ctx.device, "elementwise.cl", "activation", total,
+    return _launch_1d(ctx, "elementwise.cl", "activation", total,
                       (x.mem, out.mem, i32(total), *_epilogue_args(attrs)), "activation")
 
 
@@ -575,66 +580,65 @@ def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
     outer, r, inner = _outer_r_inner(x.shape, (axis,))
     total = outer * inner
-    return _launch_1d(ctx.device, "reduce.cl", "softmax_axis", total,
+    return _launch_1d(ctx, "reduce.cl", "softmax_axis", total,
                       (x.mem, out.mem, i32(total), i32(r), i32(inner)), "softmax")
 
 
-def _gather(device, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
+def _gather(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
     """y[c] = x[sum (c_k - low_k) * s_k] where every c_k - low_k lies in [0, high_k), else
     ``value`` (gather6 in elementwise.cl)."""
     total = math.prod(out_shape)
     dims, strides, lo, hi = _pad_rank(list(out_shape), list(x_index_strides), list(lows),
                                       list(highs))
     hi = [1] * (MAX_RANK - len(out_shape)) + list(highs)
-    return _launch_1d(device, "elementwise.cl", "gather6", total,
+    return _launch_1d(ctx, "elementwise.cl", "gather6", total,
                       (x.mem, y.mem, i32(total), i32(0), f32(value), *map(i32, dims),
                        *map(i32, strides), *map(i32, lo), *map(i32, hi)), "gather")
 
 
 def build_reduce(ctx, attrs, ins, out):
-    device = ctx.device
     x, axes = ins[0], tuple(attrs["axes"])
     if not axes:
-        return _gather(device, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
+        return _gather(ctx, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
                        x.shape)
     if axes == tuple(range(axes[0], axes[-1] + 1)):
         outer, r, inner = _outer_r_inner(x.shape, axes)
-        return _reduce_rows(device, x, out, outer, r, inner, attrs["fn"])
+        return _reduce_rows(ctx, x, out, outer, r, inner, attrs["fn"])
     # reduced axes not adjacent: move them last (a transposed copy in scratch), then rows
     keep = [i for i in range(x.ndim) if i not in axes]
     perm = keep + list(axes)
     t_shape = tuple(x.shape[p] for p in perm)
     tmp = ctx.scratch(t_shape)
     xs = _contiguous_strides(x.shape)
-    move = _gather(device, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
+    move = _gather(ctx, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
     r = math.prod(x.shape[a] for a in axes)
-    rows = _reduce_rows(device, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
+    rows = _reduce_rows(ctx, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
     return _sequence(move, rows)
 
 
 def build_pad(ctx, attrs, ins, out):
     x = ins[0]
     begin = list(attrs["begin"])
-    return _gather(ctx.device, x, out, out.shape, _contiguous_strides(x.shape), begin, x.shape,
+    return _gather(ctx, x, out, out.shape, _contiguous_strides(x.shape), begin, x.shape,
                    float(attrs.get("value", 0.0)))
 
 
 def build_transpose(ctx, attrs, ins, out):
     x, perm = ins[0], attrs["perm"]
     xs = _contiguous_strides(x.shape)
-    return _gather(ctx.device, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
+    return _gather(ctx, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
                    out.shape)
 
 
 def build_concat(ctx, attrs, ins, out):
-    device, axis = ctx.device, attrs["axis"]
+    axis = attrs["axis"]
     y_inner = math.prod(out.shape[axis:])
     steps, offset = [], 0
     for part in ins:
         part = _operand(ctx, part)
         inner = math.prod(part.shape[axis:])
         total = part.size
-        steps.append(_launch_1d(device, "elementwise.cl", "concat_part", total,
+        steps.append(_launch_1d(ctx, "elementwise.cl", "concat_part", total,
                                 (part.mem, out.mem, i32(total), i32(inner), i32(y_inner),
                                  i32(offset)), "concat"))
         offset += inner

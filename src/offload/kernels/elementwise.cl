@@ -3,24 +3,24 @@
 
 /* In place after a library matrix product (CUDA: cuBLAS), y viewed as [outer, C, inner]:
    y = act(y + bias[c] + R); bias and R may be null. */
-KERNEL void bias_act(GLOBAL float* RESTRICT y, GLOBAL const float* RESTRICT bias,
-                     GLOBAL const float* RESTRICT R, int total, int C, int inner,
+KERNEL void bias_act(GLOBAL real* RESTRICT y, GLOBAL const real* RESTRICT bias,
+                     GLOBAL const real* RESTRICT R, int total, int C, int inner,
                      int act, float alpha, float lo, float hi)
 {
     int i = GID(0);
     if (i >= total) return;
-    float v = y[i];
-    if (bias) v += bias[(i / inner) % C];
-    if (R) v += R[i];
-    y[i] = activate(v, act, alpha, lo, hi);
+    float v = LD(y, i);
+    if (bias) v += LD(bias, (i / inner) % C);
+    if (R) v += LD(R, i);
+    ST(y, i, activate(v, act, alpha, lo, hi));
 }
 
 /* y[i] = fn(x[i]) */
-KERNEL void activation(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, int n,
+KERNEL void activation(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int n,
                        int act, float alpha, float lo, float hi)
 {
     int i = GID(0);
-    if (i < n) y[i] = activate(x[i], act, alpha, lo, hi);
+    if (i < n) ST(y, i, activate(LD(x, i), act, alpha, lo, hi));
 }
 
 /* Binary op codes. */
@@ -40,17 +40,17 @@ DEVICE_FN float binary_op(float a, float b, int op)
 }
 
 /* y = a op b for same-shape operands. */
-KERNEL void binary_same(GLOBAL const float* RESTRICT a, GLOBAL const float* RESTRICT b,
-                        GLOBAL float* RESTRICT y, int n, int op)
+KERNEL void binary_same(GLOBAL const real* RESTRICT a, GLOBAL const real* RESTRICT b,
+                        GLOBAL real* RESTRICT y, int n, int op)
 {
     int i = GID(0);
-    if (i < n) y[i] = binary_op(a[i], b[i], op);
+    if (i < n) ST(y, i, binary_op(LD(a, i), LD(b, i), op));
 }
 
 /* y = a op b broadcast: out dims d0..d5 (rank padded to 6 with leading 1s), element strides
  * of a and b per axis (0 on a broadcast axis). */
-KERNEL void binary_bcast(GLOBAL const float* RESTRICT a, GLOBAL const float* RESTRICT b,
-                         GLOBAL float* RESTRICT y, int n, int op,
+KERNEL void binary_bcast(GLOBAL const real* RESTRICT a, GLOBAL const real* RESTRICT b,
+                         GLOBAL real* RESTRICT y, int n, int op,
                          int d0, int d1, int d2, int d3, int d4, int d5,
                          int a0, int a1, int a2, int a3, int a4, int a5,
                          int b0, int b1, int b2, int b3, int b4, int b5)
@@ -64,13 +64,13 @@ KERNEL void binary_bcast(GLOBAL const float* RESTRICT a, GLOBAL const float* RES
     c = r % d2; r /= d2; ia += c * a2; ib += c * b2;
     c = r % d1; r /= d1; ia += c * a1; ib += c * b1;
     c = r % d0;          ia += c * a0; ib += c * b0;
-    y[i] = binary_op(a[ia], b[ib], op);
+    ST(y, i, binary_op(LD(a, ia), LD(b, ib), op));
 }
 
 /* General strided gather y[i] = x[sum_k coord_k(i) * s_k] (rank <= 6), or `value` where an
  * out coordinate falls outside [lo_k, lo_k + n_k): transpose (perm as strides), pad and crop
  * (x offset `base` may be computed for negative begins), and concat slabs. */
-KERNEL void gather6(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, int n, int base,
+KERNEL void gather6(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int n, int base,
                     float value,
                     int d0, int d1, int d2, int d3, int d4, int d5,
                     int s0, int s1, int s2, int s3, int s4, int s5,
@@ -87,16 +87,16 @@ KERNEL void gather6(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, in
     c = r % d2; r /= d2; c -= l2; inside = inside && c >= 0 && c < n2; ix += c * s2;
     c = r % d1; r /= d1; c -= l1; inside = inside && c >= 0 && c < n1; ix += c * s1;
     c = r % d0;          c -= l0; inside = inside && c >= 0 && c < n0; ix += c * s0;
-    y[i] = inside ? x[ix] : value;
+    ST(y, i, inside ? LD(x, ix) : value);
 }
 
 /* Concat part: x viewed as [outer, inner] copied into y viewed as [outer, y_inner] at column
  * `offset`. */
-KERNEL void concat_part(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, int n,
+KERNEL void concat_part(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int n,
                         int inner, int y_inner, int offset)
 {
     int i = GID(0);
     if (i >= n) return;
     int o = i / inner, j = i - o * inner;
-    y[o * y_inner + offset + j] = x[i];
+    ST(y, o * y_inner + offset + j, LD(x, i));
 }

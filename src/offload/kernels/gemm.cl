@@ -30,13 +30,13 @@
 #error "gemm.cl: TM*TK and TK*TN must be multiples of (TM/WM)*(TN/WN), TM of WM, TN of WN"
 #endif
 
-DEVICE_FN float epilogue(float v, int m, int n, GLOBAL const float* bias, int bias_mode,
-                         GLOBAL const float* res, int ldc, int act, float alpha, float lo,
+DEVICE_FN float epilogue(float v, int m, int n, GLOBAL const real* bias, int bias_mode,
+                         GLOBAL const real* res, int ldc, int act, float alpha, float lo,
                          float hi)
 {
-    if (bias_mode == 1) v += bias[n];
-    else if (bias_mode == 2) v += bias[m];
-    if (res) v += res[m * ldc + n];
+    if (bias_mode == 1) v += LD(bias, n);
+    else if (bias_mode == 2) v += LD(bias, m);
+    if (res) v += LD(res, m * ldc + n);
     return activate(v, act, alpha, lo, hi);
 }
 
@@ -48,9 +48,9 @@ DEVICE_FN float epilogue(float v, int m, int n, GLOBAL const float* bias, int bi
  * by LX, so neighbouring work-items (axis 0) read neighbouring floats of B and write neighbouring
  * floats of C (coalesced), and read the same float of A (a broadcast). Launch: global
  * (ceil(N/TN)*LX, ceil(M/TM)*LY, batch), local (LX, LY, 1). */
-KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTRICT B,
-                       GLOBAL float* RESTRICT C, GLOBAL const float* RESTRICT bias,
-                       GLOBAL const float* RESTRICT R,
+KERNEL void gemm_tiled(GLOBAL const real* RESTRICT A, GLOBAL const real* RESTRICT B,
+                       GLOBAL real* RESTRICT C, GLOBAL const real* RESTRICT bias,
+                       GLOBAL const real* RESTRICT R,
                        int M, int N, int K, int lda, int ldb, int ldc, int G,
                        int sa_o, int sa_i, int sb_o, int sb_i, int sc_o, int sc_i, int bias_gs,
                        int bias_mode, int act, float alpha, float lo, float hi)
@@ -75,12 +75,12 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
         UNROLL for (int s = 0; s < TM * TK / NT; ++s) {
             int e = tid + s * NT, r = e / TK, k = e - r * TK;
             int gr = row0 + r, gk = k0 + k;
-            As[r][k] = (gr < M && gk < K) ? A[gr * lda + gk] : 0.0f;
+            As[r][k] = (gr < M && gk < K) ? LD(A, gr * lda + gk) : 0.0f;
         }
         UNROLL for (int s = 0; s < TK * TN / NT; ++s) {
             int e = tid + s * NT, k = e / TN, c = e - k * TN;
             int gk = k0 + k, gc = col0 + c;
-            Bs[k][c] = (gk < K && gc < N) ? B[gk * ldb + gc] : 0.0f;
+            Bs[k][c] = (gk < K && gc < N) ? LD(B, gk * ldb + gc) : 0.0f;
         }
         BARRIER();
         UNROLL for (int k = 0; k < TK; ++k) {
@@ -100,8 +100,8 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
         UNROLL for (int j = 0; j < WN; ++j) {
             int n = col0 + tx + j * LX;
             if (m < M && n < N)
-                C[m * ldc + n] = epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act, alpha,
-                                          lo, hi);
+                ST(C, m * ldc + n, epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act,
+                                            alpha, lo, hi));
         }
     }
 }
@@ -116,9 +116,9 @@ KERNEL void gemm_tiled(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
  * straight from global memory (the caches do the tiling; the work-group's TM x TN block keeps
  * neighbouring work-items on the same columns of B). Columns past N take a second loop with
  * clamped loads; rows past M read row M-1 and are not stored. Launch as gemm_tiled. */
-KERNEL void gemm_direct(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTRICT B,
-                        GLOBAL float* RESTRICT C, GLOBAL const float* RESTRICT bias,
-                       GLOBAL const float* RESTRICT R,
+KERNEL void gemm_direct(GLOBAL const real* RESTRICT A, GLOBAL const real* RESTRICT B,
+                        GLOBAL real* RESTRICT C, GLOBAL const real* RESTRICT bias,
+                       GLOBAL const real* RESTRICT R,
                        int M, int N, int K, int lda, int ldb, int ldc, int G,
                        int sa_o, int sa_i, int sb_o, int sb_i, int sc_o, int sc_i, int bias_gs,
                        int bias_mode, int act, float alpha, float lo, float hi)
@@ -132,15 +132,15 @@ KERNEL void gemm_direct(GLOBAL const float* RESTRICT A, GLOBAL const float* REST
     float acc[WM][WN];
     UNROLL for (int i = 0; i < WM; ++i)
         UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = 0.0f;
-    GLOBAL const float* a[WM];
+    GLOBAL const real* a[WM];
     UNROLL for (int i = 0; i < WM; ++i) a[i] = A + (m0 + i < M ? m0 + i : M - 1) * lda;
     if (n0 + WN <= N) {
-        GLOBAL const float* b = B + n0;
+        GLOBAL const real* b = B + n0;
         for (int k = 0; k < K; ++k, b += ldb) {
             float bv[WN];
-            UNROLL for (int j = 0; j < WN; ++j) bv[j] = b[j];
+            UNROLL for (int j = 0; j < WN; ++j) bv[j] = LD(b, j);
             UNROLL for (int i = 0; i < WM; ++i) {
-                float av = a[i][k];
+                float av = LD(a[i], k);
                 UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(av, bv[j], acc[i][j]);
             }
         }
@@ -148,9 +148,9 @@ KERNEL void gemm_direct(GLOBAL const float* RESTRICT A, GLOBAL const float* REST
         for (int k = 0; k < K; ++k) {
             float bv[WN];
             UNROLL for (int j = 0; j < WN; ++j)
-                bv[j] = B[k * ldb + (n0 + j < N ? n0 + j : N - 1)];
+                bv[j] = LD(B, k * ldb + (n0 + j < N ? n0 + j : N - 1));
             UNROLL for (int i = 0; i < WM; ++i) {
-                float av = a[i][k];
+                float av = LD(a[i], k);
                 UNROLL for (int j = 0; j < WN; ++j) acc[i][j] = MAD(av, bv[j], acc[i][j]);
             }
         }
@@ -162,16 +162,16 @@ KERNEL void gemm_direct(GLOBAL const float* RESTRICT A, GLOBAL const float* REST
         UNROLL for (int j = 0; j < WN; ++j) {
             int n = n0 + j;
             if (m < M && n < N)
-                C[m * ldc + n] = epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act, alpha,
-                                          lo, hi);
+                ST(C, m * ldc + n, epilogue(acc[i][j], m, n, bias, bias_mode, R, ldc, act,
+                                            alpha, lo, hi));
         }
     }
 }
 
 /* Naive GEMM, one output per work-item (the benchmark's baseline; same arguments). */
-KERNEL void gemm_naive(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTRICT B,
-                       GLOBAL float* RESTRICT C, GLOBAL const float* RESTRICT bias,
-                       GLOBAL const float* RESTRICT R,
+KERNEL void gemm_naive(GLOBAL const real* RESTRICT A, GLOBAL const real* RESTRICT B,
+                       GLOBAL real* RESTRICT C, GLOBAL const real* RESTRICT bias,
+                       GLOBAL const real* RESTRICT R,
                        int M, int N, int K, int lda, int ldb, int ldc, int G,
                        int sa_o, int sa_i, int sb_o, int sb_i, int sc_o, int sc_i, int bias_gs,
                        int bias_mode, int act, float alpha, float lo, float hi)
@@ -185,6 +185,6 @@ KERNEL void gemm_naive(GLOBAL const float* RESTRICT A, GLOBAL const float* RESTR
     if (R) R += zo * sc_o + zi * sc_i;
     if (bias_mode) bias += zi * bias_gs;
     float acc = 0.0f;
-    for (int k = 0; k < K; ++k) acc = MAD(A[m * lda + k], B[k * ldb + n], acc);
-    C[m * ldc + n] = epilogue(acc, m, n, bias, bias_mode, R, ldc, act, alpha, lo, hi);
+    for (int k = 0; k < K; ++k) acc = MAD(LD(A, m * lda + k), LD(B, k * ldb + n), acc);
+    ST(C, m * ldc + n, epilogue(acc, m, n, bias, bias_mode, R, ldc, act, alpha, lo, hi));
 }

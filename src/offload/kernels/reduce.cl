@@ -7,25 +7,25 @@
 #define RED_MAX 2
 
 /* y[o * inner + i] = reduce_r x[(o * R + r) * inner + i] */
-KERNEL void reduce_axis(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, int total,
+KERNEL void reduce_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int total,
                         int R, int inner, int fn)
 {
     int t = GID(0);
     if (t >= total) return;
     int o = t / inner, i = t - o * inner;
-    GLOBAL const float* p = x + o * R * inner + i;
+    GLOBAL const real* p = x + o * R * inner + i;
     float acc = fn == RED_MAX ? -INF_F : 0.0f;
     if (fn == RED_MAX) {
-        for (int r = 0; r < R; ++r) acc = max_nan(acc, p[r * inner]);
+        for (int r = 0; r < R; ++r) acc = max_nan(acc, LD(p, r * inner));
     } else {
-        for (int r = 0; r < R; ++r) acc += p[r * inner];
+        for (int r = 0; r < R; ++r) acc += LD(p, r * inner);
         if (fn == RED_MEAN) acc /= (float)R;
     }
-    y[t] = acc;
+    ST(y, t, acc);
 }
 
 /* softmax over r of x[o, r, i]: exp(x - max) / sum(exp(x - max)) */
-KERNEL void softmax_axis(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT y, int total,
+KERNEL void softmax_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int total,
                          int R, int inner)
 {
     int t = GID(0);
@@ -33,12 +33,8 @@ KERNEL void softmax_axis(GLOBAL const float* RESTRICT x, GLOBAL float* RESTRICT 
     int o = t / inner, i = t - o * inner;
     int base = o * R * inner + i;
     float m = -INF_F;
-    for (int r = 0; r < R; ++r) m = max_nan(m, x[base + r * inner]);
+    for (int r = 0; r < R; ++r) m = max_nan(m, LD(x, base + r * inner));
     float s = 0.0f;
-    for (int r = 0; r < R; ++r) {
-        float e = EXP(x[base + r * inner] - m);
-        y[base + r * inner] = e;
-        s += e;
-    }
-    for (int r = 0; r < R; ++r) y[base + r * inner] /= s;
+    for (int r = 0; r < R; ++r) s += EXP(LD(x, base + r * inner) - m);
+    for (int r = 0; r < R; ++r) ST(y, base + r * inner, EXP(LD(x, base + r * inner) - m) / s);
 }
