@@ -2,17 +2,19 @@
 """GPU benchmark: offload ``cuda:0`` beside PyTorch eager on the same weights, same card, one run.
 
     python benchmarks/bench_gpu.py                      # writes under $OUT or benchmarks/results
-    python benchmarks/bench_gpu.py --cases jet_mlp:1,jet_mlp:16000 --budget-s 60
+    python benchmarks/bench_gpu.py --cases jet_mlp:1,resnet50:256:float16 --budget-s 60
 
 PyTorch runs the zoo ONNX file itself: ``OnnxTorch`` below executes the file's nodes with
 ``torch.nn.functional`` ops (Conv, BatchNormalization, Relu, MaxPool, Add, GlobalAveragePool,
 Flatten, Gemm, MatMul, Softmax) on its initializers moved to the GPU, i.e. the model as PyTorch
 eager would run it (BatchNorm unfused, cuDNN convs), with exactly offload's weights (no
-torchvision download). Float32 throughout (cuDNN TF32 is turned off so both sides are fp32).
+torchvision download), in the point's precision on both sides: float32 (cuDNN TF32 turned off),
+float16 (torch weights and input in half; offload ``precision="float16"``). torch.compile is
+tried (offline inductor) on COMPILE_CASES while the budget allows; its failure is recorded.
 
 Per point: latency from CUDA events (device only: input already on the GPU; for offload the
 plan's steps, i.e. its CUDA graph, launched on the device's stream) and host end to end (NumPy in,
-NumPy out), median over repeats; throughput = batch / end-to-end median; max |offload - torch|.
+NumPy out; and offload through ``Model.bind`` on an ``offload.empty`` input), median over repeats; throughput = batch / end-to-end median; max |offload - torch|.
 Plus a host-to-device bandwidth probe, pageable vs page-locked. Every point fails soft: its error
 is recorded and the run goes on. Writes gpu-<UTC stamp>.json and .md under the output folder.
 """
@@ -33,14 +35,22 @@ import traceback
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-CASES = [("jet_mlp", 1), ("jet_mlp", 16000), ("hcal_mlp", 16000), ("resnet50", 1),
-         ("resnet50", 32), ("resnet50", 256)]
+# (model, batch, precision): the issue's points; float16 on both sides for the fp16 rows
+CASES = [("jet_mlp", 1, "float32"), ("jet_mlp", 16000, "float32"),
+         ("hcal_mlp", 16000, "float32"), ("resnet50", 1, "float32"),
+         ("resnet50", 32, "float32"), ("resnet50", 256, "float32"), ("resnet50", 1, "float16"),
+         ("resnet50", 32, "float16"), ("resnet50", 256, "float16")]
+# torch.compile (inductor, offline) is tried on these points when the budget allows
+COMPILE_CASES = {("jet_mlp", 1, "float32"), ("resnet50", 32, "float16")}
+TORCH_DTYPES = {"float32": "float32", "tf32": "float32", "float16": "float16",
+                "bfloat16": "bfloat16"}
 
 
 # ------------------------------------------------------------------------- PyTorch side
 
-def onnx_torch(path, device):
-    """A callable running the ONNX file at ``path`` with torch ops on ``device``."""
+def onnx_torch(path, device, dtype=None):
+    """A callable running the ONNX file at ``path`` with torch ops on ``device`` (float weights
+    in ``dtype`` when given, e.g. torch.float16)."""
     import onnx
     import torch
     import torch.nn.functional as F
@@ -48,12 +58,14 @@ def onnx_torch(path, device):
 
     model = onnx.load(str(path))
     g = model.graph
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).to(device)
-               for t in g.initializer}
+    def tensor(array):
+        t = torch.from_numpy(array.copy()).to(device)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    weights = {t.name: tensor(numpy_helper.to_array(t)) for t in g.initializer}
     for node in g.node:
         if node.op_type == "Constant":
-            weights[node.output[0]] = torch.from_numpy(
-                numpy_helper.to_array(node.attribute[0].t).copy()).to(device)
+            weights[node.output[0]] = tensor(numpy_helper.to_array(node.attribute[0].t))
     nodes = [n for n in g.node if n.op_type != "Constant"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     in_name, out_name = g.input[0].name, g.output[0].name
@@ -138,21 +150,21 @@ def _event_ms(run, stream_record, min_time_s, max_iters=1000):
     return statistics.median(times)
 
 
-def bench_case(name, batch, min_time_s, log):
+def bench_case(name, batch, precision, min_time_s, log, try_compile=False):
     import cupy as cp
     import torch
 
     import offload
     from offload import zoo
 
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     path = zoo.path(name)
     x = zoo.sample_input(name, batch)
-    row = {"model": name, "batch": batch}
+    row = {"model": name, "batch": batch, "precision": precision}
 
-    # offload
-    model = offload.load(path, device="cuda:0")
+    # offload: NumPy in, NumPy out; and through fixed offload.empty buffers (Model.bind)
+    model = offload.load(path, device="cuda:0", precision=precision)
     dev = model.device
     y_off = model(x)
     plan = model.plan(x.shape)
@@ -160,31 +172,52 @@ def bench_case(name, batch, min_time_s, log):
         else False
     row["offload_e2e_ms"], row["offload_calls"] = _median_ms(lambda: model(x), lambda: None,
                                                              min_time_s)
+    xe = offload.empty(x.shape)
+    xe[...] = x
+    bound = model.bind(xe)
+    row["offload_bound_e2e_ms"], _ = _median_ms(bound, lambda: None, min_time_s)
 
     def off_run():
         for r in plan._run_steps:
             r()
     row["offload_gpu_ms"] = _event_ms(off_run, lambda e: e.record(dev.stream), min_time_s)
-    log(f"  offload: e2e {row['offload_e2e_ms']:.3f} ms, gpu {row['offload_gpu_ms']:.3f} ms, "
-        f"graph={row['offload_graph']}")
+    log(f"  offload: e2e {row['offload_e2e_ms']:.3f} ms (bound {row['offload_bound_e2e_ms']:.3f})"
+        f", gpu {row['offload_gpu_ms']:.3f} ms, graph={row['offload_graph']}")
 
-    # torch eager on the same weights
-    fwd = onnx_torch(path, "cuda")
+    # torch eager on the same weights, in the same precision
+    dtype = getattr(torch, TORCH_DTYPES[precision])
+    fwd = onnx_torch(path, "cuda", dtype)
     with torch.inference_mode():
-        xg = torch.from_numpy(x).cuda()
+        xg = torch.from_numpy(x).cuda().to(dtype)
         y_t = fwd(xg).float().cpu().numpy()
         row["max_abs_diff"] = float(np.max(np.abs(y_t.reshape(y_off.shape) - y_off)))
         row["torch_e2e_ms"], row["torch_calls"] = _median_ms(
-            lambda: fwd(torch.from_numpy(x).cuda()).cpu().numpy(), lambda: None, min_time_s)
+            lambda: fwd(torch.from_numpy(x).cuda().to(dtype)).float().cpu().numpy(),
+            lambda: None, min_time_s)
         ts = torch.cuda.current_stream()
         ext = cp.cuda.ExternalStream(ts.cuda_stream)
         row["torch_gpu_ms"] = _event_ms(lambda: fwd(xg), lambda e: e.record(ext), min_time_s)
-    log(f"  torch:   e2e {row['torch_e2e_ms']:.3f} ms, gpu {row['torch_gpu_ms']:.3f} ms, "
-        f"max|diff| {row['max_abs_diff']:.2e}")
+        log(f"  torch:   e2e {row['torch_e2e_ms']:.3f} ms, gpu {row['torch_gpu_ms']:.3f} ms, "
+            f"max|diff| {row['max_abs_diff']:.2e}")
+        if try_compile:
+            try:
+                t0 = time.perf_counter()
+                compiled = torch.compile(fwd)
+                compiled(xg)
+                torch.cuda.synchronize()
+                row["torch_compile_s"] = time.perf_counter() - t0
+                row["torch_compiled_gpu_ms"] = _event_ms(lambda: compiled(xg),
+                                                         lambda e: e.record(ext), min_time_s)
+                log(f"  torch.compile: gpu {row['torch_compiled_gpu_ms']:.3f} ms "
+                    f"(compiled in {row['torch_compile_s']:.1f} s)")
+            except Exception as e:  # noqa: BLE001 - offline inductor may lack a compiler
+                row["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                log(f"  torch.compile failed: {row['torch_compile_error']}")
     row["offload_samples_per_s"] = batch / (row["offload_e2e_ms"] / 1e3)
     row["torch_samples_per_s"] = batch / (row["torch_e2e_ms"] / 1e3)
     row["e2e_ratio_offload_over_torch"] = row["offload_e2e_ms"] / row["torch_e2e_ms"]
-    del model, plan
+    row["gpu_ratio_offload_over_torch"] = row["offload_gpu_ms"] / row["torch_gpu_ms"]
+    model = plan = bound = None  # free the device memory before the next point
     torch.cuda.empty_cache()
     return row
 
@@ -215,20 +248,25 @@ def _md(result):
     lines = [f"# offload cuda vs PyTorch eager — {result['date']}", "",
              f"Device: {result.get('device', '?')}; torch {result.get('torch', '?')}; "
              f"cupy {result.get('cupy', '?')}; command `{result['command']}`", "",
-             "| model | batch | offload e2e ms | offload GPU ms | torch e2e ms | torch GPU ms | "
-             "offload samples/s | torch samples/s | offload/torch (e2e) | max abs diff | graph |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | precision | offload e2e ms | bound e2e ms | offload GPU ms | "
+             "torch e2e ms | torch GPU ms | torch.compile GPU ms | offload samples/s | "
+             "torch samples/s | offload/torch e2e | offload/torch GPU | max abs diff | graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["cases"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | error: "
-                         f"{r['error'].splitlines()[-1][:120]} |||||||||")
+            lines.append(f"| {r['model']} | {r['batch']} | {r.get('precision', '')} | error: "
+                         f"{r['error'].splitlines()[-1][:120]} ||||||||||||")
             continue
+        compiled = r.get("torch_compiled_gpu_ms")
+        compiled = f"{compiled:.3f}" if compiled is not None else \
+            ("failed" if "torch_compile_error" in r else "")
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['offload_e2e_ms']:.3f} | {r['offload_gpu_ms']:.3f}"
-            f" | {r['torch_e2e_ms']:.3f} | {r['torch_gpu_ms']:.3f} | "
+            f"| {r['model']} | {r['batch']} | {r['precision']} | {r['offload_e2e_ms']:.3f} | "
+            f"{r['offload_bound_e2e_ms']:.3f} | {r['offload_gpu_ms']:.3f} | "
+            f"{r['torch_e2e_ms']:.3f} | {r['torch_gpu_ms']:.3f} | {compiled} | "
             f"{r['offload_samples_per_s']:,.0f} | {r['torch_samples_per_s']:,.0f} | "
-            f"{r['e2e_ratio_offload_over_torch']:.2f} | {r['max_abs_diff']:.1e} | "
-            f"{r['offload_graph']} |")
+            f"{r['e2e_ratio_offload_over_torch']:.2f} | {r['gpu_ratio_offload_over_torch']:.2f} | "
+            f"{r['max_abs_diff']:.1e} | {r['offload_graph']} |")
     bw = result.get("bandwidth", {})
     if bw:
         lines += ["", f"Host to device ({bw.get('bytes', 0) >> 20} MiB): pageable "
@@ -246,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--min-time-s", type=float, default=0.5)
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="skip the remaining points once this much time has passed")
+    ap.add_argument("--compile-budget-s", type=float, default=120.0,
+                    help="try torch.compile on COMPILE_CASES only while this much budget is left")
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +298,8 @@ def main(argv=None):
         logf.flush()
 
     cases = CASES if not args.cases else [
-        (c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+        (c.split(":")[0], int(c.split(":")[1]), (c.split(":") + ["float32"])[2])
+        for c in args.cases.split(",")]
     result = {"date": stamp, "command": " ".join([sys.executable, *sys.argv]),
               "python": platform.python_version(), "cases": [], "errors": []}
     t_start = time.perf_counter()
@@ -279,18 +320,23 @@ def main(argv=None):
     except Exception:  # noqa: BLE001
         result["errors"].append("bandwidth: " + traceback.format_exc().splitlines()[-1])
         log(traceback.format_exc())
-    for name, batch in cases:
-        if time.perf_counter() - t_start > args.budget_s:
-            result["cases"].append({"model": name, "batch": batch,
+    for name, batch, precision in cases:
+        spent = time.perf_counter() - t_start
+        if spent > args.budget_s:
+            result["cases"].append({"model": name, "batch": batch, "precision": precision,
                                     "error": "skipped: time budget spent"})
             continue
-        log(f"{name} b{batch}")
+        log(f"{name} b{batch} {precision}")
+        try_compile = (name, batch, precision) in COMPILE_CASES and \
+            args.budget_s - spent > args.compile_budget_s
         try:
-            result["cases"].append(bench_case(name, batch, args.min_time_s, log))
+            result["cases"].append(bench_case(name, batch, precision, args.min_time_s, log,
+                                              try_compile))
         except Exception:  # noqa: BLE001
             tb = traceback.format_exc()
             log(tb)
-            result["cases"].append({"model": name, "batch": batch, "error": tb})
+            result["cases"].append({"model": name, "batch": batch, "precision": precision,
+                                    "error": tb})
     try:
         import offload
         dev = offload.device("cuda:0")

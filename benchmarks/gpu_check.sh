@@ -53,7 +53,7 @@ step "devices" 30 $PY -m offload devices
 
 # The device matrix on cuda:0 (every test taking `device`, selected by its cuda id) and the
 # driver's own tests; -p no:cacheprovider keeps the tree clean.
-step "pytest cuda:0" 110 $PY -m pytest -q -p no:cacheprovider --device=cuda:0 -k cuda \
+step "pytest cuda:0" 150 $PY -m pytest -q -p no:cacheprovider --device=cuda:0 -k cuda \
   --junitxml="$OUT/pytest-cuda-$STAMP.xml" tests
 
 # NVIDIA's OpenCL when an ICD is registered (pyopencl from a carried wheel if not installed).
