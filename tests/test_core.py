@@ -1,6 +1,7 @@
 """Tests for the nanobind extension ``offload._core``."""
 
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -130,6 +131,12 @@ def test_address_rejects_non_buffers():
         _core.address(object())
 
 
+# ASan's quarantine keeps freed memory resident on purpose: RSS says nothing under it
+_under_asan = pytest.mark.skipif(bool(os.environ.get("OFFLOAD_ASAN")),
+                                 reason="RSS is not meaningful under AddressSanitizer")
+
+
+@_under_asan
 def test_alloc_free_cycles_do_not_leak():
     nbytes = 64 * 1024
     cycles = 100_000
@@ -198,3 +205,198 @@ def test_program_runs_ops_in_order():
     s = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
     assert len(program) == 3
     np.testing.assert_allclose(y, s @ w2, rtol=1e-5, atol=1e-6)
+
+
+# -- HostBuffer: the owner of aligned host memory ----------------------------------------------
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+@pytest.mark.parametrize("shape,typestr,dtype", [
+    ((3, 5), "<f4", np.float32), ((7,), "|u1", np.uint8), ((2, 3, 4), "<i8", np.int64),
+    ((0, 4), "<f8", np.float64), ((), "<f2", np.float16), ((4,), "|b1", np.bool_),
+    ((2, 2), "<c8", np.complex64), ((5,), "<u4", np.uint32), ((3,), "|i1", np.int8)])
+def test_hostbuffer_is_an_aligned_typed_buffer(shape, typestr, dtype):
+    hb = _core.HostBuffer(shape, typestr)
+    a = np.asarray(hb)
+    assert a.dtype == dtype and a.shape == shape and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data == hb.address and hb.address % 4096 == 0
+    assert hb.nbytes == a.nbytes and not hb.pinned
+    assert a.base.obj is hb  # the base chain ends in the owner
+    m = memoryview(hb)
+    assert m.shape == shape and m.nbytes == a.nbytes and not m.readonly
+
+
+@pytest.mark.parametrize("typestr", [">f4", "<f3", "<V8", "<M8", "f4", "<f", "", "<f4x"])
+def test_hostbuffer_refuses_types_it_cannot_describe(typestr):
+    with pytest.raises(ValueError, match="typestr"):
+        _core.HostBuffer((2,), typestr)
+
+
+def test_hostbuffer_refuses_negative_shape():
+    with pytest.raises(ValueError, match="-3"):
+        _core.HostBuffer((2, -3), "<f4")
+
+
+def test_hostbuffer_dlpack_roundtrip_through_numpy():
+    hb = _core.HostBuffer((4, 3), "<f4")
+    np.asarray(hb)[:] = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert hb.__dlpack_device__() == (1, 0)  # kDLCPU
+    x = np.from_dlpack(hb)
+    assert x.shape == (4, 3) and x.dtype == np.float32 and x.ctypes.data == hb.address
+    np.testing.assert_array_equal(x, np.arange(12).reshape(4, 3))
+    x[0, 0] = 42  # a view, not a copy
+    assert np.asarray(hb)[0, 0] == 42
+    with pytest.raises(BufferError):
+        hb.__dlpack__(copy=True)
+    with pytest.raises(BufferError):
+        hb.__dlpack__(dl_device=(2, 0))
+    for kwargs in ({}, {"max_version": (1, 0)}, {"max_version": (0, 8)}, {"stream": None}):
+        assert type(hb.__dlpack__(**kwargs)).__name__ == "PyCapsule"
+
+
+def test_memory_lives_while_a_view_or_dlpack_consumer_holds_it():
+    a = np.asarray(_core.HostBuffer((1 << 18,), "<f4"))  # the user's array; the only owner ref
+    a[:] = np.arange(1 << 18, dtype=np.float32)
+    view = a[1000:2000]
+    imported = np.from_dlpack(a.base.obj)
+    address = a.ctypes.data
+    del a
+    gc.collect()
+    junk = [np.asarray(_core.HostBuffer((1 << 18,), "<f4")) for _ in range(8)]
+    for j in junk:
+        j[:] = -1  # would clobber the block if it had been freed and reused
+    np.testing.assert_array_equal(view, np.arange(1000, 2000, dtype=np.float32))
+    np.testing.assert_array_equal(imported[:5], np.arange(5, dtype=np.float32))
+    assert imported.ctypes.data == address
+    del view
+    gc.collect()
+    imported[-1] = 7  # still writeable, still ours
+    assert imported[-1] == 7
+
+
+def test_hostbuffer_dlpack_into_torch_survives_the_array():
+    torch = pytest.importorskip("torch")
+    a = np.asarray(_core.HostBuffer((64, 16), "<f4"))
+    a[:] = 3.0
+    t = torch.from_dlpack(a.base.obj)
+    assert t.shape == (64, 16) and t.dtype == torch.float32 and t.data_ptr() == a.ctypes.data
+    del a
+    gc.collect()
+    junk = [np.asarray(_core.HostBuffer((64, 16), "<f4")) for _ in range(8)]
+    for j in junk:
+        j[:] = -1
+    assert bool((t == 3.0).all())
+    t += 1  # writes into the shared block
+    back = np.from_dlpack(t)
+    assert bool((back == 4.0).all())
+    del t, back, junk
+    gc.collect()
+
+
+def test_cuda_runtime_is_optional():
+    loaded = _core.cuda_runtime()
+    if loaded is None:
+        with pytest.raises(RuntimeError, match="load_cuda_runtime"):
+            _core.HostBuffer((4,), "<f4", True)
+        with pytest.raises(RuntimeError, match="/nonexistent/libcudart.so.99"):
+            _core.load_cuda_runtime(["/nonexistent/libcudart.so.99"])
+    else:  # loaded once per process; later calls answer the same library
+        assert _core.load_cuda_runtime(["/nonexistent/libcudart.so.99"]) == loaded
+
+
+# -- copy and gather ----------------------------------------------------------------------------
+@pytest.mark.parametrize("nbytes", [0, 1, 4096, 64 * 1024, 3 << 20])
+def test_copy_moves_every_byte(nbytes):
+    src = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    dst = np.asarray(_core.HostBuffer((nbytes,), "|u1"))
+    _core.copy(dst, src)
+    np.testing.assert_array_equal(dst, src)
+    back = np.zeros(nbytes, np.uint8)
+    _core.copy(back, dst.base.obj)  # a HostBuffer is a source (and a destination) as well
+    np.testing.assert_array_equal(back, src)
+
+
+def test_copy_refuses_what_it_cannot_copy_in_one_memcpy():
+    with pytest.raises(ValueError, match="dst has 16 bytes, src has 12 bytes"):
+        _core.copy(np.zeros(4, np.float32), np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _core.copy(np.zeros(4, np.float32), np.zeros(8, np.float32)[::2])
+    ro = np.zeros(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError, match="writeable"):
+        _core.copy(ro, np.zeros(4, np.float32))
+    with pytest.raises(TypeError):
+        _core.copy(np.zeros(4, np.float32), 3)
+
+
+def _progress_during(call, repeats=3):
+    """How far a Python thread got while ``call()`` ran in this thread (the switch interval is
+    raised so that the other thread runs only where ``call`` releases the GIL)."""
+    counter, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            counter[0] += 1
+            time.sleep(0)  # hands the GIL back at once
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    worker = threading.Thread(target=spin)
+    try:
+        worker.start()
+        time.sleep(0.05)
+        progress = 0
+        for _ in range(repeats):
+            before = counter[0]
+            call()
+            progress = max(progress, counter[0] - before)
+        return progress
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        worker.join()
+
+
+def test_copy_releases_the_gil_for_large_copies():
+    src = np.ones(64 << 20, np.uint8)
+    dst = np.asarray(_core.HostBuffer((64 << 20,), "|u1"))
+
+    def busy_python(seconds=0.02):  # holds the GIL throughout: the harness must see no progress
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    assert _progress_during(busy_python) == 0
+    assert _progress_during(lambda: _core.copy(dst, src)) > 0
+    parts = [src[:32 << 20].reshape(1, -1), src[32 << 20:].reshape(1, -1)]
+    out = np.asarray(_core.HostBuffer((2, 32 << 20), "|u1"))
+    assert _progress_during(lambda: _core.gather(out, parts)) > 0
+
+
+def test_gather_concatenates_and_zero_pads_exactly():
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((n, 4, 3)).astype(np.float32) for n in (1, 3, 2, 1, 5)]
+    out = np.asarray(_core.HostBuffer((16, 4, 3), "<f4"))
+    out[:] = np.nan  # padding must be written, not left over
+    assert _core.gather(out, parts) == 12
+    expected = np.concatenate(parts + [np.zeros((4, 4, 3), np.float32)])
+    np.testing.assert_array_equal(out, expected)
+    assert _core.gather(out, []) == 0 and not out.any()
+    assert _core.gather(out, [np.ones((16, 4, 3), np.float32)]) == 16 and (out == 1).all()
+
+
+def test_gather_refuses_parts_that_do_not_fit():
+    out = np.zeros((4, 3), np.float32)
+    bad = [([np.zeros((1, 3), np.float64)], ValueError, "format 'f'"),
+           ([np.zeros((1, 2), np.float32)], ValueError, r"sample shape \(3,\)"),
+           ([np.zeros((5, 3), np.float32)], ValueError, "5 rows, out has only 4"),
+           ([np.zeros((1, 6), np.float32)[:, ::2]], TypeError, "part 0 must be a C-contiguous"),
+           ([np.zeros((1, 3), ">f4")], ValueError, "format")]
+    for parts, error, message in bad:
+        with pytest.raises(error, match=message):
+            _core.gather(out, parts)
+        assert _core.gather(out, parts, strict=False) == -1
+    with pytest.raises(TypeError, match="out must be"):
+        _core.gather(np.zeros((4, 6), np.float32)[:, ::2], [])
