@@ -345,7 +345,8 @@ class Plan:
 
     def bound(self, arrays, outs):
         """A callable ``(stats, request_since)`` that runs this plan on these fixed arrays
-        (Model.bind): what is used in place and what is copied is decided once, here."""
+        (Model.bind): what is used in place and what is copied is decided once, here.
+        ``request_since`` is the caller's perf_counter() reading just before the call."""
         if self.storage != np.float32:  # conversions on every call: the general path
             return lambda stats, since: self.run(arrays, outs, stats, None, since)
         runs, in_place = self._run_steps, None
@@ -357,16 +358,19 @@ class Plan:
         copy_out = [(o, buf, const) for k, ((buf, const, _), o) in enumerate(zip(self.outputs, outs))
                     if in_place is None or not in_place[n + k]]
         device, perf_counter = self.device, time.perf_counter
+        synchronize = None if type(device).synchronize is Device.synchronize else \
+            device.synchronize  # nothing to wait for on a device that computes synchronously
 
         def run(stats, request_since):
-            t0 = perf_counter()
+            t0 = request_since  # the caller has just read the clock
             copied_in = copied_out = 0
             for buf, array in copy_in:
                 copied_in += device.copy_in(buf, array)
             t1 = perf_counter() if copy_in else t0
             for step in runs:
                 step()
-            device.synchronize()
+            if synchronize is not None:
+                synchronize()
             t2 = perf_counter()
             for dst, buf, const in copy_out:
                 if buf is None:
