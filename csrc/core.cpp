@@ -19,6 +19,15 @@
 
 #include <dlfcn.h>
 
+#if defined(__SANITIZE_ADDRESS__)  // the CI build with -DOFFLOAD_SANITIZE=ON
+#include <sanitizer/asan_interface.h>
+#define OFFLOAD_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define OFFLOAD_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define OFFLOAD_POISON(p, n) ((void) (p), (void) (n))
+#define OFFLOAD_UNPOISON(p, n) ((void) (p), (void) (n))
+#endif
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -43,7 +52,10 @@ bool is_power_of_two(std::int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 // with a fresh mmap every time (its dynamic threshold never rises for aligned chunks), so each
 // such block costs page faults on first touch (256 KiB: ~100 us instead of ~4 us). Plain malloc
 // reuses freed heap memory like np.empty does.
-void *aligned_malloc(std::size_t nbytes, std::size_t align) {
+// Under AddressSanitizer the bytes around the ``used`` ones (the lead, the rounding up to whole
+// alignment units) are poisoned, so that an overflow past the array is reported although it
+// stays inside the malloc'ed block.
+void *aligned_malloc(std::size_t nbytes, std::size_t align, std::size_t used) {
     if (nbytes > std::numeric_limits<std::size_t>::max() - align - sizeof(void *))
         return nullptr;
     void *raw = std::malloc(nbytes + align + sizeof(void *));
@@ -52,12 +64,17 @@ void *aligned_malloc(std::size_t nbytes, std::size_t align) {
     std::uintptr_t p = reinterpret_cast<std::uintptr_t>(raw) + sizeof(void *);
     p = (p + align - 1) & ~(std::uintptr_t) (align - 1);
     reinterpret_cast<void **>(p)[-1] = raw;
+    OFFLOAD_POISON(raw, p - reinterpret_cast<std::uintptr_t>(raw));
+    OFFLOAD_POISON(reinterpret_cast<char *>(p) + used, nbytes - used);
     return reinterpret_cast<void *>(p);
 }
 
 void aligned_free(void *ptr) noexcept {
-    if (ptr)
-        std::free(reinterpret_cast<void **>(ptr)[-1]);
+    if (!ptr)
+        return;
+    void **slot = reinterpret_cast<void **>(ptr) - 1;
+    OFFLOAD_UNPOISON(slot, sizeof(void *));
+    std::free(*slot);
 }
 
 ByteArray aligned_empty(std::int64_t nbytes, std::int64_t alignment) {
@@ -78,7 +95,7 @@ ByteArray aligned_empty(std::int64_t nbytes, std::int64_t alignment) {
     void *ptr = nullptr;
     if (n <= std::numeric_limits<std::size_t>::max() - (align - 1)) {
         std::size_t alloc = (n + align - 1) & ~(align - 1);
-        ptr = aligned_malloc(alloc ? alloc : align, align);
+        ptr = aligned_malloc(alloc ? alloc : align, align, n);
     }
     if (!ptr) {
         PyErr_Format(PyExc_MemoryError,
@@ -278,7 +295,7 @@ struct HostBuffer {
         std::size_t alloc = (nbytes + align - 1) & ~(align - 1);
         if (!alloc)
             alloc = align;
-        ptr = aligned_malloc(alloc, align);
+        ptr = aligned_malloc(alloc, align, nbytes);
         if (!ptr) {
             PyErr_Format(PyExc_MemoryError,
                          "HostBuffer: could not allocate %zu bytes (4096-aligned)", nbytes);
