@@ -10,6 +10,7 @@
 //   load_cuda_runtime(candidates) -> str   path of the CUDA runtime in use (loads it once)
 //   copy(dst, src): one memmove between C-contiguous host buffers, GIL released when large
 //   gather(out, parts) -> int: parts copied back to back into out, the rest zeroed (GIL released)
+//   unshared(list) -> int: index of the first item only the list refers to (arena reuse)
 //   dense, epilogue, softmax: fused float32 CPU kernels (cpu_kernels.cpp)
 
 #include <nanobind/nanobind.h>
@@ -542,6 +543,16 @@ NB_MODULE(_core, m) {
               return g_cuda.lib ? nb::cast(g_cuda.path) : nb::none();
           },
           "Path of the loaded CUDA runtime, or None.");
+
+    m.def("unshared", [](nb::list items) -> Py_ssize_t {
+              for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items.ptr()); ++i)
+                  if (Py_REFCNT(PyList_GET_ITEM(items.ptr(), i)) == 1)
+                      return i;
+              return -1;
+          },
+          nb::arg("items"),
+          "Index of the first item of the list that nothing but the list refers to, or -1 "
+          "(exact: no interpreter-internal borrowed references blur the count).");
 
     m.def("copy", &copy, nb::arg("dst"), nb::arg("src"),
           "Copy src into dst (both C-contiguous host buffers of the same byte size) with one "

@@ -400,3 +400,14 @@ def test_gather_refuses_parts_that_do_not_fit():
         assert _core.gather(out, parts, strict=False) == -1
     with pytest.raises(TypeError, match="out must be"):
         _core.gather(np.zeros((4, 6), np.float32)[:, ::2], [])
+
+
+def test_unshared_finds_items_only_the_list_holds():
+    held = _core.HostBuffer((4,), "<f4")
+    items = [held, _core.HostBuffer((4,), "<f4")]
+    assert _core.unshared(items) == 1
+    view = np.asarray(items[1])  # a view holds its owner through the memoryview
+    assert _core.unshared(items) == -1
+    del view, held
+    assert _core.unshared(items) == 0
+    assert _core.unshared([]) == -1

@@ -13,7 +13,6 @@ the device is never left idle to fill a batch). A request larger than
 from __future__ import annotations
 
 import concurrent.futures
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -236,10 +235,9 @@ class _Arena:
                     self._bytes -= sum(b.nbytes for b in dropped)
             else:
                 self._pools.move_to_end(shape)
-            for owner in pool:
-                # references: the pool's list, this loop's name, getrefcount's argument
-                if sys.getrefcount(owner) <= 3:
-                    return np.asarray(owner)  # made under the lock: now referenced
+            free = _core.unshared(pool)  # a block only the pool refers to
+            if free >= 0:
+                return np.asarray(pool[free])  # made under the lock: now referenced
             owner = _core.HostBuffer(shape, "<f4")
             if len(pool) < self.per_shape and self._bytes + owner.nbytes <= self.max_bytes:
                 pool.append(owner)
