@@ -115,11 +115,11 @@ def test_a_fault_fails_exactly_its_batch(jet_path):
     model = offload.load(jet_path, batching=offload.Batching(max_batch=4, max_delay_us=2e6))
     real, runs = model._dispatch, []
 
-    def faulty(arrays, out, profile):
+    def faulty(arrays, out, profile, **kw):
         runs.append(len(arrays[0]))
         if len(runs) == 2:
             raise offload.DeviceRuntimeError("injected fault in batch 2")
-        return real(arrays, out, profile)
+        return real(arrays, out, profile, **kw)
     model._dispatch = faulty
     groups = []
     for g in range(3):  # 4 one-row requests fill a batch at once

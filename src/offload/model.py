@@ -313,7 +313,9 @@ class Model:
     def _execute_batch(self, arrays, wait_s):
         """The batcher's device call on a merged (and padded, see Batcher.bucket) batch."""
         self._check_batchable(tuple(a.shape[1:] for a in arrays))
-        return self._dispatch(arrays, None, None)
+        # a merged batch lives in a block of the batcher's arena, a new one at almost every run:
+        # copying it into the plan's staging costs less than binding each block in place
+        return self._dispatch(arrays, None, None, in_place=False)
 
     def _prepare(self, inputs, named) -> list[np.ndarray]:
         if not named and len(inputs) == len(self._input_checks):
@@ -446,17 +448,18 @@ class Model:
             ctx.in_flight += 1
             return ctx
 
-    def _dispatch(self, arrays, out, profile, since=None):
-        """Run on one of the model's devices; ``since``: count the request (see Stats.record)."""
+    def _dispatch(self, arrays, out, profile, since=None, in_place=True):
+        """Run on one of the model's devices; ``since``: count the request (see Stats.record);
+        ``in_place``: let the plan use aligned arrays in place (see Plan.run)."""
         if len(self._contexts) == 1:
             ctx = self._contexts[0]
             try:
-                return self._run_on(ctx, arrays, out, profile, since)
+                return self._run_on(ctx, arrays, out, profile, since, in_place)
             except OffloadError as e:
                 return self._fall_back(ctx, e, arrays, out, profile, since)
         ctx = self._pick()
         try:
-            return self._run_on(ctx, arrays, out, profile, since)
+            return self._run_on(ctx, arrays, out, profile, since, in_place)
         except OffloadError as e:
             return self._fall_back(ctx, e, arrays, out, profile, since)
         finally:
@@ -478,7 +481,8 @@ class Model:
             warnings.warn(f"offload: falling back to cpu ({reason})", RuntimeWarning, stacklevel=4)
         return self._run_on(self._fallback_context, arrays, out, profile, since)
 
-    def _run_on(self, ctx: _DeviceContext, arrays, out=None, profile=None, since=None):
+    def _run_on(self, ctx: _DeviceContext, arrays, out=None, profile=None, since=None,
+                in_place=True):
         shapes = (arrays[0].shape,) if len(arrays) == 1 else tuple([a.shape for a in arrays])
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
@@ -494,7 +498,7 @@ class Model:
         try:
             outs = None if out is None else "device" if isinstance(out, str) and out == \
                 "device" else self._check_out(out, plan.output_shapes)
-            return plan.run(arrays, outs, self._stats, profile, since)
+            return plan.run(arrays, outs, self._stats, profile, since, in_place)
         finally:
             if not self._closed:
                 ctx.plans.setdefault(shapes, []).append(plan)

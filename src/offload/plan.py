@@ -272,15 +272,17 @@ class Plan:
     def output_shapes(self) -> tuple:
         return self._output_shapes
 
-    def run(self, arrays, outs=None, stats=None, profile=None, request_since=None):
+    def run(self, arrays, outs=None, stats=None, profile=None, request_since=None,
+            allow_in_place=True):
         """Copy ``arrays`` in, run every step, copy the outputs out (into ``outs`` if given;
         ``outs="device"``: new arrays in the device's memory, see Device.device_array).
         On a device that computes on host memory, 4 KiB-aligned C-contiguous float32 arrays
-        (``offload.empty``) are read, and written as ``outs``, in place: 0 bytes copied."""
+        (``offload.empty``) are read, and written as ``outs``, in place: 0 bytes copied (unless
+        ``allow_in_place`` is False)."""
         device = self.device
         t0 = time.perf_counter()
         runs, in_place = self._run_steps, None
-        if self._bindings is not None and profile is None:
+        if self._bindings is not None and profile is None and allow_in_place:
             runs, in_place = self._in_place_runs(arrays, None if isinstance(outs, str) else outs)
         copied_in = 0
         if self.storage != np.float32:
