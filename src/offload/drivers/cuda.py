@@ -20,7 +20,8 @@ argument conventions. NCHW is kept everywhere: there is no NHWC path yet.
 Execution. One non-blocking stream per device; every enqueue holds the device's lock (so that a
 graph capture never records another thread's work). ``copy_in``/``copy_out`` go through
 page-locked staging buffers (one per device buffer, allocated on first use) with asynchronous
-copies on the stream; ``synchronize`` waits on an event recorded on the stream.
+copies on the stream; an input already page-locked (``offload.empty(..., pinned=True)`` or
+``device="cuda:0"``) is copied from directly, without the staging copy; ``synchronize`` waits on an event recorded on the stream.
 
 CUDA graphs. ``finalize(runs)`` runs a plan's steps once (outside capture: lazy module loads and
 cuBLAS initialisation happen there), then captures them on the stream
@@ -55,6 +56,7 @@ import numpy as np
 
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
+from ..hostmem import address
 from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
                       UnsupportedOpError)
 from ._kernels import (ACTIVATIONS, BINARY_OPS, GEMM_GPU, MAX_RANK, PROGRAMS, REDUCTIONS,
@@ -235,6 +237,14 @@ class CUDADevice(Device):
             return 0
         if not isinstance(src, np.ndarray):  # an array in this GPU's memory (DLPack)
             return self._copy_in_device_array(dst, src)
+        if (src.dtype == dst.dtype and src.nbytes == dst.nbytes and src.flags.c_contiguous
+                and _page_locked(src)):
+            try:  # straight from the caller's page-locked memory: no staging copy
+                with self._dev, self._lock:
+                    dst.data.copy_from_host_async(address(src), dst.nbytes, self.stream)
+            except self._errors[1] as e:
+                raise map_error(self, e, "copying in") from None
+            return dst.nbytes
         stage = self._stage(dst)
         np.copyto(stage, np.reshape(src, dst.shape), casting="same_kind")
         try:
@@ -451,6 +461,20 @@ class CUDADevice(Device):
 
     def __repr__(self) -> str:
         return f"<offload.Device {self.spec} {self.name!r}>"
+
+
+def _page_locked(array: np.ndarray) -> bool:
+    """Whether ``array`` views an ``offload.empty(..., pinned=True)`` block (its HostBuffer says
+    so; views of views are followed a few levels)."""
+    base = array
+    for _ in range(4):
+        base = getattr(base, "base", None)
+        if base is None:
+            return False
+        owner = getattr(base, "obj", None)  # a memoryview of the HostBuffer
+        if owner is not None and hasattr(owner, "pinned"):
+            return bool(owner.pinned)
+    return False
 
 
 def _destroy_handle(cublas, handle):
