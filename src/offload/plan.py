@@ -286,8 +286,13 @@ class Plan:
             runs, in_place = self._in_place_runs(arrays, None if isinstance(outs, str) else outs)
         copied_in = 0
         if self.storage != np.float32:
+            # the host converts each input into a new storage array: those are the bytes counted
+            # (a device may then read that array in place or copy it: one copy either way)
             arrays = [self._to_storage(a) for a in arrays]
-        if in_place is None:
+            for buf, array in zip(self.input_buffers, arrays):
+                device.copy_in(buf, array)
+                copied_in += buf.nbytes
+        elif in_place is None:
             for buf, array in zip(self.input_buffers, arrays):
                 copied_in += device.copy_in(buf, array)
         else:
