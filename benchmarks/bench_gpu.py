@@ -165,9 +165,9 @@ def bench_case(name, batch, precision, min_time_s, log, try_compile=False):
 
     # offload: NumPy in, NumPy out; and through fixed offload.empty buffers (Model.bind)
     model = offload.load(path, device="cuda:0", precision=precision)
-    dev = model.device
     y_off = model(x)
     plan = model.plan(x.shape)
+    dev = plan.device  # the model's own stream (CUDADevice.session)
     row["offload_graph"] = bool(getattr(plan._run_steps[0], "graph", None)) if plan._run_steps \
         else False
     row["offload_e2e_ms"], row["offload_calls"] = _median_ms(lambda: model(x), lambda: None,

@@ -83,6 +83,12 @@ class Device:
         ``model(x, out="device")``); host-memory devices return NumPy arrays."""
         raise NotImplementedError(f"{self.spec} has no device array type")
 
+    def session(self) -> "Device":
+        """The device as one model uses it. A driver with queues gives each model its own (CUDA:
+        a stream and a cuBLAS handle, so that models overlap on the GPU); by default the device
+        itself."""
+        return self
+
     def finalize(self, runs: list) -> list:
         """Given a plan's step callables in order, return the callables to run per inference
         (a device may merge steps, e.g. into one native call or one captured graph)."""

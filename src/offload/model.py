@@ -174,7 +174,7 @@ class Model:
                 raise UnsupportedOpError(
                     f"device {d.spec} does not run precision {precision!r} (it runs "
                     f"{sorted(d.capabilities.precisions)})", [(f"precision {precision}", "")])
-        self._contexts = [_DeviceContext(d, precision) for d in self.devices]
+        self._contexts = [_DeviceContext(d.session(), precision) for d in self.devices]
         self._fallback_context: _DeviceContext | None = None
         self._dispatch_lock = threading.Lock()
         self._stats = Stats()

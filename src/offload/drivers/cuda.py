@@ -17,7 +17,8 @@ activation are then applied in place by one epilogue kernel (``bias_act`` of ``k
 binary ops, pad/transpose (gather6) and concat run the shared kernels with the OpenCL driver's
 argument conventions. NCHW is kept everywhere: there is no NHWC path yet.
 
-Execution. One non-blocking stream per device; every enqueue holds the device's lock (so that a
+Execution. One non-blocking stream and cuBLAS handle per model (``session``); every enqueue holds
+the device's lock (so that a
 graph capture never records another thread's work). ``copy_in``/``copy_out`` go through
 page-locked staging buffers (one per device buffer, allocated on first use) with asynchronous
 copies on the stream; an input already page-locked (``offload.empty(..., pinned=True)`` or
@@ -47,6 +48,7 @@ Not implemented: NHWC (every layout here is NCHW; NHWC was not measured), cuBLAS
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -173,6 +175,24 @@ class CUDADevice(Device):
         self.dlpack_device = (2, index)  # kDLCUDA: CuPy arrays and CUDA tensors on this GPU
         self.build_stats = {"compiled": 0, "seconds": 0.0}
         weakref.finalize(self, _destroy_handle, cublas, self.handle)
+
+    def session(self) -> "CUDADevice":
+        """This GPU with its own non-blocking stream and cuBLAS handle, for one model: its copies,
+        kernels, products and graph launches go to that stream and overlap other models' work.
+        Compiled modules, the enqueue lock and the graph-fallback log are shared."""
+        cp = _cupy()
+        twin = copy.copy(self)
+        try:
+            with self._dev:
+                twin.stream = cp.cuda.Stream(non_blocking=True)
+                twin.handle = self._cublas.create()
+                self._cublas.setStream(twin.handle, twin.stream.ptr)
+        except self._errors[1] as e:
+            raise map_error(self, e, "creating a stream for a model") from None
+        twin._tls = threading.local()
+        twin._staging = {}
+        weakref.finalize(twin, _destroy_handle, self._cublas, twin.handle)
+        return twin
 
     # -- memory ---------------------------------------------------------------------------
     @property
