@@ -18,14 +18,15 @@ from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableErr
 from .hostmem import empty
 from .batching import Batching
 from .model import Binding, Model
-from . import zoo  # noqa: E402  (builds reference models on demand; no downloads)
+from .fixed_point import PrecisionError
+from . import fixed_point, zoo  # noqa: E402  (builds reference models on demand; no downloads)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batching", "Binding", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
-    "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
+    "PrecisionError", "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
 ]
 
 
@@ -40,7 +41,7 @@ def import_onnx(source):
 
 def load(source: str | os.PathLike, device: str | Device | list = "cpu",
          batching: Batching | None = None, fallback: str = "error",
-         precision: str | None = None) -> Model:
+         precision: str | dict | None = None) -> Model:
     """Load an ONNX model for ``device`` (default: the embedded CPU device).
 
     ``source`` is a path to an .onnx file, its bytes, an ``onnx.ModelProto``, or a zoo name
@@ -51,14 +52,45 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
     ``model.stats`` and warned once per reason); the default ``"error"`` raises.
     ``precision``: "float32" (default), "tf32", "float16" or "bfloat16" on a device that runs
     it (``Capabilities.precisions``; see offload.precision); inputs and outputs stay float32.
+
+    Fixed point: ``precision="ap_fixed<16,6>"`` or ``{"default": "ap_fixed<16,6>", "<node>":
+    "ap_fixed<12,4>" or {"result": ..., "weight": ..., "bias": ..., "accum": ...}}`` (hls4ml
+    style; see offload.fixed_point for the parts and their defaults) runs dense, conv2d and the
+    pools in ``ap_fixed`` arithmetic, bit-exact with the HLS kernels: on the CPU device through
+    the offload.quant emulation, on ``xrt:N`` / ``xrt-emu:0`` through the kernels. A device
+    without fixed point (opencl, cuda) refuses it here (UnsupportedOpError naming the device and
+    the precision), and the FPGA devices, which run nothing else, refuse a model loaded without
+    a fixed-point precision (no silent default). ``model.precision`` is then ``"ap_fixed"`` and
+    ``model.fixed_point`` the parsed precision; inputs and outputs stay float32.
     """
     if isinstance(source, str) and source in zoo.NAMES and not os.path.exists(source):
         source = zoo.path(source)
     graph = import_onnx(source)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     opened, missing = _open_devices(device, fallback)
+    fixed = None
+    if precision is not None and fixed_point.is_fixed_precision(precision):
+        fixed = fixed_point.parse(precision)
+        for d in opened:
+            if fixed_point.FAMILY not in d.capabilities.precisions:
+                raise UnsupportedOpError(
+                    f"device {d.spec} cannot run fixed-point precision {fixed} (it runs "
+                    f"{sorted(d.capabilities.precisions)}); use device='cpu' (the bit-exact "
+                    "emulation) or an xrt device", [(f"precision {fixed}", "")])
+        graph = fixed_point.annotate(graph, fixed)
+        precision = fixed_point.FAMILY
+    else:
+        for d in opened:
+            if "float32" not in d.capabilities.precisions and fixed_point.FAMILY in \
+                    d.capabilities.precisions:
+                raise UnsupportedOpError(
+                    f"device {d.spec} runs fixed point only ({sorted(d.capabilities.precisions)}"
+                    f"), and no precision was given (got {precision!r}): load with e.g. "
+                    "precision='ap_fixed<16,6>' (offload.fixed_point)",
+                    [(f"precision {precision or 'float32'}", "")])
     model = Model(graph, opened, label, batching, fallback,
                   precision=precision if precision is not None else "float32")
+    model.fixed_point = fixed
     for reason in missing:
         model._stats.fallback(reason)
     return model

@@ -21,17 +21,21 @@ from __future__ import annotations
 import numpy as np
 
 FLOAT_PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
+# Fixed point (offload.fixed_point): the graph carries the ap_fixed types per layer; tensors
+# between layers are float32 holding exact fixed-point values, so the plan stores float32.
+FIXED = "ap_fixed"
 
 # The storage dtype on the host side: bfloat16 travels as its raw 16 bits.
 _STORAGE = {"float32": np.dtype(np.float32), "tf32": np.dtype(np.float32),
-            "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+            "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16),
+            FIXED: np.dtype(np.float32)}
 # The kernels' storage macro (dialect.h): tensors in global memory are `real`.
 _DEFINES = {"float16": {"STORAGE_F16": 1}, "bfloat16": {"STORAGE_BF16": 1}}
 
 
 def check(precision: str) -> str:
     """``precision`` if it is a known float precision, else ValueError naming the known ones."""
-    if precision not in FLOAT_PRECISIONS:
+    if precision not in FLOAT_PRECISIONS and precision != FIXED:
         raise ValueError(f"unknown precision {precision!r}; float precisions are "
                          f"{list(FLOAT_PRECISIONS)}")
     return precision

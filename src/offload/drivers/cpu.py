@@ -18,6 +18,7 @@ from numpy.lib.stride_tricks import as_strided
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
 from .. import _core
+from .. import fixed_point
 from ..hostmem import aligned_empty
 
 F32 = np.float32
@@ -373,6 +374,10 @@ OPS = {
     "transpose": build_transpose,
 }
 assert set(OPS) == G.DEVICE_OPS
+# Nodes annotated with a fixed-point type (offload.fixed_point.annotate) run the bit-exact
+# ap_fixed emulation of offload.quant; every other node takes the float32 builder above, as is.
+for _op in fixed_point.FIXED_OPS:
+    OPS[_op] = fixed_point.build_cpu(_op, OPS[_op])
 
 
 class CPUDevice(Device):
@@ -381,7 +386,8 @@ class CPUDevice(Device):
     kind = "cpu"
     index = 0
     ops = OPS
-    capabilities = Capabilities(frozenset(OPS))
+    capabilities = Capabilities(frozenset(OPS),
+                                precisions=frozenset({"float32", fixed_point.FAMILY}))
     reads_host_arrays = True
 
     def __init__(self):
