@@ -38,11 +38,27 @@ def _selected(config):
     return [i for i in infos if i.spec in specs]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fixed_point: a device-matrix test that also runs on "
+                            "devices without float32 (the FPGA's ap_fixed-only devices)")
+
+
+def _float32_skip(info, metafunc):
+    """A skip mark for a float32 test on a device that runs fixed point only (xrt, xrt-emu)."""
+    if not info.available or metafunc.definition.get_closest_marker("fixed_point"):
+        return []
+    precisions = offload.device(info.spec).capabilities.precisions
+    if "float32" in precisions:
+        return []
+    return [pytest.mark.skip(reason=f"{info.spec} runs {'/'.join(sorted(precisions))} only; "
+                             "float32 test does not apply")]
+
+
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         params = []
         for info in _selected(metafunc.config):
-            marks = [] if info.available else [pytest.mark.skip(
+            marks = _float32_skip(info, metafunc) if info.available else [pytest.mark.skip(
                 reason=f"{info.spec} unavailable: {info.reason}")]
             params.append(pytest.param(info.spec, id=info.spec, marks=marks))
         metafunc.parametrize("device", params, indirect=True)
