@@ -251,9 +251,12 @@ class XRTDevice(Device):
                                      f"{e}") from None
         return bo, np.frombuffer(bo.map(), np.uint8)
 
-    def _place(self, buf: XBuf, fmt: quant.FixedType, group: int, what: str):
-        """Give ``buf`` its fixed-point type and its block a BO on ``group``."""
-        if buf.fmt is not None and buf.fmt != fmt:
+    def _place(self, buf: XBuf, fmt: quant.FixedType, group: int, what: str,
+               output: bool = False):
+        """Give ``buf`` its fixed-point type and its block a BO on ``group``. An output takes
+        the kernel's type (its block may have held another tensor before); an input must hold
+        the type the kernel reads."""
+        if not output and buf.fmt is not None and buf.fmt != fmt:
             raise ShapeError(f"{self.spec}: {what}: tensor holds {buf.fmt}, the kernel expects "
                              f"{fmt}")
         buf.fmt = buf.block.fmt = fmt
@@ -397,7 +400,7 @@ class XRTDevice(Device):
         self._limit(k <= LIMITS["dense_max_in"] and m <= LIMITS["dense_max_out"]
                     and k * m <= LIMITS["dense_max_w"], layer, f"dense {k}->{m}")
         self._place(x, t.data, kernel.group_id(0), f"{layer} input")
-        self._place(out, t.out, kernel.group_id(3), f"{layer} output")
+        self._place(out, t.out, kernel.group_id(3), f"{layer} output", output=True)
         wb, bb = self._params(ctx, ins, layer, kernel, lambda a: a.T, m)
         relu = int(attrs.get("activation", "identity") == "relu")
         return self._runner("dense", kernel, [x.block.bo, wb, bb, out.block.bo, n, k, m, relu],
@@ -413,7 +416,7 @@ class XRTDevice(Device):
         self._limit(c * h * wd <= LIMITS["conv_max_in"] and o <= LIMITS["conv_max_cout"]
                     and ins[1].size <= LIMITS["conv_max_w"], layer, f"conv2d {x.shape[1:]}")
         self._place(x, t.data, kernel.group_id(0), f"{layer} input")
-        self._place(out, t.out, kernel.group_id(3), f"{layer} output")
+        self._place(out, t.out, kernel.group_id(3), f"{layer} output", output=True)
         wb, bb = self._params(ctx, ins, layer, kernel, lambda a: a, o)
         relu = int(attrs.get("activation", "identity") == "relu")
         pad = int(attrs["pads"][0])
@@ -432,7 +435,7 @@ class XRTDevice(Device):
             self._limit((k * k).bit_length() - 1 <= LIMITS["pool_max_shift"], layer,
                         f"window {k}x{k}")
         self._place(x, t.data, kernel.group_id(0), f"{layer} input")
-        self._place(out, t.out, kernel.group_id(1), f"{layer} output")
+        self._place(out, t.out, kernel.group_id(1), f"{layer} output", output=True)
         return self._runner(name, kernel, [x.block.bo, out.block.bo, n, c, h, wd, k], layer)
 
     def _build_softmax(self, ctx, attrs, ins, out):
