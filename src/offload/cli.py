@@ -251,6 +251,10 @@ def cmd_demo(args) -> int:
         state = "available" if info.available else f"unavailable: {info.reason}"
         print(f"  {info.spec:<10} {info.name or '-'}  ({state})")
     specs = [i.spec for i in infos if i.available]
+    fixed_only = [s for s in specs if "float32" not in offload.device(s).capabilities.precisions]
+    if fixed_only:  # the demo runs the float32 models (FPGA devices: see benchmarks/bench_fpga.py)
+        print(f"  (float32 demo skips {', '.join(fixed_only)}: fixed point only)")
+        specs = [s for s in specs if s not in fixed_only]
 
     _progress("Building zoo models:")
     for name in names:
