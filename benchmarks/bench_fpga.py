@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     now = datetime.datetime.now()
     command = "python benchmarks/" + " ".join(
         [pathlib.Path(sys.argv[0]).name] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
-    lines = [f"# FPGA: fixed point vs float32, and the xrt-emu call sequence",
+    lines = ["# FPGA: fixed point vs float32, and the xrt-emu call sequence",
              "", f"- date: {now:%Y-%m-%d %H:%M}", f"- command: `{command}`",
              f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
              f"Python {platform.python_version()}, NumPy {np.__version__}",

@@ -162,7 +162,8 @@ def test_close_joins_the_submit_threads(jet_path):
 
 
 def test_several_devices_share_the_work(jet_path):
-    devices = [i.spec for i in offload.devices() if i.available]
+    devices = [i.spec for i in offload.devices() if i.available and "float32" in
+               offload.device(i.spec).capabilities.precisions]  # "all" that run float32
     model = offload.load(jet_path, device="all")
     assert [d.spec for d in model.devices] == devices
     x = zoo.sample_input("jet_mlp", 16)

@@ -46,7 +46,8 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
 
     ``source`` is a path to an .onnx file, its bytes, an ``onnx.ModelProto``, or a zoo name
     (``offload.zoo.NAMES``) which is built on first use. ``device`` may be a list of devices, or
-    "all" (every available device): each run goes to the least-loaded one. ``batching`` merges
+    "all" (every available device that runs ``precision``): each run goes to the least-loaded
+    one. ``batching`` merges
     concurrent requests into device batches (``offload.Batching(max_batch, max_delay_us)``).
     ``fallback="cpu"`` reruns on the CPU device what a device fails to run (counted in
     ``model.stats`` and warned once per reason); the default ``"error"`` raises.
@@ -68,6 +69,11 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
     graph = import_onnx(source)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     opened, missing = _open_devices(device, fallback)
+    if isinstance(device, str) and device.strip().lower() == "all":
+        # "all": every available device that runs the precision asked for
+        family = fixed_point.FAMILY if precision is not None and \
+            fixed_point.is_fixed_precision(precision) else (precision or "float32")
+        opened = [d for d in opened if family in d.capabilities.precisions] or opened
     fixed = None
     if precision is not None and fixed_point.is_fixed_precision(precision):
         fixed = fixed_point.parse(precision)
