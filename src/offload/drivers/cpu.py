@@ -20,6 +20,7 @@ from ..device import Capabilities, Device, DeviceInfo
 from .. import _core
 from .. import fixed_point
 from ..hostmem import aligned_empty
+from ._kernels import _sequence
 
 F32 = np.float32
 
@@ -90,19 +91,6 @@ def epilogue(y2: np.ndarray, attrs: dict, bias=None, bias_axis=1, residual=None)
     if residual is not None:
         residual = residual.reshape(y2.shape)
     return functools.partial(_core.epilogue, y2, bias, bias_axis, residual, *act)
-
-
-def _sequence(*fns):
-    fns = tuple(f for f in fns if f is not None)
-    if not fns:
-        return lambda: None
-    if len(fns) == 1:
-        return fns[0]
-
-    def run():
-        for f in fns:
-            f()
-    return run
 
 
 def build_dense(ctx, attrs, ins, out):
