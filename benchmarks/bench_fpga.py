@@ -3,10 +3,10 @@
 
     python benchmarks/bench_fpga.py [--events 10000] [--cnn-events 2000] [--precision ap_fixed<16,6>]
 
-1. Accuracy (CPU device: offload.quant emulation, bit-exact with the HLS kernels) on seeded
+1. Accuracy (CPU device: offload.fpga.quant emulation, bit-exact with the HLS kernels) on seeded
    random events (offload.zoo.sample_input, seed 0): max |softmax(fixed) - softmax(float32)|,
    mean of that, and argmax agreement.
-2. ``xrt-emu:0`` (the xrt driver on offload.pyxrt_emu, an EMULATION of pyxrt running the
+2. ``xrt-emu:0`` (the xrt driver on offload.fpga.pyxrt_emu, an EMULATION of pyxrt running the
    C-simulated kernels; no card): per batch, the bytes crossing "PCIe" (BO syncs each way), the
    syncs and kernel runs; outputs checked bit-exact against the CPU emulation; C-simulation time
    per event (g++ -O2 of the HLS C++ on this CPU: says nothing of the card's latency).
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
              f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
              f"Python {platform.python_version()}, NumPy {np.__version__}",
              f"- precision: `{args.precision}` (accumulator ap_fixed<2W,2I>, "
-             "offload.fixed_point defaults)",
+             "offload.fpga.fixed_point defaults)",
              f"- `{EMU}` is the xrt driver on an EMULATION of pyxrt (HLS C-simulation by g++); "
              "no card, no Vitis: the times below are C-simulation on this CPU, not FPGA latency",
              "", "## Accuracy against float32 (CPU device, bit-exact emulation)", "",

@@ -1,5 +1,5 @@
 """The HLS kernels in kernels/hls/, compiled with g++ against Xilinx's Apache-2.0 ap_fixed.h
-(C-simulation), are bit-exact with offload.quant: np.array_equal on raw integers."""
+(C-simulation), are bit-exact with offload.fpga.quant: np.array_equal on raw integers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from offload import hls_csim, quant
+from offload.fpga import hls_csim, quant
 from offload.errors import KernelBuildError, ShapeError
 
 pytestmark = pytest.mark.skipif(hls_csim.compiler() is None,

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import find_nvcc
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "src" / "offload" / "kernels"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = sorted(p.name for p in KERNEL_DIR.glob("*.cl"))
 # gemm.cl takes per-device tile macros; CUDA devices use the GPU ones (the CPU configuration,
 # fully unrolled 4x16 blocks, is for PoCL only and takes nvcc minutes to optimise).

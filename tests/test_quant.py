@@ -1,4 +1,4 @@
-"""offload.quant: ap_fixed<W,I,Q,O> emulation against hand-computed values, the layers against a
+"""offload.fpga.quant: ap_fixed<W,I,Q,O> emulation against hand-computed values, the layers against a
 float reference within the quantisation step, and the accuracy of jet_mlp in fixed point.
 
 (Bit-exactness against Xilinx's ap_fixed.h itself is in test_hls_csim.py.)"""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload import quant
-from offload.quant import FixedType, parse
+from offload.fpga import quant
+from offload.fpga.quant import FixedType, parse
 
 LSB = 1 / 16  # ap_fixed<8,4>: F = 4, range [-8, 7.9375]
 

@@ -1,5 +1,5 @@
 """The FPGA device: offload.load(..., precision="ap_fixed<...>") on the CPU emulation and on the
-xrt driver, here on ``xrt-emu:0`` (the driver on offload.pyxrt_emu, an emulation of pyxrt running
+xrt driver, here on ``xrt-emu:0`` (the driver on offload.fpga.pyxrt_emu, an emulation of pyxrt running
 the C-simulated HLS kernels). Results are compared with np.array_equal, never a tolerance."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import offload
-from offload import fixed_point, hls_csim, pyxrt_emu, quant, zoo
+from offload import zoo
+from offload.fpga import fixed_point, hls_csim, pyxrt_emu, quant
 from offload.drivers.xrt import KernelStateError, KernelTimeoutError
 from offload.errors import DeviceRuntimeError, ShapeError, UnsupportedOpError
 
@@ -97,7 +98,7 @@ def test_jet_cnn_xrt_emu_bit_exact(emu, batch):
 
 
 def test_cpu_emulation_equals_quant_layer_by_layer():
-    """The CPU device's fixed-point path is offload.quant, layer by layer (jet_mlp logits)."""
+    """The CPU device's fixed-point path is offload.fpga.quant, layer by layer (jet_mlp logits)."""
     from onnx import numpy_helper as nh
     p = {i.name: nh.to_array(i) for i in zoo.build("jet_mlp").graph.initializer}
     t = hls_csim.KernelTypes(P16, acc="ap_fixed<32,12>")

@@ -18,8 +18,9 @@ from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableErr
 from .hostmem import empty
 from .batching import Batching
 from .model import Binding, Model
-from .fixed_point import PrecisionError
-from . import fixed_point, zoo  # noqa: E402  (builds reference models on demand; no downloads)
+from .fpga.fixed_point import PrecisionError
+from .fpga import fixed_point
+from . import zoo  # noqa: E402  (builds reference models on demand; no downloads)
 
 __version__ = "0.1.0"
 
@@ -56,9 +57,9 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
 
     Fixed point: ``precision="ap_fixed<16,6>"`` or ``{"default": "ap_fixed<16,6>", "<node>":
     "ap_fixed<12,4>" or {"result": ..., "weight": ..., "bias": ..., "accum": ...}}`` (hls4ml
-    style; see offload.fixed_point for the parts and their defaults) runs dense, conv2d and the
+    style; see offload.fpga.fixed_point for the parts and their defaults) runs dense, conv2d and the
     pools in ``ap_fixed`` arithmetic, bit-exact with the HLS kernels: on the CPU device through
-    the offload.quant emulation, on ``xrt:N`` / ``xrt-emu:0`` through the kernels. A device
+    the offload.fpga.quant emulation, on ``xrt:N`` / ``xrt-emu:0`` through the kernels. A device
     without fixed point (opencl, cuda) refuses it here (UnsupportedOpError naming the device and
     the precision), and the FPGA devices, which run nothing else, refuse a model loaded without
     a fixed-point precision (no silent default). ``model.precision`` is then ``"ap_fixed"`` and
@@ -92,7 +93,7 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
                 raise UnsupportedOpError(
                     f"device {d.spec} runs fixed point only ({sorted(d.capabilities.precisions)}"
                     f"), and no precision was given (got {precision!r}): load with e.g. "
-                    "precision='ap_fixed<16,6>' (offload.fixed_point)",
+                    "precision='ap_fixed<16,6>' (offload.fpga.fixed_point)",
                     [(f"precision {precision or 'float32'}", "")])
     model = Model(graph, opened, label, batching, fallback,
                   precision=precision if precision is not None else "float32")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 FLOAT_PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
-# Fixed point (offload.fixed_point): the graph carries the ap_fixed types per layer; tensors
+# Fixed point (offload.fpga.fixed_point): the graph carries the ap_fixed types per layer; tensors
 # between layers are float32 holding exact fixed-point values, so the plan stores float32.
 FIXED = "ap_fixed"
 

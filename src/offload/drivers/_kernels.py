@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 
+from .._resources import KERNEL_DIR
 from ..errors import UnsupportedOpError
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl")
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "clip": 5}
 BINARY_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3}

@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import as_strided
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
 from .. import _core
-from .. import fixed_point
+from ..fpga import fixed_point
 from ..hostmem import aligned_empty
 from ._kernels import _sequence
 
@@ -362,8 +362,8 @@ OPS = {
     "transpose": build_transpose,
 }
 assert set(OPS) == G.DEVICE_OPS
-# Nodes annotated with a fixed-point type (offload.fixed_point.annotate) run the bit-exact
-# ap_fixed emulation of offload.quant; every other node takes the float32 builder above, as is.
+# Nodes annotated with a fixed-point type (offload.fpga.fixed_point.annotate) run the bit-exact
+# ap_fixed emulation of offload.fpga.quant; every other node takes the float32 builder above, as is.
 for _op in fixed_point.FIXED_OPS:
     OPS[_op] = fixed_point.build_cpu(_op, OPS[_op])
 

@@ -2,7 +2,7 @@
 
 Devices: ``xrt:N`` for real cards (available when ``pyxrt`` imports, a card is found and
 ``$OFFLOAD_XCLBIN`` names the xclbin(s) built by ``kernels/hls/Makefile``), and ``xrt-emu:0``:
-this same driver code on :mod:`offload.pyxrt_emu`, an **emulation** of the pyxrt surface that runs
+this same driver code on :mod:`offload.fpga.pyxrt_emu`, an **emulation** of the pyxrt surface that runs
 the C-simulated kernels (no card; see that module for what it checks and what it cannot).
 
 Written against XRT's binding (``src/python/pybind11/src/pyxrt.cpp``, ``tests/python/22_verify``):
@@ -17,7 +17,7 @@ Every kernel argument is validated before the call: pyxrt silently skips argumen
 convert.
 
 Fixed point only (``Capabilities.precisions == {"ap_fixed"}``): load with
-``precision="ap_fixed<16,6>"`` (or a per-layer dict, offload.fixed_point); a model loaded
+``precision="ap_fixed<16,6>"`` (or a per-layer dict, offload.fpga.fixed_point); a model loaded
 without a fixed-point precision is refused at load -- no silent default precision.
 
 Per batch (one ``model(x)`` call): the input is quantised on the host into the mapped input BO and
@@ -34,7 +34,7 @@ One xclbin holds one set of kernel types (``Makefile`` ``DATA_T`` .. ``OUT_T``),
 JSON sidecar ``<xclbin>.json`` (``{"data": "ap_fixed<16,6>", "weight": ..., "bias": ...,
 "acc": ..., "out": ...}``, written by ``make xclbin``); ``$OFFLOAD_XCLBIN`` may list several
 (``os.pathsep``) for per-layer precisions. On ``xrt-emu`` the emulated xclbin for each set of
-types is built on demand (:func:`offload.pyxrt_emu.build_xclbin`).
+types is built on demand (:func:`offload.fpga.pyxrt_emu.build_xclbin`).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ import threading
 
 import numpy as np
 
-from .. import quant
+from ..fpga import quant
 from ..device import Capabilities, Device, DeviceInfo
 from ..errors import DeviceRuntimeError, DeviceUnavailableError, ShapeError, UnsupportedOpError
-from ..fixed_point import FAMILY, FixedLayer
-from ..hls_csim import KernelTypes
+from ..fpga.fixed_point import FAMILY, FixedLayer
+from ..fpga.hls_csim import KernelTypes
 from ..hostmem import aligned_empty
 
 ENV_XCLBIN = "OFFLOAD_XCLBIN"
@@ -493,7 +493,7 @@ def _open_card(pyxrt, index: int, paths: list[str]) -> XRTDevice:
 
 
 def _open_emulation() -> XRTDevice:
-    from .. import pyxrt_emu
+    from ..fpga import pyxrt_emu
     return XRTDevice(pyxrt_emu, 0, "xrt-emu", build_xclbin=pyxrt_emu.build_xclbin,
                      name=pyxrt_emu.NAME)
 
@@ -523,7 +523,7 @@ def discover():
             else:
                 infos.append(DeviceInfo(f"xrt:{i}", True, f"XRT card {i}",
                                         open=lambda i=i: _open_card(pyxrt, i, paths)))
-    from .. import hls_csim
+    from ..fpga import hls_csim
     if hls_csim.compiler() is None:
         infos.append(DeviceInfo("xrt-emu:0", False, reason="pyxrt emulation needs a C++ compiler "
                                 "for the HLS C-simulation (g++ or $CXX)"))

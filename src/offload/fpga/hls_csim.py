@@ -3,15 +3,15 @@
 The very sources that ``v++`` compiles for the card (``dense.cpp``, ``conv2d.cpp``, ``pool.cpp``)
 are compiled with g++ against the Apache-2.0 ``ap_fixed.h`` headers into one shared library per
 set of types, and called through :mod:`ctypes` over flat arrays. ``ap_fixed`` arithmetic in the
-library is Xilinx's own header code, so this is the reference that :mod:`offload.quant` is checked
+library is Xilinx's own header code, so this is the reference that :mod:`offload.fpga.quant` is checked
 against bit for bit.
 
 Memory layout (the same on the card, see ``kernels/hls/offload_hls.h``): every port is an array of
 plain integers holding raw values ``value * 2**F``, sign-extended (``ap_fixed``) or zero-extended
 (``ap_ufixed``) in the smallest of 8/16/32/64 bits holding ``W``
-(:attr:`offload.quant.FixedType.storage_dtype`): ``ap_fixed<16,6>`` travels as ``int16``,
+(:attr:`offload.fpga.quant.FixedType.storage_dtype`): ``ap_fixed<16,6>`` travels as ``int16``,
 ``ap_fixed<18,8>`` as ``int32``. The methods here take and return raw ``int64`` arrays (the
-:mod:`offload.quant` representation) and convert at the boundary.
+:mod:`offload.fpga.quant` representation) and convert at the boundary.
 
 Libraries are cached in ``$OFFLOAD_CACHE/hls`` (default ``~/.cache/offload/hls``), one file per
 hash of (sources, headers, compiler version, flags, types); the first use of a set of types
@@ -35,13 +35,13 @@ import threading
 
 import numpy as np
 
+from .._resources import HLS_DIR as _HLS_DIR
 from . import quant
-from .errors import KernelBuildError, ShapeError
+from ..errors import KernelBuildError, ShapeError
 
 __all__ = ["KernelTypes", "CsimKernels", "build", "load", "hls_dir", "ap_types_dir",
            "cache_dir", "compiler", "build_library"]
 
-_HLS_DIR = pathlib.Path(__file__).parent / "kernels" / "hls"
 KERNEL_SOURCES = ("dense.cpp", "conv2d.cpp", "pool.cpp", "csim_api.cpp")
 HEADERS = ("offload_hls.h",)
 CXXFLAGS = ("-O2", "-std=c++14", "-shared", "-fPIC", "-Wno-unknown-pragmas")

@@ -1,4 +1,4 @@
-// C-simulation only (not part of the FPGA build): lets offload.hls_csim check that the library
+// C-simulation only (not part of the FPGA build): lets offload.fpga.hls_csim check that the library
 // it loaded was compiled with the types and limits it expects.
 #include "offload_hls.h"
 

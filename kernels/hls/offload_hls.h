@@ -11,12 +11,12 @@
 //
 // Memory layout of every m_axi port: one plain integer per value holding its raw bits
 // (value * 2^F), sign-extended for ap_fixed, zero-extended for ap_ufixed, in the smallest of
-// 8/16/32/64 bits that holds W (fx_info<T>::store_t; numpy: offload.quant.FixedType.storage_dtype).
+// 8/16/32/64 bits that holds W (fx_info<T>::store_t; numpy: offload.fpga.quant.FixedType.storage_dtype).
 // This equals sizeof(ap_fixed<W,..>) in C-simulation and is explicit on the card, so host,
 // C-simulation and device share one layout. The kernels reinterpret the bits with .range(), no
 // arithmetic.
 //
-// Arithmetic (bit-exact with offload.quant): products at full precision, each converted to ACC_T
+// Arithmetic (bit-exact with offload.fpga.quant): products at full precision, each converted to ACC_T
 // (its Q and O modes) before it is added; the running sum converted to ACC_T after every add;
 // ReLU on the accumulator, then the conversion to OUT_T.
 //

@@ -9,7 +9,7 @@ driver uses, with the names, arguments and return values of XRT's own binding
 ``sync``/``map``/``size``, ``kernel(*args) -> run``, ``run.wait(timeout_ms) -> ert_cmd_state``,
 ``run.state()``, the ``xclBOSyncDirection`` and ``ert_cmd_state`` enums.
 
-Kernels run as the HLS C-simulation (:mod:`offload.hls_csim`: the same ``kernels/hls/*.cpp``
+Kernels run as the HLS C-simulation (:mod:`offload.fpga.hls_csim`: the same ``kernels/hls/*.cpp``
 compiled by g++). An emulated "xclbin" is a JSON manifest written by :func:`build_xclbin` (the
 emulation of ``make xclbin``): the kernel types, the C-sim library, and each kernel's arguments
 **parsed from the C++ sources** (order, pointer or int, m_axi bundle) with the memory bank of
@@ -51,7 +51,7 @@ import numpy as np
 from . import hls_csim
 
 EMULATION = True  # drivers and users can tell this module from the real pyxrt
-NAME = "pyxrt emulation (offload.pyxrt_emu: HLS C-simulation, no card)"
+NAME = "pyxrt emulation (offload.fpga.pyxrt_emu: HLS C-simulation, no card)"
 XCL_BO_FLAGS_NONE = 0
 BANKS = ("DDR[0]", "DDR[1]", "DDR[2]", "DDR[3]")  # an Alveo U250's four DDR banks
 STALE = 0xCD

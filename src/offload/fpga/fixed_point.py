@@ -1,6 +1,6 @@
 """Fixed-point precision for a model: ``offload.load(..., precision="ap_fixed<16,6>")``.
 
-A precision names the ``ap_fixed`` types of the HLS kernels (:mod:`offload.quant`,
+A precision names the ``ap_fixed`` types of the HLS kernels (:mod:`offload.fpga.quant`,
 ``kernels/hls``), hls4ml style. It is a string, or a dict with a ``"default"`` entry and per-layer
 overrides by IR node name::
 
@@ -37,11 +37,11 @@ Between layers the plan keeps **float32 arrays holding the exact values** of the
 (the CPU device's plan machinery is unchanged: ``Model.precision`` is ``"ap_fixed"``, tensors are
 float32). That is exact because data and result types are limited to 24 bits (float32's
 significand); a wider type raises :class:`PrecisionError`. Each emulated layer converts its input
-back to raw integers exactly (:func:`offload.quant.quantize` of an exactly representable value).
+back to raw integers exactly (:func:`offload.fpga.quant.quantize` of an exactly representable value).
 
 :func:`annotate` is the graph pass: it returns a copy of the graph whose fixed-point nodes carry
 ``attrs["fixed"]`` (a :class:`FixedLayer`). The CPU device runs those nodes with
-:mod:`offload.quant` (:func:`build_cpu`); the XRT devices run them with the HLS kernels.
+:mod:`offload.fpga.quant` (:func:`build_cpu`); the XRT devices run them with the HLS kernels.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ import math
 
 import numpy as np
 
-from . import graph as G
+from .. import graph as G
 from . import quant
-from .errors import OffloadError, UnsupportedOpError
+from ..errors import OffloadError, UnsupportedOpError
 from .hls_csim import KernelTypes
 
 __all__ = ["PrecisionError", "FixedLayer", "Precision", "parse", "annotate", "FIXED_OPS",
@@ -339,7 +339,7 @@ _CPU = {"dense": _cpu_dense, "conv2d": _cpu_conv2d, "maxpool": _cpu_pool("maxpoo
 
 
 def build_cpu(op: str, float_builder):
-    """An op builder running annotated nodes through :mod:`offload.quant` and every other node
+    """An op builder running annotated nodes through :mod:`offload.fpga.quant` and every other node
     through ``float_builder`` (the float32 path, unchanged)."""
     fixed = _CPU[op]
 

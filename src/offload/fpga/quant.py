@@ -3,7 +3,7 @@
 Values are held as their **raw integers** in ``int64`` arrays: a value ``v`` of a type with
 ``F = W - I`` fractional bits is the integer ``raw = v * 2**F``, sign-extended (``ap_fixed``) or
 zero-extended (``ap_ufixed``) to 64 bits. All arithmetic is exact integer arithmetic, so every
-product, sum, rounding and overflow is reproduced bit for bit; ``offload.hls_csim`` checks this
+product, sum, rounding and overflow is reproduced bit for bit; ``offload.fpga.hls_csim`` checks this
 against the HLS kernels in ``kernels/hls/`` compiled with g++ and Xilinx's own ``ap_fixed.h``.
 
 Semantics (as in ``ap_fixed_base.h``; see UG1399 "Arbitrary Precision Data Types"):
