@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import pkgutil
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -108,22 +109,48 @@ class DeviceInfo:
     reason: str = ""
     open: Callable[[], Device] | None = field(default=None, repr=False)
     driver: str = ""
+    # Text that a spec by name ("opencl:pocl") is matched against, case-insensitively (the
+    # OpenCL driver puts the platform's name, vendor and version here); empty: the name only.
+    match: str = field(default="", repr=False)
 
     def __str__(self) -> str:
         state = "available" if self.available else f"unavailable: {self.reason}"
         return f"{self.spec:12s} {self.name or '-'}  ({state})"
 
 
+_NAME = re.compile(r"[a-z][a-z0-9_.+-]*")
+
+
 def parse_spec(spec: str | Device) -> str:
-    """'cuda' -> 'cuda:0', 'CPU' -> 'cpu:0'."""
+    """'cuda' -> 'cuda:0', 'CPU' -> 'cpu:0'; a name after the colon stays a name:
+    'opencl:PoCL' -> 'opencl:pocl' (see :func:`device`)."""
     if isinstance(spec, Device):
         return spec.spec
     text = str(spec).strip().lower()
     kind, _, index = text.partition(":")
-    if not kind or (index and not index.isdigit()):
-        raise DeviceUnavailableError(f"bad device spec {spec!r}: expected 'kind' or 'kind:N', "
-                                     "e.g. 'cpu', 'opencl:0', 'cuda:0'")
-    return f"{kind}:{int(index or 0)}"
+    if not kind or (index and not index.isdigit() and not _NAME.fullmatch(index)):
+        raise DeviceUnavailableError(f"bad device spec {spec!r}: expected 'kind', 'kind:N' or "
+                                     "'kind:name', e.g. 'cpu', 'opencl:0', 'opencl:pocl', "
+                                     "'cuda:0'")
+    return f"{kind}:{int(index or 0)}" if not index or index.isdigit() else f"{kind}:{index}"
+
+
+def resolve_spec(spec: str | Device) -> str:
+    """The 'kind:N' spec of a device named by ``spec``: 'opencl:pocl' is the first (best)
+    available device of that kind whose name or platform contains 'pocl'. Raises
+    DeviceUnavailableError (naming ``spec`` as given) when no known device matches."""
+    key = parse_spec(spec)
+    infos = devices()
+    if any(i.spec == key for i in infos):
+        return key
+    kind, _, name = key.partition(":")
+    if not name.isdigit():
+        named = [i for i in infos if i.spec.partition(":")[0] == kind
+                 and name in f"{i.name} {i.match}".lower()]
+        for info in sorted(named, key=lambda i: not i.available):
+            return info.spec
+    known = ", ".join(i.spec for i in infos) or "none"
+    raise DeviceUnavailableError(f"no device {str(spec)!r}; known devices: {known}")
 
 
 _lock = threading.Lock()
@@ -166,20 +193,23 @@ def devices(refresh: bool = False) -> list[DeviceInfo]:
 
 
 def device(spec: str | Device = "cpu") -> Device:
-    """Open (once) and return the device named by ``spec``: 'cpu', 'opencl:0', 'cuda:0'…"""
+    """Open (once) and return the device named by ``spec``: 'cpu', 'opencl:0', 'cuda:0'…, or
+    'kind:name' ('opencl:pocl': the first available device of that kind whose name or platform
+    contains the name)."""
     if isinstance(spec, Device):
         return spec
     key = parse_spec(spec)
     with _lock:
         if key in _opened:
             return _opened[key]
-    infos = {i.spec: i for i in devices()}
-    info = infos.get(key)
-    if info is None:
-        known = ", ".join(infos) or "none"
-        raise DeviceUnavailableError(f"no device {spec!r}; known devices: {known}")
+    key = resolve_spec(spec)
+    with _lock:
+        if key in _opened:
+            return _opened[key]
+    info = {i.spec: i for i in devices()}[key]
     if not info.available:
-        raise DeviceUnavailableError(f"device {key} is unavailable: {info.reason}")
+        asked = "" if parse_spec(spec) == key else f" ({str(spec)!r})"
+        raise DeviceUnavailableError(f"device {key}{asked} is unavailable: {info.reason}")
     with _lock:
         if key not in _opened:
             _opened[key] = info.open()

@@ -173,7 +173,9 @@ class OpenCLDevice(Device):
         cl = _cl()
         self.index = index
         self.cl_device = cl_device
-        self.name = f"{cl_device.platform.name} / {cl_device.name}"
+        platform = cl_device.platform
+        self.name = (f"{platform.name.strip()} ({_short_version(platform.version.strip())}) / "
+                     f"{cl_device.name.strip()}")
         self.is_cpu = bool(cl_device.type & cl.device_type.CPU)
         try:
             self.context = cl.Context([cl_device])
@@ -686,7 +688,33 @@ def _probe(cl_device) -> str:
         return f"cannot create a context: {e}"
 
 
+def _short_version(platform_version: str) -> str:
+    """'OpenCL 3.0 PoCL 6.0+debian  Linux, None+Asserts, ...' -> 'OpenCL 3.0 PoCL 6.0+debian'."""
+    return " ".join(platform_version.split(",")[0].split()[:4])
+
+
+def _version_key(text: str) -> tuple:
+    """Numbers in a version string, for ordering newest first: 'PoCL 6.0+debian' -> (3, 0, 6, 0)."""
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:6])
+
+
+# Device types best first: a GPU or accelerator before a CPU (which the cpu device already uses).
+_TYPE_RANK = ("GPU", "ACCELERATOR", "CPU")
+
+
+def _type_rank(cl, d) -> int:
+    for rank, name in enumerate(_TYPE_RANK):
+        if d.type & getattr(cl.device_type, name):
+            return rank
+    return len(_TYPE_RANK)
+
+
 def discover():
+    """OpenCL devices of every platform, numbered best first, in an order that does not depend
+    on the ICD loader's: devices that compile and run a probe kernel first, then GPUs before
+    accelerators before CPUs, then the newest platform version, then platform and device name.
+    Each is named '<platform> (<version>) / <device>', and ``opencl:<text>`` picks the first
+    available device whose name, platform, vendor or version contains <text> ('opencl:pocl')."""
     try:
         import pyopencl as cl
     except ImportError:
@@ -704,17 +732,26 @@ def discover():
             continue
     if not found:
         return [DeviceInfo("opencl:0", False, reason="no OpenCL device on any platform")]
-    infos = []
-    for index, (platform, d) in enumerate(found):
-        spec = f"opencl:{index}"
-        name = f"{platform.name.strip()} / {d.name.strip()}"
+    entries = []
+    for platform, d in found:
+        version = _short_version(platform.version.strip())
+        name = f"{platform.name.strip()} ({version}) / {d.name.strip()}"
         try:
             why = _probe(d)
         except Exception as e:  # noqa: BLE001
             why = f"{type(e).__name__}: {e}"
+        key = (bool(why), _type_rank(cl, d), tuple(-v for v in _version_key(version)),
+               platform.name.strip(), d.name.strip())
+        match = " ".join([platform.name, platform.vendor, platform.version])
+        entries.append((key, platform, d, name, why, match))
+    entries.sort(key=lambda e: e[0])
+    infos = []
+    for index, (_, platform, d, name, why, match) in enumerate(entries):
+        spec = f"opencl:{index}"
         if why:
-            infos.append(DeviceInfo(spec, False, name, reason=f"{platform.version.strip()}: {why}"))
+            infos.append(DeviceInfo(spec, False, name, reason=f"{platform.version.strip()}: {why}",
+                                    match=match))
         else:
-            infos.append(DeviceInfo(spec, True, name,
+            infos.append(DeviceInfo(spec, True, name, match=match,
                                     open=lambda i=index, dev=d: OpenCLDevice(i, dev)))
     return infos
