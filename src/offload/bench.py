@@ -55,10 +55,12 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def offload_contender(model_path, device_spec: str = "cpu", name: str | None = None) -> Contender:
-    """``offload.load(model_path, device=device_spec)`` as a contender (raises OffloadError)."""
+def offload_contender(model_path, device_spec: str = "cpu", name: str | None = None,
+                      precision=None) -> Contender:
+    """``offload.load(model_path, device=device_spec, precision=precision)`` as a contender
+    (raises OffloadError)."""
     import offload
-    model = offload.load(model_path, device=device_spec)
+    model = offload.load(model_path, device=device_spec, precision=precision)
     spec = model.device.spec
 
     def fn(x, _model=model):
@@ -274,9 +276,11 @@ def format_profile(prof: dict, top_nodes: int = 12) -> str:
 
 
 # -- tables --------------------------------------------------------------------------------------
-def _cell(value, fmt: str | None) -> str:
+def _cell(value, fmt) -> str:
     if value is None:
         return "-"
+    if callable(fmt):
+        return fmt(value)
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
@@ -303,9 +307,19 @@ def _auto(v: float) -> str:
     return f"{v:.3f}"
 
 
+def rate(value: float) -> str:
+    """A throughput for a table: '1,234,567', '912', '5.83', '0.0421' (never a bare '0')."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "-"
+    if math.isinf(value) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
 def format_table(rows: Sequence[dict], columns: Sequence) -> str:
     """Markdown table of ``rows`` (dicts). Each column is a key, ``(key, header)`` or
-    ``(key, header, format_spec)``; missing values show as '-'. Numbers are right-aligned."""
+    ``(key, header, format)``, the format a format spec or a function of the value; missing
+    values show as '-'. Numbers are right-aligned."""
     cols = []
     for col in columns:
         if isinstance(col, str):
@@ -504,7 +518,8 @@ def _one_line(e: BaseException) -> str:
 def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repeats: int = 5,
               min_time_s: float = 1.0, warmup: int = 2, onnxruntime: bool = True,
               threads: int | None = None, check: bool = True, profile_runs: int = 0,
-              progress: Callable[[str], None] | None = None) -> list[dict]:
+              progress: Callable[[str], None] | None = None, precision=None,
+              pause_s: float = 0.1) -> list[dict]:
     """Measure every case on every device beside onnxruntime, alternating them in one run.
 
     Per case, the offload contenders (one per device) and onnxruntime are measured together by
@@ -515,6 +530,9 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
     and by the hypervisor while timing, in cores; see :func:`contention`) and, with
     ``profile_runs``, profile (see :func:`profile`).
     A device that cannot load or run a model gives a row with ``error`` set; the others go on.
+    ``precision`` is passed to ``offload.load``, ``pause_s`` to :func:`measure`. ``progress``
+    gets one line per step ('[2/9] jet_mlp b64: loading on opencl:0', ': first call ...',
+    ': timing ...', ': done in 1.2 s').
     """
     say = progress or (lambda text: None)
     models: dict[tuple, Any] = {}     # (model, device) -> Contender or error text
@@ -525,11 +543,13 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
         path = model_path(case.model)
         pairs: list[tuple[Contender, dict]] = []  # offload contender, its row
         case_rows: list[dict] = []
+        head = f"[{i}/{len(cases)}] {label} b{case.batch}"
         for spec in devices:
             key = (case.model, spec)
             if key not in models:
+                say(f"{head}: loading on {spec}")
                 try:
-                    models[key] = offload_contender(path, spec)
+                    models[key] = offload_contender(path, spec, precision=precision)
                 except Exception as e:
                     models[key] = _one_line(e)
             got = models[key]
@@ -543,6 +563,7 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
         ort = None
         if onnxruntime:
             if case.model not in sessions:
+                say(f"{head}: loading onnxruntime")
                 try:
                     sessions[case.model] = onnxruntime_contender(path, threads)
                 except Exception as e:
@@ -552,9 +573,8 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
                 for row in case_rows:
                     row["ort_error"] = ort
                 ort = None
-        names = ", ".join([c.name for c, _ in pairs] + ([ort.name] if ort else []))
-        say(f"[{i}/{len(cases)}] {label} b{case.batch}: {names or 'nothing to run'} ...")
         if not pairs:
+            say(f"{head}: nothing to run")
             rows.extend(case_rows)
             continue
         try:
@@ -565,6 +585,7 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
             rows.extend(case_rows)
             continue
         # One checked call per contender: outputs compared, and failures dropped before timing.
+        say(f"{head}: first call on each (checks outputs; builds plans and kernels)")
         expected = None
         if ort is not None:
             try:
@@ -585,9 +606,11 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
             runnable.append((c, row))
         timed = [c for c, _ in runnable] + ([ort] if ort is not None else [])
         t0 = time.perf_counter()
+        if runnable:
+            say(f"{head}: timing {', '.join(c.name for c in timed)}")
         counters = cpu_counters()
         results = measure(timed, x, repeats=repeats, min_time_s=min_time_s,
-                          warmup=warmup) if runnable else {}
+                          warmup=warmup, pause_s=pause_s) if runnable else {}
         load = contention(counters, cpu_counters()) if runnable else None
         ref = results.get(ort.name) if ort is not None else None
         for c, row in runnable:
@@ -605,7 +628,7 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
             if profile_runs:
                 row["profile"] = profile(c.target, x, runs=profile_runs)
         if runnable:
-            say(f"      done in {time.perf_counter() - t0:.1f} s")
+            say(f"{head}: done in {time.perf_counter() - t0:.1f} s")
         rows.extend(case_rows)
     return rows
 
@@ -613,7 +636,7 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
 SUITE_COLUMNS = [
     ("model", "model"), ("batch", "batch"), ("device", "device"),
     ("median_ms", "offload ms", ".3f"), ("p90_ms", "p90 ms", ".3f"),
-    ("samples_per_s", "samples/s", ",.0f"), ("ort_median_ms", "onnxruntime ms", ".3f"),
+    ("samples_per_s", "samples/s", rate), ("ort_median_ms", "onnxruntime ms", ".3f"),
     ("ratio", "offload/ort", ".2f"), ("max_abs_diff", "max abs diff", ".1e"),
 ]
 

@@ -3,7 +3,7 @@
     offload devices
     offload run model.onnx --input x.npy --device cpu --output y.npy
     offload bench jet_mlp --device cpu --batch 1,1024 --profile
-    offload demo --quick
+    offload demo [--full]
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ import numpy as np
 
 # Errors that end a command with one line on stderr and exit status 2 (no traceback).
 EXIT_ERROR = 2
-
-DEMO_BATCHES = {"resnet50": (1, 8), "jet_mlp": (1, 16000), "hcal_mlp": (16000,),
-                "jet_cnn": (1, 1024)}
-
 
 class CommandError(Exception):
     """A usage problem found after parsing (bad batch list, output count...)."""
@@ -141,10 +137,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _rate(value) -> str:
+    from .bench import rate
+    return rate(value)
+
+
 ROW_COLUMNS = [
     ("model", "model"), ("batch", "batch"), ("device", "device"),
     ("median_ms", "offload median ms", ".3f"), ("p90_ms", "p90 ms", ".3f"),
-    ("samples_per_s", "samples/s", ",.0f"), ("ort_median_ms", "onnxruntime median ms", ".3f"),
+    ("samples_per_s", "samples/s", _rate), ("ort_median_ms", "onnxruntime median ms", ".3f"),
     ("ratio", "offload/onnxruntime", ".2f"), ("max_abs_diff", "max abs diff", ".1e"),
 ]
 
@@ -234,59 +235,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import offload
-    from . import bench, zoo
+    from . import demo, zoo
     names = list(zoo.NAMES)
     if args.models:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
         unknown = [n for n in names if n not in zoo.NAMES]
         if unknown:
             raise CommandError(f"unknown zoo model(s) {unknown}; choose from {list(zoo.NAMES)}")
-    repeats, min_time = (3, 0.1) if args.quick else (5, 0.4)
-    t_start = time.perf_counter()
-
-    print("Devices:")
-    infos = offload.devices(refresh=True)
-    for info in infos:
-        state = "available" if info.available else f"unavailable: {info.reason}"
-        print(f"  {info.spec:<10} {info.name or '-'}  ({state})")
-    specs = [i.spec for i in infos if i.available]
-    fixed_only = [s for s in specs if "float32" not in offload.device(s).capabilities.precisions]
-    if fixed_only:  # the demo runs the float32 models (FPGA devices: see benchmarks/bench_fpga.py)
-        print(f"  (float32 demo skips {', '.join(fixed_only)}: fixed point only)")
-        specs = [s for s in specs if s not in fixed_only]
-
-    _progress("Building zoo models:")
-    for name in names:
-        t0 = time.perf_counter()
-        path = zoo.path(name)
-        _progress(f"  {name:<9} {time.perf_counter() - t0:6.2f} s  {path}")
-
-    ort_reason = bench.onnxruntime_missing_reason()
-    if ort_reason:
-        print(f"onnxruntime: not compared, {ort_reason}")
-    cases = []
-    for name in names:
-        for b in DEMO_BATCHES[name]:
-            if args.quick and name == "resnet50" and b > 1:
-                continue
-            cases.append(bench.Case(name, b))
-    rows = bench.run_suite(cases, specs, repeats=repeats, min_time_s=min_time, warmup=1,
-                           onnxruntime=not ort_reason, progress=_progress)
-    print()
-    for name in names:
-        print(f"- {zoo.describe(name)}")
-    print()
-    print(bench.format_suite(rows, ROW_COLUMNS))
-    print(f"\n{repeats} alternating repeats per point, ~{min_time:g} s per contender; "
-          f"onnxruntime: CPUExecutionProvider, {os.cpu_count()} threads; "
-          f"total {time.perf_counter() - t_start:.0f} s")
-    bad = [r for r in rows if r.get("max_abs_diff") is not None and
-           not r["max_abs_diff"] <= args.tolerance]
-    for r in bad:
-        print(f"WARNING: {r['model']} b{r['batch']} on {r['device']}: output differs from "
-              f"onnxruntime by {r['max_abs_diff']:.3g} (> {args.tolerance:g})")
-    return 1 if bad or any(r.get("error") for r in rows) else 0
+    return demo.run(names, full=args.full, quick=args.quick,
+                    plot_path=False if args.no_plot else args.plot, tolerance=args.tolerance)
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -337,8 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="with --clients: write a plot (matplotlib)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="build the zoo and run every model on every device")
-    p.add_argument("--quick", action="store_true", help="fewer, shorter timings")
+    p = sub.add_parser("demo", help="build the zoo and run every model on every device beside "
+                       "onnxruntime: a table and a plot (about a minute; --full: the long sweep)")
+    p.add_argument("--full", action="store_true",
+                   help="the long sweep: more batch sizes (ResNet-50 up to 32), longer timing")
+    p.add_argument("--quick", action="store_true", help="the shortest timings (a smoke test)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="where to write the plot (default: ./offload-demo.png)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     p.add_argument("--models", help=argparse.SUPPRESS)  # e.g. jet_mlp,hcal_mlp (tests)
     p.add_argument("--tolerance", type=_positive_float, default=1e-3, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
