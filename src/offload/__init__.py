@@ -65,8 +65,13 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
     a fixed-point precision (no silent default). ``model.precision`` is then ``"ap_fixed"`` and
     ``model.fixed_point`` the parsed precision; inputs and outputs stay float32.
     """
-    if isinstance(source, str) and source in zoo.NAMES and not os.path.exists(source):
-        source = zoo.path(source)
+    if isinstance(source, str) and not os.path.exists(source):
+        if source in zoo.NAMES:
+            source = zoo.path(source)
+        elif zoo.suggest(source):
+            raise ModelFormatError(f"{source}: no such model file or zoo model; did you mean "
+                                   f"{' or '.join(map(repr, zoo.suggest(source)))}? (zoo models: "
+                                   f"{', '.join(zoo.NAMES)})")
     graph = import_onnx(source)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     opened, missing = _open_devices(device, fallback)

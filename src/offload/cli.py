@@ -3,6 +3,7 @@
     offload devices
     offload run model.onnx --input x.npy --device cpu --output y.npy
     offload bench jet_mlp --device cpu --batch 1,1024 --profile
+    offload warmup resnet50 --device opencl:0
     offload demo [--full]
 """
 
@@ -68,17 +69,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _device_list(values: list[str] | None) -> list[str]:
-    """--device may repeat and take commas; 'cpu' and 'cpu:0' are one device."""
-    from .device import parse_spec
+def _device_list(values: list[str] | None, precision=None) -> list[str]:
+    """--device may repeat and take commas; 'cpu' and 'cpu:0' are one device. Every device is
+    opened and checked against ``precision`` here, before any work: an unknown or unavailable
+    one raises DeviceUnavailableError naming the spec as given."""
+    import offload
     specs = []
     for value in values or ["cpu"]:
         for part in value.split(","):
             if part.strip():
-                spec = parse_spec(part)
-                if spec not in specs:
-                    specs.append(spec)
+                dev = offload.device(part.strip())
+                _check_precision(dev, precision)
+                if dev.spec not in specs:
+                    specs.append(dev.spec)
     return specs
+
+
+def _check_precision(dev, precision) -> None:
+    from .fpga import fixed_point
+    runs = dev.capabilities.precisions
+    family = fixed_point.FAMILY if precision and fixed_point.is_fixed_precision(precision) \
+        else (precision or "float32")
+    if family not in runs:
+        hint = " (pass --precision, e.g. 'ap_fixed<16,6>')" if precision is None and \
+            fixed_point.FAMILY in runs else ""
+        raise CommandError(f"device {dev.spec} does not run precision {precision or 'float32'!r}"
+                           f"; it runs {', '.join(sorted(runs))}{hint}")
+
+
+def _check_model(model: str) -> None:
+    """A model argument that is neither a file nor a zoo name: one line, with close zoo names."""
+    from . import bench, zoo
+    if bench._is_zoo(model) or os.path.exists(model):
+        return
+    close = zoo.suggest(model)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise CommandError(f"{model}: no such model file or zoo model{hint} (zoo models: "
+                       f"{', '.join(zoo.NAMES)})")
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -122,8 +149,10 @@ def _preview(a: np.ndarray, n: int = 8) -> str:
 
 def cmd_run(args) -> int:
     import offload
+    _check_model(args.model)
+    (device,) = _device_list([args.device], args.precision)
     arrays = [_load_npy(p) for p in args.input]
-    model = offload.load(args.model, device=args.device)
+    model = offload.load(args.model, device=device, precision=args.precision)
     result = model(*arrays)
     results = list(result) if isinstance(result, tuple) else [result]
     names = model.outputs
@@ -198,13 +227,10 @@ def cmd_bench_clients(args, devices) -> int:
 
 def cmd_bench(args) -> int:
     from . import bench
-    devices = _device_list(args.device)
+    _check_model(args.model)
+    devices = _device_list(args.device, args.precision)
     if args.clients:
         return cmd_bench_clients(args, devices)
-    if not bench._is_zoo(args.model) and not os.path.exists(args.model):
-        from . import zoo
-        raise CommandError(f"{args.model}: no such model file (zoo models: "
-                           f"{', '.join(zoo.NAMES)})")
     if not bench._is_zoo(args.model):
         # Fail early, in one line, on inputs that cannot be generated (free non-batch axes).
         import offload
@@ -220,7 +246,7 @@ def cmd_bench(args) -> int:
     rows = bench.run_suite(cases, devices, repeats=args.repeats, min_time_s=args.min_time,
                            warmup=args.warmup, onnxruntime=args.onnxruntime and not ort_reason,
                            threads=args.threads, profile_runs=args.profile_runs if args.profile
-                           else 0, progress=_progress)
+                           else 0, progress=_progress, precision=args.precision)
     print(bench.format_suite(rows, ROW_COLUMNS))
     if args.profile:
         _print_profiles(rows)
@@ -232,6 +258,25 @@ def cmd_bench(args) -> int:
             json.dump(doc, f, indent=1)
         _progress(f"wrote {args.json}")
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def cmd_warmup(args) -> int:
+    import offload
+    _check_model(args.model)
+    devices = _device_list(args.device, args.precision)
+    model = offload.load(args.model, device=devices, precision=args.precision)
+    before = {d.spec: dict(getattr(d, "build_stats", {})) for d in model.devices}
+    took = model.warmup()
+    for d in model.devices:
+        stats, old = getattr(d, "build_stats", None), before[d.spec]
+        if stats is None:
+            built = "nothing to compile"
+        else:
+            built = f"{stats['compiled'] - old.get('compiled', 0)} programs compiled"
+            if "from_disk" in stats:
+                built += f", {stats['from_disk'] - old.get('from_disk', 0)} from the disk cache"
+        print(f"{d.spec}: plan for batch 1 built in {took[d.spec]:.2f} s ({built})")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -247,6 +292,12 @@ def cmd_demo(args) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------
+def _precision_option(p) -> None:
+    p.add_argument("--precision", "-p", default=None, metavar="P",
+                   help="float32 (default), float16, bfloat16, tf32, or a fixed-point type such "
+                        "as 'ap_fixed<16,6>' (needed by xrt-emu:0 and xrt:N)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="offload", description="Run ONNX models on the devices offload knows.")
@@ -262,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an input array (.npy, read without pickle); repeat for several inputs, "
                         "in the model's input order")
     p.add_argument("--device", "-d", default="cpu", help="device spec (default: cpu)")
+    _precision_option(p)
     p.add_argument("--output", "-o", action="append", default=[], metavar="Y.npy",
                    help="where to save the output; with several outputs, give it once "
                         "(y.npy -> y_0.npy, y_1.npy, ...) or once per output. Without it, "
@@ -274,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device spec(s), comma separated or repeated (default: cpu)")
     p.add_argument("--batch", "-b", type=_batches, default=[1], metavar="B[,B...]",
                    help="batch sizes, comma separated (default: 1)")
+    _precision_option(p)
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="timing blocks per contender, alternated (default: 5)")
     p.add_argument("--min-time", type=_positive_float, default=1.0, metavar="S",
@@ -293,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-delay-us", type=_positive_float, default=500.0, help="with --clients")
     p.add_argument("--plot", metavar="PNG", help="with --clients: write a plot (matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("warmup", help="build every kernel a model needs on a device ahead of "
+                       "time (OpenCL keeps them in its disk cache)")
+    p.add_argument("model", metavar="MODEL", help="an .onnx file or a zoo name")
+    p.add_argument("--device", "-d", action="append", metavar="D",
+                   help="device spec(s), comma separated or repeated (default: cpu)")
+    _precision_option(p)
+    p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("demo", help="build the zoo and run every model on every device beside "
                        "onnxruntime: a table and a plot (about a minute; --full: the long sweep)")

@@ -45,6 +45,9 @@ class Stats:
     batching, one run serves many requests); copies and compute are summed over device runs;
     latency and queue-wait percentiles cover the last 2048 requests.
 
+    ``per_device`` breaks the device runs down by device spec (a model on several devices, or
+    with fallback="cpu"): runs, rows, copied bytes, copy and compute seconds, ``time_s``.
+
     Each plan adds its runs into its own list (``run_counters()``, laid out as RUN_FIELDS)
     without a lock, since a plan serves one call at a time; ``snapshot`` sums them."""
 
@@ -52,10 +55,14 @@ class Stats:
               "compute_s", "copy_out_s", "queue_wait_s", "fallbacks")
     RUN_FIELDS = ("device_runs", "copy_in_bytes", "copy_out_bytes", "copy_in_s", "compute_s",
                   "copy_out_s", "calls")
+    # per_device: {spec: these} (rows: the batch rows run there; time_s: copies + compute)
+    DEVICE_FIELDS = ("device_runs", "rows", "copy_in_bytes", "copy_out_bytes", "copy_in_s",
+                     "compute_s", "copy_out_s")
 
     def __init__(self):
         self._lock = threading.Lock()
         self._runs: list[list] = []
+        self._owners: list[tuple] = []  # (device spec, rows per run) of each list in _runs
         self.reset()
 
     def reset(self):
@@ -67,11 +74,13 @@ class Stats:
             for counters in self._runs:
                 counters[:] = [0] * len(counters)
 
-    def run_counters(self) -> list:
-        """A new list of RUN_FIELDS counters for one plan, included in every snapshot."""
+    def run_counters(self, device: str = "", rows: int = 0) -> list:
+        """A new list of RUN_FIELDS counters for one plan (on ``device``, ``rows`` rows per run),
+        included in every snapshot."""
         counters = [0] * len(self.RUN_FIELDS)
         with self._lock:
             self._runs.append(counters)
+            self._owners.append((device, int(rows)))
         return counters
 
     def request(self, latency_s: float, wait_s: float = 0.0):
@@ -93,9 +102,19 @@ class Stats:
     def snapshot(self) -> dict:
         with self._lock:
             out = dict(self._values)
-            for counters in self._runs:
-                for name, value in zip(self.RUN_FIELDS, list(counters)):
+            per_device: dict[str, dict] = {}
+            for counters, (device, rows) in zip(self._runs, self._owners):
+                counters = list(counters)
+                for name, value in zip(self.RUN_FIELDS, counters):
                     out[name] += value
+                mine = per_device.setdefault(device, dict.fromkeys(self.DEVICE_FIELDS, 0))
+                for name, value in zip(self.RUN_FIELDS, counters):
+                    if name in mine:
+                        mine[name] += value
+                mine["rows"] += counters[0] * rows
+            for mine in per_device.values():
+                mine["time_s"] = mine["copy_in_s"] + mine["compute_s"] + mine["copy_out_s"]
+            out["per_device"] = per_device
             latency, wait = np.array(self.latency), np.array(self.wait)
             out["fallback_reasons"] = dict(self._fallback_reasons)
         for name, values in (("latency", latency), ("queue_wait", wait)):
@@ -440,6 +459,27 @@ class Model:
         plan = self._acquire(ctx, tuple(tuple(s) for s in shapes))
         self._release(ctx, plan)
         return plan
+
+    def warmup(self, *shapes) -> dict:
+        """Build the plan for these input shapes (default: batch 1 of each input) on every device
+        of the model, so that kernels compile now rather than on the first event (a device's
+        kernels depend on the ops, layouts and precision, not on the batch size; OpenCL keeps
+        them in its disk cache for later processes). Returns {device spec: seconds}."""
+        if not shapes:
+            shapes = []
+            for t in self.graph.inputs:
+                rest = [d for d in t.shape[1:] if not isinstance(d, int)]
+                if rest or not t.shape:
+                    raise ShapeError(f"warmup: input {t.name!r} has shape {t.describe()}; give "
+                                     "the shapes to build (model.warmup((1, 16), ...))")
+                shapes.append((1,) + tuple(t.shape[1:]))
+        key = tuple(tuple(int(d) for d in s) for s in shapes)
+        took = {}
+        for ctx in self._contexts:
+            t0 = time.perf_counter()
+            self._release(ctx, self._acquire(ctx, key))
+            took[ctx.device.spec] = time.perf_counter() - t0
+        return took
 
     def _pick(self) -> _DeviceContext:
         """The least-loaded device (requests in flight)."""

@@ -393,7 +393,8 @@ class Plan:
         """Add one run to this plan's counters in ``stats`` (Stats.RUN_FIELDS); a plan serves
         one call at a time, so no lock."""
         if stats is not self._stats:
-            self._stats, self._counters = stats, stats.run_counters()
+            rows = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
+            self._stats, self._counters = stats, stats.run_counters(self.device.spec, rows)
         c = self._counters
         c[0] += 1
         c[1] += copied_in

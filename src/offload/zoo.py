@@ -50,6 +50,7 @@ __all__ = [
     "output_shape",
     "sample_input",
     "describe",
+    "suggest",
 ]
 
 NAMES = ("resnet50", "jet_mlp", "hcal_mlp", "jet_cnn")
@@ -554,6 +555,16 @@ def sample_input(name: str, batch: int, seed: int = 0) -> np.ndarray:
     """
     shape = input_shape(name, batch)
     return _sample(name, shape, np.random.default_rng(seed))
+
+
+def suggest(name: str) -> list[str]:
+    """The zoo names close to a mistyped ``name`` ('jet_mpl' -> ['jet_mlp']), best first; none
+    for what looks like a file path (a folder or an .onnx suffix)."""
+    import difflib
+    text = str(name)
+    if os.sep in text or "/" in text or text.lower().endswith(".onnx"):
+        return []
+    return difflib.get_close_matches(text.lower(), NAMES, n=3, cutoff=0.6)
 
 
 def describe(name: str) -> str:

@@ -14,6 +14,7 @@ enqueues. Activations are NCHW float32 buffers at offset 0 of their blocks.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ from ._kernels import (ACTIVATIONS, BINARY_OPS, GEMM_CPU, GEMM_GPU, KERNEL_DIR, 
                        _window_args, kernel_source)
 from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
                       UnsupportedOpError)
+
+_log = logging.getLogger("offload.opencl")
 
 DRIVER_VERSION = "1"
 LOCAL_1D = 64  # work-group size of the one-dimensional kernels (fixed: PoCL compiles per size)
@@ -198,6 +201,7 @@ class OpenCLDevice(Device):
         self.capabilities = Capabilities(frozenset(OPS),
                                          precisions=frozenset({"float32", "float16", "bfloat16"}))
         self.build_stats = {"compiled": 0, "from_disk": 0, "seconds": 0.0}
+        self._announced = False
 
     # -- memory ---------------------------------------------------------------------------
     @property
@@ -341,6 +345,7 @@ class OpenCLDevice(Device):
                 except cl.Error:
                     prg = None  # stale or foreign binary: rebuild from source
             if prg is None:
+                self._announce_compile()
                 prg = self._compile(name, text, options)
                 self.build_stats["compiled"] += 1
                 try:
@@ -354,6 +359,18 @@ class OpenCLDevice(Device):
             self.build_stats["seconds"] += time.perf_counter() - t0
             self._programs[key] = prg
             return prg
+
+    def _announce_compile(self) -> None:
+        """Say once per device and process that kernels are compiling (seconds to a minute on a
+        cold cache, silent otherwise): a warning on the 'offload' logger, which Python prints
+        to stderr when logging is not configured."""
+        if self._announced:
+            return
+        self._announced = True
+        _log.warning("%s: compiling OpenCL kernels on first use (can take a minute; binaries "
+                    "are cached in %s, later runs load them in milliseconds). Build a model's "
+                    "kernels ahead of time with `offload warmup MODEL --device %s`.",
+                    self.spec, cache_dir(), self.spec)
 
     def _compile(self, name, text, options):
         cl = _cl()
