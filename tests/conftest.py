@@ -38,6 +38,29 @@ def _selected(config):
     return [i for i in infos if i.spec in specs]
 
 
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return text.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One short summary of the skips, grouped by reason (most frequent first), instead of one
+    line per skipped test; `-rs` (or `-ra`) gives the full per-test list instead."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped or "s" in getattr(terminalreporter, "reportchars", ""):
+        return
+    counts: dict[str, int] = {}
+    for report in skipped:
+        reason = " ".join(_skip_reason(report).split())
+        counts[reason] = counts.get(reason, 0) + 1
+    width = max(40, terminalreporter._tw.fullwidth - 9)
+    terminalreporter.section(f"{len(skipped)} skipped, by reason (per test: -rs)", sep="-")
+    for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        line = reason if len(reason) <= width else reason[:width - 3] + "..."
+        terminalreporter.write_line(f"{count:6d}  {line}")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "fixed_point: a device-matrix test that also runs on "
                             "devices without float32 (the FPGA's ap_fixed-only devices)")

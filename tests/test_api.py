@@ -30,7 +30,84 @@ def test_device_specs():
     with pytest.raises(offload.DeviceUnavailableError, match="known devices"):
         offload.device("tpu:3")
     with pytest.raises(offload.DeviceUnavailableError, match="bad device spec"):
-        offload.device("cuda:x")
+        offload.device("cuda:1x")
+    # a name after the colon is matched against the devices of that kind, never renamed
+    with pytest.raises(offload.DeviceUnavailableError, match=r"no device 'cuda:nosuch'; known"):
+        offload.device("cuda:nosuch")
+    with pytest.raises(offload.DeviceUnavailableError, match=r"no device 'foo'; known"):
+        offload.device("foo")
+    assert offload.device_spec("OpenCL:PoCL") == "opencl:pocl"
+    assert offload.device_spec("opencl") == "opencl:0"
+
+
+def test_mistyped_zoo_names_get_suggestions(tmp_path):
+    with pytest.raises(offload.ModelFormatError, match=r"did you mean 'jet_mlp'\?"):
+        offload.load("jet_mpl")
+    with pytest.raises(offload.ModelFormatError, match="did you mean 'resnet50'"):
+        offload.load("resnet")
+    assert zoo.suggest("hcal") == ["hcal_mlp"]
+    assert zoo.suggest("nothing_like_it") == []
+    # a path is a path: no zoo suggestion for a missing file
+    with pytest.raises(offload.ModelFormatError) as info:
+        offload.load(str(tmp_path / "jet_mpl.onnx"))
+    assert "did you mean" not in str(info.value)
+
+
+def _float32_devices():
+    return [i.spec for i in offload.devices() if i.available
+            and "float32" in offload.device(i.spec).capabilities.precisions]
+
+
+def test_stats_per_device(jet_path):
+    specs = _float32_devices()
+    model = offload.load(jet_path, device=specs)
+    x = zoo.sample_input("jet_mlp", 6)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda k: model(x[: 1 + k % 6]), range(24)))
+    stats = model.stats
+    per = stats["per_device"]
+    assert set(per) <= set(specs) and per
+    assert sum(d["device_runs"] for d in per.values()) == stats["device_runs"] == 24
+    assert sum(d["rows"] for d in per.values()) == sum(1 + k % 6 for k in range(24))
+    for spec, d in per.items():
+        assert d["device_runs"] > 0, spec
+        assert d["time_s"] == pytest.approx(d["copy_in_s"] + d["compute_s"] + d["copy_out_s"])
+        assert d["copy_out_bytes"] == d["rows"] * 5 * 4  # float32 [rows, 5] out of each run
+    model.reset_stats()
+    assert all(d["device_runs"] == 0 for d in model.stats["per_device"].values())
+
+
+def test_stats_per_device_with_all(jet_path):
+    model = offload.load(jet_path, device="all")
+    x = zoo.sample_input("jet_mlp", 3)
+    for _ in range(5):
+        model(x)
+    per = model.stats["per_device"]
+    assert sum(d["rows"] for d in per.values()) == 15
+    assert set(per) <= {d.spec for d in model.devices}
+
+
+def test_warmup_builds_the_plan_on_every_device(jet_path):
+    specs = _float32_devices()
+    model = offload.load(jet_path, device=specs)
+    took = model.warmup()
+    assert set(took) == {d.spec for d in model.devices} and all(t >= 0 for t in took.values())
+    for ctx in model._contexts:
+        assert ctx.plans.get(((1, 16),)), ctx.device.spec
+    with pytest.raises(offload.ShapeError, match="warmup"):
+        offload.load(_free_feature_model()).warmup()
+
+
+def _free_feature_model() -> bytes:
+    """a [N, F] -> relu -> [N, F]: a free non-batch axis."""
+    from onnx import TensorProto, helper
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", "F"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "F"])
+    graph = helper.make_graph([helper.make_node("Relu", ["a"], ["y"], name="relu")], "free",
+                              [a], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 def test_call_submit_and_stats(jet_path):

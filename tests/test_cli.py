@@ -203,13 +203,104 @@ def test_bench_errors(tmp_path, capsys):
 
 
 # -- demo ----------------------------------------------------------------------------------------
-def test_demo_quick(capsys):
-    assert main(["demo", "--quick", "--models", "jet_mlp"]) == 0
+def test_demo_quick(capsys, tmp_path):
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--quick", "--models", "jet_mlp", "--plot", str(png)]) == 0
     captured = capsys.readouterr()
     assert "cpu:0" in captured.out and "(available)" in captured.out
     rows = [r for r in _table_rows(captured.out, "jet_mlp") if r[2] == "cpu:0"]
-    assert [r[1] for r in rows] == ["1", "16000"]
-    assert "jet_mlp" in captured.err  # build progress
+    assert [r[1] for r in rows] == ["1", "64", "1024"]  # --quick: batches up to 1024
+    every = _table_rows(captured.out, "jet_mlp")
+    if bench.onnxruntime_missing_reason() is None:
+        assert [r[2] for r in every].count("onnxruntime") == 3
+    for r in every:  # latency with its unit, and a throughput that is never a bare 0
+        assert r[3].endswith(("µs", "ms", " s")), r
+        assert r[4] not in ("0", "-") and float(r[4].replace(",", "")) > 0, r
+    assert "Wall time" in captured.out and "2019" in captured.out
+    assert "[1/3] jet_mlp b1" in captured.err and "done in" in captured.err  # progress
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in captured.out
+    else:
+        assert f"Plot: {png}" in captured.out and png.stat().st_size > 10_000
+
+
+def test_demo_table_context_and_no_zero_rates():
+    from offload import demo
+    rows = [dict(model="resnet50", batch=1, device="cpu:0", error=None, median_ms=2500.0,
+                 samples_per_s=0.4, ratio=3.0, max_abs_diff=1e-6, ort_median_ms=800.0,
+                 ort_samples_per_s=1.25),
+            dict(model="resnet50", batch=1, device="opencl:0", error="KernelBuildError: x")]
+    table = demo.table_rows(rows)
+    assert [r["device"] for r in table] == ["cpu:0", "opencl:0", "onnxruntime"]
+    assert table[0]["context"] == demo.CONTEXT_2019[("resnet50", 1)]
+    assert table[0]["latency"] == "2.5 s" and bench.rate(0.4) == "0.4"
+    assert table[1]["latency"].startswith("error")
+    assert demo.latency(0.0041) == "4.1 µs" and demo.latency(12.34) == "12.3 ms"
+
+
+# -- options and errors found before any work ----------------------------------------------------
+def test_bench_unknown_device_fails_before_timing(capsys):
+    assert main(["bench", "jet_mlp", "--device", "foo", *FAST]) == 2
+    captured = capsys.readouterr()
+    line = _error_line(captured.err)
+    assert "'foo'" in line and "foo:0" not in line and "known devices" in line
+    assert captured.out == ""  # no table, nothing timed
+
+
+def test_mistyped_zoo_name_suggests(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", zoo.sample_input("jet_mlp", 1))
+    assert main(["run", "jet_mpl", "-i", str(tmp_path / "x.npy")]) == 2
+    assert "did you mean 'jet_mlp'?" in _error_line(capsys.readouterr().err)
+    assert main(["bench", "jet_mpl"]) == 2
+    assert "did you mean 'jet_mlp'?" in _error_line(capsys.readouterr().err)
+    assert main(["warmup", "hcal"]) == 2
+    assert "did you mean 'hcal_mlp'?" in _error_line(capsys.readouterr().err)
+
+
+def _available(spec):
+    return any(i.spec == spec and i.available for i in offload.devices())
+
+
+def test_run_and_bench_precision(tmp_path, capsys):
+    x = zoo.sample_input("jet_mlp", 4)
+    np.save(tmp_path / "x.npy", x)
+    # the cpu device runs fixed point bit-exactly (emulation): same as the API
+    y = tmp_path / "y.npy"
+    assert main(["run", "jet_mlp", "-i", str(tmp_path / "x.npy"), "--precision",
+                 "ap_fixed<16,6>", "-o", str(y)]) == 0
+    want = offload.load("jet_mlp", precision="ap_fixed<16,6>")(x)
+    np.testing.assert_array_equal(np.load(y), want)
+    capsys.readouterr()
+    assert main(["run", "jet_mlp", "-i", str(tmp_path / "x.npy"), "--precision", "float16"]) == 2
+    assert "does not run precision 'float16'" in _error_line(capsys.readouterr().err)
+    if _available("xrt-emu:0"):
+        assert main(["bench", "jet_mlp", "--device", "xrt-emu:0", *FAST]) == 2
+        assert "--precision" in _error_line(capsys.readouterr().err)
+        assert main(["bench", "jet_mlp", "--device", "xrt-emu:0", "--precision",
+                     "ap_fixed<16,6>", "--no-onnxruntime", *FAST]) == 0
+        (row,) = _table_rows(capsys.readouterr().out, "jet_mlp")
+        assert row[2] == "xrt-emu:0" and float(row[3]) > 0
+    first = next((i.spec for i in offload.devices() if i.spec.startswith("opencl")
+                  and i.available), None)
+    if first:
+        assert main(["run", "jet_mlp", "-i", str(tmp_path / "x.npy"), "--device", first,
+                     "--precision", "float16", "-o", str(y)]) == 0
+        np.testing.assert_allclose(np.load(y), offload.load("jet_mlp")(x), rtol=1e-2, atol=1e-2)
+
+
+def test_warmup_command(capsys):
+    specs = ["cpu"] + [i.spec for i in offload.devices() if i.available
+                       and i.spec.startswith("opencl")][:1]
+    assert main(["warmup", "jet_cnn", "--device", ",".join(specs)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(specs)
+    assert lines[0].startswith("cpu:0: plan for batch 1 built") and "nothing to compile" in lines[0]
+    for line in lines[1:]:
+        assert "programs compiled" in line and "from the disk cache" in line
+    assert main(["warmup", "jet_mlp", "--device", "foo"]) == 2
+    assert "'foo'" in _error_line(capsys.readouterr().err)
 
 
 # -- the console script --------------------------------------------------------------------------

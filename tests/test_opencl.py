@@ -5,6 +5,7 @@ these tests cover what only this driver has. They run on the first available Ope
 skipped, with the reason, where there is none.
 """
 
+import logging
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import offload
 from offload.plan import BuildContext
 from offload import DeviceMemoryError, DeviceRuntimeError, KernelBuildError
+from offload import zoo
 from offload.drivers import opencl as ocl
 
 
@@ -46,10 +48,69 @@ def test_discover_lists_opencl_devices_by_index():
     for k, info in enumerate(infos):
         assert info.spec == f"opencl:{k}"
         if info.available:
-            assert " / " in info.name  # "<platform> / <device>"
+            assert " / " in info.name  # "<platform> (<version>) / <device>"
+            assert "(OpenCL " in info.name.split(" / ")[0]
             assert info.open is not None
         else:
             assert info.reason
+    # best first: every device that works before any that does not
+    states = [i.available for i in infos]
+    assert states == sorted(states, reverse=True)
+
+
+def test_discover_order_does_not_depend_on_the_icd_loader(monkeypatch):
+    cl = pytest.importorskip("pyopencl")
+    platforms = cl.get_platforms()
+    before = [(i.name, i.available) for i in ocl.discover()]
+    monkeypatch.setattr(cl, "get_platforms", lambda: list(reversed(platforms)))
+    assert [(i.name, i.available) for i in ocl.discover()] == before
+
+
+def test_version_helpers():
+    long = "OpenCL 3.0 PoCL 6.0+debian  Linux, None+Asserts, RELOC, LLVM 18.1.8, SLEEF"
+    assert ocl._short_version(long) == "OpenCL 3.0 PoCL 6.0+debian"
+    assert ocl._version_key("OpenCL 3.0 PoCL 6.0+debian") > ocl._version_key("OpenCL 3.0 PoCL 3.0-rc2")
+
+
+def test_spec_by_platform_name(info):
+    """'opencl:pocl' (any case) is the first available device whose platform says PoCL; the
+    opened device keeps its numbered spec."""
+    text = f"{info.name} {info.match}".lower()
+    word = "pocl" if "pocl" in text else info.name.split()[0].lower()
+    dev = offload.device(f"opencl:{word.upper()}")
+    first = next(i for i in ocl.discover() if i.available and word in f"{i.name} {i.match}".lower())
+    assert dev.spec == first.spec and dev is offload.device(first.spec)
+    with pytest.raises(offload.DeviceUnavailableError, match="no device 'opencl:nosuchvendor'"):
+        offload.device("opencl:nosuchvendor")
+
+
+def test_first_compile_is_announced_once(dev, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
+    d = fresh(dev)
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        offload.load("jet_mlp", device=d)(zoo.sample_input("jet_mlp", 2))
+        offload.load("jet_cnn", device=d)(zoo.sample_input("jet_cnn", 2))
+    notes = [r for r in caplog.records if "compiling OpenCL kernels" in r.getMessage()]
+    assert len(notes) == 1 and d.build_stats["compiled"] >= 2
+    assert "offload warmup" in notes[0].getMessage()
+    caplog.clear()
+    warm = fresh(dev)  # same disk cache: nothing compiles, nothing is said
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        offload.load("jet_mlp", device=warm)(zoo.sample_input("jet_mlp", 2))
+    assert warm.build_stats["compiled"] == 0 and not caplog.records
+
+
+def test_warmup_builds_every_kernel_ahead(dev, tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
+    d = fresh(dev)
+    model = offload.load("jet_cnn", device=d, precision="float16")
+    model.warmup()
+    built = dict(d.build_stats)
+    assert built["compiled"] > 0
+    for batch in (1, 7, 64):  # other batch sizes need no other kernel
+        model(zoo.sample_input("jet_cnn", batch))
+    assert d.build_stats["compiled"] == built["compiled"]
+    assert d.build_stats["from_disk"] == built["from_disk"]
 
 
 def test_discover_without_pyopencl(monkeypatch):
