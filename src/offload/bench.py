@@ -145,8 +145,8 @@ def measure(contenders: Sequence[Contender], x, repeats: int = 5, min_time_s: fl
             warmup: int = 2, pause_s: float = 0.1) -> dict[str, Measurement]:
     """Time ``contenders`` on input ``x``, alternating them round-robin within one run.
 
-    Each contender first runs ``warmup`` calls (at least one; it also compiles plans and fills
-    caches), then a short calibration that sizes its blocks to about ``min_time_s / repeats``
+    Each contender first runs ``warmup`` calls (they compile plans and fill caches; 0 when the
+    caller has already called each contender on ``x``), then a short calibration that sizes its blocks to about ``min_time_s / repeats``
     (at least one call). Then, ``repeats`` times, every contender in turn runs one block. A block
     times each call back to back (one clock read per call) with the garbage collector off.
 
@@ -171,7 +171,7 @@ def measure(contenders: Sequence[Contender], x, repeats: int = 5, min_time_s: fl
     for c in contenders:
         if pause_s:
             time.sleep(pause_s)
-        for _ in range(max(1, int(warmup))):
+        for _ in range(max(0, int(warmup))):
             c.fn(x)
         # Calibrate: time calls until ~a tenth of a block (or 10 ms) has passed, 1 call minimum;
         # the median call sizes the blocks (a call slowed down by a neighbour must not shrink
@@ -609,8 +609,9 @@ def run_suite(cases: Sequence[Case], devices: Sequence[str] = ("cpu",), *, repea
         if runnable:
             say(f"{head}: timing {', '.join(c.name for c in timed)}")
         counters = cpu_counters()
+        # the checked call above was each contender's first warmup call
         results = measure(timed, x, repeats=repeats, min_time_s=min_time_s,
-                          warmup=warmup, pause_s=pause_s) if runnable else {}
+                          warmup=max(0, warmup - 1), pause_s=pause_s) if runnable else {}
         load = contention(counters, cpu_counters()) if runnable else None
         ref = results.get(ort.name) if ort is not None else None
         for c, row in runnable:
@@ -659,7 +660,7 @@ def format_suite(rows: Sequence[dict], columns=SUITE_COLUMNS) -> str:
 
 CLIENT_COLUMNS = [
     ("clients", "clients"), ("mode", "mode"),
-    ("samples_per_s", "samples/s", ",.0f"), ("vs_best", "of 1 caller, big batches", ".0%"),
+    ("samples_per_s", "samples/s", rate), ("vs_best", "of 1 caller, big batches", ".0%"),
     ("p50_ms", "p50 ms", ".3f"), ("p99_ms", "p99 ms", ".3f"),
     ("device_runs", "device runs"), ("requests", "requests"),
 ]

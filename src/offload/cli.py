@@ -301,6 +301,8 @@ def _precision_option(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="offload", description="Run ONNX models on the devices offload knows.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"offload {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

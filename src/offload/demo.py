@@ -21,7 +21,7 @@ from . import bench
 
 # Batch sizes per zoo model: the default run, and the long sweep of --full.
 BATCHES = {"resnet50": (1,), "jet_mlp": (1, 64, 1024, 16000), "hcal_mlp": (1, 64, 1024, 16000),
-           "jet_cnn": (1, 16, 256)}
+           "jet_cnn": (1, 16, 128)}
 FULL_BATCHES = {"resnet50": (1, 8, 32), "jet_mlp": (1, 16, 64, 256, 1024, 4096, 16000),
                 "hcal_mlp": (1, 16, 64, 256, 1024, 4096, 16000),
                 "jet_cnn": (1, 4, 16, 64, 256, 1024)}
@@ -220,8 +220,12 @@ def plot(rows: list[dict], path, title: str) -> str | None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        return f"cannot write {path}: {e.strerror or e}"
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -310,8 +314,8 @@ def _run(offload, zoo, names, full, quick, plot_path, tolerance, out, say) -> in
         show("\n" + "\n".join(dict.fromkeys(notes)))
     show()
     show(f"Latency: median per call over {repeats} alternating timing blocks per contender "
-         f"(~{min_time / repeats:.2g} s each, at least one call), after one warmup call and a "
-         "calibration; samples/s = batch / latency. onnxruntime: CPUExecutionProvider, "
+         f"(~{min_time / repeats:.2g} s each, at least one call), after one checked warmup call "
+         "and a calibration; samples/s = batch / latency. onnxruntime: CPUExecutionProvider, "
          f"{os.cpu_count()} threads.")
     show(CONTEXT_NOTE)
     busy = [r["other_cores"] for r in rows if r.get("other_cores") is not None]
