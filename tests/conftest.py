@@ -30,11 +30,11 @@ def _selected(config):
     infos = offload.devices()
     if not wanted:
         return infos
-    specs = {offload.device_spec(s) for s in wanted}
-    unknown = specs - {i.spec for i in infos}
-    if unknown:
-        raise pytest.UsageError(f"--device: unknown {sorted(unknown)}; known "
-                                f"{[i.spec for i in infos]}")
+    from offload.device import resolve_spec
+    try:
+        specs = {resolve_spec(s) for s in wanted}  # 'opencl:pocl' is the device it names
+    except offload.DeviceUnavailableError as e:
+        raise pytest.UsageError(f"--device: {e}") from None
     return [i for i in infos if i.spec in specs]
 
 

@@ -94,6 +94,7 @@ def test_warmup_builds_the_plan_on_every_device(jet_path):
     assert set(took) == {d.spec for d in model.devices} and all(t >= 0 for t in took.values())
     for ctx in model._contexts:
         assert ctx.plans.get(((1, 16),)), ctx.device.spec
+    assert model.stats["device_runs"] == 0 and model.stats["calls"] == 0  # not counted
     with pytest.raises(offload.ShapeError, match="warmup"):
         offload.load(_free_feature_model()).warmup()
 

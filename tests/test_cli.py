@@ -296,7 +296,7 @@ def test_warmup_command(capsys):
     assert main(["warmup", "jet_cnn", "--device", ",".join(specs)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(specs)
-    assert lines[0].startswith("cpu:0: plan for batch 1 built") and "nothing to compile" in lines[0]
+    assert lines[0].startswith("cpu:0: plan for batch 1 built and run once") and "nothing to compile" in lines[0]
     for line in lines[1:]:
         assert "programs compiled" in line and "from the disk cache" in line
     assert main(["warmup", "jet_mlp", "--device", "foo"]) == 2

@@ -462,9 +462,11 @@ class Model:
 
     def warmup(self, *shapes) -> dict:
         """Build the plan for these input shapes (default: batch 1 of each input) on every device
-        of the model, so that kernels compile now rather than on the first event (a device's
-        kernels depend on the ops, layouts and precision, not on the batch size; OpenCL keeps
-        them in its disk cache for later processes). Returns {device spec: seconds}."""
+        of the model and run it once on zeros (not counted in ``stats``), so that kernels compile
+        now rather than on the first event: a device's programs depend on the ops, layouts and
+        precision, not on the batch size, and some OpenCL implementations (PoCL) finish
+        compiling each kernel only at its first launch. OpenCL keeps both in disk caches for
+        later processes. Returns {device spec: seconds}."""
         if not shapes:
             shapes = []
             for t in self.graph.inputs:
@@ -477,7 +479,11 @@ class Model:
         took = {}
         for ctx in self._contexts:
             t0 = time.perf_counter()
-            self._release(ctx, self._acquire(ctx, key))
+            plan = self._acquire(ctx, key)
+            try:
+                plan.run([np.zeros(s, np.float32) for s in key])
+            finally:
+                self._release(ctx, plan)
             took[ctx.device.spec] = time.perf_counter() - t0
         return took
 
