@@ -231,22 +231,23 @@ def plot(rows: list[dict], path, title: str) -> str | None:
 
 def run(names: list[str], full: bool = False, quick: bool = False, plot_path=None,
         tolerance: float = 1e-3, out=None) -> int:
-    """The demo; returns the exit status (1 when a device fails or disagrees with onnxruntime)."""
-    import offload
-    from . import zoo
+    """The demo; returns the exit status (1 when a device fails or disagrees with onnxruntime).
+    ``plot_path``: where to write the PNG (None: ./offload-demo.png; False: no plot)."""
     out = out or sys.stdout
     say = Progress()
     handler = _ToProgress(say)
     logger = logging.getLogger("offload")
     logger.addHandler(handler)
     try:
-        return _run(offload, zoo, names, full, quick, plot_path, tolerance, out, say)
+        return _run(names, full, quick, plot_path, tolerance, out, say)
     finally:
         say.close()
         logger.removeHandler(handler)
 
 
-def _run(offload, zoo, names, full, quick, plot_path, tolerance, out, say) -> int:
+def _run(names, full, quick, plot_path, tolerance, out, say) -> int:
+    import offload
+    from . import zoo
     t_start = time.perf_counter()
     mode = "full" if full else "default"
     repeats, min_time = TIMING[mode]
