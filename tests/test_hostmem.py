@@ -106,7 +106,7 @@ def test_empty_takes_a_device_object_and_refuses_bad_specs():
     a = offload.empty((2,), device=offload.device("cpu"))
     assert not a.base.obj.pinned
     with pytest.raises(DeviceUnavailableError, match="bad device spec"):
-        offload.empty((2,), device="cuda:x")
+        offload.empty((2,), device="cuda:1x")  # "cuda:x" is a spec by name
 
 
 def test_hostmem_copy_is_typed():
