@@ -179,7 +179,10 @@ def _discover_all() -> list[DeviceInfo]:
         for info in infos:
             info.driver = info.driver or name
         found.extend(infos)
-    found.sort(key=lambda i: (i.spec.split(":")[0] != "cpu", i.spec))
+    def order(info):  # cpu first, then by kind; within a kind by number (opencl:2 < opencl:10)
+        kind, _, index = info.spec.partition(":")
+        return kind != "cpu", kind + ":", int(index) if index.isdigit() else 0, index
+    found.sort(key=order)
     return found
 
 
