@@ -290,6 +290,14 @@ def test_run_and_bench_precision(tmp_path, capsys):
         np.testing.assert_allclose(np.load(y), offload.load("jet_mlp")(x), rtol=1e-2, atol=1e-2)
 
 
+def test_run_zoo_model_without_input(tmp_path, jet_mlp, capsys):
+    assert main(["run", "jet_mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "sample input, [1, 16]" in out and "[1, 5] float32" in out
+    assert main(["run", str(jet_mlp)]) == 2  # a file has no sample input
+    assert "--input" in _error_line(capsys.readouterr().err)
+
+
 def test_warmup_command(capsys):
     specs = ["cpu"] + [i.spec for i in offload.devices() if i.available
                        and i.spec.startswith("opencl")][:1]

@@ -151,7 +151,15 @@ def cmd_run(args) -> int:
     import offload
     _check_model(args.model)
     (device,) = _device_list([args.device], args.precision)
-    arrays = [_load_npy(p) for p in args.input]
+    if args.input:
+        arrays = [_load_npy(p) for p in args.input]
+    else:
+        from . import bench, zoo
+        if not bench._is_zoo(args.model):
+            raise CommandError(f"{args.model}: give the model's input(s) with --input X.npy "
+                               "(only zoo models have a sample input)")
+        arrays = [zoo.sample_input(args.model, 1)]
+        print(f"(no --input: the zoo's seeded sample input, {list(arrays[0].shape)})")
     model = offload.load(args.model, device=device, precision=args.precision)
     result = model(*arrays)
     results = list(result) if isinstance(result, tuple) else [result]
@@ -311,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a model on .npy inputs")
     p.add_argument("model", metavar="MODEL", help="an .onnx file (or a zoo name)")
-    p.add_argument("--input", "-i", action="append", required=True, metavar="X.npy",
+    p.add_argument("--input", "-i", action="append", metavar="X.npy",
                    help="an input array (.npy, read without pickle); repeat for several inputs, "
-                        "in the model's input order")
+                        "in the model's input order (a zoo model without it: its sample input)")
     p.add_argument("--device", "-d", default="cpu", help="device spec (default: cpu)")
     _precision_option(p)
     p.add_argument("--output", "-o", action="append", default=[], metavar="Y.npy",
