@@ -13,8 +13,8 @@ import os
 from .device import Capabilities, Device, DeviceInfo, device, devices
 from .device import parse_spec as device_spec
 from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableError,
-                     KernelBuildError, ModelFormatError, OffloadError, ShapeError,
-                     UnsupportedOpError)
+                     KernelBuildError, ModelFormatError, OffloadError, RequestTimeoutError,
+                     ShapeError, UnsupportedOpError)
 from .hostmem import empty
 from .batching import Batching
 from .model import Binding, Model
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batching", "Binding", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
-    "PrecisionError", "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
+    "PrecisionError", "RequestTimeoutError", "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
 ]
 
 
@@ -42,8 +42,13 @@ def import_onnx(source):
 
 def load(source: str | os.PathLike, device: str | Device | list = "cpu",
          batching: Batching | None = None, fallback: str = "error",
-         precision: str | dict | None = None) -> Model:
+         precision: str | dict | None = None, **remote) -> Model:
     """Load an ONNX model for ``device`` (default: the embedded CPU device).
+
+    ``source`` may also be a served model, "grpc://HOST:PORT/MODEL[/VERSION]" or "http://..."
+    (or a list of them): a model of the same API on a KServe v2 / Triton server (SONIC; see
+    offload.remote.RemoteModel for ``timeout``, ``retries``, ``fallback="cpu"`` with
+    ``fallback_source``, ``shared_memory``, ``compression``; needs the 'triton' extra).
 
     ``source`` is a path to an .onnx file, its bytes, an ``onnx.ModelProto``, or a zoo name
     (``offload.zoo.NAMES``) which is built on first use. ``device`` may be a list of devices, or
@@ -65,6 +70,12 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
     a fixed-point precision (no silent default). ``model.precision`` is then ``"ap_fixed"`` and
     ``model.fixed_point`` the parsed precision; inputs and outputs stay float32.
     """
+    from . import remote as _remote
+    if _remote.is_url(source):
+        return _remote.load(source, fallback=fallback, **remote)
+    if remote:
+        raise TypeError(f"load() got options {sorted(remote)} that only a served model "
+                        "(grpc:// or http:// source) takes")
     if isinstance(source, str) and not os.path.exists(source):
         if source in zoo.NAMES:
             source = zoo.path(source)

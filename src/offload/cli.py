@@ -5,6 +5,7 @@
     offload bench jet_mlp --device cpu --batch 1,1024 --profile
     offload warmup resnet50 --device opencl:0
     offload demo [--full]
+    offload repo OUT jet_mlp --device cpu | offload serve jet_mlp | offload server-env
 """
 
 from __future__ import annotations
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help=argparse.SUPPRESS)  # e.g. jet_mlp,hcal_mlp (tests)
     p.add_argument("--tolerance", type=_positive_float, default=1e-3, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
+
+    from . import triton  # repo, serve, server-env (SONIC mode)
+    triton.add_commands(sub, _positive_int, _positive_float)
     return parser
 
 

@@ -58,3 +58,7 @@ class KernelBuildError(OffloadError):
 
 class DeviceRuntimeError(OffloadError):
     """A device reported a failure while running (launch failure, timeout, lost device)."""
+
+
+class RequestTimeoutError(DeviceRuntimeError, TimeoutError):
+    """A request got no answer in the time allowed (a remote model's ``timeout``)."""

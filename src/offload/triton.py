@@ -272,13 +272,20 @@ def default_env_path() -> pathlib.Path:
     return pathlib.Path(cache) / "offload" / "triton-env"
 
 
-def _offload_paths() -> list[str]:
+SITE_VARIABLE = "OFFLOAD_TRITON_SITE"
+# the server environment's .pth: the folders named by $OFFLOAD_TRITON_SITE (where the offload
+# that starts the server is installed) become site folders after its own, so its numpy<2 wins and
+# one environment serves any checkout
+SITE_PTH = ("import os, site; list(map(site.addsitedir, filter(None, os.environ.get('"
+            + SITE_VARIABLE + "', '').split(os.pathsep))))\n")
+
+
+def offload_site() -> str:
     """The site folders this offload is installed in (its package, or an editable install's
-    path hook), for the server environment's .pth: added after that environment's own, so its
-    numpy<2 wins."""
+    path hook), as $OFFLOAD_TRITON_SITE for the server environment."""
     import sysconfig
     paths = sysconfig.get_paths()
-    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+    return os.pathsep.join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
 
 
 def _pytriton_root(env: pathlib.Path) -> pathlib.Path:
@@ -315,8 +322,7 @@ def server_env(path=None, create: bool = False, quiet: bool = True) -> pathlib.P
                                      f"{' '.join(cmd)} failed:\n{(done.stderr or '')[-3000:]}")
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], capture_output=True, text=True, check=True)
-    lines = [f"import site; site.addsitedir({p!r})" for p in _offload_paths()]
-    (pathlib.Path(site.stdout.strip()) / "offload-host.pth").write_text("\n".join(lines) + "\n")
+    (pathlib.Path(site.stdout.strip()) / "offload-host.pth").write_text(SITE_PTH)
     root = _pytriton_root(path)
     backend = path / "backends" / "python"
     shutil.rmtree(backend, ignore_errors=True)
@@ -332,7 +338,8 @@ def server_env(path=None, create: bool = False, quiet: bool = True) -> pathlib.P
     (backend / stub.name).symlink_to(stub)
     check = subprocess.run([str(python), "-c", "import numpy, offload; assert numpy.__version__"
                             "[0] == '1', numpy.__version__; print(offload.__file__)"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True,
+                           env={**os.environ, SITE_VARIABLE: offload_site()})
     if check.returncode:
         raise DeviceUnavailableError(f"the server environment at {path} cannot import offload "
                                      f"with numpy<2:\n{check.stderr[-3000:]}")
@@ -424,6 +431,7 @@ class Server:
         if self.env is not None:  # the Python backend's stub takes the python found on PATH
             env["PATH"] = f"{self.env / 'bin'}:{env.get('PATH', '')}"
             env["VIRTUAL_ENV"] = str(self.env)
+            env[SITE_VARIABLE] = offload_site()
         env.pop("PYTHONPATH", None)
         env.pop("PYTHONHOME", None)
         return env
