@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -588,7 +589,13 @@ def cmd_server_env(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the server goes too
     with tempfile.TemporaryDirectory(prefix="offload-repo-") as tmp:
         if args.repo:
             if args.models or args.source_repo:
