@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""SONIC mode: many client processes sharing one Triton server with one offload device.
+
+    python benchmarks/bench_sonic.py [--models jet_cnn,resnet50] [--clients 1,2,4,8,16,32,50]
+                                     [--device cpu] [--duration 6] [--overhead-repeats 7]
+
+1. Throughput: for each model and each number N of client *processes*, N processes each send
+   one-event requests back to back (``offload.load("grpc://...")``, synchronous calls) to one
+   tritonserver serving the model on one device (one instance, dynamic batching), for
+   ``--duration`` s after a common start; beside it, the same N processes each running the
+   model in-process (``offload.load(name)`` on the same device). The two contenders alternate
+   at each N. Reported: events/s, p50/p99 latency, and the saturation point (the smallest N
+   reaching 95% of the best server throughput).
+2. Per-request overhead over loopback, one client, jet_mlp batch 1: gRPC and HTTP, with and
+   without system shared memory, beside the in-process call (offload.bench.measure: contenders
+   alternated in blocks, medians of the repeats); Triton's own statistics split the server's
+   part (queue, compute) from the rest.
+
+Writes <out>/sonic-<YYYYMMDD-HHMM>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import shlex
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import offload
+from offload import bench, triton, zoo
+
+HERE = pathlib.Path(__file__).resolve().parent
+# Triton's published per-request figures (its optimization guide, perf_analyzer on a GPU
+# server), quoted in issue 13
+TRITON_PUBLISHED = {"grpc_cuda_shm_server_overhead_us": 56, "grpc_cuda_shm_client_us": 5,
+                    "grpc_no_shm_server_overhead_us": 128}
+
+
+def _worker(kind, source, name, start_at, duration, queue):
+    """One client process: warm up, wait for the common start, send one-event requests."""
+    try:
+        model = offload.load(source) if kind == "server" else offload.load(name, device=source)
+        x = zoo.sample_input(name, 1)
+        for _ in range(3):
+            model(x)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        end = start_at + duration
+        latencies = []
+        clock = time.perf_counter
+        while time.time() < end:
+            t = clock()
+            model(x)
+            latencies.append(clock() - t)
+        model.close()
+        queue.put(("ok", latencies))
+    except BaseException as e:  # reported by the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_point(kind, source, name, n, duration, startup_s):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + startup_s
+    procs = [ctx.Process(target=_worker, args=(kind, source, name, start_at, duration, queue))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=startup_s + duration + 300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    errors = [r[1] for r in results if r[0] == "error"]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} clients failed: {errors[0]}")
+    lat = np.concatenate([np.asarray(r[1]) for r in results])
+    return {"clients": n, "events": int(lat.size), "events_per_s": lat.size / duration,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+
+
+def saturation(rows, fraction=0.95):
+    best = max(r["events_per_s"] for r in rows)
+    return min(r["clients"] for r in rows if r["events_per_s"] >= fraction * best)
+
+
+def throughput(args, server):
+    out = {}
+    for name in args.models:
+        rows = {"server": [], "in-process": []}
+        for n in args.clients:
+            startup = 5.0 + 0.4 * n  # spawned processes import offload and connect first
+            for kind in ("server", "in-process"):
+                source = f"{server.grpc_url}/{name}" if kind == "server" else args.device
+                before = _server_stats(server, name) if kind == "server" else None
+                row = run_point(kind, source, name, n, args.duration, startup)
+                if kind == "server":
+                    after = _server_stats(server, name)
+                    runs = after["executions"] - before["executions"]
+                    row["rows_per_device_run"] = (after["inferences"] - before["inferences"]) \
+                        / max(runs, 1)
+                rows[kind].append(row)
+                print(f"{name} {kind:10s} N={n:3d}: {row['events_per_s']:9.1f} ev/s  "
+                      f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
+                      + (f"  {row['rows_per_device_run']:.1f} rows/run"
+                         if "rows_per_device_run" in row else ""), flush=True)
+        out[name] = {"rows": rows, "saturation_clients": saturation(rows["server"])}
+    return out
+
+
+def _server_stats(server, name):
+    import tritonclient.grpc as g
+    c = g.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    m = c.get_inference_statistics(name, as_json=True)["model_stats"][0]
+    c.close()
+    inf = m["inference_stats"]
+    ns = lambda k: int(inf.get(k, {}).get("ns", 0))  # noqa: E731
+    return {"executions": int(m.get("execution_count", 0)),
+            "inferences": int(m.get("inference_count", 0)),
+            "requests": int(inf.get("success", {}).get("count", 0)),
+            "success_ns": ns("success"), "queue_ns": ns("queue"),
+            "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output")}
+
+
+def overhead(args, server):
+    name = "jet_mlp"
+    x = zoo.sample_input(name, 1)
+    local = offload.load(name, device=args.device)
+    models = {"in-process": local}
+    for proto, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        for shm in (False, True):
+            models[f"{proto}{' + shm' if shm else ''}"] = offload.load(
+                f"{url}/{name}", shared_memory=shm)
+    want = local(x)
+    for label, m in models.items():
+        np.testing.assert_allclose(m(x), want, rtol=1e-5, atol=1e-6, err_msg=label)
+    contenders = [bench.Contender(label, (lambda m: lambda v: m(v))(m), "offload", label)
+                  for label, m in models.items()]
+    before = _server_stats(server, name)
+    measured = bench.measure(contenders, x, repeats=args.overhead_repeats,
+                             min_time_s=args.overhead_time)
+    after = _server_stats(server, name)
+    requests = after["requests"] - before["requests"]
+    server_us = (after["success_ns"] - before["success_ns"]) / max(requests, 1) / 1e3
+    queue_us = (after["queue_ns"] - before["queue_ns"]) / max(requests, 1) / 1e3
+    compute_us = (after["compute_ns"] - before["compute_ns"]) / max(requests, 1) / 1e3
+    local_us = measured["in-process"].median_s * 1e6
+    rows = []
+    for label, m in measured.items():
+        us = m.median_s * 1e6
+        rows.append({"contender": label, "median_us": us, "p90_us": m.p90_s * 1e6,
+                     "overhead_us": us - local_us if label != "in-process" else 0.0})
+    for m in models.values():
+        m.close()
+    return {"model": name, "batch": 1, "rows": rows,
+            "server_per_request_us": {"in_server": server_us, "queue": queue_us,
+                                      "compute (input+infer+output)": compute_us,
+                                      "requests": requests},
+            "triton_published_us": TRITON_PUBLISHED}
+
+
+def markdown(doc) -> str:
+    mach = doc["machine"]
+    lines = ["# SONIC: client processes sharing one Triton server", "",
+             f"- date: {doc['date']}", f"- command: `{doc['command']}`",
+             f"- machine: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores (shared with "
+             "other work), Python " + str(mach.get('python', '?')),
+             f"- server: tritonserver (nvidia-pytriton 0.7.0), one instance of each model on "
+             f"offload device `{doc['device']}`, max_batch {doc['max_batch']}, "
+             f"max_queue_delay {doc['delay_us']:g} us; clients: `offload.load(\"grpc://...\")`, "
+             f"synchronous one-event requests for {doc['duration']:g} s per point; in-process: "
+             "each process its own `offload.load(name)` on the same device", ""]
+    for name, d in doc["throughput"].items():
+        lines += [f"## {name}{doc['notes'].get(name, '')}", "",
+                  "| clients | server ev/s | p50 ms | p99 ms | rows/device run | "
+                  "in-process ev/s | p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: | "
+                  "---: | ---: | ---: |"]
+        for s, i in zip(d["rows"]["server"], d["rows"]["in-process"]):
+            lines.append(f"| {s['clients']} | {s['events_per_s']:.1f} | {s['p50_ms']:.2f} | "
+                         f"{s['p99_ms']:.2f} | {s['rows_per_device_run']:.1f} | "
+                         f"{i['events_per_s']:.1f} | {i['p50_ms']:.2f} | {i['p99_ms']:.2f} |")
+        lines += ["", f"Saturation (95% of the best server throughput) at "
+                  f"**{d['saturation_clients']} client processes**.", ""]
+    o = doc["overhead"]
+    if o:
+        sp = o["server_per_request_us"]
+        lines += [f"## Per-request overhead over loopback ({o['model']}, batch 1, one client)",
+                  "", "| call | median us | p90 us | over in-process us |",
+                  "| --- | ---: | ---: | ---: |"]
+        for r in o["rows"]:
+            lines.append(f"| {r['contender']} | {r['median_us']:.0f} | {r['p90_us']:.0f} | "
+                         f"{r['overhead_us']:.0f} |")
+        p = o["triton_published_us"]
+        lines += ["", f"Triton's statistics over those requests: {sp['in_server']:.0f} us in "
+                  f"the server per request (queue {sp['queue']:.0f} us, compute "
+                  f"{sp['compute (input+infer+output)']:.0f} us, the Python backend and "
+                  "offload's run included).", "",
+                  f"Triton's published figures (GPU server, perf_analyzer): gRPC with CUDA "
+                  f"shared memory ~{p['grpc_cuda_shm_server_overhead_us']} us server overhead "
+                  f"and ~{p['grpc_cuda_shm_client_us']} us client marshalling; without shared "
+                  f"memory ~{p['grpc_no_shm_server_overhead_us']} us server overhead.", ""]
+    return "\n".join(lines)
+
+
+def plot(doc, path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no plot ({e})"
+    names = list(doc["throughput"])
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7), squeeze=False)
+    for k, name in enumerate(names):
+        rows = doc["throughput"][name]["rows"]
+        for kind, style in (("server", "o-"), ("in-process", "s--")):
+            n = [r["clients"] for r in rows[kind]]
+            axes[0][k].plot(n, [r["events_per_s"] for r in rows[kind]], style, label=kind)
+            axes[1][k].plot(n, [r["p99_ms"] for r in rows[kind]], style, label=f"{kind} p99")
+            axes[1][k].plot(n, [r["p50_ms"] for r in rows[kind]], style, alpha=0.4,
+                            label=f"{kind} p50")
+        axes[0][k].axvline(doc["throughput"][name]["saturation_clients"], color="gray", lw=0.8)
+        axes[0][k].set_title(f"{name}: events/s")
+        axes[1][k].set_yscale("log")
+        axes[1][k].set_title(f"{name}: latency (ms)")
+        for ax in (axes[0][k], axes[1][k]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("client processes")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"one tritonserver, one offload device ({doc['device']}); {doc['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="jet_cnn,resnet50",
+                   help="zoo models (default jet_cnn and resnet50, the largest zoo model: "
+                        "offload cannot import a ParticleNet yet)")
+    p.add_argument("--clients", default="1,2,4,8,16,32,50")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per point")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--delay-us", type=float, default=500.0)
+    p.add_argument("--overhead-repeats", type=int, default=7)
+    p.add_argument("--overhead-time", type=float, default=3.0, help="seconds per contender")
+    p.add_argument("--no-overhead", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.clients = [int(c) for c in args.clients.split(",") if c]
+    doc = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": bench.machine_info(), "device": args.device, "max_batch": args.max_batch,
+           "delay_us": args.delay_us, "duration": args.duration,
+           "notes": {"resnet50": " (standing in for ParticleNet: offload cannot import a "
+                                 "ParticleNet yet; ResNet-50 is the largest zoo model)"}}
+    with tempfile.TemporaryDirectory(prefix="bench-sonic-") as tmp:
+        names = sorted(set(args.models) | ({"jet_mlp"} if not args.no_overhead else set()))
+        triton.write_repository(tmp, names, device=args.device, max_batch=args.max_batch,
+                                delay_us=args.delay_us, instances=1)
+        with triton.Server(tmp, log=os.path.join(tmp, "server.log")).start(300) as server:
+            doc["overhead"] = None if args.no_overhead else overhead(args, server)
+            if doc["overhead"]:
+                for r in doc["overhead"]["rows"]:
+                    print(f"overhead {r['contender']:12s} {r['median_us']:8.0f} us "
+                          f"(+{r['overhead_us']:.0f})", flush=True)
+            doc["throughput"] = throughput(args, server)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    base = out / f"sonic-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    base.with_suffix(".md").write_text(markdown(doc))
+    why = plot(doc, base.with_suffix(".png"))
+    print(f"wrote {base}.md, .json" + (f" ({why})" if why else ", .png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
