@@ -511,3 +511,17 @@ def test_cli_serve_prints_endpoints_and_stops_on_ctrl_c(server_env):
             p.wait(60)
     with pytest.raises(offload.DeviceUnavailableError):  # the server went with it
         offload.load(f"grpc://127.0.0.1:{ports[0]}/jet_mlp", retries=0)
+
+
+def test_model_urls():
+    from offload import remote
+    assert remote.parse_url("grpc://127.0.0.1:8001/jet_mlp") == \
+        ("grpc", "127.0.0.1:8001", "jet_mlp", "")
+    assert remote.parse_url("http://host:8000/m/3") == ("http", "host:8000", "m", "3")
+    assert remote.is_url(["grpc://a:1/m", "http://b:2/m"]) and not remote.is_url("jet_mlp")
+    assert not remote.is_url("model.onnx") and not remote.is_url([])
+    for bad in ("grpc://host/m", "grpc://host:1/", "grpc://host:1/m/v1", "grpc://host:1/a/1/b"):
+        with pytest.raises(ValueError, match="grpc://HOST:PORT/MODEL"):
+            remote.parse_url(bad)
+    with pytest.raises(ValueError, match="different models"):
+        offload.load(["grpc://127.0.0.1:1/a", "grpc://127.0.0.1:1/b"])

@@ -267,7 +267,7 @@ class RemoteModel:
     retried. ``timeout`` (s): per request (gRPC deadline; HTTP network timeout) →
     ``RequestTimeoutError``. ``fallback="cpu"``: when no server answers, run on a local CPU model
     of ``fallback_source`` (an .onnx path or a zoo name; default: the model's name if it is a zoo
-    name), counted in ``stats`` and warned once per reason. ``shared_memory=True``: tensors go
+    name), counted in ``stats`` (by reason) and warned once. ``shared_memory=True``: tensors go
     through system shared memory regions (for a server on this host), registered once per
     concurrent request slot, reused, unregistered on ``close``. ``compression``: "gzip" or
     "deflate" on the wire. A request of more rows than the server's ``max_batch_size`` is sent
@@ -295,6 +295,7 @@ class RemoteModel:
             max_workers=workers, thread_name_prefix="offload-remote")
         self._closing = False
         self._local_model = None
+        self._warned = False
         from . import zoo
         name = self.endpoints[0].model
         self.fallback_source = fallback_source if fallback_source is not None else (
@@ -607,7 +608,9 @@ class RemoteModel:
 
     def _run_local(self, arrays, reason: str) -> list[np.ndarray]:
         model = self._fall_back_model(reason)
-        if self._stats.fallback(reason):
+        self._stats.fallback(reason)
+        if not self._warned:  # warned once; every fallback is counted, by reason
+            self._warned = True
             warnings.warn(f"offload: no server answered for {self.source} ({reason}); running "
                           f"{self.fallback_source} on the local cpu device (fallback='cpu')",
                           RuntimeWarning, stacklevel=4)
