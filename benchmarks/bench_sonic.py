@@ -328,9 +328,10 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-repeats", type=int, default=7)
     p.add_argument("--overhead-time", type=float, default=3.0, help="seconds per contender")
     p.add_argument("--no-overhead", action="store_true")
+    p.add_argument("--overhead-only", action="store_true", help="skip the client sweep")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
+    args.models = [] if args.overhead_only else [m for m in args.models.split(",") if m]
     args.clients = [int(c) for c in args.clients.split(",") if c]
     pairs = lambda text, kind: {k: kind(v) for k, v in (  # noqa: E731
         item.split("=") for item in text.split(",") if item)}
@@ -344,12 +345,14 @@ def main(argv=None) -> int:
            "notes": {"resnet50": " (standing in for ParticleNet: offload cannot import a "
                                  "ParticleNet yet; ResNet-50 is the largest zoo model)"}}
     with tempfile.TemporaryDirectory(prefix="bench-sonic-") as tmp:
-        triton.write_repository(tmp, args.models, device=args.device,
-                                max_batch=args.max_batch, delay_us=args.delay_us, instances=1)
+        if args.models:
+            triton.write_repository(tmp, args.models, device=args.device,
+                                    max_batch=args.max_batch, delay_us=args.delay_us,
+                                    instances=1)
         if not args.no_overhead:  # no batching delay: one client's request goes at once
             triton.write_repository(tmp, ["jet_mlp"], device=args.device,
                                     max_batch=args.max_batch, delay_us=0, instances=1)
-        pool = Pool(max(args.clients))
+        pool = Pool(max(args.clients) if args.models else 0)
         try:
             with triton.Server(tmp, log=os.path.join(tmp, "server.log")).start(300) as server:
                 doc["overhead"] = None if args.no_overhead else overhead(args, server)
@@ -363,10 +366,10 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    base = out / f"sonic-{stamp}"
+    base = out / f"sonic-{'overhead-' if args.overhead_only else ''}{stamp}"
     base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     base.with_suffix(".md").write_text(markdown(doc))
-    why = plot(doc, base.with_suffix(".png"))
+    why = plot(doc, base.with_suffix(".png")) if doc["throughput"] else "no sweep"
     print(f"wrote {base}.md, .json" + (f" ({why})" if why else ", .png"))
     return 0
 
