@@ -468,6 +468,25 @@ def test_server_killed_in_the_middle_of_1000_requests(server_env, tmp_path):
         s.stop()
 
 
+def test_shared_memory_survives_a_server_restart(server_env, tmp_path):
+    """The regions a restarted server lost are registered again (one retry), not an error."""
+    triton.write_repository(tmp_path / "repo", ["jet_mlp"], max_batch=8, delay_us=0)
+    s = triton.Server(tmp_path / "repo", env=server_env).start(READY_S)
+    x = offload.zoo.sample_input("jet_mlp", 2)
+    want = offload.load("jet_mlp")(x)
+    try:
+        model = offload.load(s.grpc_url + "/jet_mlp", shared_memory=True, retries=2)
+        np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-6)
+        s.stop()
+        s = triton.Server(tmp_path / "repo", grpc_port=s.grpc_port, http_port=s.http_port,
+                          metrics_port=s.metrics_port, env=server_env).start(READY_S)
+        np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-6)
+        assert model.stats["retries"] >= 1 and model.stats["errors"] == 0
+        model.close()
+    finally:
+        s.stop()
+
+
 # -- the command line ----------------------------------------------------------------------------------
 def test_cli_repo(tmp_path):
     from offload.cli import main

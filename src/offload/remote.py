@@ -106,7 +106,8 @@ class _Region:
         self.key = "/" + self.name
         self.handle = shm.create_shared_memory_region(self.name, self.key, size, create_only=True)
         try:
-            endpoint.client().register_system_shared_memory(self.name, self.key, size)
+            endpoint.client().register_system_shared_memory(self.name, self.key, size,
+                                                            **endpoint.control_timeout())
         except BaseException:
             shm.destroy_shared_memory_region(self.handle)
             raise
@@ -115,7 +116,8 @@ class _Region:
         from tritonclient.utils import shared_memory as shm
         if endpoint is not None:
             try:
-                endpoint.client().unregister_system_shared_memory(self.name)
+                endpoint.client().unregister_system_shared_memory(
+                    self.name, **endpoint.control_timeout())
             except Exception:  # the server is gone: nothing registered to undo
                 pass
         shm.destroy_shared_memory_region(self.handle)
@@ -152,6 +154,11 @@ class _Endpoint:
             with self._lock:
                 self._clients.append(c)
         return c
+
+    def control_timeout(self) -> dict:
+        """A bound for control calls (shared-memory registration): gRPC takes one per call,
+        the HTTP client has its network timeout."""
+        return {"client_timeout": self.timeout or 10.0} if self.scheme == "grpc" else {}
 
     def describe(self) -> tuple[dict, dict]:
         """(model metadata, model config) as dicts; raises an OffloadError."""
@@ -575,7 +582,14 @@ class RemoteModel:
             elif e.compression:
                 kw["request_compression_algorithm"] = e.compression
                 kw["response_compression_algorithm"] = e.compression
-            result = client.infer(e.model, ins, model_version=e.version, outputs=outs, **kw)
+            try:
+                result = client.infer(e.model, ins, model_version=e.version, outputs=outs, **kw)
+            except Exception as exc:
+                text = str(exc.message() if hasattr(exc, "message") else exc)
+                if region is not None and region.name in text:  # lost: a restarted server
+                    raise DeviceUnavailableError(f"{e.url}: the server lost shared-memory region "
+                                                 f"{region.name} ({text})") from None
+                raise
             self._stats.add(requests=1)
             values = []
             if region is not None:
