@@ -389,8 +389,13 @@ class Server:
         self.http_port = http_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.binary, self.env = find_tritonserver(tritonserver, env)
-        self.log_path = pathlib.Path(log) if log else pathlib.Path(
-            tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self._own_log = not log  # a temporary log goes after a clean stop
+        if log:
+            self.log_path = pathlib.Path(log)
+        else:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = pathlib.Path(name)
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
 
@@ -498,7 +503,10 @@ class Server:
             except ProcessLookupError:
                 pass
         self._reap_group()
-        return p.wait()
+        status = p.wait()
+        if status == 0 and self._own_log:
+            self.log_path.unlink(missing_ok=True)
+        return status
 
     def kill(self) -> None:
         """SIGKILL the server and its backend stubs at once (tests: a server that dies)."""
