@@ -532,25 +532,6 @@ def alloc(nbytes) -> MemoryPointer:
     return MemoryPointer(Memory(int(nbytes)), 0)
 
 
-class PinnedMemory:
-    """Page-locked host memory (as ``cupy.cuda.alloc_pinned_memory``'s): the buffer protocol
-    through a NumPy array, and its address registered as page-locked with the emulated GPU."""
-
-    def __init__(self, size):
-        self._array = np.empty(max(int(size), 1), np.uint8)
-        self.ptr, self.size = self._array.ctypes.data, int(size)
-        span = (self.ptr, self.ptr + max(self.size, 1))
-        _gpu.pinned.append(span)
-        weakref.finalize(self, _unpin, span)
-
-    def __array__(self, dtype=None, copy=None):
-        return self._array
-
-    @property
-    def __array_interface__(self):
-        return self._array.__array_interface__
-
-
 def _unpin(span):
     try:
         _gpu.pinned.remove(span)
@@ -559,17 +540,14 @@ def _unpin(span):
 
 
 def alloc_pinned_memory(nbytes) -> np.ndarray:
-    """Page-locked host memory: a uint8 NumPy array over a registered block (np.frombuffer
-    views it, as CuPy's PinnedMemoryPointer); the registration lives as long as the array."""
-    mem = PinnedMemory(nbytes)
-    return _PinnedArray(mem._array, mem)
-
-
-class _PinnedArray(np.ndarray):
-    def __new__(cls, array, owner):
-        obj = array.view(cls)
-        obj._owner = owner
-        return obj
+    """Page-locked host memory (as ``cupy.cuda.alloc_pinned_memory``'s, which np.frombuffer
+    views): a uint8 NumPy array whose address range is registered as page-locked with the
+    emulated GPU for as long as the array (NumPy keeps it as the base of every view) lives."""
+    array = np.empty(max(int(nbytes), 1), np.uint8)
+    span = (array.ctypes.data, array.ctypes.data + array.nbytes)
+    _gpu.pinned.append(span)
+    weakref.finalize(array, _unpin, span)
+    return array
 
 
 # ---------------------------------------------------------------------------------- ndarray

@@ -69,6 +69,8 @@ def _matrix(ptr, rows, cols, ld, dtype, what):
         return np.zeros((rows, cols), np.float32)
     extent = ((cols - 1) * ld + rows) * item
     raw = _gpu.device_bytes(ptr, extent, what)
+    if ld == rows:
+        return _to_float(raw, dtype).reshape(cols, rows).T
     full = np.empty(cols * ld * item, np.uint8)
     full[:extent] = raw
     return _to_float(full, dtype).reshape(cols, ld)[:, :rows].T
@@ -82,6 +84,9 @@ def _store(ptr, value, ld, dtype, what):
     extent = ((cols - 1) * ld + rows) * item
     raw = _gpu.device_bytes(ptr, extent, what)
     data = _from_float(value.T, dtype).reshape(cols, rows * item)
+    if ld == rows:
+        raw[:] = data.reshape(-1)
+        return
     for j in range(cols):  # column by column: the bytes between columns are not touched
         raw[j * ld * item:j * ld * item + rows * item] = data[j]
 
