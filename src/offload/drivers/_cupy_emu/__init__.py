@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import types
 import weakref
 
@@ -410,6 +411,11 @@ class Event:
             stream._capture.ops.append((lambda: None, "event record"))
             self._stream, self._seq = stream, 0
             return
+        event = self
+
+        def mark():  # when the stream reaches the event (for get_elapsed_time)
+            event._time = time.perf_counter()
+        stream._enqueue(mark, "event record")
         self._stream, self._seq = stream, stream._queued
 
     def synchronize(self):
@@ -424,6 +430,13 @@ class Event:
     @property
     def done(self):
         return self._stream is None or self._stream._done >= self._seq
+
+
+def get_elapsed_time(start, end) -> float:
+    """Milliseconds between two completed events (emulated execution time on the host)."""
+    start.synchronize()
+    end.synchronize()
+    return (end._time - start._time) * 1e3
 
 
 class Graph:
@@ -788,7 +801,7 @@ float32, float16, float64, int32 = np.float32, np.float16, np.float64, np.int32
 cuda = types.SimpleNamespace(
     Device=Device, Stream=Stream, Event=Event, Graph=Graph, alloc=alloc,
     alloc_pinned_memory=alloc_pinned_memory, MemoryPointer=MemoryPointer,
-    get_current_stream=get_current_stream,
+    get_current_stream=get_current_stream, get_elapsed_time=get_elapsed_time,
     memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError, MemoryPointer=MemoryPointer),
     compiler=types.SimpleNamespace(CompileException=CompileException),
     runtime=runtime,
