@@ -15,7 +15,7 @@ import offload
 from offload import DeviceMemoryError, DeviceUnavailableError, KernelBuildError
 from offload import graph as G
 from offload.drivers import cuda
-from conftest import find_nvcc
+from conftest import TOLERANCE, find_nvcc
 
 
 def _cuda_info():
@@ -161,7 +161,10 @@ def test_direct_cublas_matches_cupys_wrappers(gpu, monkeypatch):
         for blas in cuda.BLAS_PATHS:
             monkeypatch.setenv("OFFLOAD_CUDA_BLAS", blas)
             got[blas] = offload.load(zoo.path("jet_cnn"), device=gpu, precision=precision)(x)
-        np.testing.assert_array_equal(got["direct"], got["cupy"], err_msg=precision)
+        # the same cuBLAS calls; the user workspace may let cuBLAS pick another algorithm
+        rtol, atol = TOLERANCE[precision]
+        np.testing.assert_allclose(got["direct"], got["cupy"], rtol=rtol / 10, atol=atol / 10,
+                                   err_msg=precision)
 
 
 def test_cuda_arrays_from_another_stream_are_waited_for(gpu):

@@ -3,41 +3,55 @@
 CuPy is imported lazily (inside functions): this module imports, and ``discover()`` answers,
 without it. Discovery never raises: no CuPy, no driver, no GPU or no NVRTC/cuBLAS library each
 list ``cuda:0`` as unavailable with the reason (the CUDA error name where there is one, e.g.
-``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``).
+``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``). The driver reaches CuPy only through a
+:class:`Backend` (the real CuPy, or the emulation behind ``cuda-emu:0``, see drivers/cuda_emu.py).
 
 Layout and kernels. Activations are NCHW float32 CuPy arrays (views at offset 0 of raw blocks
 from CuPy's memory pool). The kernels are those of ``offload/kernels`` (the OpenCL driver's
-sources), expanded by ``opencl.kernel_source`` and compiled by ``cupy.RawModule`` (NVRTC) with
-the CUDA side of ``dialect.h`` (``__CUDACC__`` is defined by NVRTC); a compile error becomes a
-``KernelBuildError`` carrying the NVRTC log. Matrix products (dense, 1x1 convs, im2col convs)
-are cuBLAS ``sgemmStridedBatched`` calls on a handle of this device in float32 (default math
-mode: no TF32), the weights broadcast over the batch with stride 0; the bias, residual and
-activation are then applied in place by one epilogue kernel (``bias_act`` of ``kernels/elementwise.cl``, built on
-``common.h``'s ``activate``). Depthwise convs, im2col, pools, softmax, reductions, broadcast
-binary ops, pad/transpose (gather6) and concat run the shared kernels with the OpenCL driver's
-argument conventions. NCHW is kept everywhere: there is no NHWC path yet.
+sources), expanded by ``kernel_source`` and compiled by ``cupy.RawModule`` (NVRTC) with the
+CUDA side of ``dialect.h``; CuPy adds its own options (``-ftz=true`` among them: single-precision
+denormals are flushed to zero in these kernels, not in cuBLAS's products and not on the cpu or
+OpenCL devices; kept, as CuPy compiles everything so and denormal activations carry no
+information). Any failure to build or load a module (NVRTC's compile log, another NVRTC error,
+CuPy finding no CUDA headers, the driver refusing NVRTC's binary) is a ``KernelBuildError``.
+Matrix products (dense, 1x1 convs, im2col convs) are cuBLAS strided-batched GEMMs in float32
+(default math mode: no TF32), the weights broadcast over the batch with stride 0; the bias,
+residual and activation are then applied in place by one epilogue kernel (``bias_act``).
+Depthwise convs, im2col, pools, softmax, reductions, broadcast binary ops, pad/transpose
+(gather6) and concat run the shared kernels with the OpenCL driver's argument conventions.
+
+cuBLAS paths (``OFFLOAD_CUDA_BLAS``, read when a model opens its session). ``direct`` (default):
+libcublas's C functions through ctypes on the library CuPy has loaded, on a handle whose stream
+(``cublasSetStream_v2``) and 32 MiB workspace (``cublasSetWorkspace_v2``) are set once, then
+only ``cublasSgemmStridedBatched``/``cublasGemmStridedBatchedEx`` calls: capturable in a CUDA
+graph. ``cupy``: CuPy's wrappers, which set the stream before every call and raise
+``NotImplementedError`` during stream capture (CuPy 14.2), so such plans run as plain launches
+(kept to measure the difference: benchmarks/bench_gpu.py's ``blas:`` points).
 
 Execution. One non-blocking stream and cuBLAS handle per model (``session``); every enqueue holds
-the device's lock (so that a
-graph capture never records another thread's work). ``copy_in``/``copy_out`` go through
-page-locked staging buffers (one per device buffer, allocated on first use) with asynchronous
-copies on the stream; an input already page-locked (``offload.empty(..., pinned=True)`` or
-``device="cuda:0"``) is copied from directly, without the staging copy; ``synchronize`` waits on an event recorded on the stream.
+the device's lock (so that a graph capture never records another thread's work). ``copy_in``/
+``copy_out`` go through page-locked staging buffers (one per device buffer, allocated on first
+use) with asynchronous copies on the stream; an input already page-locked (``offload.empty(...,
+pinned=True)``, or memory CUDA reports as cudaMemoryTypeHost) is copied from directly, without
+the staging copy; ``synchronize`` waits on an event recorded on the stream.
 
 CUDA graphs. ``finalize(runs)`` runs a plan's steps once (outside capture: lazy module loads and
-cuBLAS initialisation happen there), then captures them on the stream
-(``begin_capture``/``end_capture``) into one graph per plan, i.e. per (model, input shapes):
-an inference is then one ``graph.launch``. If capture is unavailable or fails, the plan falls
-back to plain launches of its steps (``device.graph_fallbacks`` records why). Set
-``OFFLOAD_CUDA_GRAPHS=0`` to disable capture.
+cuBLAS initialisation happen there), then captures them on the stream into one graph per plan,
+i.e. per (model, input shapes): an inference is then one ``graph.launch``. If capture fails, the
+plan falls back to plain launches of its steps; ``device.graphs`` counts captures and
+``device.graph_fallbacks`` records why (both shared by the device and every model's session).
+Set ``OFFLOAD_CUDA_GRAPHS=0`` to disable capture.
 
 Device arrays. A CuPy array or PyTorch CUDA tensor on this GPU (DLPack device (2, index)) goes
-in without a host round trip: one device-to-device copy into the plan's input on the stream.
-``model(x, out="device")`` returns CuPy arrays (a device-to-device copy of each output, since
-the plan's buffers are reused by the next call).
+in without a host round trip: one device-to-device copy into the plan's input on the model's
+stream, after the model's stream waits on an event recorded on the caller's current CuPy stream
+(where a CuPy producer queued the data) and with the model's stream handed to the DLPack
+producer (PyTorch orders its own stream before it). ``model(x, out="device")`` returns float32
+CuPy arrays in every precision (a 16-bit plan's outputs converted on the device), copies since
+the plan's buffers are reused by the next call.
 
 Precisions (``offload.load(..., precision=...)``, see offload.precision): float32 (sgemm,
-no tensor-op rounding), tf32 (cublasGemmStridedBatchedEx with CUBLAS_COMPUTE_32F_FAST_TF32),
+no tensor-op rounding), tf32 (GemmStridedBatchedEx with CUBLAS_COMPUTE_32F_FAST_TF32),
 float16 and bfloat16 (activations and weights stored in 16 bits, every kernel compiled with
 STORAGE_F16/STORAGE_BF16 converting on load and store, products through GemmStridedBatchedEx
 with float32 accumulation).
