@@ -627,7 +627,11 @@ class ndarray:
                                        stream or get_current_stream())
 
     def astype(self, dtype):
-        return asarray(self.get().astype(dtype))
+        """A converted copy, computed on the device on the current stream."""
+        out = ndarray(self.shape, dtype)
+        if self.size:
+            _elementwise("astype", out, self)
+        return out
 
     def __dlpack_device__(self):
         return (2, 0)  # kDLCUDA, device 0

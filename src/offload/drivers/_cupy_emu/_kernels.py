@@ -202,6 +202,15 @@ def _cache_dir() -> pathlib.Path:
     return base / "cuda-emu"
 
 
+def _cpu() -> str:
+    """The host CPU's model (the libraries are built with -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def host_build(source: str, options: tuple, kernels: dict) -> pathlib.Path:
     """g++ build of ``source`` for the host (the -D options of the NVRTC compile kept), cached
     by a hash of everything that goes in."""
@@ -212,8 +221,8 @@ def host_build(source: str, options: tuple, kernels: dict) -> pathlib.Path:
     text = "\n".join([f'#include "{_HERE / "host.h"}"', source] +
                      [_wrapper(n, k, f) for n, (k, f) in kernels.items()]) + "\n"
     h = hashlib.sha256()
-    for part in (cxx, " ".join(CXXFLAGS), " ".join(defines), (_HERE / "host.h").read_text(),
-                 text):
+    for part in (cxx, _cpu(), " ".join(CXXFLAGS), " ".join(defines),
+                 (_HERE / "host.h").read_text(), text):
         h.update(part.encode() + b"\0")
     folder = _cache_dir()
     target = folder / f"kernels-{h.hexdigest()[:20]}.so"
