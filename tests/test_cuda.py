@@ -317,3 +317,16 @@ def test_cublas_in_a_capture_is_a_typed_error_on_the_cupy_path(gpu, monkeypatch)
                 run()
         finally:
             dev.stream.end_capture()
+
+
+def test_without_the_libcublas_c_api_the_driver_says_so_and_uses_cupys(gpu, monkeypatch):
+    def missing():
+        raise OSError("libcublas.so.13: cannot open shared object file")
+    monkeypatch.setattr(gpu._backend, "libcublas", missing)
+    with pytest.warns(RuntimeWarning, match="direct cuBLAS path unavailable"):
+        dev = gpu.session()
+    assert dev.blas == "cupy" and dev._direct is None
+    assert any("direct cuBLAS path unavailable" in f for f in gpu.graph_fallbacks)
+    path, x = _jet()
+    model = offload.load(path, device=dev)
+    np.testing.assert_allclose(model(x), offload.load(path)(x), rtol=1e-4, atol=1e-5)

@@ -342,7 +342,19 @@ class CUDADevice(Device):
         self.handle = self._cublas.create()
         weakref.finalize(self, _destroy_handle, self._cublas, self.handle)
         self._cublas.setStream(self.handle, self.stream.ptr)
-        self._direct = _DirectBlas(self, self.stream) if blas == "direct" else None
+        self._direct = None
+        if blas == "direct":
+            try:
+                self._direct = _DirectBlas(self, self.stream)
+            except (OSError, AttributeError, CUBLASStatusError) as e:
+                # no usable libcublas C API: CuPy's wrappers work, graphs without products only
+                self.blas = "cupy"
+                why = (f"direct cuBLAS path unavailable ({type(e).__name__}: {e}); using "
+                       "CuPy's wrappers: plans with matrix products run without CUDA graphs")
+                if why not in self._shared.graph_fallbacks:
+                    self._shared.graph_fallbacks.append(why)
+                    import warnings
+                    warnings.warn(f"offload {self.spec}: {why}", RuntimeWarning, stacklevel=2)
 
     @property
     def graphs(self) -> int:
