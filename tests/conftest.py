@@ -81,10 +81,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_configure(config):
     required = [s for s in config.getoption("--require-device").split(",") if s.strip()]
     if required:
+        from offload.device import resolve_spec
         infos = {i.spec: i for i in offload.devices()}
         missing = []
         for spec in required:
-            info = infos.get(offload.device_spec(spec))
+            try:
+                info = infos.get(resolve_spec(spec))
+            except offload.OffloadError as e:
+                missing.append(f"{spec}: {e}")
+                continue
             if info is None or not info.available:
                 missing.append(f"{spec}: {info.reason if info else 'unknown device'}")
         if missing:

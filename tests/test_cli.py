@@ -76,7 +76,7 @@ def test_devices_require_fails_naming_the_reason(capsys):
     """A GPU check must not pass when its device is missing (issue 14, defect 7)."""
     assert main(["devices", "--require", "cpu"]) == 0
     assert main(["devices", "--require", "cpu", "--require", "nosuch:0"]) == 1
-    assert "nosuch:0: unknown device" in capsys.readouterr().err
+    assert "nosuch:0: no device 'nosuch:0'" in capsys.readouterr().err
     down = next((i for i in offload.devices() if not i.available), None)
     if down is not None:
         assert main(["devices", "--require", down.spec]) == 1

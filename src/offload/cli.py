@@ -119,8 +119,9 @@ def cmd_devices(args) -> int:
     by_spec = {i.spec: i for i in infos}
     missing = []
     for spec in args.require or ():
+        from offload.device import resolve_spec
         try:
-            info = by_spec.get(offload.device_spec(spec))
+            info = by_spec.get(resolve_spec(spec))  # 'opencl:pocl' too
         except offload.OffloadError as e:
             missing.append(f"{spec}: {e}")
             continue
