@@ -147,7 +147,7 @@ _libcublas = None
 
 
 def load_libcublas():
-    """libcublas as a ctypes library with the prototypes of cublas_api.h: the copy CuPy has
+    """libcublas as a ctypes library (declare_cublas sets the prototypes): the copy CuPy has
     already loaded (found in /proc/self/maps), else by its soname."""
     global _libcublas
     if _libcublas is not None:
