@@ -36,10 +36,13 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 # (model, batch, precision): the issue's points; float16 on both sides for the fp16 rows
-CASES = [("jet_mlp", 1, "float32"), ("jet_mlp", 16000, "float32"),
-         ("hcal_mlp", 16000, "float32"), ("resnet50", 1, "float32"),
-         ("resnet50", 32, "float32"), ("resnet50", 256, "float32"), ("resnet50", 1, "float16"),
-         ("resnet50", 32, "float16"), ("resnet50", 256, "float16")]
+# (model, batch, precision), most informative first (a short slot may end after any point):
+# "blas:" points time the two cuBLAS paths against each other (defect 1 of issue 14)
+CASES = [("blas:jet_mlp", 1, "float32"), ("jet_mlp", 1, "float32"),
+         ("resnet50", 32, "float16"), ("resnet50", 1, "float32"), ("blas:resnet50", 8, "float32"),
+         ("jet_mlp", 16000, "float32"), ("hcal_mlp", 16000, "float32"),
+         ("resnet50", 256, "float16"), ("resnet50", 32, "float32"), ("resnet50", 256, "float32"),
+         ("resnet50", 1, "float16")]
 # torch.compile (inductor, offline) is tried on these points when the budget allows
 COMPILE_CASES = {("jet_mlp", 1, "float32"), ("resnet50", 32, "float16")}
 TORCH_DTYPES = {"float32": "float32", "tf32": "float32", "float16": "float16",
@@ -134,9 +137,15 @@ def _median_ms(fn, sync, min_time_s, max_iters=1000, warmup=3):
     return statistics.median(times) * 1e3, len(times)
 
 
-def _event_ms(run, stream_record, min_time_s, max_iters=1000):
+def _cupy(spec):
+    """The device's CuPy (the real one on cuda:N, the emulation on cuda-emu:0)."""
+    import offload
+    return offload.device(spec)._cp
+
+
+def _event_ms(run, stream_record, min_time_s, max_iters=1000, cp=None):
     """Median of CUDA-event-timed ``run`` (``stream_record(event)`` records on the right stream)."""
-    import cupy as cp
+    cp = cp or _cupy("cuda:0")
     for _ in range(3):
         run()
     times, start = [], time.perf_counter()
@@ -150,21 +159,18 @@ def _event_ms(run, stream_record, min_time_s, max_iters=1000):
     return statistics.median(times)
 
 
-def bench_case(name, batch, precision, min_time_s, log, try_compile=False):
-    import cupy as cp
-    import torch
-
+def bench_case(name, batch, precision, min_time_s, log, try_compile=False, spec="cuda:0"):
     import offload
     from offload import zoo
 
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    cp = _cupy(spec)
     path = zoo.path(name)
     x = zoo.sample_input(name, batch)
-    row = {"model": name, "batch": batch, "precision": precision}
+    row = {"model": name, "batch": batch, "precision": precision, "device": spec,
+           "blas": os.environ.get("OFFLOAD_CUDA_BLAS", "direct")}
 
     # offload: NumPy in, NumPy out; and through fixed offload.empty buffers (Model.bind)
-    model = offload.load(path, device="cuda:0", precision=precision)
+    model = offload.load(path, device=spec, precision=precision)
     y_off = model(x)
     plan = model.plan(x.shape)
     dev = plan.device  # the model's own stream (CUDADevice.session)
@@ -180,9 +186,23 @@ def bench_case(name, batch, precision, min_time_s, log, try_compile=False):
     def off_run():
         for r in plan._run_steps:
             r()
-    row["offload_gpu_ms"] = _event_ms(off_run, lambda e: e.record(dev.stream), min_time_s)
+    row["offload_gpu_ms"] = _event_ms(off_run, lambda e: e.record(dev.stream), min_time_s,
+                                      cp=cp)
     log(f"  offload: e2e {row['offload_e2e_ms']:.3f} ms (bound {row['offload_bound_e2e_ms']:.3f})"
         f", gpu {row['offload_gpu_ms']:.3f} ms, graph={row['offload_graph']}")
+    row["offload_samples_per_s"] = batch / (row["offload_e2e_ms"] / 1e3)
+    try:
+        import torch
+        has_torch = torch.cuda.is_available()
+    except ImportError:
+        has_torch = False
+    if not has_torch:
+        row["torch"] = "skipped: no PyTorch with CUDA here"
+        log("  torch: skipped (no PyTorch with CUDA)")
+        return row
+    import cupy as cp  # torch's side needs the real CuPy
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
 
     # torch eager on the same weights, in the same precision
     dtype = getattr(torch, TORCH_DTYPES[precision])
@@ -213,7 +233,6 @@ def bench_case(name, batch, precision, min_time_s, log, try_compile=False):
             except Exception as e:  # noqa: BLE001 - offline inductor may lack a compiler
                 row["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 log(f"  torch.compile failed: {row['torch_compile_error']}")
-    row["offload_samples_per_s"] = batch / (row["offload_e2e_ms"] / 1e3)
     row["torch_samples_per_s"] = batch / (row["torch_e2e_ms"] / 1e3)
     row["e2e_ratio_offload_over_torch"] = row["offload_e2e_ms"] / row["torch_e2e_ms"]
     row["gpu_ratio_offload_over_torch"] = row["offload_gpu_ms"] / row["torch_gpu_ms"]
@@ -222,11 +241,44 @@ def bench_case(name, batch, precision, min_time_s, log, try_compile=False):
     return row
 
 
-def bandwidth_probe(nbytes=256 << 20):
+def bench_blas_paths(name, batch, precision, min_time_s, log, spec="cuda:0", blocks=5):
+    """The two cuBLAS paths (cuda.BLAS_PATHS: direct libcublas in one CUDA graph, CuPy's
+    wrappers as plain launches) on one model, alternated block by block in this run: medians
+    of each path's per-call times (NumPy in, NumPy out) and their ratio."""
+    import offload
+    from offload import zoo
+    x = zoo.sample_input(name, batch)
+    models, graphs = {}, {}
+    for blas in ("direct", "cupy"):
+        os.environ["OFFLOAD_CUDA_BLAS"] = blas
+        models[blas] = offload.load(zoo.path(name), device=spec, precision=precision)
+        models[blas](x)
+        plan = models[blas].plan(x.shape)
+        graphs[blas] = bool(plan._run_steps and getattr(plan._run_steps[0], "graph", None))
+    os.environ.pop("OFFLOAD_CUDA_BLAS", None)
+    times = {"direct": [], "cupy": []}
+    for _ in range(blocks):
+        for blas, model in models.items():
+            ms, _ = _median_ms(lambda: model(x), lambda: None, min_time_s / (2 * blocks),
+                               warmup=1)
+            times[blas].append(ms)
+    row = {"case": "blas_paths", "model": name, "batch": batch, "precision": precision,
+           "device": spec, "blocks": blocks,
+           "direct_ms": statistics.median(times["direct"]),
+           "cupy_ms": statistics.median(times["cupy"]),
+           "direct_graph": graphs["direct"], "cupy_graph": graphs["cupy"],
+           "block_medians_ms": times}
+    row["direct_over_cupy"] = row["direct_ms"] / row["cupy_ms"]
+    log(f"  blas paths: direct {row['direct_ms']:.3f} ms (graph={graphs['direct']}), cupy "
+        f"{row['cupy_ms']:.3f} ms (graph={graphs['cupy']}), ratio {row['direct_over_cupy']:.2f}")
+    return row
+
+
+def bandwidth_probe(nbytes=256 << 20, spec="cuda:0"):
     """Host-to-device GB/s: pageable NumPy source vs page-locked staging (cupy)."""
-    import cupy as cp
+    cp = _cupy(spec)
     host = np.ones(nbytes // 4, np.float32)
-    dev = cp.empty_like(host)
+    dev = cp.empty(host.shape, np.float32)
     pinned_mem = cp.cuda.alloc_pinned_memory(nbytes)
     pinned = np.frombuffer(pinned_mem, np.float32, host.size)
     pinned[:] = host
@@ -252,7 +304,16 @@ def _md(result):
              "torch e2e ms | torch GPU ms | torch.compile GPU ms | offload samples/s | "
              "torch samples/s | offload/torch e2e | offload/torch GPU | max abs diff | graph |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    blas = [r for r in result["cases"] if r.get("case") == "blas_paths"]
     for r in result["cases"]:
+        if r.get("case") == "blas_paths":
+            continue
+        if "error" not in r and "torch_e2e_ms" not in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | "
+                         f"{r['offload_e2e_ms']:.3f} | {r['offload_bound_e2e_ms']:.3f} | "
+                         f"{r['offload_gpu_ms']:.3f} | {r.get('torch', '')} |||| "
+                         f"{r['offload_samples_per_s']:,.0f} ||||| {r['offload_graph']} |")
+            continue
         if "error" in r:
             lines.append(f"| {r['model']} | {r['batch']} | {r.get('precision', '')} | error: "
                          f"{r['error'].splitlines()[-1][:120]} ||||||||||||")
@@ -267,6 +328,17 @@ def _md(result):
             f"{r['offload_samples_per_s']:,.0f} | {r['torch_samples_per_s']:,.0f} | "
             f"{r['e2e_ratio_offload_over_torch']:.2f} | {r['gpu_ratio_offload_over_torch']:.2f} | "
             f"{r['max_abs_diff']:.1e} | {r['offload_graph']} |")
+    if blas:
+        lines += ["", "cuBLAS paths (alternated blocks, median ms per call, NumPy in and out):",
+                  "", "| model | batch | precision | direct (graph) ms | cupy (plain launches) ms "
+                  "| direct/cupy |", "|---|---|---|---|---|---|"]
+        for r in blas:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | error |||")
+                continue
+            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | "
+                         f"{r['direct_ms']:.3f} ({r['direct_graph']}) | {r['cupy_ms']:.3f} "
+                         f"({r['cupy_graph']}) | {r['direct_over_cupy']:.2f} |")
     bw = result.get("bandwidth", {})
     if bw:
         lines += ["", f"Host to device ({bw.get('bytes', 0) >> 20} MiB): pageable "
@@ -277,10 +349,19 @@ def _md(result):
     return "\n".join(lines) + "\n"
 
 
+def _write(out, stamp, result):
+    """The JSON and Markdown so far (rewritten after every point: a run cut short keeps them)."""
+    tmp = out / f".gpu-{stamp}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out / f"gpu-{stamp}.json")
+    (out / f"gpu-{stamp}.md").write_text(_md(result))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
-    ap.add_argument("--cases", default="", help="e.g. jet_mlp:1,resnet50:32")
+    ap.add_argument("--device", default="cuda:0", help="cuda:0, or cuda-emu:0 for a dry run")
+    ap.add_argument("--cases", default="", help="e.g. jet_mlp:1,resnet50:32,blas:jet_mlp:1")
     ap.add_argument("--min-time-s", type=float, default=0.5)
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="skip the remaining points once this much time has passed")
@@ -297,25 +378,33 @@ def main(argv=None):
         logf.write(msg + "\n")
         logf.flush()
 
-    cases = CASES if not args.cases else [
-        (c.split(":")[0], int(c.split(":")[1]), (c.split(":") + ["float32"])[2])
-        for c in args.cases.split(",")]
+    def parse(c):
+        parts = c.split(":")
+        if parts[0] == "blas":
+            return "blas:" + parts[1], int(parts[2]), (parts + ["float32"])[3]
+        return parts[0], int(parts[1]), (parts + ["float32"])[2]
+    cases = CASES if not args.cases else [parse(c) for c in args.cases.split(",")]
+    spec = args.device
     result = {"date": stamp, "command": " ".join([sys.executable, *sys.argv]),
-              "python": platform.python_version(), "cases": [], "errors": []}
+              "python": platform.python_version(), "machine": platform.node(),
+              "device_spec": spec, "cases": [], "errors": []}
     t_start = time.perf_counter()
     try:
-        import cupy
-        import torch
-
         import offload
-        result["cupy"], result["torch"] = cupy.__version__, torch.__version__
-        result["device"] = str(next(i for i in offload.devices() if i.spec == "cuda:0"))
+        result["device"] = str(next(i for i in offload.devices() if i.spec == spec))
+        result["cupy"] = offload.device(spec)._cp.__version__
+        try:
+            import torch
+            result["torch"] = torch.__version__
+        except ImportError:
+            result["torch"] = "absent"
         log(f"device: {result['device']}")
     except Exception:  # noqa: BLE001 - recorded, the rest still runs where it can
         result["errors"].append("setup: " + traceback.format_exc().splitlines()[-1])
         log(traceback.format_exc())
+    _write(out, stamp, result)
     try:
-        result["bandwidth"] = bandwidth_probe()
+        result["bandwidth"] = bandwidth_probe(spec=spec)
         log(f"bandwidth: {result['bandwidth']}")
     except Exception:  # noqa: BLE001
         result["errors"].append("bandwidth: " + traceback.format_exc().splitlines()[-1])
@@ -330,22 +419,26 @@ def main(argv=None):
         try_compile = (name, batch, precision) in COMPILE_CASES and \
             args.budget_s - spent > args.compile_budget_s
         try:
-            result["cases"].append(bench_case(name, batch, precision, args.min_time_s, log,
-                                              try_compile))
+            if name.startswith("blas:"):
+                row = bench_blas_paths(name[5:], batch, precision, args.min_time_s, log, spec)
+            else:
+                row = bench_case(name, batch, precision, args.min_time_s, log, try_compile,
+                                 spec)
+            result["cases"].append(row)
         except Exception:  # noqa: BLE001
             tb = traceback.format_exc()
             log(tb)
             result["cases"].append({"model": name, "batch": batch, "precision": precision,
                                     "error": tb})
+        result["seconds"] = time.perf_counter() - t_start
+        _write(out, stamp, result)
     try:
         import offload
-        dev = offload.device("cuda:0")
-        result["graph_fallbacks"] = list(getattr(dev, "graph_fallbacks", []))
+        result["graph_fallbacks"] = list(getattr(offload.device(spec), "graph_fallbacks", []))
     except Exception:  # noqa: BLE001
         pass
     result["seconds"] = time.perf_counter() - t_start
-    (out / f"gpu-{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"gpu-{stamp}.md").write_text(_md(result))
+    _write(out, stamp, result)
     log(_md(result))
     return 0 if result["cases"] and all("error" not in r for r in result["cases"]) else 1
 

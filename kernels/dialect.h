@@ -69,6 +69,10 @@ typedef ushort bits16;
 #if defined(STORAGE_F16)
 #ifdef __CUDACC__
 typedef unsigned short real;
+#ifdef OFFLOAD_CUDA_EMU /* cuda-emu:0 runs this CUDA side on the host (drivers/_cupy_emu): no PTX */
+DEVICE_FN float half_to_float(unsigned short h) { return emu_half_to_float(h); }
+DEVICE_FN unsigned short float_to_half(float f) { return emu_float_to_half(f); }
+#else
 DEVICE_FN float half_to_float(unsigned short h)
 {
     float f;
@@ -81,6 +85,7 @@ DEVICE_FN unsigned short float_to_half(float f)
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 #define LD(p, i) half_to_float((p)[i])
 #define ST(p, i, v) ((p)[i] = float_to_half(v))
 #else

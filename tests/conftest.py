@@ -23,6 +23,23 @@ TOLERANCE = {"float32": (1e-4, 1e-4), "tf32": (1e-2, 1e-2), "float16": (1e-2, 1e
 def pytest_addoption(parser):
     parser.addoption("--device", default=os.environ.get("OFFLOAD_TEST_DEVICES", ""),
                      help="comma-separated device specs to test (default: every known device)")
+    parser.addoption("--require-device", default=os.environ.get("OFFLOAD_TEST_REQUIRE", ""),
+                     help="comma-separated device specs that must be available: the run stops "
+                          "with their reasons instead of skipping their tests (e.g. cuda:0 on a "
+                          "GPU machine)")
+    parser.addoption("--emulation-full", action="store_true",
+                     default=os.environ.get("OFFLOAD_TEST_EMULATION_FULL", "") == "1",
+                     help="run the slow model cases on cuda-emu:0 in full (by default ResNet-50 "
+                          "runs there at batch 1 only)")
+
+
+SLOW_ON_EMULATION = {"cuda-emu:0"}
+
+
+def full_on(config, device) -> bool:
+    """Whether slow model cases run in full on ``device`` (always, except on the emulations
+    listed in SLOW_ON_EMULATION without --emulation-full)."""
+    return device.spec not in SLOW_ON_EMULATION or config.getoption("--emulation-full")
 
 
 def _selected(config):
@@ -62,6 +79,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_configure(config):
+    required = [s for s in config.getoption("--require-device").split(",") if s.strip()]
+    if required:
+        from offload.device import resolve_spec
+        infos = {i.spec: i for i in offload.devices()}
+        missing = []
+        for spec in required:
+            try:
+                info = infos.get(resolve_spec(spec))
+            except offload.OffloadError as e:
+                missing.append(f"{spec}: {e}")
+                continue
+            if info is None or not info.available:
+                missing.append(f"{spec}: {info.reason if info else 'unknown device'}")
+        if missing:
+            raise pytest.UsageError("--require-device: not available: " + "; ".join(missing))
     config.addinivalue_line("markers", "fixed_point: a device-matrix test that also runs on "
                             "devices without float32 (the FPGA's ap_fixed-only devices)")
 

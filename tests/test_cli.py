@@ -6,6 +6,7 @@ No test asserts a timing: the machines are shared and noisy; only that tables an
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -69,6 +70,32 @@ def test_devices_lists_cpu(capsys):
     assert len(lines) == len(offload.devices())
     cpu = [line for line in lines if line.startswith("cpu:0")]
     assert cpu and "(available)" in cpu[0]
+
+
+def test_devices_require_fails_naming_the_reason(capsys):
+    """A GPU check must not pass when its device is missing (issue 14, defect 7)."""
+    assert main(["devices", "--require", "cpu"]) == 0
+    assert main(["devices", "--require", "cpu", "--require", "nosuch:0"]) == 1
+    assert "nosuch:0: no device 'nosuch:0'" in capsys.readouterr().err
+    down = next((i for i in offload.devices() if not i.available), None)
+    if down is not None:
+        assert main(["devices", "--require", down.spec]) == 1
+        assert down.reason in capsys.readouterr().err
+
+
+def test_pytest_require_device_stops_the_run(tmp_path):
+    (tmp_path / "test_x.py").write_text("def test_x(device):\n    pass\n")
+    conftest = pathlib.Path(__file__).with_name("conftest.py")
+    (tmp_path / "conftest.py").write_text(conftest.read_text())
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--require-device=nosuch:0", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "--require-device: not available: nosuch:0" in done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--require-device=cpu", "--device=cpu", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_no_command_and_help(capsys):

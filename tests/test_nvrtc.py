@@ -1,76 +1,74 @@
 """The CUDA driver's programs compile with NVRTC itself, the compiler CuPy's RawModule uses, from
-the exact text and options the driver hands it, for every tensor storage. NVRTC compiles without
-a GPU (the test extra brings it as NVIDIA's nvidia-cuda-nvrtc-cu12 wheel); skipped, with the
-reason, where its library is absent."""
+the exact text the driver hands it and the exact options CuPy 14.2 then passes to NVRTC
+(``cupy_nvrtc_options``: CCCL and CUDA include dirs, ``-ftz=true``, ``-arch=sm_90``,
+``--device-as-default-execution-space``), for every tensor storage. NVRTC compiles without a GPU:
+the test extra brings CUDA 13's (``nvidia-cuda-nvrtc`` 13, the wheel layout ``nvidia/cu13/lib``);
+skipped, with the reason, where no NVRTC is found."""
 
 from __future__ import annotations
-
-import ctypes
-import glob
-import os
-import sys
 
 import pytest
 
 from offload.drivers import cuda
+from offload.drivers._cupy_emu import _kernels as emu_kernels
 from offload.drivers._kernels import GEMM_GPU, PROGRAMS
 
 STORAGES = {"float32": {}, "float16": {"STORAGE_F16": 1}, "bfloat16": {"STORAGE_BF16": 1}}
-ARCH = "-arch=compute_90"  # H100/H200; CuPy passes the device's own compute capability
-
-
-def _find_nvrtc() -> str | None:
-    for root in sys.path:
-        found = sorted(glob.glob(os.path.join(root, "nvidia", "cuda_nvrtc", "lib",
-                                              "libnvrtc.so.*")))
-        if found:
-            return found[0]
-    found = sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
-    return found[0] if found else None
 
 
 @pytest.fixture(scope="module")
 def nvrtc():
-    path = _find_nvrtc()
-    if path is None:
-        pytest.skip("NVRTC library not found (pip install nvidia-cuda-nvrtc-cu12)")
-    lib = ctypes.CDLL(path)
-    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    try:
+        lib = emu_kernels.load_nvrtc()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"NVRTC not found: {e}")
     return lib
 
 
-def compile_ptx(lib, source: str, name: str, options: tuple) -> str:
-    """NVRTC's PTX for ``source``; AssertionError with NVRTC's log when it fails."""
-    prog = ctypes.c_void_p()
-    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None,
-                                None)
-    assert rc == 0, lib.nvrtcGetErrorString(rc)
-    try:
-        opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
-        rc = lib.nvrtcCompileProgram(prog, len(options), opts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, f"{name} {' '.join(options)}: " \
-                        f"{lib.nvrtcGetErrorString(rc).decode()}\n{log.value.decode()}"
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, ptx)
-        return ptx.value.decode()
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+def test_nvrtc_is_cuda_13(nvrtc):
+    assert emu_kernels.nvrtc_version()[0] == 13, (nvrtc.path, emu_kernels.nvrtc_version())
+    assert "/cu13/" in nvrtc.path or "cuda-13" in nvrtc.path, nvrtc.path
 
 
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("program", PROGRAMS)
+def test_cupy_options_are_cupy_14_2s():
+    """The order CuPy 14.2 builds (cupy/_core/core.pyx assemble_cupy_compiler_options, then
+    cupy/cuda/compiler.py): the three CCCL dirs, the driver's options, CuPy's header dir, CUDA's
+    headers, -ftz=true, -arch=sm_XX (cubin), --device-as-default-execution-space."""
+    opts = emu_kernels.cupy_nvrtc_options(cuda.nvrtc_options({"A": 1}), "90")
+    inc = emu_kernels.cupy_include_dir()
+    assert opts[:3] == (f"-I{inc}/cupy/_cccl/cub", f"-I{inc}/cupy/_cccl/thrust",
+                        f"-I{inc}/cupy/_cccl/libcudacxx")
+    assert opts[3:6] == ("-std=c++17", "-DA=1", f"-I{inc}")
+    tail = opts[6:]
+    if emu_kernels.cuda_include_dir():
+        assert tail[0] == f"-I{emu_kernels.cuda_include_dir()}"
+        tail = tail[1:]
+    assert tail == ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")
+    assert emu_kernels.cupy_nvrtc_options(())[3] == "--std=c++17"  # CuPy's default standard
+
+
+def test_cupy_options_match_the_installed_cupy():
+    """On a machine with CuPy (the GPU check), its own assembly agrees with ours."""
+    core = pytest.importorskip("cupy._core.core")
+    ours = emu_kernels.cupy_nvrtc_options(cuda.nvrtc_options({"A": 1}), "90")
+    theirs = core.assemble_cupy_compiler_options(cuda.nvrtc_options({"A": 1}))
+    strip = [o for o in ours if not o.startswith("-I")]
+    assert [o for o in theirs if not o.startswith("-I")] == strip[:2]
+    assert sum(o.startswith("-I") for o in theirs) == sum(o.startswith("-I") for o in ours)
+
+
+# gemm.cl is not used by the CUDA driver (cuBLAS does its products): float32 only here (its
+# 16-bit variants take minutes to reach SASS; tests/test_kernels_nvcc.py compiles them to PTX)
+CASES = [(p, s) for p in PROGRAMS for s in STORAGES if p != "gemm.cl" or s == "float32"]
+
+
+@pytest.mark.parametrize("program,storage", CASES)
 def test_driver_programs_compile_with_nvrtc(nvrtc, program, storage):
     defines = dict(STORAGES[storage])
     if program == "gemm.cl":
         defines.update(GEMM_GPU)
-    ptx = compile_ptx(nvrtc, cuda.program_source(program), program,
-                      cuda.nvrtc_options(defines) + (ARCH,))
-    entries = {line.split()[-1].rstrip("(") for line in ptx.splitlines() if ".entry" in line}
-    assert entries, f"{program}: no kernel entry in the PTX"
-    if storage == "float16":  # the half conversions are the hardware instructions
-        assert "cvt.rn.f16.f32" in ptx or "cvt.f32.f16" in ptx
+    options = emu_kernels.cupy_nvrtc_options(cuda.nvrtc_options(defines))
+    cubin = emu_kernels.nvrtc_compile(cuda.program_source(program), program, options)
+    assert cubin[:4] == b"\x7fELF", f"{program}: NVRTC gave no cubin"
+    for name in emu_kernels.parse_kernels(cuda.program_source(program)):
+        assert name.encode() in cubin, f"{program}: kernel {name} missing from the cubin"

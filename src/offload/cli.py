@@ -117,6 +117,20 @@ def cmd_devices(args) -> int:
     for info in infos:
         state = "available" if info.available else f"unavailable: {info.reason}"
         print(f"{info.spec:<{width}}  {info.name or '-'}  ({state})")
+    by_spec = {i.spec: i for i in infos}
+    missing = []
+    for spec in args.require or ():
+        from offload.device import resolve_spec
+        try:
+            info = by_spec.get(resolve_spec(spec))  # 'opencl:pocl' too
+        except offload.OffloadError as e:
+            missing.append(f"{spec}: {e}")
+            continue
+        if info is None or not info.available:
+            missing.append(f"{spec}: {info.reason if info else 'unknown device'}")
+    if missing:
+        print("required device(s) unavailable: " + "; ".join(missing), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -316,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("devices", help="list every device, available or not (with the reason)")
+    p.add_argument("--require", action="append", metavar="SPEC",
+                   help="exit 1 (naming the reason) unless SPEC is available; repeatable")
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("run", help="run a model on .npy inputs")

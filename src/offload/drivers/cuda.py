@@ -3,41 +3,55 @@
 CuPy is imported lazily (inside functions): this module imports, and ``discover()`` answers,
 without it. Discovery never raises: no CuPy, no driver, no GPU or no NVRTC/cuBLAS library each
 list ``cuda:0`` as unavailable with the reason (the CUDA error name where there is one, e.g.
-``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``).
+``cudaErrorInsufficientDriver``, ``cudaErrorNoDevice``). The driver reaches CuPy only through a
+:class:`Backend` (the real CuPy, or the emulation behind ``cuda-emu:0``, see drivers/cuda_emu.py).
 
 Layout and kernels. Activations are NCHW float32 CuPy arrays (views at offset 0 of raw blocks
 from CuPy's memory pool). The kernels are those of ``offload/kernels`` (the OpenCL driver's
-sources), expanded by ``opencl.kernel_source`` and compiled by ``cupy.RawModule`` (NVRTC) with
-the CUDA side of ``dialect.h`` (``__CUDACC__`` is defined by NVRTC); a compile error becomes a
-``KernelBuildError`` carrying the NVRTC log. Matrix products (dense, 1x1 convs, im2col convs)
-are cuBLAS ``sgemmStridedBatched`` calls on a handle of this device in float32 (default math
-mode: no TF32), the weights broadcast over the batch with stride 0; the bias, residual and
-activation are then applied in place by one epilogue kernel (``bias_act`` of ``kernels/elementwise.cl``, built on
-``common.h``'s ``activate``). Depthwise convs, im2col, pools, softmax, reductions, broadcast
-binary ops, pad/transpose (gather6) and concat run the shared kernels with the OpenCL driver's
-argument conventions. NCHW is kept everywhere: there is no NHWC path yet.
+sources), expanded by ``kernel_source`` and compiled by ``cupy.RawModule`` (NVRTC) with the
+CUDA side of ``dialect.h``; CuPy adds its own options (``-ftz=true`` among them: single-precision
+denormals are flushed to zero in these kernels, not in cuBLAS's products and not on the cpu or
+OpenCL devices; kept, as CuPy compiles everything so and denormal activations carry no
+information). Any failure to build or load a module (NVRTC's compile log, another NVRTC error,
+CuPy finding no CUDA headers, the driver refusing NVRTC's binary) is a ``KernelBuildError``.
+Matrix products (dense, 1x1 convs, im2col convs) are cuBLAS strided-batched GEMMs in float32
+(default math mode: no TF32), the weights broadcast over the batch with stride 0; the bias,
+residual and activation are then applied in place by one epilogue kernel (``bias_act``).
+Depthwise convs, im2col, pools, softmax, reductions, broadcast binary ops, pad/transpose
+(gather6) and concat run the shared kernels with the OpenCL driver's argument conventions.
+
+cuBLAS paths (``OFFLOAD_CUDA_BLAS``, read when a model opens its session). ``direct`` (default):
+libcublas's C functions through ctypes on the library CuPy has loaded, on a handle whose stream
+(``cublasSetStream_v2``) and 32 MiB workspace (``cublasSetWorkspace_v2``) are set once, then
+only ``cublasSgemmStridedBatched``/``cublasGemmStridedBatchedEx`` calls: capturable in a CUDA
+graph. ``cupy``: CuPy's wrappers, which set the stream before every call and raise
+``NotImplementedError`` during stream capture (CuPy 14.2), so such plans run as plain launches
+(kept to measure the difference: benchmarks/bench_gpu.py's ``blas:`` points).
 
 Execution. One non-blocking stream and cuBLAS handle per model (``session``); every enqueue holds
-the device's lock (so that a
-graph capture never records another thread's work). ``copy_in``/``copy_out`` go through
-page-locked staging buffers (one per device buffer, allocated on first use) with asynchronous
-copies on the stream; an input already page-locked (``offload.empty(..., pinned=True)`` or
-``device="cuda:0"``) is copied from directly, without the staging copy; ``synchronize`` waits on an event recorded on the stream.
+the device's lock (so that a graph capture never records another thread's work). ``copy_in``/
+``copy_out`` go through page-locked staging buffers (one per device buffer, allocated on first
+use) with asynchronous copies on the stream; an input already page-locked (``offload.empty(...,
+pinned=True)``, or memory CUDA reports as cudaMemoryTypeHost) is copied from directly, without
+the staging copy; ``synchronize`` waits on an event recorded on the stream.
 
 CUDA graphs. ``finalize(runs)`` runs a plan's steps once (outside capture: lazy module loads and
-cuBLAS initialisation happen there), then captures them on the stream
-(``begin_capture``/``end_capture``) into one graph per plan, i.e. per (model, input shapes):
-an inference is then one ``graph.launch``. If capture is unavailable or fails, the plan falls
-back to plain launches of its steps (``device.graph_fallbacks`` records why). Set
-``OFFLOAD_CUDA_GRAPHS=0`` to disable capture.
+cuBLAS initialisation happen there), then captures them on the stream into one graph per plan,
+i.e. per (model, input shapes): an inference is then one ``graph.launch``. If capture fails, the
+plan falls back to plain launches of its steps; ``device.graphs`` counts captures and
+``device.graph_fallbacks`` records why (both shared by the device and every model's session).
+Set ``OFFLOAD_CUDA_GRAPHS=0`` to disable capture.
 
 Device arrays. A CuPy array or PyTorch CUDA tensor on this GPU (DLPack device (2, index)) goes
-in without a host round trip: one device-to-device copy into the plan's input on the stream.
-``model(x, out="device")`` returns CuPy arrays (a device-to-device copy of each output, since
-the plan's buffers are reused by the next call).
+in without a host round trip: one device-to-device copy into the plan's input on the model's
+stream, after the model's stream waits on an event recorded on the caller's current CuPy stream
+(where a CuPy producer queued the data) and with the model's stream handed to the DLPack
+producer (PyTorch orders its own stream before it). ``model(x, out="device")`` returns float32
+CuPy arrays in every precision (a 16-bit plan's outputs converted on the device), copies since
+the plan's buffers are reused by the next call.
 
 Precisions (``offload.load(..., precision=...)``, see offload.precision): float32 (sgemm,
-no tensor-op rounding), tf32 (cublasGemmStridedBatchedEx with CUBLAS_COMPUTE_32F_FAST_TF32),
+no tensor-op rounding), tf32 (GemmStridedBatchedEx with CUBLAS_COMPUTE_32F_FAST_TF32),
 float16 and bfloat16 (activations and weights stored in 16 bits, every kernel compiled with
 STORAGE_F16/STORAGE_BF16 converting on load and store, products through GemmStridedBatchedEx
 with float32 accumulation).
@@ -79,14 +93,156 @@ GEMM_EX = {"tf32": (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32),
            "float16": (CUDA_R_16F, CUBLAS_COMPUTE_32F),
            "bfloat16": (CUDA_R_16BF, CUBLAS_COMPUTE_32F)}
 NO_CUPY = "CuPy is not installed (pip install offload[cuda])"
+# cuBLAS: "direct" calls libcublas's C functions through ctypes on a handle whose stream and
+# workspace are set once (capturable in a CUDA graph); "cupy" calls CuPy's wrappers, which set
+# the handle's stream before every call and raise NotImplementedError during stream capture
+# (CuPy 14.2, cupy_backends/cuda/libs/cublas.pyx), so plans with products then run as plain
+# launches. OFFLOAD_CUDA_BLAS picks one per model (read when the model opens its session).
+BLAS_PATHS = ("direct", "cupy")
+WORKSPACE_BYTES = 32 << 20  # cuBLAS's recommended user workspace on Hopper (cublasSetWorkspace)
+_CUBLAS_STATUS = {1: "CUBLAS_STATUS_NOT_INITIALIZED", 3: "CUBLAS_STATUS_ALLOC_FAILED",
+                  7: "CUBLAS_STATUS_INVALID_VALUE", 8: "CUBLAS_STATUS_ARCH_MISMATCH",
+                  11: "CUBLAS_STATUS_MAPPING_ERROR", 13: "CUBLAS_STATUS_EXECUTION_FAILED",
+                  14: "CUBLAS_STATUS_INTERNAL_ERROR", 15: "CUBLAS_STATUS_NOT_SUPPORTED",
+                  16: "CUBLAS_STATUS_LICENSE_ERROR"}
 
-def _cupy():
+
+class Backend:
+    """What the driver uses of CuPy, by name: the real CuPy (:func:`cupy_backend`) or the
+    emulation of cuda-emu:0 (``offload.drivers.cuda_emu``). ``cp`` is the cupy module, then
+    ``runtime``, ``driver``, ``cublas`` and ``nvrtc`` of ``cupy_backends``, CuPy's
+    ``CompileException``, and ``libcublas()`` the ctypes library for the direct path."""
+
+    def __init__(self, cp, runtime, driver, cublas, nvrtc, compile_exception, libcublas,
+                 emulated=False):
+        self.cp, self.runtime, self.driver, self.cublas, self.nvrtc = \
+            cp, runtime, driver, cublas, nvrtc
+        self.CompileException, self.libcublas, self.emulated = \
+            compile_exception, libcublas, emulated
+        cuda = [driver.CUDADriverError, runtime.CUDARuntimeError, cublas.CUBLASError,
+                nvrtc.NVRTCError, CUBLASStatusError,
+                NotImplementedError]  # CuPy's cuBLAS wrappers in a capture
+        self.memory_errors = (cp.cuda.memory.OutOfMemoryError, MemoryError)
+        self.cuda_errors = tuple(cuda)
+
+
+def cupy_backend() -> Backend:
+    """The installed CuPy (ImportError without it)."""
     import cupy
-    return cupy
+    from cupy.cuda.compiler import CompileException
+    from cupy_backends.cuda.api import driver, runtime
+    from cupy_backends.cuda.libs import cublas, nvrtc
+    return Backend(cupy, runtime, driver, cublas, nvrtc, CompileException, load_libcublas)
+
+
+class CUBLASStatusError(RuntimeError):
+    """A libcublas C function returned a status other than CUBLAS_STATUS_SUCCESS."""
+
+    def __init__(self, function, status):
+        self.status = status
+        super().__init__(f"{function} returned {_CUBLAS_STATUS.get(status, status)}")
+
+
+_libcublas = None
+
+
+def load_libcublas():
+    """libcublas as a ctypes library (declare_cublas sets the prototypes): the copy CuPy has
+    already loaded (found in /proc/self/maps), else by its soname."""
+    global _libcublas
+    if _libcublas is not None:
+        return _libcublas
+    import ctypes
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if "/" in line else ""
+                if os.path.basename(path).startswith("libcublas.so") and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    errors = []
+    for path in paths + ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]:
+        try:
+            lib = ctypes.CDLL(path)
+            break
+        except OSError as e:
+            errors.append(str(e))
+    else:
+        raise OSError(f"libcublas not loadable: {'; '.join(errors)}")
+    lib.path = getattr(lib, "_name", "")
+    _libcublas = lib
+    return lib
+
+
+def declare_cublas(lib) -> None:
+    """Set argtypes/restype of the libcublas functions the driver calls (cublas_api.h)."""
+    import ctypes
+    h, i, ll, p, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, \
+        ctypes.c_size_t
+    protos = {
+        "cublasCreate_v2": [ctypes.POINTER(ctypes.c_void_p)],
+        "cublasDestroy_v2": [h],
+        "cublasSetStream_v2": [h, p],
+        "cublasSetWorkspace_v2": [h, p, sz],
+        "cublasSgemmStridedBatched": [h, i, i, i, i, i, p, p, i, ll, p, i, ll, p, p, i, ll, i],
+        "cublasGemmStridedBatchedEx": [h, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i,
+                                       i, ll, i, i, i],
+    }
+    for name, args in protos.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+class _DirectBlas:
+    """One cuBLAS handle used through libcublas's C functions: stream and workspace set once,
+    then only GEMM calls (nothing a stream capture refuses)."""
+
+    def __init__(self, device, stream):
+        import ctypes
+        self.lib = lib = device._backend.libcublas()
+        declare_cublas(lib)
+        self.handle = ctypes.c_void_p()
+        self._check("cublasCreate_v2", lib.cublasCreate_v2(ctypes.byref(self.handle)))
+        weakref.finalize(self, _destroy_direct, lib, self.handle)
+        self._check("cublasSetStream_v2", lib.cublasSetStream_v2(self.handle, stream.ptr))
+        self.workspace = device.alloc(WORKSPACE_BYTES)  # lives with the handle
+        self._check("cublasSetWorkspace_v2", lib.cublasSetWorkspace_v2(
+            self.handle, self.workspace.mem.ptr, WORKSPACE_BYTES))
+        self._alpha = np.ones(1, np.float32)
+        self._beta = np.zeros(1, np.float32)
+        self.alpha, self.beta = self._alpha.ctypes.data, self._beta.ctypes.data
+
+    @staticmethod
+    def _check(function, status):
+        if status:
+            raise CUBLASStatusError(function, status)
+
+    def gemm(self, precision, m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc, sc, count):
+        """Row-major C[z] = A[z] @ B[z] as the column-major C^T = B^T A^T."""
+        if precision == "float32":
+            self._check("cublasSgemmStridedBatched", self.lib.cublasSgemmStridedBatched(
+                self.handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, self.alpha, b_ptr, ldb, sb,
+                a_ptr, lda, sa, self.beta, c_ptr, ldc, sc, count))
+            return
+        dtype, compute = GEMM_EX[precision]
+        self._check("cublasGemmStridedBatchedEx", self.lib.cublasGemmStridedBatchedEx(
+            self.handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, self.alpha, b_ptr, dtype, ldb, sb,
+            a_ptr, dtype, lda, sa, self.beta, c_ptr, dtype, ldc, sc, count, compute,
+            CUBLAS_GEMM_DEFAULT))
+
+
+def _destroy_direct(lib, handle):
+    try:
+        lib.cublasDestroy_v2(handle)
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+        pass
 
 
 def nvrtc_options(defines: dict | None = None) -> tuple:
-    """NVRTC options for a program of kernels/ (the nvcc test's: C++17 plus the defines)."""
+    """The options the driver gives CuPy's RawModule for a program of kernels/ (C++17 plus the
+    defines); CuPy adds its own (see cuda_emu.cupy_nvrtc_options, -ftz=true among them)."""
     return ("-std=c++17",) + tuple(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))
 
 
@@ -97,25 +253,11 @@ def program_source(name: str) -> str:
 
 # ---------------------------------------------------------------------------------- errors
 
-def _error_types():
-    """(memory errors, CUDA errors) of the installed CuPy."""
-    cp = _cupy()
-    from cupy_backends.cuda.api import driver, runtime
-    cuda = [driver.CUDADriverError, runtime.CUDARuntimeError]
-    try:
-        from cupy_backends.cuda.libs import cublas
-        cuda.append(cublas.CUBLASError)
-    except Exception:  # noqa: BLE001 - cuBLAS missing: reported by discovery
-        pass
-    return (cp.cuda.memory.OutOfMemoryError, MemoryError), tuple(cuda)
-
-
 def map_error(device, e, what: str):
     """The typed offload error for a CuPy/CUDA error raised while doing ``what``."""
-    memory, _ = device._errors
     text = str(e)
-    if isinstance(e, memory) or "cudaErrorMemoryAllocation" in text or "OUT_OF_MEMORY" in text \
-            or "ALLOC_FAILED" in text:
+    if isinstance(e, device._backend.memory_errors) or "cudaErrorMemoryAllocation" in text \
+            or "OUT_OF_MEMORY" in text or "ALLOC_FAILED" in text:
         return DeviceMemoryError(f"{device.spec}: out of device memory while {what} "
                                  f"({device.bytes_in_use} bytes in use): {text}")
     return DeviceRuntimeError(f"{device.spec}: {what} failed: {type(e).__name__}: {text}")
@@ -132,6 +274,19 @@ class Raw:
         self.mem, self.nbytes = mem, nbytes
 
 
+class _Shared:
+    """What a device and the per-model sessions made from it share: compiled modules, the
+    enqueue lock, graph counters (a session is a shallow copy: its own attributes would not
+    be seen by the device the caller holds)."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.modules: dict[tuple, object] = {}
+        self.graphs = 0
+        self.graph_fallbacks: list[str] = []
+        self.in_use = 0
+
+
 # ---------------------------------------------------------------------------------- device
 
 class CUDADevice(Device):
@@ -139,34 +294,34 @@ class CUDADevice(Device):
 
     kind = "cuda"
 
-    def __init__(self, index: int):
-        cp = _cupy()
-        from cupy_backends.cuda.api import runtime
-        from cupy_backends.cuda.libs import cublas
+    def __init__(self, index: int, backend: Backend | None = None, kind: str = "cuda",
+                 name: str | None = None):
+        backend = backend or cupy_backend()
+        cp, runtime = backend.cp, backend.runtime
+        self.kind = kind
         self.index = index
-        self._errors = _error_types()
-        self._cublas = cublas
+        self._backend = backend
+        self._errors = (backend.memory_errors, backend.cuda_errors)
+        self._cp = cp
+        self._cublas = backend.cublas
         self._runtime = runtime
         self._dev = cp.cuda.Device(index)
-        self._lock = threading.RLock()
+        self._shared = _Shared()
+        self._lock = self._shared.lock
         self._tls = threading.local()
-        self._in_use = 0
-        self._modules: dict[tuple, object] = {}
         self._staging: dict[int, object] = {}
-        self.graph_fallbacks: list[str] = []
-        self.graphs = 0
+        self.emulated = backend.emulated
         try:
             with self._dev:
                 props = runtime.getDeviceProperties(index)
-                name = props["name"]
-                self.name = name.decode() if isinstance(name, bytes) else str(name)
+                gpu = props["name"]
+                gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
+                self.name = name or gpu
                 self.compute_capability = f"{props['major']}{props['minor']}"
-                self.stream = cp.cuda.Stream(non_blocking=True)
-                self.handle = cublas.create()
-                cublas.setStream(self.handle, self.stream.ptr)
                 self._alpha = np.ones(1, np.float32)   # host scalars for pointer-taking
                 self._beta = np.zeros(1, np.float32)   # cuBLAS bindings (kept alive here)
                 self._gemm_takes_pointers = None
+                self._open_queue()
         except self._errors[1] as e:
             raise map_error(self, e, "opening the device") from None
         self.ops = OPS
@@ -174,52 +329,88 @@ class CUDADevice(Device):
             {"float32", *GEMM_EX}))
         self.dlpack_device = (2, index)  # kDLCUDA: CuPy arrays and CUDA tensors on this GPU
         self.build_stats = {"compiled": 0, "seconds": 0.0}
-        weakref.finalize(self, _destroy_handle, cublas, self.handle)
+
+    def _open_queue(self):
+        """This object's stream and cuBLAS handle (OFFLOAD_CUDA_BLAS: direct or cupy)."""
+        cp = self._cp
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        blas = os.environ.get("OFFLOAD_CUDA_BLAS", "direct")
+        if blas not in BLAS_PATHS:
+            raise UnsupportedOpError(f"OFFLOAD_CUDA_BLAS={blas!r}: expected one of "
+                                     f"{BLAS_PATHS}", [("gemm", "")])
+        self.blas = blas
+        self.handle = self._cublas.create()
+        weakref.finalize(self, _destroy_handle, self._cublas, self.handle)
+        self._cublas.setStream(self.handle, self.stream.ptr)
+        self._direct = None
+        if blas == "direct":
+            try:
+                self._direct = _DirectBlas(self, self.stream)
+            except (OSError, AttributeError, CUBLASStatusError) as e:
+                # no usable libcublas C API: CuPy's wrappers work, graphs without products only
+                self.blas = "cupy"
+                why = (f"direct cuBLAS path unavailable ({type(e).__name__}: {e}); using "
+                       "CuPy's wrappers: plans with matrix products run without CUDA graphs")
+                if why not in self._shared.graph_fallbacks:
+                    self._shared.graph_fallbacks.append(why)
+                    import warnings
+                    warnings.warn(f"offload {self.spec}: {why}", RuntimeWarning, stacklevel=2)
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs captured for plans on this GPU (all sessions)."""
+        return self._shared.graphs
+
+    @property
+    def graph_fallbacks(self) -> list:
+        """Why plans on this GPU run as plain launches (one entry per plan that fell back)."""
+        return self._shared.graph_fallbacks
+
+    @property
+    def _modules(self):
+        return self._shared.modules
 
     def session(self) -> "CUDADevice":
         """This GPU with its own non-blocking stream and cuBLAS handle, for one model: its copies,
         kernels, products and graph launches go to that stream and overlap other models' work.
-        Compiled modules, the enqueue lock and the graph-fallback log are shared."""
-        cp = _cupy()
+        Compiled modules, the enqueue lock and the graph counters are shared."""
         twin = copy.copy(self)
         try:
             with self._dev:
-                twin.stream = cp.cuda.Stream(non_blocking=True)
-                twin.handle = self._cublas.create()
-                self._cublas.setStream(twin.handle, twin.stream.ptr)
+                twin._open_queue()
         except self._errors[1] as e:
             raise map_error(self, e, "creating a stream for a model") from None
         twin._tls = threading.local()
         twin._staging = {}
-        weakref.finalize(twin, _destroy_handle, self._cublas, twin.handle)
         return twin
 
     # -- memory ---------------------------------------------------------------------------
     @property
     def bytes_in_use(self) -> int:
-        return self._in_use
+        return self._shared.in_use
 
     def _release(self, nbytes):
-        self._in_use -= nbytes
+        self._shared.in_use -= nbytes
 
     def alloc(self, nbytes: int) -> Raw:
-        cp = _cupy()
+        cp = self._cp
         nbytes = max(int(nbytes), 4)
         try:
             with self._dev:
                 mem = cp.cuda.alloc(nbytes)
         except self._errors[0] as e:
             raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes "
-                                    f"({self._in_use} bytes in use by offload): {e}") from None
+                                    f"({self.bytes_in_use} bytes in use by offload): {e}") \
+                from None
         except self._errors[1] as e:
             raise map_error(self, e, f"allocating {nbytes} bytes") from None
         raw = Raw(mem, nbytes)
-        self._in_use += nbytes
+        self._shared.in_use += nbytes
         weakref.finalize(raw, self._release, nbytes)
         return raw
 
     def view(self, raw: Raw, shape, dtype=np.float32):
-        cp = _cupy()
+        cp = self._cp
         shape = tuple(int(d) for d in shape)
         assert math.prod(shape) * np.dtype(dtype).itemsize <= raw.nbytes or math.prod(shape) == 0
         with self._dev:
@@ -242,7 +433,7 @@ class CUDADevice(Device):
         key = buf.data.ptr
         stage = self._staging.get(key)
         if stage is None or stage.shape != buf.shape or stage.dtype != buf.dtype:
-            cp = _cupy()
+            cp = self._cp
             try:
                 mem = cp.cuda.alloc_pinned_memory(max(buf.nbytes, 1))
             except Exception as e:  # noqa: BLE001 - CUDA error or host out of memory
@@ -252,13 +443,25 @@ class CUDADevice(Device):
             self._staging[key] = stage
         return stage
 
+    def _page_locked(self, src: np.ndarray) -> bool:
+        """Whether ``src`` is page-locked host memory: an ``offload.empty(pinned=True)`` block,
+        or memory the CUDA runtime reports as cudaMemoryTypeHost (cupyx.empty_pinned, torch's
+        pin_memory(), cudaHostRegister)."""
+        if _page_locked(src):
+            return True
+        try:
+            attrs = self._runtime.pointerGetAttributes(address(src))
+        except Exception:  # noqa: BLE001 - unregistered memory on old runtimes raises
+            return False
+        return getattr(attrs, "type", 0) == 1  # cudaMemoryTypeHost
+
     def copy_in(self, dst, src) -> int:
         if dst.nbytes == 0:
             return 0
         if not isinstance(src, np.ndarray):  # an array in this GPU's memory (DLPack)
             return self._copy_in_device_array(dst, src)
         if (src.dtype == dst.dtype and src.nbytes == dst.nbytes and src.flags.c_contiguous
-                and _page_locked(src)):
+                and self._page_locked(src)):
             try:  # straight from the caller's page-locked memory: no staging copy
                 with self._dev, self._lock:
                     dst.data.copy_from_host_async(address(src), dst.nbytes, self.stream)
@@ -275,32 +478,39 @@ class CUDADevice(Device):
         return dst.nbytes
 
     def _copy_in_device_array(self, dst, src) -> int:
-        """Copy a CuPy array / CUDA tensor on this GPU into ``dst`` on the device's stream, no
-        host round trip. ``cupy.from_dlpack`` runs with our stream current, so the producer
-        orders its pending work on ``src`` before our copy (the DLPack stream handshake)."""
-        cp = _cupy()
+        """Copy a CuPy array / CUDA tensor on this GPU into ``dst`` on the model's stream, no
+        host round trip, ordered after the producer's work: the model's stream first waits on
+        an event recorded on the caller's current CuPy stream (where a CuPy producer queued
+        it), then ``cupy.from_dlpack`` runs with the model's stream current, so a DLPack
+        producer that tracks its own streams (PyTorch) is handed that stream and adds its wait."""
+        cp = self._cp
         try:
-            with self._dev, self._lock, self.stream:
-                array = cp.from_dlpack(src)
-                cp.copyto(dst, array.reshape(dst.shape))
+            with self._dev, self._lock:
+                caller = cp.cuda.get_current_stream()
+                if caller.ptr != self.stream.ptr:
+                    self.stream.wait_event(caller.record())
+                with self.stream:
+                    array = cp.from_dlpack(src)
+                    cp.copyto(dst, array.reshape(dst.shape))
         except self._errors[1] as e:
             raise map_error(self, e, "copying in a device array") from None
         return dst.nbytes
 
     def device_array(self, src):
-        """A new CuPy array on this GPU holding a copy of ``src``, complete when returned (any
-        stream may use it)."""
-        cp = _cupy()
+        """A new float32 CuPy array on this GPU holding a copy of ``src`` (a 16-bit plan's
+        buffers are converted on the device, so device outputs are float32 as host outputs
+        are), complete when returned (any stream may use it)."""
+        cp = self._cp
         try:
             with self._dev, self._lock, self.stream:
-                out = src.copy()
+                out = src.copy() if src.dtype == np.float32 else src.astype(np.float32)
                 self.stream.synchronize()
-        except self._errors[1] as e:
-            raise map_error(self, e, "copying an output on the device") from None
         except self._errors[0] as e:
             raise DeviceMemoryError(f"{self.spec}: cannot allocate {src.nbytes} bytes for an "
-                                    f"output ({self._in_use} bytes in use by offload): {e}") \
-                from None
+                                    f"output ({self.bytes_in_use} bytes in use by offload): "
+                                    f"{e}") from None
+        except self._errors[1] as e:
+            raise map_error(self, e, "copying an output on the device") from None
         assert isinstance(out, cp.ndarray)
         return out
 
@@ -323,7 +533,7 @@ class CUDADevice(Device):
         """An event recorded now on the stream (one per thread, reused); call with the lock."""
         event = getattr(self._tls, "event", None)
         if event is None:
-            event = self._tls.event = _cupy().cuda.Event(block=False, disable_timing=True)
+            event = self._tls.event = self._cp.cuda.Event(block=False, disable_timing=True)
         event.record(self.stream)
         return event
 
@@ -340,7 +550,7 @@ class CUDADevice(Device):
     def module(self, name: str, defines: dict | None = None):
         """The NVRTC-built module of kernels/<name>, built once per device."""
         import time
-        cp = _cupy()
+        cp = self._cp
         options = nvrtc_options(defines)
         key = (name, options)
         with self._lock:
@@ -357,16 +567,26 @@ class CUDADevice(Device):
             return mod
 
     def _force_build(self, mod, name, options, text):
-        """RawModule compiles lazily: compile now so that errors surface at build time."""
-        from cupy.cuda.compiler import CompileException
+        """RawModule compiles lazily: compile now so that errors surface at build time. NVRTC's
+        compile errors, its other errors (createProgram, invalid option), CuPy's RuntimeError
+        when it finds no CUDA headers, and the driver refusing the binary at load (e.g.
+        CUDA_ERROR_UNSUPPORTED_PTX_VERSION: NVRTC newer than the driver) are KernelBuildErrors."""
+        backend = self._backend
+        what = f"{self.spec}: building {name} with NVRTC failed (options {' '.join(options)!r})"
         try:
             mod.compile()
-        except CompileException as e:
-            log = str(e)
-            raise KernelBuildError(f"{self.spec}: building {name} with NVRTC failed "
-                                   f"(options {' '.join(options)!r})", log, text) from None
-        except self._errors[1] as e:
+        except backend.CompileException as e:
+            raise KernelBuildError(what, str(e), text) from None
+        except backend.nvrtc.NVRTCError as e:
+            raise KernelBuildError(what, f"NVRTCError: {e}", text) from None
+        except backend.driver.CUDADriverError as e:
+            raise KernelBuildError(f"{self.spec}: loading the NVRTC binary of {name} failed "
+                                   f"(the driver may be older than NVRTC)", str(e), text) \
+                from None
+        except backend.runtime.CUDARuntimeError as e:
             raise map_error(self, e, f"loading {name}") from None
+        except RuntimeError as e:  # CuPy: 'Failed to find CUDA headers ...'
+            raise KernelBuildError(what, f"{type(e).__name__}: {e}", text) from None
 
     def kernel(self, program: str, name: str, defines: dict | None = None):
         mod = self.module(program, defines)
@@ -377,9 +597,27 @@ class CUDADevice(Device):
             raise map_error(self, e, f"getting kernel {name}") from None
 
     # -- cuBLAS ---------------------------------------------------------------------------
+    def _gemm_call(self, precision):
+        """The callable running one strided-batched product in ``precision`` on this object's
+        handle: ``call(m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc, sc, count)``."""
+        if self._direct is not None:
+            direct = self._direct
+
+            def call(*args):
+                direct.gemm(precision, *args)
+            return call
+        self._probe_gemm_binding()
+        if precision == "float32":
+            return self._sgemm_batched
+
+        def call(*args):
+            self._gemm_ex_batched(precision, *args)
+        return call
+
     def _sgemm_batched(self, m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc, sc, count):
         """Row-major C[z] = A[z] @ B[z] (A [m, k], B [k, n], C [m, n]) for z < count, as the
-        column-major product C^T = B^T A^T. Call with the lock held and the stream current."""
+        column-major product C^T = B^T A^T, through CuPy's wrapper. Call with the lock held and
+        the stream current."""
         cublas = self._cublas
         if self._gemm_takes_pointers:
             alpha, beta = self._alpha.ctypes.data, self._beta.ctypes.data
@@ -400,14 +638,15 @@ class CUDADevice(Device):
 
     def _probe_gemm_binding(self):
         """CuPy's sgemmStridedBatched takes alpha/beta as floats in some versions and as host
-        pointers in others: try floats (a pointer-taking binding rejects a float with
-        TypeError, never misreads it) on a 1x1x1 product, then pointers."""
+        pointers in others (14.2: pointers): try floats (a pointer-taking binding rejects a
+        float with TypeError, never misreads it) on a 1x1x1 product, then pointers."""
         if self._gemm_takes_pointers is not None:
             return
-        cp = _cupy()
+        cp = self._cp
         with self._dev, self._lock, self.stream:
             a = cp.full((1,), 2.0, cp.float32)
             c = cp.zeros((1,), cp.float32)
+            self.stream.synchronize()
             self._gemm_takes_pointers = False
             try:
                 self._sgemm_batched(1, 1, 1, a.data.ptr, 1, 0, a.data.ptr, 1, 0, c.data.ptr, 1,
@@ -417,7 +656,7 @@ class CUDADevice(Device):
                 self._sgemm_batched(1, 1, 1, a.data.ptr, 1, 0, a.data.ptr, 1, 0, c.data.ptr, 1,
                                     0, 1)
             self.stream.synchronize()
-            got = float(c.get()[0])
+            got = float(c.get(stream=self.stream)[0])
         if got != 4.0:
             raise DeviceRuntimeError(f"{self.spec}: cuBLAS self-check: 2 * 2 gave {got}")
 
@@ -433,39 +672,33 @@ class CUDADevice(Device):
         runtime = self._runtime
         graph = None
         with self._dev, self._lock:
-            for run in runs:  # warm-up outside capture: module loads, cuBLAS workspace
+            for run in runs:  # warm-up outside capture: module loads, cuBLAS initialisation
                 run()
             self.stream.synchronize()
             try:
-                mode = getattr(runtime, "streamCaptureModeRelaxed", None)
-                if mode is None:
-                    self.stream.begin_capture()
-                else:
-                    self.stream.begin_capture(mode=mode)
+                self.stream.begin_capture(mode=runtime.streamCaptureModeRelaxed)
                 try:
                     for run in runs:
                         run()
                 finally:
                     graph = self.stream.end_capture()
-                upload = getattr(graph, "upload", None)  # not in every CuPy version
-                if upload is not None:
-                    upload(self.stream)
+                graph.upload(self.stream)
                 self.stream.synchronize()
             except Exception as e:  # noqa: BLE001 - any capture failure: plain launches
                 graph = None
-                self.graph_fallbacks.append(f"{type(e).__name__}: {e}")
+                cause = e.__cause__ or e.__context__ if isinstance(e, DeviceRuntimeError) else e
+                self._shared.graph_fallbacks.append(
+                    f"{type(e).__name__}: {e}" + (f" (from {type(cause).__name__})"
+                                                  if cause is not None and cause is not e
+                                                  else ""))
                 try:
                     if self.stream.is_capturing():
                         self.stream.end_capture()
-                except Exception:  # noqa: BLE001
-                    pass
-                try:
-                    runtime.getLastError()  # clear a non-sticky capture error
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - the capture was invalidated
                     pass
         if graph is None:
             return runs
-        self.graphs += 1
+        self._shared.graphs += 1
         stream, lock, dev, errors = self.stream, self._lock, self._dev, self._errors[1]
         keep = tuple(runs)  # the buffers and kernels the graph points at stay alive with it
 
@@ -481,6 +714,7 @@ class CUDADevice(Device):
 
     def __repr__(self) -> str:
         return f"<offload.Device {self.spec} {self.name!r}>"
+
 
 
 def _page_locked(array: np.ndarray) -> bool:
@@ -547,20 +781,16 @@ def _ptr(buf):
 def gemm(device, m, n, k, a, lda, sa, b, ldb, sb, c, ldc, sc, count, what="gemm",
          precision="float32"):
     """A callable running row-major C[z] = A[z] @ B[z] for z < count on cuBLAS (a, b, c are
-    (array, element offset) pairs; strides in elements) in ``precision`` (see GEMM_EX)."""
+    (array, element offset) pairs; strides in elements) in ``precision`` (see GEMM_EX), on the
+    device's handle (the direct or the CuPy path, see BLAS_PATHS)."""
     if m == 0 or n == 0 or count == 0:
         return lambda: None
-    device._probe_gemm_binding()
+    call = device._gemm_call(precision)
     (ab, ao), (bb, bo), (cb, co) = a, b, c
     item = ab.dtype.itemsize
     a_ptr, b_ptr, c_ptr = _ptr(ab) + item * ao, _ptr(bb) + item * bo, _ptr(cb) + item * co
     keep = (ab, bb, cb)
     stream, lock, dev, errors = device.stream, device._lock, device._dev, device._errors[1]
-    if precision == "float32":
-        call = device._sgemm_batched
-    else:
-        def call(*args):
-            device._gemm_ex_batched(precision, *args)
 
     def run():
         assert keep
@@ -568,7 +798,7 @@ def gemm(device, m, n, k, a, lda, sa, b, ldb, sb, c, ldc, sc, count, what="gemm"
             with dev, lock, stream:
                 call(m, n, k, a_ptr, lda, sa, b_ptr, ldb, sb, c_ptr, ldc, sc, count)
         except errors as e:
-            raise map_error(device, e, what) from None
+            raise map_error(device, e, what) from e
     return run
 
 
