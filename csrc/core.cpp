@@ -43,6 +43,7 @@ namespace {
 
 constexpr std::int64_t kDefaultAlignment = 4096;
 constexpr std::int64_t kMinAlignment = 64;
+constexpr std::size_t kMaxDims = 64;  // PyBUF_MAX_NDIM
 
 using ByteArray = nb::ndarray<nb::numpy, std::uint8_t, nb::ndim<1>>;
 
@@ -173,6 +174,9 @@ std::string load_cuda_runtime(const std::vector<std::string> &candidates) {
     if (g_cuda.lib)
         return g_cuda.path;
     std::string reasons;
+    for (const std::string &name : candidates)
+        if (name.find('\0') != std::string::npos)
+            throw nb::value_error("load_cuda_runtime(): a library name holds a NUL byte");
     for (const std::string &name : candidates) {
         void *lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
         if (!lib) {
@@ -270,6 +274,10 @@ struct HostBuffer {
 
     HostBuffer(const std::vector<std::int64_t> &shape_, const std::string &typestr, bool pin)
         : type(parse_typestr(typestr)) {
+        if (shape_.size() > kMaxDims)
+            throw nb::value_error(("HostBuffer: at most " + std::to_string(kMaxDims) +
+                                   " dimensions (the buffer protocol's limit), got " +
+                                   std::to_string(shape_.size())).c_str());
         const std::size_t itemsize = type.dtype.bits / 8;
         std::size_t count = 1;
         bool overflow = false;
@@ -334,6 +342,15 @@ struct HostBuffer {
 };
 
 int hostbuffer_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+    // HostBuffer.__new__ alone, or a subclass whose __init__ skips the base, leaves the C++
+    // object unconstructed: there is no block to expose.
+    if (!nb::inst_ready(self)) {
+        view->obj = nullptr;
+        PyErr_Format(PyExc_BufferError,
+                     "%s: the HostBuffer was never initialised (a subclass's __init__ must "
+                     "call HostBuffer.__init__)", Py_TYPE(self)->tp_name);
+        return -1;
+    }
     HostBuffer *hb = nb::inst_ptr<HostBuffer>(self);
     view->obj = Py_NewRef(self);
     view->buf = hb->ptr;
@@ -425,13 +442,19 @@ std::int64_t gather(nb::handle out, nb::sequence parts, bool strict) {
     if (o.view.ndim < 1)
         throw nb::value_error("gather(): out must have a batch axis, got a 0-d buffer");
     const std::string out_format = o.view.format ? o.view.format : "B";
-    const std::size_t n = nb::len(parts);
+    // A tuple of the parts, taken first: it owns a reference to each, so that neither a
+    // sequence whose __getitem__ makes temporaries nor Python code run while the buffers are
+    // taken (a __buffer__ method, a list mutated meanwhile) can free a part being read.
+    nb::object items = nb::steal(PySequence_Tuple(parts.ptr()));
+    if (!items.is_valid())
+        throw nb::python_error();
+    const std::size_t n = (std::size_t) PyTuple_GET_SIZE(items.ptr());
     std::vector<Buffer> held(n);
     std::size_t total = 0;
     std::int64_t rows = 0;
     for (std::size_t i = 0; i < n; ++i) {
         Buffer &p = held[i];
-        nb::handle part = parts[i];
+        nb::handle part = PyTuple_GET_ITEM(items.ptr(), (Py_ssize_t) i);
         if (!strict) {
             if (PyObject_GetBuffer(part.ptr(), &p.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
                 PyErr_Clear();
@@ -520,6 +543,9 @@ NB_MODULE(_core, m) {
                      "True when the pages are registered with the CUDA runtime.")
         .def("__dlpack__",
              [](nb::handle self, nb::kwargs kwargs) {
+                 if (!nb::inst_ready(self))
+                     throw nb::buffer_error("HostBuffer.__dlpack__: the HostBuffer was never "
+                                            "initialised");
                  HostBuffer &b = nb::cast<HostBuffer &>(self);
                  nb::ndarray<nb::array_api> arr(b.ptr, b.dl_shape.size(), b.dl_shape.data(),
                                                 self, nullptr, b.type.dtype,

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -62,6 +63,32 @@ void check(bool ok, const std::string &what) {
     if (!ok) throw nb::value_error(what.c_str());
 }
 
+// The activation code and its parameters, checked (an unknown code would silently be identity).
+Epilogue make_epilogue(const char *fn, int act, float alpha, float lo, float hi) {
+    check(act >= kIdentity && act <= kClip, std::string(fn) + ": activation code must be 0..5, got " +
+                                                std::to_string(act));
+    return Epilogue{act, alpha, lo, hi};
+}
+
+template <typename A> std::pair<std::uintptr_t, std::uintptr_t> span_of(const A &a) {
+    auto p = reinterpret_cast<std::uintptr_t>(a.data());
+    return {p, p + a.size() * sizeof(float)};
+}
+
+// An output that overlaps an operand would be read after it was written: a wrong answer, so
+// refused. Only ``same_ok`` allows the exact same array (in-place kernels such as softmax).
+template <typename A, typename B>
+void check_apart(const char *fn, const char *what, const A &out, const B &in, bool same_ok = false) {
+    auto [o0, o1] = span_of(out);
+    auto [i0, i1] = span_of(in);
+    if (o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0)
+        return;
+    if (same_ok && o0 == i0 && o1 == i1)
+        return;
+    throw nb::value_error((std::string(fn) + ": out overlaps " + what +
+                           " (it would be read after being written); pass separate arrays").c_str());
+}
+
 std::string shape_of(const nb::ndarray<> &a) {
     std::string s = "[";
     for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
@@ -99,10 +126,14 @@ void dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y
               shape_of(nb::ndarray<>(y.handle())));
     check(!bias || bias->size() == (size_t) n, "dense: bias must have " + std::to_string(n) + " values");
     check(!residual || (residual->size() == (size_t) (m * n)), "dense: residual must be [m, n]");
+    const Epilogue e = make_epilogue("dense", act, alpha, lo, hi);
+    check_apart("dense", "x", y, x);
+    check_apart("dense", "w", y, w);
+    if (bias) check_apart("dense", "bias", y, *bias);
+    if (residual) check_apart("dense", "residual", y, *residual);
     nb::gil_scoped_release release;
     dense_rows(x.data(), w.data(), bias ? bias->data() : nullptr,
-               residual ? residual->data() : nullptr, y.data(), m, k, n,
-               Epilogue{act, alpha, lo, hi});
+               residual ? residual->data() : nullptr, y.data(), m, k, n, e);
 }
 
 OFFLOAD_CLONES
@@ -129,6 +160,8 @@ void epilogue_rows(float *y, const float *bias, std::int64_t nbias, int bias_axi
 void epilogue(Out y, std::optional<In> bias, int bias_axis, std::optional<In> residual, int act,
               float alpha, float lo, float hi) {
     check(y.ndim() == 2, "epilogue: expected a 2-D view of the output");
+    check(bias_axis == 0 || bias_axis == 1, "epilogue: bias_axis must be 0 or 1, got " +
+                                                std::to_string(bias_axis));
     const std::int64_t rows = y.shape(0), cols = y.shape(1);
     std::int64_t nbias = 0;
     if (bias) {
@@ -139,10 +172,12 @@ void epilogue(Out y, std::optional<In> bias, int bias_axis, std::optional<In> re
     }
     check(!residual || residual->size() == (size_t) (rows * cols),
           "epilogue: residual must have the output's size");
+    const Epilogue e = make_epilogue("epilogue", act, alpha, lo, hi);
+    if (bias) check_apart("epilogue", "bias", y, *bias);
+    if (residual) check_apart("epilogue", "residual", y, *residual);
     nb::gil_scoped_release release;
     epilogue_rows(y.data(), bias ? bias->data() : nullptr, nbias, bias_axis,
-                  residual ? residual->data() : nullptr, rows, cols,
-                  Epilogue{act, alpha, lo, hi});
+                  residual ? residual->data() : nullptr, rows, cols, e);
 }
 
 OFFLOAD_CLONES
@@ -172,7 +207,8 @@ void softmax_rows(const float *x, float *y, std::int64_t rows, std::int64_t cols
 
 // Softmax over the last axis of x viewed as [rows, cols].
 void softmax(In x, Out y) {
-    check(x.size() == y.size() && x.ndim() >= 1, "softmax: x and out must have the same size");
+    check(x.ndim() >= 1 && x.size() == y.size(), "softmax: x and out must have the same size");
+    check_apart("softmax", "x", y, x, /*same_ok=*/true);
     const std::int64_t cols = x.shape(x.ndim() - 1);
     const std::int64_t rows = cols ? (std::int64_t) x.size() / cols : 0;
     nb::gil_scoped_release release;
@@ -190,10 +226,13 @@ void conv_epilogue(In prod, Out y, std::optional<In> bias, std::optional<In> res
           "conv_epilogue: y must be [N, M, HW] for prod [M, N, HW]");
     check(!bias || bias->size() == (size_t) m, "conv_epilogue: bias must have M values");
     check(!residual || residual->size() == y.size(), "conv_epilogue: residual must match y");
+    const Epilogue e = make_epilogue("conv_epilogue", act, alpha, lo, hi);
+    check_apart("conv_epilogue", "prod", y, prod);
+    if (bias) check_apart("conv_epilogue", "bias", y, *bias);
+    if (residual) check_apart("conv_epilogue", "residual", y, *residual);
     const float *p = prod.data(), *b = bias ? bias->data() : nullptr;
     const float *r = residual ? residual->data() : nullptr;
     float *out = y.data();
-    const Epilogue e{act, alpha, lo, hi};
     nb::gil_scoped_release release;
     for (std::int64_t s = 0; s < n; ++s)
         for (std::int64_t ch = 0; ch < m; ++ch) {
@@ -211,46 +250,73 @@ void conv_epilogue(In prod, Out y, std::optional<In> bias, std::optional<In> res
 
 // A sequence of small dense and softmax ops run by one call: for batch-1 MLPs the cost of a
 // call is the whole cost, so a plan's consecutive small ops are gathered here once and run
-// together. The Python side keeps every array alive as long as the program.
+// together. The program holds every array it was given (nb::ndarray keeps its owner alive), so
+// run() never reads memory that was freed; the arrays are taken as they are (no conversion:
+// a converted copy would be a temporary, and the program would compute on a stale copy).
+// A mutex keeps add_* from growing the list while another thread runs it (without the GIL).
 class Program {
   public:
     void add_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
                    float alpha, float lo, float hi) {
+        check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2,
+              "Program.add_dense: expected 2-D x, w and out, got x " + shape_of(nb::ndarray<>(x.handle())) +
+                  ", w " + shape_of(nb::ndarray<>(w.handle())) + ", out " +
+                  shape_of(nb::ndarray<>(y.handle())));
         const std::int64_t m = x.shape(0), k = x.shape(1), n = w.shape(1);
-        check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2 && w.shape(0) == (size_t) k &&
-                  y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
-              "Program.add_dense: shapes do not fit");
+        check(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
+              "Program.add_dense: x " + shape_of(nb::ndarray<>(x.handle())) + " @ w " +
+                  shape_of(nb::ndarray<>(w.handle())) + " does not fit out " +
+                  shape_of(nb::ndarray<>(y.handle())));
         check(!bias || bias->size() == (size_t) n, "Program.add_dense: bias must have n values");
         check(!residual || residual->size() == y.size(), "Program.add_dense: bad residual");
-        ops_.push_back(Op{kDense, x.data(), w.data(), bias ? bias->data() : nullptr,
-                          residual ? residual->data() : nullptr, y.data(), m, k, n,
-                          Epilogue{act, alpha, lo, hi}});
+        const Epilogue e = make_epilogue("Program.add_dense", act, alpha, lo, hi);
+        check_apart("Program.add_dense", "x", y, x);
+        check_apart("Program.add_dense", "w", y, w);
+        if (bias) check_apart("Program.add_dense", "bias", y, *bias);
+        if (residual) check_apart("Program.add_dense", "residual", y, *residual);
+        Op op{kDense, x, w, bias.value_or(In()), residual.value_or(In()), y, m, k, n, e};
+        std::lock_guard<std::mutex> lock(mutex_);
+        ops_.push_back(std::move(op));
     }
     void add_softmax(In x, Out y) {
-        check(x.size() == y.size() && x.ndim() >= 1, "Program.add_softmax: sizes differ");
+        check(x.ndim() >= 1 && x.size() == y.size(), "Program.add_softmax: x " +
+                                                         shape_of(nb::ndarray<>(x.handle())) +
+                                                         " and out " +
+                                                         shape_of(nb::ndarray<>(y.handle())) +
+                                                         " must have the same size");
+        check_apart("Program.add_softmax", "x", y, x, /*same_ok=*/true);
         const std::int64_t cols = x.shape(x.ndim() - 1);
-        ops_.push_back(Op{kSoftmax, x.data(), nullptr, nullptr, nullptr, y.data(),
-                          cols ? (std::int64_t) x.size() / cols : 0, 0, cols, Epilogue{0, 0, 0, 0}});
+        Op op{kSoftmax, x, In(), In(), In(), y, cols ? (std::int64_t) x.size() / cols : 0, 0,
+              cols, Epilogue{0, 0, 0, 0}};
+        std::lock_guard<std::mutex> lock(mutex_);
+        ops_.push_back(std::move(op));
     }
-    void run() const {
+    void run() {  // called without the GIL: touches only raw data, never the handles' counts
+        std::lock_guard<std::mutex> lock(mutex_);
         for (const Op &op : ops_) {
             if (op.kind == kDense)
-                dense_rows(op.x, op.w, op.b, op.r, op.y, op.m, op.k, op.n, op.e);
+                dense_rows(op.x.data(), op.w.data(), op.b.is_valid() ? op.b.data() : nullptr,
+                           op.r.is_valid() ? op.r.data() : nullptr, op.y.data(), op.m, op.k,
+                           op.n, op.e);
             else
-                softmax_rows(op.x, op.y, op.m, op.n);
+                softmax_rows(op.x.data(), op.y.data(), op.m, op.n);
         }
     }
-    size_t size() const { return ops_.size(); }
+    size_t size() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return ops_.size();
+    }
 
   private:
     enum Kind { kDense, kSoftmax };
     struct Op {
         Kind kind;
-        const float *x, *w, *b, *r;
-        float *y;
+        In x, w, b, r;  // b, r: invalid (empty) when absent
+        Out y;
         std::int64_t m, k, n;
         Epilogue e;
     };
+    std::mutex mutex_;
     std::vector<Op> ops_;
 };
 
@@ -269,10 +335,12 @@ void register_cpu_kernels(nb::module_ &m) {
           nb::arg("lo"), nb::arg("hi"), "y[n, m] = act(prod[m, n] + bias[m] + residual[n, m]).");
     nb::class_<Program>(m, "Program", "Small dense/softmax ops run in order by one call.")
         .def(nb::init<>())
-        .def("add_dense", &Program::add_dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
-             nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"),
-             nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"))
-        .def("add_softmax", &Program::add_softmax, nb::arg("x"), nb::arg("out").noconvert())
+        .def("add_dense", &Program::add_dense, nb::arg("x").noconvert(), nb::arg("w").noconvert(),
+             nb::arg("bias").noconvert().none(), nb::arg("residual").noconvert().none(),
+             nb::arg("out").noconvert(), nb::arg("act"), nb::arg("alpha"), nb::arg("lo"),
+             nb::arg("hi"))
+        .def("add_softmax", &Program::add_softmax, nb::arg("x").noconvert(),
+             nb::arg("out").noconvert())
         .def("run", &Program::run, nb::call_guard<nb::gil_scoped_release>())
         .def("__len__", &Program::size);
     m.def("softmax", &softmax, nb::arg("x"), nb::arg("out").noconvert(), "Softmax over the last axis.");

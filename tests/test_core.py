@@ -411,3 +411,192 @@ def test_unshared_finds_items_only_the_list_holds():
     del view, held
     assert _core.unshared(items) == 0
     assert _core.unshared([]) == -1
+
+
+# -- every binding checks what it is given before touching memory (issue 15, class 3) ----------
+# Each of these crashed the process (segfault, or a use after free that ASan reports) before the
+# bindings checked their arguments; CI's sanitizer step (.ci/run asan) runs them under ASan.
+class _Temporaries:
+    """A sequence whose __getitem__ makes a new array each time (nobody else holds it)."""
+
+    def __init__(self, n, cols):
+        self.n, self.cols = n, cols
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i >= self.n:
+            raise IndexError(i)
+        return np.full((1, self.cols), i, np.float32)
+
+
+def test_gather_holds_the_parts_a_sequence_makes_on_the_fly():
+    out = np.full((5, 1024), np.nan, np.float32)
+    assert _core.gather(out, _Temporaries(4, 1024)) == 4
+    np.testing.assert_array_equal(out[:, 0], [0, 1, 2, 3, 0])
+    assert _core.gather(out, _Temporaries(3, 1024), strict=False) == 3
+    with pytest.raises(ValueError, match="3 rows, out has only 2"):
+        _core.gather(np.zeros((2, 1024), np.float32), _Temporaries(3, 1024))
+
+
+def test_gather_takes_a_sequence_that_lies_about_its_length():
+    class Liar(_Temporaries):
+        def __len__(self):
+            return 100  # __getitem__ stops at 2 (IndexError): 2 parts, not 100
+    out = np.zeros((4, 8), np.float32)
+    assert _core.gather(out, Liar(2, 8)) == 2
+
+    class Broken(_Temporaries):
+        def __getitem__(self, i):
+            raise RuntimeError("no parts today")
+    with pytest.raises(RuntimeError, match="no parts today"):
+        _core.gather(out, Broken(2, 8))
+
+
+def _dense_args(x, w, out, act=0):
+    return (x, w, None, None, out, act, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("x,w,out", [
+    (np.float32(1).reshape(()), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)),
+    (np.zeros(3, np.float32), np.zeros((3, 1), np.float32), np.zeros((1, 1), np.float32)),
+    (np.zeros((1, 3), np.float32), np.zeros(3, np.float32), np.zeros((1, 1), np.float32)),
+    (np.zeros((1, 3), np.float32), np.zeros((3, 2), np.float32), np.float32(0).reshape(())),
+    (np.zeros((1, 1, 3), np.float32), np.zeros((3, 2), np.float32), np.zeros((1, 2), np.float32))])
+def test_program_checks_ranks_before_reading_shapes(x, w, out):
+    out = np.array(out)
+    with pytest.raises(ValueError, match="Program.add_dense: expected 2-D"):
+        _core.Program().add_dense(*_dense_args(x, w, out))
+    with pytest.raises(ValueError, match="dense: expected 2-D"):
+        _core.dense(*_dense_args(x, w, out))
+    with pytest.raises(ValueError, match="add_softmax"):
+        _core.Program().add_softmax(np.array(np.float32(1)), np.zeros(2, np.float32))
+
+
+def test_program_holds_the_arrays_it_runs_on():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 300)).astype(np.float32)
+    w = rng.standard_normal((300, 200)).astype(np.float32)
+    want = x @ w
+    out = np.zeros((4, 200), np.float32)
+    program = _core.Program()
+    program.add_dense(*_dense_args(x, w, out))
+    view = out[1:]  # the only reference left to the output
+    del x, w, out
+    gc.collect()
+    junk = [np.full((300, 200), 7, np.float32) for _ in range(8)]  # would reuse freed blocks
+    program.run()
+    np.testing.assert_allclose(view, want[1:], rtol=1e-4, atol=1e-4)
+    del junk
+
+
+@pytest.mark.parametrize("bad", [
+    dict(x=np.zeros((4, 3), np.float64)),              # would be a converted temporary
+    dict(w=np.zeros((6, 3), np.float32)[::2]),         # strided: would be a converted copy
+    dict(bias=np.zeros(3, np.float64)),
+    dict(residual=np.zeros((4, 3), np.float16))])
+def test_program_takes_arrays_as_they_are(bad):
+    args = dict(x=np.zeros((4, 3), np.float32), w=np.zeros((3, 3), np.float32), bias=None,
+                residual=None, out=np.zeros((4, 3), np.float32))
+    args.update(bad)
+    with pytest.raises(TypeError):
+        _core.Program().add_dense(args["x"], args["w"], args["bias"], args["residual"],
+                                  args["out"], 0, 0.0, 0.0, 0.0)
+    with pytest.raises(TypeError):
+        _core.Program().add_softmax(np.zeros((4, 3), np.float64), np.zeros((4, 3), np.float32))
+
+
+def test_program_runs_safely_while_another_thread_adds_to_it():
+    x, w = np.ones((1, 64), np.float32), np.ones((64, 64), np.float32) / 64
+    outs = [np.zeros((1, 64), np.float32) for _ in range(400)]
+    program, stop = _core.Program(), threading.Event()
+
+    def runner():
+        while not stop.is_set():
+            program.run()
+    t = threading.Thread(target=runner)
+    t.start()
+    try:
+        for out in outs:  # the op list grows (and moves) while the other thread runs it
+            program.add_dense(*_dense_args(x, w, out))
+    finally:
+        stop.set()
+        t.join()
+    program.run()
+    assert len(program) == 400 and all((o == 1).all() for o in outs)
+
+
+def test_kernels_refuse_unknown_codes_and_overlapping_outputs():
+    x, w = np.ones((4, 4), np.float32), np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="activation code must be 0..5, got 9"):
+        _core.dense(*_dense_args(x, w, np.zeros((4, 4), np.float32), act=9))
+    with pytest.raises(ValueError, match="activation code"):
+        _core.Program().add_dense(*_dense_args(x, w, np.zeros((4, 4), np.float32), act=-1))
+    with pytest.raises(ValueError, match="bias_axis must be 0 or 1"):
+        _core.epilogue(np.zeros((4, 4), np.float32), np.ones(4, np.float32), 2, None, 0, 0.0,
+                       0.0, 0.0)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        _core.dense(*_dense_args(x, w, x))
+    with pytest.raises(ValueError, match="out overlaps w"):
+        _core.Program().add_dense(*_dense_args(x, w, w))
+    block = np.ones(32, np.float32)
+    with pytest.raises(ValueError, match="out overlaps residual"):
+        _core.epilogue(block[:16].reshape(4, 4), None, 1, block[8:24].reshape(4, 4), 0, 0.0,
+                       0.0, 0.0)
+    with pytest.raises(ValueError, match="out overlaps x"):  # softmax: in place, or apart
+        _core.softmax(block[:16].reshape(4, 4), block[4:20].reshape(4, 4))
+    _core.softmax(block[:16].reshape(4, 4), block[:16].reshape(4, 4))
+    np.testing.assert_allclose(block[:16], 0.25)
+    prod = np.ones((2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="out overlaps prod"):
+        _core.conv_epilogue(prod, prod.reshape(1, 2, 4), None, None, 0, 0.0, 0.0, 0.0)
+
+
+class _SkipsBase(_core.HostBuffer):
+    def __init__(self):  # never calls HostBuffer.__init__: no block behind the object
+        pass
+
+
+@pytest.mark.parametrize("make", [_SkipsBase, lambda: _core.HostBuffer.__new__(_core.HostBuffer)])
+def test_an_unconstructed_hostbuffer_exposes_nothing(make):
+    hb = make()
+    with pytest.raises(BufferError, match="never initialised"):
+        memoryview(hb)
+    assert np.asarray(hb).dtype == object  # NumPy wraps it as an object, reads no memory
+    with pytest.raises(BufferError, match="never initialised"):
+        hb.__dlpack__()
+    with pytest.raises((TypeError, BufferError)):
+        np.from_dlpack(hb)
+    with pytest.warns(RuntimeWarning, match="uninitialized"):
+        with pytest.raises(TypeError):
+            hb.address
+    with pytest.raises(TypeError):
+        _core.copy(hb, np.zeros(4, np.uint8))
+    with pytest.raises(TypeError):
+        _core.gather(np.zeros((4, 1), np.uint8), [hb])
+    assert _core.gather(np.zeros((4, 1), np.uint8), [hb], strict=False) == -1
+
+
+def test_a_subclass_that_calls_the_base_works_and_init_runs_once():
+    class Fine(_core.HostBuffer):
+        def __init__(self, n):
+            super().__init__((n,), "<f4")
+    a = np.asarray(Fine(8))
+    assert a.shape == (8,) and a.dtype == np.float32
+    hb = _core.HostBuffer((4,), "<f4")
+    with pytest.warns(RuntimeWarning, match="already-initialized"), pytest.raises(TypeError):
+        hb.__init__((1 << 20,), "<f4")  # a second __init__ would leak (or free) the first block
+    assert hb.nbytes == 16
+
+
+def test_hostbuffer_refuses_more_dims_than_the_buffer_protocol_takes():
+    with pytest.raises(ValueError, match="at most 64 dimensions"):
+        _core.HostBuffer([1] * 65, "<f4")
+    assert memoryview(_core.HostBuffer([1] * 64, "<f4")).ndim == 64
+
+
+def test_load_cuda_runtime_refuses_a_name_with_a_nul_byte():
+    if _core.cuda_runtime() is None:
+        with pytest.raises(ValueError, match="NUL"):
+            _core.load_cuda_runtime(["libcudart.so\0/evil"])
