@@ -12,9 +12,9 @@ import os
 
 from .device import Capabilities, Device, DeviceInfo, device, devices
 from .device import parse_spec as device_spec
-from .errors import (DeviceMemoryError, DeviceRuntimeError, DeviceUnavailableError,
-                     KernelBuildError, ModelFormatError, OffloadError, RequestTimeoutError,
-                     ShapeError, UnsupportedOpError)
+from .errors import (ArgumentError, DeviceMemoryError, DeviceRuntimeError,
+                     DeviceUnavailableError, KernelBuildError, ModelFormatError, OffloadError,
+                     RequestTimeoutError, ShapeError, UnsupportedOpError)
 from .hostmem import empty
 from .batching import Batching
 from .model import Binding, Model
@@ -25,7 +25,7 @@ from . import zoo  # noqa: E402  (builds reference models on demand; no download
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batching", "Binding", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
+    "ArgumentError", "Batching", "Binding", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
     "PrecisionError", "RequestTimeoutError", "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
 ]
@@ -126,6 +126,9 @@ def _open_devices(spec, fallback: str) -> tuple[list[Device], list[str]]:
     if isinstance(spec, str) and spec.strip().lower() == "all":
         return [open_device(i.spec) for i in devices() if i.available], []
     specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    if not specs:
+        raise ArgumentError("device: expected a device spec ('cpu', 'opencl:0', 'all'), a "
+                            "Device or a non-empty list of them, got an empty list")
     opened, missing = [], []
     for s in specs:
         try:

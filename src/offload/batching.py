@@ -13,60 +13,93 @@ the device is never left idle to fill a batch). A request larger than
 from __future__ import annotations
 
 import concurrent.futures
+import numbers
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
-from .errors import OffloadError
+from . import _core, hostmem
+from .errors import ArgumentError, DeviceMemoryError, OffloadError
+
+MAX_BATCH = 2**31 - 1  # rows: device kernels index a batch with 32-bit integers
+MAX_DELAY_US = 60e6  # one minute: a request waits at most this long for others to join it
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How to merge requests: at most ``max_batch`` rows, waiting at most ``max_delay_us`` for
-    more requests after the first one arrives."""
+    """How to merge requests: at most ``max_batch`` rows (an int, 1 to 2**31 - 1), waiting at
+    most ``max_delay_us`` microseconds (a finite number, 0 to 6e7: one minute) for more
+    requests after the first one arrives. Other values raise ArgumentError here, not later in
+    the batcher's thread. A large ``max_batch`` costs nothing by itself: batches (and their
+    staging memory) are sized by the rows actually queued."""
 
     max_batch: int = 64
     max_delay_us: float = 500.0
 
     def __post_init__(self):
-        if int(self.max_batch) < 1:
-            raise ValueError(f"Batching.max_batch must be >= 1, got {self.max_batch}")
-        if float(self.max_delay_us) < 0:
-            raise ValueError(f"Batching.max_delay_us must be >= 0, got {self.max_delay_us}")
+        b, d = self.max_batch, self.max_delay_us
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            raise ArgumentError(f"Batching.max_batch: expected an int (rows), got "
+                                f"{type(b).__name__} {b!r}")
+        if not 1 <= b <= MAX_BATCH:
+            raise ArgumentError(f"Batching.max_batch must be between 1 and {MAX_BATCH} rows, "
+                                f"got {b}")
+        if isinstance(d, bool) or not isinstance(d, numbers.Real):
+            raise ArgumentError(f"Batching.max_delay_us: expected a number (microseconds), got "
+                                f"{type(d).__name__} {d!r}")
+        if not 0 <= d <= MAX_DELAY_US:  # also refuses nan and inf
+            raise ArgumentError(f"Batching.max_delay_us must be between 0 and {MAX_DELAY_US:g} "
+                                f"(one minute), got {d}")
+        object.__setattr__(self, "max_batch", int(b))
+        object.__setattr__(self, "max_delay_us", float(d))
 
 
 class _Request:
-    __slots__ = ("arrays", "rows", "future", "arrived", "finish")
+    __slots__ = ("arrays", "rows", "future", "arrived", "finish", "owner")
 
-    def __init__(self, arrays, future, finish, arrived=None):
+    def __init__(self, arrays, future, finish, arrived=None, owner=None):
         self.arrays = arrays
         self.rows = arrays[0].shape[0]
         self.future = future
         self.finish = finish  # turns this request's list of outputs into its result
         self.arrived = time.perf_counter() if arrived is None else arrived
+        self.owner = owner  # what runs it (the model), held while the request waits
 
 
 class Batcher:
     """Merges requests for ``execute(arrays, queue_wait_s) -> list of output arrays`` (one run
     of the model on a batch) and splits the results back to each request's future, whose result
     is ``finish(list of its outputs)``. ``record(latency_s, wait_s)`` is told of every request
-    answered."""
+    answered.
+
+    When ``execute`` is a bound method (``model._execute_batch``), the batcher holds its object
+    weakly: only waiting requests keep it alive, so a model that is dropped without ``close()``
+    is collected, and its batcher's threads stop. A failure in a worker thread fails every
+    request it holds or that waits with an OffloadError (never a silent death, never a hang)."""
 
     def __init__(self, execute, config: Batching, record=None, finish=None,
                  name: str = "offload-batcher", workers: int = 1):
-        self._execute = execute
+        if not isinstance(config, Batching):
+            raise ArgumentError(f"batching: expected offload.Batching(max_batch, max_delay_us), "
+                                f"got {type(config).__name__} {config!r}")
+        owner = getattr(execute, "__self__", None)
+        if owner is not None and hasattr(execute, "__func__"):
+            self._owner, self._execute = weakref.ref(owner), execute.__func__
+        else:
+            self._owner, self._execute = None, execute
         self._record = record or (lambda latency_s, wait_s: None)
         self._finish = finish or (lambda outputs: outputs[0] if len(outputs) == 1
                                   else tuple(outputs))
-        self.max_batch = int(config.max_batch)
-        self.max_delay_s = float(config.max_delay_us) * 1e-6
+        self.max_batch = config.max_batch
+        self.max_delay_s = config.max_delay_us * 1e-6
         self._queues: dict[tuple, deque] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._broken: OffloadError | None = None  # why the worker threads stopped
         self._free_since = 0.0  # when the worker finished its last batch
         self.batches = 0  # device calls made
         self.requests = 0  # requests (pieces) served
@@ -75,6 +108,18 @@ class Batcher:
                          for k in range(max(1, int(workers)))]
         for t in self._threads:
             t.start()
+        if self._owner is not None:  # the owner collected: stop (nothing waits: see _Request)
+            f = weakref.finalize(owner, Batcher._stop, weakref.ref(self))
+            f.atexit = False
+
+    @staticmethod
+    def _stop(ref):
+        """Stop the workers without waiting for them (may run in any thread, from the GC)."""
+        self = ref()
+        if self is not None:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
 
     # -- callers -------------------------------------------------------------------------------
     def submit(self, arrays: list[np.ndarray]) -> concurrent.futures.Future:
@@ -83,19 +128,22 @@ class Batcher:
             raise OffloadError(f"batched inputs must share the batch axis; got batch sizes "
                                f"{[a.shape[0] for a in arrays]}")
         n = rows.pop()
+        owner = self._owner() if self._owner is not None else None
         if n <= self.max_batch:
             future = concurrent.futures.Future()
-            self._enqueue([_Request(arrays, future, self._finish)])
+            self._enqueue([_Request(arrays, future, self._finish, owner=owner)])
             return future
         now = time.perf_counter()
         pieces = [_Request([a[i:i + self.max_batch] for a in arrays], concurrent.futures.Future(),
-                           list, now) for i in range(0, n, self.max_batch)]
+                           list, now, owner) for i in range(0, n, self.max_batch)]
         joined = _joined([p.future for p in pieces], self._finish)
         self._enqueue(pieces)
         return joined
 
     def _enqueue(self, requests):
         with self._cond:
+            if self._broken is not None:
+                raise OffloadError(*self._broken.args)
             if self._closed:
                 raise OffloadError("the model is closed: no new requests")
             for r in requests:
@@ -105,14 +153,17 @@ class Batcher:
 
     def close(self, cancel: bool = False) -> None:
         """Stop taking requests; finish the waiting ones (or cancel them); join the worker."""
+        dropped = []
         with self._cond:
             self._closed = True
             if cancel:
                 for queue in self._queues.values():
-                    for r in queue:
-                        r.future.cancel()
+                    dropped.extend(queue)
                 self._queues.clear()
             self._cond.notify_all()
+        for r in dropped:  # outside the lock: the last reference to the model may go here
+            r.future.cancel()
+        del dropped
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join()
@@ -145,19 +196,42 @@ class Batcher:
                 return batch
 
     def _loop(self):
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            if live:
-                self._run(live)
-            self._free_since = time.perf_counter()
+        batch = None
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch is None:
+                    return
+                live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+                if live:
+                    self._run(live)
+                # the requests (and the model they hold) go now, not when the next batch comes
+                batch = live = None
+                self._free_since = time.perf_counter()
+        except BaseException as e:  # noqa: BLE001 - a bug or a failure outside any request
+            self._fail_all(e, batch or [])
+
+    def _fail_all(self, error, batch):
+        """The worker cannot go on: fail its batch and every waiting request, refuse new ones."""
+        broken = OffloadError(f"the batcher thread {threading.current_thread().name} failed "
+                              f"({type(error).__name__}: {error}); the model takes no more "
+                              "batched requests")
+        broken.__cause__ = error
+        with self._cond:
+            self._broken = self._broken or broken
+            self._closed = True
+            waiting = [r for q in self._queues.values() for r in q]
+            self._queues.clear()
+            self._cond.notify_all()
+        for r in list(batch) + waiting:
+            _fail(r.future, broken)
 
     def bucket(self, rows: int) -> int:
-        """Rows of the device run for ``rows`` requested: a multiple of max_batch/8, so that a
-        sample shape needs at most 8 plans and at most max_batch/8 rows are padding."""
-        step = max(1, self.max_batch // 8)
+        """Rows of the device run for ``rows`` requested: a multiple of a step that is
+        max_batch/8 (so that under load a sample shape needs few plans and at most max_batch/8
+        rows are padding) but never more than the next power of two of ``rows`` (so a few rows
+        are never padded to a large max_batch: batches and arenas follow what is queued)."""
+        step = max(1, min(self.max_batch // 8, 1 << (rows - 1).bit_length()))
         return min(self.max_batch, -(-rows // step) * step)
 
     def _gather(self, batch):
@@ -170,37 +244,54 @@ class Batcher:
         for k in range(len(batch[0].arrays)):
             parts = [r.arrays[k] for r in batch]
             block = None
-            if parts[0].dtype == np.float32:
-                # native: one memcpy each, zero rows after, GIL released; -1 (nothing written)
-                # unless every part is C-contiguous float32 of the same sample shape
-                block = _ARENA.take((size,) + parts[0].shape[1:])
-                if _core.gather(block, parts, strict=False) < 0:
-                    block = None
-            if block is None:
-                block = np.empty((size,) + parts[0].shape[1:], np.result_type(*parts))
-                np.concatenate(parts, out=block[:rows])
-                block[rows:] = 0
+            shape = (size,) + parts[0].shape[1:]
+            try:
+                if parts[0].dtype == np.float32:
+                    # native: one memcpy each, zero rows after, GIL released; -1 (nothing
+                    # written) unless every part is C-contiguous float32 of the sample shape
+                    block = _ARENA.take(shape)
+                    if _core.gather(block, parts, strict=False) < 0:
+                        block = None
+                if block is None:
+                    block = np.empty(shape, np.result_type(*parts))
+                    np.concatenate(parts, out=block[:rows])
+                    block[rows:] = 0
+            except MemoryError:
+                raise DeviceMemoryError(f"host memory: cannot allocate the merged batch of "
+                                        f"{len(batch)} requests, shape {list(shape)}") from None
             merged.append(block)
         return merged
 
     def _run(self, batch):
         started = time.perf_counter()
-        wait = float(np.mean([started - r.arrived for r in batch]))
         try:
-            outputs = self._execute(self._gather(batch), wait)
-        except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
+            wait = float(np.mean([started - r.arrived for r in batch]))
+            arrays = self._gather(batch)
+            if self._owner is None:
+                outputs = self._execute(arrays, wait)
+            else:  # the owner is alive: each waiting request holds it
+                outputs = self._execute(batch[0].owner, arrays, wait)
+            del arrays
+            offset, results = 0, []
             for r in batch:
-                r.future.set_exception(e)
+                mine = [o[offset:offset + r.rows] for o in outputs]
+                offset += r.rows
+                results.append(r.finish(mine))
+        except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
+            error = e if isinstance(e, OffloadError) else _wrapped(e)
+            for r in batch:
+                _fail(r.future, error)
             return
         self.batches += 1
         self.requests += len(batch)
-        offset, done = 0, time.perf_counter()
-        for r in batch:
-            mine = [o[offset:offset + r.rows] for o in outputs]
-            offset += r.rows
+        done = time.perf_counter()
+        for r, result in zip(batch, results):
             if r.finish is not list:  # pieces of a split request are counted once, when joined
-                self._record(done - r.arrived, started - r.arrived)
-            r.future.set_result(r.finish(mine))
+                try:
+                    self._record(done - r.arrived, started - r.arrived)
+                except Exception:  # noqa: BLE001 - a statistic must not lose the answer
+                    pass
+            r.future.set_result(result)
 
 
 class _Arena:
@@ -238,7 +329,7 @@ class _Arena:
             free = _core.unshared(pool)  # a block only the pool refers to
             if free >= 0:
                 return np.asarray(pool[free])  # made under the lock: now referenced
-            owner = _core.HostBuffer(shape, "<f4")
+            owner = hostmem.buffer(shape, "<f4")
             if len(pool) < self.per_shape and self._bytes + owner.nbytes <= self.max_bytes:
                 pool.append(owner)
                 self._bytes += owner.nbytes
@@ -262,13 +353,29 @@ def _joined(futures, finish) -> concurrent.futures.Future:
                 return
         try:
             parts = [f.result() for f in futures]
-        except BaseException as e:  # noqa: BLE001 - cancelled or failed piece
-            joined.set_exception(e if not isinstance(e, concurrent.futures.CancelledError)
-                                 else OffloadError("part of a split request was cancelled"))
-            return
-        joined.set_result(finish([np.concatenate([p[k] for p in parts])
-                                  for k in range(len(parts[0]))]))
+            result = finish([np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))])
+        except concurrent.futures.CancelledError:
+            _fail(joined, OffloadError("part of a split request was cancelled"))
+        except BaseException as e:  # noqa: BLE001 - a failed piece, or joining failed
+            _fail(joined, e if isinstance(e, OffloadError) else _wrapped(e))
+        else:
+            joined.set_result(result)
 
     for f in futures:
         f.add_done_callback(done)
     return joined
+
+
+def _wrapped(error: BaseException) -> OffloadError:
+    """An unexpected exception in the batcher as the typed error its callers get."""
+    kind = DeviceMemoryError if isinstance(error, MemoryError) else OffloadError
+    wrapped = kind(f"batched run failed: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def _fail(future, error) -> None:
+    try:
+        future.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # answered (or cancelled) already
+        pass

@@ -14,6 +14,12 @@ class OffloadError(Exception):
         return (self.__class__, self.args)
 
 
+class ArgumentError(OffloadError, ValueError):
+    """An argument of a public function is of the wrong type or out of range (a batch size, a
+    setting, a fallback name); the message names the argument, what it takes and what came.
+    Also a ValueError, as such arguments raised before."""
+
+
 class ModelFormatError(OffloadError):
     """A model file could not be read: missing, truncated, not ONNX, or referring outside its folder."""
 

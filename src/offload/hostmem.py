@@ -10,6 +10,7 @@ copy, or the path in ``$OFFLOAD_CUDART``); offload never links against CUDA.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 import threading
@@ -20,10 +21,10 @@ from ._core import ALIGNMENT, HostBuffer, address
 from ._core import aligned_empty as _aligned_empty
 from ._core import copy as _copy
 from ._core import load_cuda_runtime as _load_cuda_runtime
-from .errors import DeviceUnavailableError, ShapeError
+from .errors import DeviceMemoryError, DeviceUnavailableError, ShapeError
 
-__all__ = ["ALIGNMENT", "HostBuffer", "address", "aligned_empty", "copy", "cuda_runtime",
-           "empty"]
+__all__ = ["ALIGNMENT", "HostBuffer", "address", "aligned_empty", "buffer", "copy",
+           "cuda_runtime", "empty"]
 
 # Device kinds whose copies run faster from page-locked memory; empty(device=...) pins for them
 # when a CUDA runtime can page-lock here, and quietly gives plain aligned memory otherwise.
@@ -35,9 +36,58 @@ _cuda_state: str | DeviceUnavailableError | None = None  # loaded path, or why n
 _pin_failure: str | None = None  # why page-locking failed once with a loaded runtime
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (0 where the system does not say)."""
+    global _physical
+    if _physical is None:
+        try:
+            _physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            _physical = 0
+    return _physical
+
+
+_physical: int | None = None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n} bytes ({n / scale:.1f} {unit})"
+    return f"{n} bytes"
+
+
+def _refuse(nbytes: int, what: str) -> DeviceMemoryError:
+    """The error for a host allocation that failed (_core refuses more than the physical
+    memory before asking: with overcommit, malloc would promise it and the process would be
+    killed on touching it)."""
+    phys = physical_memory()
+    have = f"; this machine has {_size(phys)} of physical memory" if phys else ""
+    return DeviceMemoryError(f"host memory: cannot allocate {_size(nbytes)} for {what}{have}")
+
+
 def aligned_empty(nbytes: int) -> np.ndarray:
-    """A writeable uint8 array of ``nbytes`` whose data starts on a 4 KiB boundary."""
-    return _aligned_empty(int(nbytes), ALIGNMENT)
+    """A writeable uint8 array of ``nbytes`` whose data starts on a 4 KiB boundary.
+
+    More than the machine's physical memory, or an allocation that fails, raises
+    :class:`~offload.errors.DeviceMemoryError` naming the size."""
+    nbytes = int(nbytes)
+    if nbytes < 0:
+        raise ShapeError(f"aligned_empty(): expected a byte count >= 0, got {nbytes}")
+    try:
+        return _aligned_empty(nbytes, ALIGNMENT)
+    except MemoryError:
+        raise _refuse(nbytes, "an aligned block") from None
+
+
+def buffer(shape, typestr: str = "<f4", pinned: bool = False) -> HostBuffer:
+    """A :class:`HostBuffer` of ``shape`` elements of ``typestr``; like :func:`empty`, a size
+    over the physical memory or a failed allocation raises DeviceMemoryError naming it."""
+    try:
+        return HostBuffer(shape, typestr, pinned)
+    except MemoryError:
+        raise _refuse(_nbytes(shape, typestr), f"an array of shape {_shape_text(shape)} "
+                      f"({typestr})") from None
 
 
 def empty(shape, dtype=np.float32, device=None, pinned: bool = False) -> np.ndarray:
@@ -57,8 +107,9 @@ def empty(shape, dtype=np.float32, device=None, pinned: bool = False) -> np.ndar
     device kDLCUDAHost when pinned). Cost: about a microsecond, like a small ``np.empty`` plus a
     ``malloc``.
     """
-    if device is not None and not pinned:
-        pinned = _device_wants_pinned(device)
+    if device is not None:
+        wants = _device_wants_pinned(device)  # also checks that the device is known
+        pinned = pinned or wants
     if pinned:
         _require_cuda_runtime()
     shape = (shape,) if isinstance(shape, (int, np.integer)) else shape
@@ -72,9 +123,15 @@ def empty(shape, dtype=np.float32, device=None, pinned: bool = False) -> np.ndar
         # strings): a byte block viewed as the dtype
         dt = np.dtype(dtype)
         shape = tuple(shape)
-        count = int(np.prod(shape, dtype=np.int64))
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+                   for d in shape):
+            raise ValueError("shape entries must be ints >= 0")
+        count = math.prod(int(d) for d in shape)
         block = np.asarray(HostBuffer((count * dt.itemsize,), "|u1", pinned))
         return block.view(dt).reshape(shape)
+    except MemoryError:  # also std::bad_alloc: a size that does not fit in memory at all
+        raise _refuse(_nbytes(shape, dtype), f"offload.empty({_shape_text(shape)}, "
+                      f"{np.dtype(dtype)})") from None
     except RuntimeError as e:  # page-locking failed: the runtime is there, the GPU is not
         raise DeviceUnavailableError(f"offload.empty(pinned=True): expected page-locked memory "
                                      f"from the CUDA runtime {_cuda_state}, got: {e}") from None
@@ -106,6 +163,21 @@ def cuda_runtime() -> str:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _nbytes(shape, dtype) -> int:
+    """Bytes of ``shape`` elements of ``dtype`` (0 for what is not a shape: refused later)."""
+    try:
+        return math.prod(map(int, shape)) * np.dtype(dtype).itemsize
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _shape_text(shape) -> str:
+    try:
+        return str(tuple(int(d) for d in shape))
+    except (TypeError, ValueError):
+        return repr(shape)
+
+
 def _hashable(dtype) -> bool:
     return dtype.__hash__ is not None
 
@@ -122,7 +194,18 @@ def _typestr(dtype) -> str | None:
 
 
 def _device_wants_pinned(device) -> bool:
-    from .device import parse_spec  # no import cycle at module load
+    from .device import Device, devices, parse_spec  # no import cycle at module load
+    if not isinstance(device, Device):
+        if not isinstance(device, str):
+            raise DeviceUnavailableError(f"offload.empty(device=...): expected a device spec "
+                                         f"such as 'cuda:0' or an offload.Device, got "
+                                         f"{type(device).__name__} {device!r}")
+        spec = parse_spec(device)
+        known = [i.spec for i in devices()]
+        if spec not in known:  # known but unavailable (no GPU here) is fine: plain memory
+            raise DeviceUnavailableError(f"offload.empty(device={device!r}): no such device; "
+                                         f"known devices: {', '.join(known) or 'none'}")
+        device = spec
     kind = parse_spec(device).partition(":")[0]
     if kind not in _PINNED_KINDS or _pin_failure is not None:
         return False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import numbers
+import os
 import threading
 import time
 import warnings
@@ -15,7 +17,8 @@ import numpy as np
 from . import graph as G
 from .batching import Batcher, Batching
 from .device import Device
-from .errors import ModelFormatError, OffloadError, ShapeError, UnsupportedOpError
+from .errors import (ArgumentError, DeviceMemoryError, ModelFormatError, OffloadError,
+                     ShapeError, UnsupportedOpError)
 from .precision import check as check_precision
 from .plan import Plan, batch_mixing_node
 
@@ -38,6 +41,19 @@ def _dlpack_device(x):
         return None
 
 WINDOW = 2048  # requests kept for the latency percentiles
+
+
+def _max_run_rows() -> int:
+    """Rows of one device run at most (``OFFLOAD_MAX_RUN_ROWS``, default 65536): a larger call
+    on a model that treats each sample on its own runs as several runs of a plan this size."""
+    text = os.environ.get("OFFLOAD_MAX_RUN_ROWS", "")
+    try:
+        value = int(text) if text else 65536
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ArgumentError(f"OFFLOAD_MAX_RUN_ROWS: expected an int >= 1 (rows), got {text!r}")
+    return value
 
 
 class Stats:
@@ -178,16 +194,30 @@ class Model:
     def __init__(self, graph: G.Graph, device: Device | list[Device], source: str = "",
                  batching: Batching | None = None, fallback: str = "error",
                  precision: str = "float32"):
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        if not isinstance(fallback, str) or fallback not in FALLBACKS:
+            raise ArgumentError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        if batching is not None and not isinstance(batching, Batching):
+            raise ArgumentError(f"batching: expected offload.Batching(max_batch, max_delay_us) "
+                                f"or None, got {type(batching).__name__} {batching!r}")
         self.graph = graph
         self.devices = list(device) if isinstance(device, (list, tuple)) else [device]
         if not self.devices:
-            raise ValueError("a model needs at least one device")
+            raise ArgumentError("device: a model needs at least one device, got an empty list")
+        bad = [d for d in self.devices if not isinstance(d, Device)]
+        if bad:
+            raise ArgumentError(f"device: expected offload.Device objects, got {bad!r}")
         self.device = self.devices[0]
         self.source = source
         self.fallback = fallback
-        self.precision = check_precision(precision)
+        if not isinstance(precision, str):
+            raise ArgumentError(f"precision: expected a name such as 'float32' or "
+                                f"'ap_fixed<16,6>', got {type(precision).__name__} {precision!r}")
+        try:
+            self.precision = check_precision(precision)
+        except ValueError as e:
+            raise ArgumentError(f"precision: {e}") from None
+        self.max_run_rows = _max_run_rows()
+        self._run_rows: dict[tuple, int] = {}  # sample shapes -> rows per run learned smaller
         for d in self.devices:
             if precision not in d.capabilities.precisions:
                 raise UnsupportedOpError(
@@ -279,7 +309,22 @@ class Model:
 
     def predict(self, x: np.ndarray, batch_size: int = 1024):
         """Run a large single-input array in batches of ``batch_size``; returns the concatenation."""
-        x = np.asarray(x)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or \
+                batch_size < 1:
+            raise ArgumentError(f"predict(batch_size=...): expected an int >= 1 (rows per run), "
+                                f"got {batch_size!r}")
+        if len(self.graph.inputs) != 1:
+            raise ArgumentError(f"predict() takes a model of one input; this one has "
+                                f"{len(self.graph.inputs)}: call the model instead")
+        batch_size = int(batch_size)
+        try:
+            x = np.asarray(x)
+        except Exception as e:
+            raise ShapeError(f"predict(): expected an array, got {type(x).__name__} ({e})") \
+                from None
+        if x.ndim < 1:
+            raise ShapeError(f"predict(): expected an array with a batch axis, got a 0-d "
+                             f"{x.dtype} array")
         parts = [self.run(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
         if isinstance(parts[0], tuple):
             return tuple(np.concatenate(p) for p in zip(*parts))
@@ -456,7 +501,7 @@ class Model:
         """Compile (or fetch) the plan for these input shapes on the first device, e.g. to warm
         up before timing."""
         ctx = self._contexts[0]
-        plan = self._acquire(ctx, tuple(tuple(s) for s in shapes))
+        plan = self._acquire(ctx, self._check_shapes(shapes))
         self._release(ctx, plan)
         return plan
 
@@ -487,6 +532,31 @@ class Model:
             took[ctx.device.spec] = time.perf_counter() - t0
         return took
 
+    def _check_shapes(self, shapes) -> tuple:
+        """Input shapes given by hand (``plan``): one tuple of ints >= 0 per input, of the
+        input's rank and fixed sizes; ShapeError naming the input otherwise."""
+        specs = self.graph.inputs
+        if len(shapes) != len(specs):
+            raise ShapeError(f"plan(): the model takes {len(specs)} input(s) "
+                             f"{[t.name + ' ' + t.describe() for t in specs]}, got "
+                             f"{len(shapes)} shape(s)")
+        out = []
+        for k, (spec, shape) in enumerate(zip(specs, shapes)):
+            what = f"plan(): the shape of input {spec.name!r} (#{k})"
+            try:
+                dims = tuple(shape)
+            except TypeError:
+                raise ShapeError(f"{what}: expected a tuple of ints, got {shape!r}") from None
+            if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0
+                       for d in dims):
+                raise ShapeError(f"{what}: expected ints >= 0, got {dims!r}")
+            dims = tuple(int(d) for d in dims)
+            if len(dims) != len(spec.shape) or any(
+                    isinstance(d, int) and d != s for d, s in zip(spec.shape, dims)):
+                raise ShapeError(f"{what}: expected {spec.describe()}, got {list(dims)}")
+            out.append(dims)
+        return tuple(out)
+
     def _pick(self) -> _DeviceContext:
         """The least-loaded device (requests in flight)."""
         with self._dispatch_lock:
@@ -495,6 +565,84 @@ class Model:
             return ctx
 
     def _dispatch(self, arrays, out, profile, since=None, in_place=True):
+        """Run on the model's devices: in one run, or, for more rows than a run takes (on a
+        model that treats each sample on its own), in several (see _dispatch_split)."""
+        rows = arrays[0].shape[0] if len(arrays[0].shape) else 0
+        if rows <= self.max_run_rows and not self._run_rows:
+            try:
+                return self._dispatch_one(arrays, out, profile, since, in_place)
+            except DeviceMemoryError:
+                if rows < 2 or self._split_reason(arrays, out) is not None:
+                    raise
+                self._run_rows[self._samples(arrays)] = max(1, rows // 2)
+        limit = self._run_rows.get(self._samples(arrays), self.max_run_rows)
+        if rows <= limit or self._split_reason(arrays, out) is not None:
+            return self._dispatch_one(arrays, out, profile, since, in_place)
+        return self._dispatch_split(arrays, out, profile, since, in_place, limit)
+
+    @staticmethod
+    def _samples(arrays) -> tuple:
+        return tuple(tuple(a.shape[1:]) for a in arrays)
+
+    def _split_reason(self, arrays, out) -> str | None:
+        """Why a call cannot be run as several runs over its rows, or None when it can."""
+        if isinstance(out, str):
+            return 'out="device"'
+        if any(not len(a.shape) or a.shape[0] != arrays[0].shape[0] for a in arrays):
+            return "the inputs do not share a batch axis"
+        if any(len(t.shape) and isinstance(t.shape[0], int) for t in self.graph.inputs):
+            return "an input has a fixed first axis"
+        samples = self._samples(arrays)
+        if samples not in self._mixing:
+            self._mixing[samples] = batch_mixing_node(self.graph, samples)
+        return self._mixing[samples]
+
+    def _dispatch_split(self, arrays, out, profile, since, in_place, limit):
+        """Run ``arrays`` as runs of at most ``limit`` rows into one set of outputs; a run that
+        finds no memory is halved and retried (down to one row), and the size remembered."""
+        rows = arrays[0].shape[0]
+        samples = self._samples(arrays)
+        ctx = self._contexts[0]
+        while True:
+            try:
+                plan = self._acquire(ctx, tuple((limit,) + s for s in samples))
+                break
+            except DeviceMemoryError:
+                if limit < 2:
+                    raise
+                limit = self._run_rows[samples] = limit // 2
+        shapes = plan.output_shapes
+        self._release(ctx, plan)
+        if any(not s or s[0] != limit for s in shapes):  # an output without the batch axis
+            return self._dispatch_one(arrays, out, profile, since, in_place)
+        full = [(rows,) + tuple(s[1:]) for s in shapes]
+        if out is None:
+            try:
+                outs = [np.empty(s, np.float32) for s in full]
+            except MemoryError:
+                raise DeviceMemoryError(f"host memory: cannot allocate the outputs "
+                                        f"{[list(s) for s in full]} of a {rows}-row call") \
+                    from None
+        else:
+            outs = self._check_out(out, tuple(full))
+        start = 0
+        while start < rows:
+            stop = min(rows, start + limit)
+            try:
+                self._dispatch_one([a[start:stop] for a in arrays],
+                                   [o[start:stop] for o in outs], profile, None, in_place)
+            except DeviceMemoryError:
+                if stop - start < 2:
+                    raise
+                limit = max(1, (stop - start) // 2)
+                self._run_rows[samples] = limit
+                continue
+            start = stop
+        if since is not None:
+            self._stats.request(time.perf_counter() - since)
+        return outs
+
+    def _dispatch_one(self, arrays, out, profile, since=None, in_place=True):
         """Run on one of the model's devices; ``since``: count the request (see Stats.record);
         ``in_place``: let the plan use aligned arrays in place (see Plan.run)."""
         if len(self._contexts) == 1:
@@ -545,6 +693,9 @@ class Model:
             outs = None if out is None else "device" if isinstance(out, str) and out == \
                 "device" else self._check_out(out, plan.output_shapes)
             return plan.run(arrays, outs, self._stats, profile, since, in_place)
+        except MemoryError:  # a host allocation while running (the outputs, a temporary)
+            raise DeviceMemoryError(f"{ctx.device.spec}: out of host memory running the plan "
+                                    f"for input shapes {[list(s) for s in shapes]}") from None
         finally:
             if not self._closed:
                 ctx.plans.setdefault(shapes, []).append(plan)
@@ -554,7 +705,14 @@ class Model:
         if (type(out) is np.ndarray and len(shapes) == 1 and out.shape == shapes[0]
                 and out.dtype == np.float32 and out.flags.writeable):
             return [out]
-        outs = [out] if isinstance(out, np.ndarray) else list(out)
+        if isinstance(out, np.ndarray):
+            outs = [out]
+        elif isinstance(out, (list, tuple)):
+            outs = list(out)
+        else:
+            raise ShapeError(f"out=: expected a float32 array (or a list of them, one per "
+                             f"output) of shape(s) {[list(s) for s in shapes]}, got "
+                             f"{type(out).__name__} {out!r:.80}")
         if len(outs) != len(shapes):
             raise ShapeError(f"out=: the model has {len(shapes)} output(s), got {len(outs)} "
                              "array(s)")
