@@ -19,6 +19,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)  // the CI build with -DOFFLOAD_SANITIZE=ON
 #include <sanitizer/asan_interface.h>
@@ -57,8 +58,20 @@ bool is_power_of_two(std::int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 // Under AddressSanitizer the bytes around the ``used`` ones (the lead, the rounding up to whole
 // alignment units) are poisoned, so that an overflow past the array is reported although it
 // stays inside the malloc'ed block.
+// Bytes of physical memory (0: unknown). A block larger than that is refused before malloc:
+// with overcommit, malloc would promise it and the process be killed on touching it.
+std::size_t physical_memory() {
+    static const std::size_t bytes = [] {
+        long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+        return pages > 0 && size > 0 ? (std::size_t) pages * (std::size_t) size : 0;
+    }();
+    return bytes;
+}
+
 void *aligned_malloc(std::size_t nbytes, std::size_t align, std::size_t used) {
     if (nbytes > std::numeric_limits<std::size_t>::max() - align - sizeof(void *))
+        return nullptr;
+    if (physical_memory() && nbytes > physical_memory())
         return nullptr;
     void *raw = std::malloc(nbytes + align + sizeof(void *));
     if (!raw)

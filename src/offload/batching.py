@@ -106,8 +106,15 @@ class Batcher:
         # one worker per device, so that several devices each run a batch at once
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{k}", daemon=True)
                          for k in range(max(1, int(workers)))]
-        for t in self._threads:
-            t.start()
+        try:
+            for t in self._threads:
+                t.start()
+        except RuntimeError as e:  # "can't start new thread": no batcher, said now
+            self._stop(weakref.ref(self))
+            for t in self._threads:
+                if t.ident is not None:
+                    t.join()
+            raise OffloadError(f"could not start the batcher thread {name}: {e}") from None
         if self._owner is not None:  # the owner collected: stop (nothing waits: see _Request)
             f = weakref.finalize(owner, Batcher._stop, weakref.ref(self))
             f.atexit = False

@@ -712,7 +712,10 @@ def clients_sweep(model: str, device: str = "cpu", clients: Sequence[int] = (1, 
             go = threading.Barrier(c + 1)
 
             def client(k):
-                go.wait()
+                try:
+                    go.wait()
+                except threading.BrokenBarrierError:  # not every client could start
+                    return
                 mine = latencies[k]
                 while True:
                     t0 = time.perf_counter()
@@ -721,8 +724,19 @@ def clients_sweep(model: str, device: str = "cpu", clients: Sequence[int] = (1, 
                     call(m, x)
                     mine.append(time.perf_counter() - t0)
             threads = [threading.Thread(target=client, args=(k,)) for k in range(c)]
-            for t in threads:
-                t.start()
+            started = []
+            try:
+                for t in threads:
+                    t.start()
+                    started.append(t)
+            except RuntimeError as e:  # "can't start new thread": release those waiting
+                go.abort()
+                for t in started:
+                    t.join()
+                plain.close()
+                batched.close()
+                raise offload.OffloadError(f"could not start {c} client threads (started "
+                                   f"{len(started)}): {e}") from None
             go.wait()
             began = time.perf_counter()
             for t in threads:

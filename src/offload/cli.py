@@ -40,14 +40,29 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _batches(text: str) -> list[int]:
+MAX_BATCH = 2**31 - 1  # rows (as offload.batching.MAX_BATCH)
+MAX_CLIENTS = 1024  # --clients: threads started at once
+MAX_SECONDS = 3600.0  # --min-time
+
+
+def _int_list(text: str, what: str, limit: int) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,32; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what} like 1,32; got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers; got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be positive integers; got {text!r}")
+    if any(v > limit for v in values):
+        raise argparse.ArgumentTypeError(f"{what} must be at most {limit}; got {text!r}")
     return values
+
+
+def _batches(text: str) -> list[int]:
+    return _int_list(text, "batch sizes", MAX_BATCH)
+
+
+def _clients(text: str) -> list[int]:
+    return _int_list(text, "client counts", MAX_CLIENTS)
 
 
 def _positive_float(text: str) -> float:
@@ -55,8 +70,15 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SECONDS:g} seconds, got {text!r}")
     return value
 
 
@@ -135,15 +157,22 @@ def cmd_devices(args) -> int:
 
 
 def _load_npy(path: str) -> np.ndarray:
+    # Memory-mapped first: a header that declares more data than the file holds (or none at
+    # all) is refused here, before anything the size of the declaration is allocated.
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:
+        raise CommandError(f"{path}: is empty or ends inside its .npy header") from None
     except ValueError as e:
-        raise CommandError(f"{path}: cannot read as a .npy array without pickle ({e})") from None
+        why = "the header declares more data than the file holds" if "mmap length" in str(e) \
+            else str(e)
+        raise CommandError(f"{path}: cannot read as a .npy array without pickle ({why})") \
+            from None
     if isinstance(data, np.lib.npyio.NpzFile):
         names = list(data.files)
         data.close()
         raise CommandError(f"{path}: is an .npz archive ({names}); pass one .npy file per input")
-    return data
+    return np.array(data)
 
 
 def _output_paths(outputs: list[str], count: int) -> list[str]:
@@ -356,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_option(p)
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="timing blocks per contender, alternated (default: 5)")
-    p.add_argument("--min-time", type=_positive_float, default=1.0, metavar="S",
+    p.add_argument("--min-time", type=_seconds, default=1.0, metavar="S",
                    help="seconds of timing per contender and point (default: 1.0)")
     p.add_argument("--warmup", type=_positive_int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
@@ -366,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="print the per-op profile after")
     p.add_argument("--profile-runs", type=_positive_int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--clients", type=_batches, metavar="C[,C...]",
+    p.add_argument("--clients", type=_clients, metavar="C[,C...]",
                    help="instead: throughput and latency against concurrent callers, with and "
                    "without batching (requests of --batch rows, --min-time s per point)")
     p.add_argument("--max-batch", type=_positive_int, default=64, help="with --clients")
@@ -413,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (OffloadError, CommandError, OSError) as e:
         _err(_one_line(e))
+        return EXIT_ERROR
+    except MemoryError as e:  # e.g. an input generated for a huge --batch
+        _err(f"out of memory: {_one_line(e)}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         _err("interrupted")

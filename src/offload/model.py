@@ -301,7 +301,11 @@ class Model:
                 if self._executor is None:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
                         max_workers=2 * len(self.devices), thread_name_prefix="offload-model")
-        return self._executor.submit(self._run_timed, arrays, time.perf_counter())
+        try:
+            return self._executor.submit(self._run_timed, arrays, time.perf_counter())
+        except RuntimeError as e:  # "can't start new thread", or shut down meanwhile
+            raise OffloadError(f"model {self.source or self.graph.name!r}: could not submit "
+                               f"the request: {e}") from None
 
     async def infer_async(self, *inputs, **named):
         """``await model.infer_async(x)``: the asyncio form of submit."""
