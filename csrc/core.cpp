@@ -492,9 +492,11 @@ std::int64_t gather(nb::handle out, nb::sequence parts, bool strict) {
         total += (std::size_t) p.view.len;
         rows += p.view.shape[0];
     }
-    if (total > (std::size_t) o.view.len && !strict)
+    // rows counted too: with a zero-size sample shape the bytes fit whatever the rows
+    const bool fits = total <= (std::size_t) o.view.len && rows <= o.view.shape[0];
+    if (!fits && !strict)
         return -1;
-    if (total > (std::size_t) o.view.len)
+    if (!fits)
         throw nb::value_error(("gather(): the parts hold " + std::to_string(rows) +
                                " rows, out has only " + std::to_string(o.view.shape[0])).c_str());
 

@@ -1,0 +1,329 @@
+"""A fuzz harness for ``offload._core``: every binding called with what a byte string decodes to.
+
+``one_input(data)`` reads a byte string as a program: which binding to call and with what
+arguments (arrays of fuzzed rank, sizes, dtype, strides, writeability and overlap; sequences
+whose ``__getitem__`` makes temporaries or lies about their length; HostBuffer subclasses that
+skip the base ``__init__``; Program ops whose arrays are dropped before ``run()``). A binding
+may refuse with TypeError, ValueError, BufferError, MemoryError or OverflowError; anything else
+is a finding, and so is a result that disagrees with NumPy, a crash, or a sanitizer report.
+
+    tests/test_core.py::test_fuzz_core_seeded   a few hundred seeded inputs, in the default run
+                                                 (and under ASan in `.ci/run asan`)
+    .ci/run fuzz [SECONDS]                       coverage-guided: atheris + libFuzzer on a
+                                                 clang build of _core with libFuzzer's coverage,
+                                                 then the corpus replayed under ASan + UBSan
+    python tests/fuzz_core.py -runs=N            atheris on the _core that is installed
+    python tests/fuzz_core.py --replay DIR       every input of a corpus once (a crash file:
+                                                 put it in a folder of its own)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import numpy as np
+
+def _fuzz_with_atheris(argv) -> None:
+    """libFuzzer (atheris) drives one_input. _core is imported at the first input, once
+    atheris has loaded its libFuzzer: a _core built for fuzzing (.ci/run fuzz) calls libFuzzer's
+    coverage hooks, which that library then provides (made global here)."""
+    import ctypes
+    import glob
+
+    import atheris
+    target = []
+
+    def first(data):
+        if not target:
+            for core in glob.glob(os.path.join(os.path.dirname(atheris.__file__), "core_*.so")):
+                try:  # the one atheris loaded (NOLOAD: not the other)
+                    ctypes.CDLL(core, mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD)
+                except OSError:
+                    pass
+            import fuzz_core  # this file, as a module
+            target.append(fuzz_core.one_input)
+        target[0](data)
+    atheris.Setup(argv, first)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__" and "--replay" not in sys.argv:
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        _fuzz_with_atheris(sys.argv)
+        sys.exit(0)
+
+from offload import _core  # noqa: E402
+
+REFUSALS = (TypeError, ValueError, BufferError, MemoryError, OverflowError)
+
+DTYPES = [np.float32, np.float32, np.float32, np.float64, np.float16, np.int32, np.uint8,
+          np.dtype(">f4"), np.bool_]
+
+
+class Reader:
+    """Fuzzed choices from a byte string (atheris' FuzzedDataProvider, when it is there)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def int(self, lo: int, hi: int) -> int:
+        return lo + (self.byte() | self.byte() << 8) % (hi - lo + 1)
+
+    def pick(self, items):
+        return items[self.byte() % len(items)]
+
+    def flag(self) -> bool:
+        return bool(self.byte() & 1)
+
+
+class Temporaries:
+    """A sequence whose items exist only while the caller holds them; may lie about len()."""
+
+    def __init__(self, items, length):
+        self.items, self.length = items, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if i >= len(self.items):
+            raise IndexError(i)
+        return np.array(self.items[i])  # a fresh copy each time: no one else holds it
+
+
+class SkipsInit(_core.HostBuffer):
+    def __init__(self, *args):  # never calls HostBuffer.__init__
+        pass
+
+
+def array(r: Reader, base=None):
+    """An array: fresh, a view of ``base`` (overlap), strided, read-only, 0-d..4-d."""
+    kind = r.byte() % 8
+    if base is not None and kind < 2 and base.size:
+        flat = base.reshape(-1)
+        start = r.int(0, flat.size - 1)
+        n = r.int(0, flat.size - start)
+        a = flat[start:start + n]
+        cols = r.int(1, 8)
+        return a[:n - n % cols].reshape(-1, cols) if n >= cols else a
+    ndim = r.int(0, 4)
+    shape = tuple(r.int(0, 9) for _ in range(ndim))
+    dtype = r.pick(DTYPES)
+    if kind == 2:
+        a = np.asarray(_core.HostBuffer(shape, np.dtype(dtype).str)) if np.dtype(dtype).str[0] \
+            != ">" else np.zeros(shape, dtype)
+    else:
+        a = (np.arange(int(np.prod(shape)), dtype=np.float64) % 7 - 3).astype(dtype).reshape(shape)
+    if kind == 3 and a.ndim:
+        a = a[..., ::2] if a.shape[-1] > 1 else a.T
+    if kind == 4:
+        a.flags.writeable = False
+    return a
+
+
+def operand(r: Reader, base=None):
+    """An array most of the time, else something that is not one."""
+    choice = r.byte() % 16
+    if choice == 0:
+        return None
+    if choice == 1:
+        return r.int(-5, 5)
+    if choice == 2:
+        return [1.0, 2.0]
+    if choice == 3:
+        return SkipsInit()
+    if choice == 4:
+        return memoryview(bytearray(r.int(0, 64)))
+    return array(r, base)
+
+
+def check_gather(r: Reader):
+    out = operand(r)
+    parts = [array(r, out if isinstance(out, np.ndarray) else None) for _ in range(r.int(0, 4))]
+    strict = r.flag()
+    wrap = r.byte() % 4
+    seq = Temporaries(parts, len(parts) + r.int(0, 3) if wrap == 1 else len(parts)) \
+        if wrap < 2 else tuple(parts) if wrap == 2 else parts
+    snapshot = [np.array(p) for p in parts]
+    try:
+        rows = _core.gather(out, seq, strict=strict)
+    except REFUSALS:
+        return
+    if rows < 0:
+        assert not strict
+        return
+    out = np.asarray(memoryview(out))
+    if not all(p.size == 0 or not np.shares_memory(p, out) for p in parts):
+        return  # parts inside out: the copies overlap, nothing to compare
+    want = np.concatenate([p.reshape(p.shape[:1] + out.shape[1:]) for p in snapshot] +
+                          [np.zeros((out.shape[0] - rows,) + out.shape[1:], out.dtype)])
+    assert rows == sum(p.shape[0] for p in snapshot)
+    np.testing.assert_array_equal(out, want.astype(out.dtype))
+
+
+def check_copy(r: Reader):
+    dst = operand(r)
+    src = operand(r, dst if isinstance(dst, np.ndarray) else None)
+    before = np.array(src, copy=True) if isinstance(src, np.ndarray) else None
+    try:
+        _core.copy(dst, src)
+    except REFUSALS:
+        return
+    if before is not None and isinstance(dst, np.ndarray) and before.dtype == dst.dtype:
+        np.testing.assert_array_equal(np.asarray(dst).reshape(-1), before.reshape(-1))
+
+
+def _act(r: Reader):
+    return r.int(-1, 6), float(r.int(0, 4)) / 4, -float(r.int(0, 4)), float(r.int(0, 4))
+
+
+def check_kernels(r: Reader):
+    which = r.byte() % 4
+    x = operand(r)
+    base = x if isinstance(x, np.ndarray) else None
+    if which == 0:
+        w, bias, residual, out = (operand(r, base) for _ in range(4))
+        args = (x, w, bias, residual, out) + _act(r)
+        snap = [np.array(a) if isinstance(a, np.ndarray) else a for a in args[:4]]
+        try:
+            _core.dense(*args)
+        except REFUSALS:
+            return
+        x0, w0, b0, r0 = snap
+        want = x0.astype(np.float32) @ w0.astype(np.float32)
+        if b0 is not None:
+            want = want + b0.astype(np.float32)
+        if r0 is not None:
+            want = want + r0.astype(np.float32).reshape(want.shape)
+        if args[5] == 0:
+            np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    elif which == 1:
+        bias, residual = operand(r, base), operand(r, base)
+        try:
+            _core.epilogue(x, bias, r.int(-1, 2), residual, *_act(r))
+        except REFUSALS:
+            return
+    elif which == 2:
+        out = operand(r, base)
+        snap = np.array(x) if isinstance(x, np.ndarray) else None
+        try:
+            _core.softmax(x, out)
+        except REFUSALS:
+            return
+        if snap is not None and snap.size and np.isfinite(snap).all():
+            e = np.exp(snap.astype(np.float64) - snap.max(-1, keepdims=True))
+            np.testing.assert_allclose(out.reshape(snap.shape), e / e.sum(-1, keepdims=True),
+                                       rtol=1e-4, atol=1e-5)
+    else:
+        y, bias, residual = operand(r, base), operand(r, base), operand(r, base)
+        try:
+            _core.conv_epilogue(x, y, bias, residual, *_act(r))
+        except REFUSALS:
+            return
+
+
+def check_program(r: Reader):
+    program = _core.Program()
+    for _ in range(r.int(0, 4)):
+        x = operand(r)
+        base = x if isinstance(x, np.ndarray) else None
+        try:
+            if r.flag():
+                program.add_softmax(x, operand(r, base))
+            else:
+                program.add_dense(x, operand(r, base), operand(r, base), operand(r, base),
+                                  operand(r, base), *_act(r))
+        except REFUSALS:
+            pass
+        del x, base
+    # every array the program was given is now held only by the program (refcounts: no gc)
+    junk = [np.full(64, np.nan, np.float32) for _ in range(8)]
+    program.run()
+    assert len(program) >= 0
+    del junk
+
+
+def check_hostbuffer(r: Reader):
+    shape = [r.int(-2, 9) for _ in range(r.int(0, 5))]
+    typestr = r.pick(["<f4", "|u1", "<i8", "<f2", "|b1", "<c8", ">f4", "<f3", "", "<V8", "f4"])
+    try:
+        hb = _core.HostBuffer(shape, typestr) if r.flag() else SkipsInit()
+    except REFUSALS:
+        return
+    for use in range(r.int(1, 4)):
+        try:
+            if use == 0:
+                a = np.asarray(memoryview(hb))
+                a[...] = 1
+            elif use == 1:
+                np.from_dlpack(hb)
+            elif use == 2:
+                _core.copy(hb, np.zeros(max(0, hb.nbytes), np.uint8))
+            else:
+                _core.address(hb)
+        except REFUSALS:
+            pass
+
+
+def check_misc(r: Reader):
+    try:
+        a = _core.aligned_empty(r.int(-4, 1 << 14), 1 << r.int(0, 14))
+        a[:] = 1
+    except REFUSALS:
+        pass
+    items = [operand(r) for _ in range(r.int(0, 4))]
+    assert -1 <= _core.unshared(items) < max(1, len(items))
+    try:
+        _core.address(operand(r))
+    except REFUSALS:
+        pass
+
+
+CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc]
+
+
+def one_input(data: bytes) -> None:
+    r = Reader(data)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanobind: "uninitialized instance"
+        for _ in range(1 + r.byte() % 3):
+            r.pick(CHECKS)(r)
+
+
+def seeded(count: int, seed: int = 0, size: int = 96):
+    """``count`` reproducible random inputs."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield rng.integers(0, 256, int(rng.integers(1, size)), dtype=np.uint8).tobytes()
+
+
+def main(argv) -> None:
+    if "--replay" in argv:  # every file of a corpus once (under the ASan build: .ci/run fuzz)
+        folder = argv[argv.index("--replay") + 1]
+        names = sorted(os.listdir(folder))
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                one_input(f.read())
+        print(f"replayed {len(names)} inputs from {folder}")
+        return
+    runs = next((int(a.split("=")[1]) for a in argv if a.startswith("-runs=")), 100000)
+    print(f"atheris is not installed: {runs} seeded random inputs instead")
+    for data in seeded(runs):
+        one_input(data)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
