@@ -194,18 +194,14 @@ def _typestr(dtype) -> str | None:
 
 
 def _device_wants_pinned(device) -> bool:
-    from .device import Device, devices, parse_spec  # no import cycle at module load
+    from .device import Device, parse_spec, resolve_spec  # no import cycle at module load
     if not isinstance(device, Device):
         if not isinstance(device, str):
             raise DeviceUnavailableError(f"offload.empty(device=...): expected a device spec "
                                          f"such as 'cuda:0' or an offload.Device, got "
                                          f"{type(device).__name__} {device!r}")
-        spec = parse_spec(device)
-        known = [i.spec for i in devices()]
-        if spec not in known:  # known but unavailable (no GPU here) is fine: plain memory
-            raise DeviceUnavailableError(f"offload.empty(device={device!r}): no such device; "
-                                         f"known devices: {', '.join(known) or 'none'}")
-        device = spec
+        # a device nobody has is refused; known but unavailable (no GPU here): plain memory
+        device = resolve_spec(device)
     kind = parse_spec(device).partition(":")[0]
     if kind not in _PINNED_KINDS or _pin_failure is not None:
         return False
