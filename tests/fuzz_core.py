@@ -205,8 +205,8 @@ def check_kernels(r: Reader):
             return
         x0, w0, b0, r0 = snap
         want = x0.astype(np.float32) @ w0.astype(np.float32)
-        if b0 is not None:
-            want = want + b0.astype(np.float32)
+        if b0 is not None:  # n values, whatever their shape (as the kernel reads them)
+            want = want + b0.astype(np.float32).reshape(-1)
         if r0 is not None:
             want = want + r0.astype(np.float32).reshape(want.shape)
         if args[5] == 0:
