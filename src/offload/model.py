@@ -7,7 +7,7 @@ import concurrent.futures
 import threading
 import time
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 
 import numpy as np
@@ -153,14 +153,83 @@ class Binding:
                f"on {self.plan.device.spec}>"
 
 
+PLAN_CACHE = 32  # input-shape sets that keep compiled plans, per device of a model
+
+
+class PlanCache:
+    """The compiled plans of one device of a model, by input-shape set: at most ``size`` sets,
+    the least recently used dropped first; each set keeps its idle plans (one per call that
+    ran concurrently). Counts hits, misses, compiles and evictions (``Model.stats``)."""
+
+    def __init__(self, size: int = PLAN_CACHE):
+        self.size = size
+        self._lock = threading.Lock()
+        self._sets: OrderedDict[tuple, list[Plan]] = OrderedDict()
+        self.hits = self.misses = self.compiles = self.evictions = 0
+
+    def take(self, shapes: tuple) -> Plan | None:
+        """An idle plan for ``shapes`` (taken out: give it back after the run), or None."""
+        with self._lock:
+            idle = self._sets.get(shapes)
+            if idle:
+                self._sets.move_to_end(shapes)
+                self.hits += 1
+                return idle.pop()
+            self.misses += 1
+            return None
+
+    def give(self, plan: Plan) -> None:
+        """Put ``plan`` back (or in, once compiled); evicts the least recently used sets."""
+        key = plan.input_shapes
+        with self._lock:
+            idle = self._sets.get(key)
+            if idle is None:
+                self._sets[key] = [plan]
+                while len(self._sets) > self.size:
+                    self._sets.popitem(last=False)
+                    self.evictions += 1
+            else:
+                idle.append(plan)
+                self._sets.move_to_end(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sets.clear()
+
+    def keys(self):
+        with self._lock:
+            return list(self._sets)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def __contains__(self, shapes) -> bool:
+        return shapes in self._sets
+
+    def __getitem__(self, shapes) -> list:
+        return self._sets[shapes]
+
+    def values(self):
+        with self._lock:
+            return [list(v) for v in self._sets.values()]
+
+    def counters(self) -> dict:
+        return {"plan_cache_hits": self.hits, "plan_cache_misses": self.misses,
+                "plan_compiles": self.compiles, "plan_cache_evictions": self.evictions,
+                "plan_cache_sets": len(self._sets)}
+
+
 class _DeviceContext:
     """One device of a model: its prepared weights, its pool of plans, its requests in flight."""
 
-    def __init__(self, device: Device, precision: str = "float32"):
+    def __init__(self, device: Device, precision: str = "float32", plan_cache: int = PLAN_CACHE):
         self.device = device
         self.precision = precision
         self.weights: dict = {}
-        self.plans: dict[tuple, list[Plan]] = {}
+        self.plans = PlanCache(plan_cache)
         self.in_flight = 0
         self.runs = 0  # device runs started here (not locked: a statistic, not a counter to trust)
 
@@ -177,7 +246,8 @@ class Model:
 
     def __init__(self, graph: G.Graph, device: Device | list[Device], source: str = "",
                  batching: Batching | None = None, fallback: str = "error",
-                 precision: str = "float32"):
+                 precision: str = "float32", memory_limit: int | None = None,
+                 plan_cache: int = PLAN_CACHE):
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.graph = graph
@@ -193,7 +263,10 @@ class Model:
                 raise UnsupportedOpError(
                     f"device {d.spec} does not run precision {precision!r} (it runs "
                     f"{sorted(d.capabilities.precisions)})", [(f"precision {precision}", "")])
-        self._contexts = [_DeviceContext(d.session(), precision) for d in self.devices]
+        self.memory_limit = memory_limit  # checks.memory_limit(); None: the default
+        self.plan_cache = plan_cache
+        self._contexts = [_DeviceContext(d.session(), precision, plan_cache)
+                          for d in self.devices]
         self._fallback_context: _DeviceContext | None = None
         self._dispatch_lock = threading.Lock()
         self._stats = Stats()
@@ -235,8 +308,15 @@ class Model:
     def stats(self) -> dict:
         """calls (requests), device_runs, copy_in_bytes, copy_out_bytes, copy_in_s, compute_s,
         copy_out_s, queue_wait_s, latency_p50_s, latency_p99_s, queue_wait_p50_s,
-        queue_wait_p99_s, fallbacks, fallback_reasons."""
-        return self._stats.snapshot()
+        queue_wait_p99_s, fallbacks, fallback_reasons; and the plan caches' plan_cache_hits,
+        plan_cache_misses, plan_compiles, plan_cache_evictions, plan_cache_sets (summed over
+        the model's devices)."""
+        out = self._stats.snapshot()
+        contexts = self._contexts + ([self._fallback_context] if self._fallback_context else [])
+        for ctx in contexts:
+            for k, v in ctx.plans.counters().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def reset_stats(self) -> None:
         self._stats.reset()
@@ -414,17 +494,21 @@ class Model:
         return x
 
     def _acquire(self, ctx: _DeviceContext, shapes: tuple) -> Plan:
-        try:
-            return ctx.plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
-        except (KeyError, IndexError):
-            pass
+        plan = ctx.plans.take(shapes)
+        if plan is not None:
+            return plan
+        return self._compile(ctx, shapes)
+
+    def _compile(self, ctx: _DeviceContext, shapes: tuple) -> Plan:
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        return Plan(self.graph, ctx.device, shapes, ctx.weights, ctx.precision)
+        ctx.plans.compiles += 1
+        return Plan(self.graph, ctx.device, shapes, ctx.weights, ctx.precision,
+                    memory_limit=self.memory_limit)
 
     def _release(self, ctx: _DeviceContext, plan: Plan) -> None:
         if not self._closed:
-            ctx.plans.setdefault(plan.input_shapes, []).append(plan)
+            ctx.plans.give(plan)
 
     def bind(self, *inputs, out=None, **named) -> "Binding":
         """Bind arrays to a plan once, for repeated calls on the same buffers (the event loop
@@ -521,7 +605,8 @@ class Model:
             from .device import device as open_device
             with self._dispatch_lock:
                 if self._fallback_context is None:
-                    self._fallback_context = _DeviceContext(open_device("cpu"))
+                    self._fallback_context = _DeviceContext(open_device("cpu"),
+                                                             plan_cache=self.plan_cache)
         reason = f"{ctx.device.spec}: {type(error).__name__}: {str(error).splitlines()[0]}"
         if self._stats.fallback(reason):
             warnings.warn(f"offload: falling back to cpu ({reason})", RuntimeWarning, stacklevel=4)
@@ -532,22 +617,20 @@ class Model:
         shapes = (arrays[0].shape,) if len(arrays) == 1 else tuple([a.shape for a in arrays])
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        try:
-            plan = ctx.plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
-        except (KeyError, IndexError):
+        plan = ctx.plans.take(shapes)
+        if plan is None:
             if any(0 in s for s in shapes):
                 if since is not None:
                     self._stats.request(time.perf_counter() - since)
                 return self._empty_result(ctx, shapes)
-            plan = self._acquire(ctx, shapes)
+            plan = self._compile(ctx, shapes)
         ctx.runs += 1
         try:
             outs = None if out is None else "device" if isinstance(out, str) and out == \
                 "device" else self._check_out(out, plan.output_shapes)
             return plan.run(arrays, outs, self._stats, profile, since, in_place)
         finally:
-            if not self._closed:
-                ctx.plans.setdefault(shapes, []).append(plan)
+            self._release(ctx, plan)
 
     @staticmethod
     def _check_out(out, shapes) -> list:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import checks
 from . import graph as G
 from . import precision as P
 from . import reference
@@ -37,6 +38,7 @@ class BuildContext:
         self.kernel_defines = P.kernel_defines(precision)
         self._weights = weights  # shared by every plan of one model on one device
         self._scratch: dict[int, tuple] = {}  # slot -> (raw block, nbytes)
+        self.reserve = None  # the plan's byte counter (Plan._reserve), checked before allocating
 
     def weight(self, array: np.ndarray, tag: str = "", transform=None):
         """A device copy of a constant, transformed once (e.g. re-laid out), converted to the
@@ -58,6 +60,8 @@ class BuildContext:
         nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
         raw, size = self._scratch.get(slot, (None, 0))
         if nbytes > size:
+            if self.reserve is not None:
+                self.reserve(nbytes, f"scratch {list(shape)}")
             raw = self.device.alloc(nbytes)
             self._scratch[slot] = (raw, nbytes)
         return self.device.view(raw, tuple(shape), dtype)
@@ -109,9 +113,13 @@ class Resolved:
     values: dict
 
 
-def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
+def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
+            memory_limit: int | None = None) -> Resolved:
     """Resolve shapes and fold what the input shapes make constant; with ``device_ops``, check
-    that the device implements every run-time op (UnsupportedOpError lists all that it lacks)."""
+    that the device implements every run-time op (UnsupportedOpError lists all that it lacks).
+    Every node is checked at these shapes (offload.checks); folding stays under
+    ``memory_limit``."""
+    limit = checks.memory_limit(memory_limit)
     values: dict[str, np.ndarray] = dict(graph.constants)
     shapes: dict[str, tuple] = {t.name: s for t, s in zip(graph.inputs, input_shapes)}
     entries = []
@@ -121,7 +129,8 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
             failed.update(node.outputs)  # downstream of an op already reported
             continue
         if all(not i or i in values for i in node.inputs):
-            outs = reference.evaluate(node, [values.get(i) if i else None for i in node.inputs])
+            outs = checks.evaluate(node, [values.get(i) if i else None for i in node.inputs],
+                                   limit)
             values.update(zip(node.outputs, (np.asarray(v) for v in outs)))
             continue
         if node.op == "shape":
@@ -136,7 +145,10 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
             continue
         in_shapes = [shapes.get(i) if i in shapes else
                      (values[i].shape if i in values else None) for i in node.inputs]
-        out_shape = G.infer_shape(node, in_shapes, [values.get(i) for i in node.inputs])
+        with checks.guard(node, "resolving its shape"):
+            in_values = [values.get(i) for i in node.inputs]
+            checks.check_node(node, in_shapes, in_values)
+            out_shape = G.infer_shape(node, in_shapes, in_values)
         shapes[node.outputs[0]] = out_shape
         if node.op in G.VIEW_OPS:
             entries.append((node, {}, node.inputs[:1], out_shape))
@@ -180,14 +192,17 @@ class Plan:
     """``graph`` compiled for ``device`` at the given input shapes."""
 
     def __init__(self, graph: G.Graph, device: Device, input_shapes: tuple, weights: dict,
-                 precision: str = "float32"):
+                 precision: str = "float32", memory_limit: int | None = None):
         self.device = device
         self.input_shapes = input_shapes
         self.precision = precision
         self.storage = P.storage_dtype(precision)
+        self.memory_limit = checks.memory_limit(memory_limit)
+        self.reserved = 0  # bytes of activation, input and scratch blocks this plan allocated
         ctx = BuildContext(device, weights, precision)
+        ctx.reserve = self._reserve
         try:
-            r = resolve(graph, input_shapes, device.ops)
+            r = resolve(graph, input_shapes, device.ops, self.memory_limit)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
         self._build(graph, device, ctx, r.values, r.shapes, r.entries)
@@ -196,6 +211,15 @@ class Plan:
         self._bindings = OrderedDict() if device.reads_host_arrays else None
         self._last_bound = None
         self._stats = self._counters = None  # the model's Stats, and this plan's counters in it
+
+    def _reserve(self, nbytes: int, what: str):
+        """Count a block of ``nbytes`` for ``what``; over the memory limit: DeviceMemoryError
+        before anything is asked of the device."""
+        checks.check_bytes(self.reserved + nbytes, self.memory_limit,
+                           f"the plan for input shapes {[list(s) for s in self.input_shapes]} "
+                           f"on {self.device.spec} ({self.reserved} bytes so far, then "
+                           f"{nbytes} for {what})")
+        self.reserved += nbytes
 
     def _build(self, graph, device, ctx, values, shapes, entries):
         # Which memory block each run-time tensor lives in (views share their input's block).
@@ -218,6 +242,7 @@ class Plan:
         for t in graph.inputs:
             shape = shapes[t.name]
             nbytes = max(1, math.prod(shape) * item)
+            self._reserve(nbytes, f"input {t.name!r}")
             raw = device.alloc(nbytes)
             blocks[t.name] = (raw, nbytes)
             buffers[t.name] = device.view(raw, shape, storage)
@@ -239,12 +264,16 @@ class Plan:
                     free.remove(best)
                     blocks[out] = best[1], best[0]
                 else:
+                    self._reserve(nbytes, f"the output {list(out_shape)} of {node.source_op or node.op} "
+                                          f"node {node.name!r}")
                     blocks[out] = device.alloc(nbytes), nbytes
                     self.activation_blocks += 1
                 buffers[out] = device.view(blocks[out][0], out_shape, storage)
-                data = [buffers[n] if n in buffers else
-                        np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
-                self.steps.append(Step(node, device.ops[node.op](ctx, attrs, data, buffers[out])))
+                with checks.guard(node, f"preparing it for {device.spec}"):
+                    data = [buffers[n] if n in buffers else
+                            np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
+                    step = Step(node, device.ops[node.op](ctx, attrs, data, buffers[out]))
+                self.steps.append(step)
                 self._step_args.append((attrs, operands, data, buffers[out]))
             for name in set(operands):
                 r = root.get(name)
