@@ -77,9 +77,17 @@ def default_memory_limit() -> int:
     if env:
         return parse_bytes(env, "OFFLOAD_MEMORY_LIMIT")
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        limit = 8 << 30
+    try:  # a process whose address space is capped (ulimit -v) gets half of that
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limit = min(limit, soft // 2)
+    except (ImportError, ValueError, OSError):
+        pass
+    return limit
 
 
 def memory_limit(limit=None) -> int:
@@ -673,3 +681,27 @@ def _clip(c):
 def _shape(c):
     c.attr_int("start", 0)
     c.attr_int("end", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX-level: attribute types against the op's schema (before any converter reads them)
+
+def onnx_attributes(node, opset: int, label: str, name: str) -> None:
+    """Each attribute of ONNX ``node`` has the type its schema says (an int where ints are
+    expected, ...), before any converter reads it; unknown ops are left to the importer."""
+    import onnx
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except Exception:  # unknown op or domain: reported as unsupported by the importer
+        return
+    for attr in node.attribute:
+        spec = schema.attributes.get(attr.name)
+        if spec is None:
+            continue
+        expected = int(spec.type)
+        if attr.type != expected:
+            got = onnx.AttributeProto.AttributeType.Name(attr.type) if attr.type in \
+                onnx.AttributeProto.AttributeType.values() else f"type {attr.type}"
+            raise ModelFormatError(
+                f"{label}: {node.op_type} node {name!r}: attribute {attr.name} is "
+                f"{got}, expected {onnx.AttributeProto.AttributeType.Name(expected)}")

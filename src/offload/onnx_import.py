@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import checks
 from . import graph as G
 from .errors import ModelFormatError, UnsupportedOpError
 from .reference import ONNX_DTYPES
@@ -333,6 +334,7 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
         if convert is None:
             unsupported.append((n.op_type, name, ""))
             continue
+        checks.onnx_attributes(n, opset, label, name)
         try:
             converted = convert(n, _attrs(n, label, name), ctx)
         except _Unsupported as e:

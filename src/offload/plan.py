@@ -20,7 +20,7 @@ from . import graph as G
 from . import precision as P
 from . import reference
 from .device import Device
-from .errors import ShapeError, UnsupportedOpError
+from .errors import DeviceMemoryError, ShapeError, UnsupportedOpError
 from .hostmem import ALIGNMENT, address
 
 IN_PLACE_BINDINGS = 4  # sets of caller arrays a plan keeps compiled steps for (least recently used go)
@@ -221,6 +221,16 @@ class Plan:
                            f"{nbytes} for {what})")
         self.reserved += nbytes
 
+    def _alloc(self, nbytes: int, what: str):
+        self._reserve(nbytes, what)
+        try:
+            return self.device.alloc(nbytes)
+        except MemoryError:
+            raise DeviceMemoryError(f"{self.device.spec}: out of memory allocating {nbytes} "
+                                    f"bytes for {what} (the plan for input shapes "
+                                    f"{[list(s) for s in self.input_shapes]} holds "
+                                    f"{self.reserved - nbytes} bytes)") from None
+
     def _build(self, graph, device, ctx, values, shapes, entries):
         # Which memory block each run-time tensor lives in (views share their input's block).
         root = {t.name: t.name for t in graph.inputs}
@@ -242,8 +252,7 @@ class Plan:
         for t in graph.inputs:
             shape = shapes[t.name]
             nbytes = max(1, math.prod(shape) * item)
-            self._reserve(nbytes, f"input {t.name!r}")
-            raw = device.alloc(nbytes)
+            raw = self._alloc(nbytes, f"input {t.name!r}")
             blocks[t.name] = (raw, nbytes)
             buffers[t.name] = device.view(raw, shape, storage)
             self.input_buffers.append(buffers[t.name])
@@ -264,9 +273,9 @@ class Plan:
                     free.remove(best)
                     blocks[out] = best[1], best[0]
                 else:
-                    self._reserve(nbytes, f"the output {list(out_shape)} of {node.source_op or node.op} "
-                                          f"node {node.name!r}")
-                    blocks[out] = device.alloc(nbytes), nbytes
+                    blocks[out] = self._alloc(nbytes, f"the output {list(out_shape)} of "
+                                              f"{node.source_op or node.op} node "
+                                              f"{node.name!r}"), nbytes
                     self.activation_blocks += 1
                 buffers[out] = device.view(blocks[out][0], out_shape, storage)
                 with checks.guard(node, f"preparing it for {device.spec}"):
