@@ -146,6 +146,8 @@ class Check:
             return None
         if v.dtype.kind not in "iub":
             self.fail(f"{what} must be integers, got {v.dtype}")
+        if v.ndim != 1:
+            self.fail(f"{what} must be a 1-D tensor, got shape {list(v.shape)}")
         return [int(x) for x in v.reshape(-1)]
 
     def fail(self, why):
@@ -379,8 +381,9 @@ def _gemm(c):
     a, b = _rank2(c, 0, "A"), _rank2(c, 1, "B")
     ta, tb = c.attr_int("transA", 0), c.attr_int("transB", 0)
     for name, value in (("alpha", c.attrs.get("alpha", 1.0)), ("beta", c.attrs.get("beta", 1.0))):
-        if not isinstance(value, (float, int, np.floating)) or isinstance(value, bool):
-            c.fail(f"attribute {name} must be a float, got {value!r}")
+        if not isinstance(value, (float, int, np.floating)) or isinstance(value, bool) or \
+                not math.isfinite(value):
+            c.fail(f"attribute {name} must be a finite float, got {value!r}")
     if b is not None and _elements(b) == 0:
         c.fail(f"B has shape {list(b)}, with no elements")
     if a is None or b is None:
@@ -392,11 +395,11 @@ def _gemm(c):
                      f"(transB={tb}) has K={k_b}")
     m = a[1] if ta else a[0]
     cs = c.dims(2)
-    if cs is not None:
-        try:
-            np.broadcast_shapes(tuple(d if _known(d) else 1 for d in cs),
-                                tuple(d if _known(d) else 1 for d in (m, n)))
-        except ValueError:
+    if cs is not None:  # C broadcasts to [M, N], one way (as onnxruntime)
+        target = (m, n)
+        ok = len(cs) <= 2 and all(not _known(d) or not _known(t) or d in (1, t)
+                                  for d, t in zip(cs[::-1], target[::-1]))
+        if not ok:
             c.shape_fail(f"C of shape {list(cs)} does not broadcast to [M, N] = {[m, n]}")
 
 
@@ -463,8 +466,8 @@ def _reshape(c):
 def _flatten(c):
     x = c.dims(0)
     axis = c.attr_int("axis", 1)
-    if x is not None:
-        c.axis(axis, len(x) + 1)
+    if x is not None and not -len(x) <= axis <= len(x):
+        c.fail(f"axis {axis} is out of range [-{len(x)}, {len(x)}] for rank {len(x)}")
 
 
 @rule("concat")
@@ -582,7 +585,7 @@ def _pad(c):
         if grown is not None and grown < 0:
             c.shape_fail(f"pads {pads} crop axis {a} of input {list(x)} below size 0")
     v = c.value(2)
-    if v is not None and v.size > 1:
+    if v is not None and v.size != 1:  # as onnxruntime
         c.fail(f"the constant value must be one element, got shape {list(v.shape)}")
 
 
@@ -673,7 +676,7 @@ def _activation(c):
 def _clip(c):
     for i, name in ((1, "min"), (2, "max")):
         v = c.value(i)
-        if v is not None and v.size != 1:
+        if v is not None and v.ndim != 0:  # as onnxruntime: "min should be a scalar"
             c.fail(f"{name} must be a scalar, got shape {list(v.shape)}")
 
 
@@ -685,6 +688,22 @@ def _shape(c):
 
 # ---------------------------------------------------------------------------------------------
 # ONNX-level: attribute types against the op's schema (before any converter reads them)
+
+def onnx_outputs(graph, label: str) -> None:
+    """Graph outputs must declare an element type offload knows (onnxruntime refuses a model
+    whose output type is undefined)."""
+    from .reference import ONNX_DTYPES
+    if not graph.output:
+        raise ModelFormatError(f"{label}: the graph has no outputs")
+    for v in graph.value_info:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == 0:
+            raise ModelFormatError(f"{label}: tensor {v.name!r} has an undefined element type")
+    for v in graph.output:
+        t = v.type.tensor_type
+        if not v.type.HasField("tensor_type") or t.elem_type not in ONNX_DTYPES:
+            raise ModelFormatError(f"{label}: graph output {v.name!r} has element type "
+                                   f"{t.elem_type} (undefined or not supported)")
+
 
 def onnx_attributes(node, opset: int, label: str, name: str) -> None:
     """Each attribute of ONNX ``node`` has the type its schema says (an int where ints are

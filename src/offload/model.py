@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import concurrent.futures
 import threading
 import time
@@ -619,10 +620,12 @@ class Model:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
         plan = ctx.plans.take(shapes)
         if plan is None:
-            if any(0 in s for s in shapes):
-                if since is not None:
-                    self._stats.request(time.perf_counter() - since)
-                return self._empty_result(ctx, shapes)
+            if all(s and s[0] == 0 for s in shapes):  # an empty batch (every input's axis 0)
+                empty = self._empty_result(ctx, shapes)
+                if empty is not None:
+                    if since is not None:
+                        self._stats.request(time.perf_counter() - since)
+                    return empty
             plan = self._compile(ctx, shapes)
         ctx.runs += 1
         try:
@@ -651,8 +654,12 @@ class Model:
         return outs
 
     def _empty_result(self, ctx, shapes):
-        """Outputs for an empty batch: the plan at batch 1 tells the other dimensions."""
-        ones = tuple((1,) + tuple(s[1:]) for s in shapes)
-        plan = self._acquire(ctx, ones)
-        self._release(ctx, plan)
-        return [np.empty((0,) + tuple(s[1:]), np.float32) for s in plan.output_shapes]
+        """Outputs for an empty batch, or None when one of them is not empty (a reduction
+        over the batch axis: then a plan computes it). The graph is resolved at these shapes,
+        so an empty batch is refused exactly where a full one would be."""
+        from .plan import resolve
+        r = resolve(self.graph, shapes, None, self.memory_limit)
+        out = [r.shapes[o] if o in r.shapes else np.shape(r.values[o]) for o in self.graph.outputs]
+        if any(math.prod(s) for s in out):
+            return None
+        return [np.empty(s, np.float32) for s in out]

@@ -291,7 +291,8 @@ def _tensor_info(value: onnx.ValueInfoProto, label: str) -> G.TensorInfo:
     t = value.type.tensor_type
     dtype = ONNX_DTYPES.get(t.elem_type)
     if dtype is None or np.dtype(dtype).kind != "f":
-        name = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type else "unknown"
+        name = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type in \
+            onnx.TensorProto.DataType.values() and t.elem_type else f"unknown ({t.elem_type})"
         raise ModelFormatError(f"{label}: input {value.name!r} has element type {name}; offload "
                                "runs models whose inputs are floating point")
     dims = []
@@ -348,6 +349,7 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
         nodes.extend(converted)
     if unsupported:
         raise_unsupported(label, unsupported)
+    checks.onnx_outputs(g, label)
     inputs = [_tensor_info(v, label) for v in g.input if v.name not in constants]
     return G.Graph(nodes, inputs, [o.name for o in g.output], constants, g.name or "model")
 

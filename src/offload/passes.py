@@ -18,7 +18,8 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
     (free axes as names); ``memory_limit`` bounds what folding may allocate (checks.memory_limit)."""
     ranks = {name: len(shape) for name, shape in shapes.items()}
     limit = checks.memory_limit(memory_limit)
-    for rewrite in (validate, remove_identities, fold_constants, lower, fold_batchnorm,
+    # validated twice: with the constants of the file, then with those folding computed
+    for rewrite in (validate, remove_identities, fold_constants, validate, lower, fold_batchnorm,
                     fuse_bias, fuse_residual, fuse_activation, eliminate_dead_nodes,
                     check_host_ops, contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes, limit=limit)
