@@ -277,14 +277,14 @@ def test_many_nodes_sharing_one_name_load_in_linear_time():
 
 def test_plan_cache_is_bounded_and_counted():
     model = offload.load("jet_mlp", plan_cache=4)
-    for batch in range(1, 21):
+    for batch in range(1, 17):  # up to 16 rows: one plan per batch size
         model(zoo.sample_input("jet_mlp", batch))
-    model(zoo.sample_input("jet_mlp", 20))
+    model(zoo.sample_input("jet_mlp", 16))
     stats = model.stats
     assert len(model._plans) == stats["plan_cache_sets"] == 4
-    assert sorted(model._plans) == [((b, 16),) for b in (17, 18, 19, 20)]
-    assert stats["plan_compiles"] == 20 and stats["plan_cache_evictions"] == 16
-    assert stats["plan_cache_hits"] == 1 and stats["plan_cache_misses"] == 20
+    assert sorted(model._plans) == [((b, 16),) for b in (13, 14, 15, 16)]
+    assert stats["plan_compiles"] == 16 and stats["plan_cache_evictions"] == 12
+    assert stats["plan_cache_hits"] == 1 and stats["plan_cache_misses"] == 16
     with pytest.raises(offload.OffloadError, match="plan_cache"):
         offload.load("jet_mlp", plan_cache=0)
 
@@ -299,7 +299,15 @@ def test_rss_stays_bounded_over_many_batch_sizes():
                 for line in f:
                     if line.startswith("VmRSS"):
                         return int(line.split()[1]) / 1024
-        model = offload.load("jet_mlp", plan_cache=8)
+        from onnx import helper as h, TensorProto as T, numpy_helper as nh
+        # a sum over the batch axis: not bucketed, so every batch size needs its own plan
+        w = nh.from_array(np.random.default_rng(0).random((16, 256), np.float32), "w")
+        g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["h"]),
+                          h.make_node("ReduceSum", ["h"], ["y"], axes=[0], keepdims=1)], "g",
+                         [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 256])], [w])
+        model = offload.load(h.make_model(g, opset_imports=[h.make_opsetid("", 11)]),
+                             plan_cache=8)
         x = zoo.sample_input("jet_mlp", 4000)
         for b in range(3000, 3100):
             model(x[:b])
@@ -314,3 +322,28 @@ def test_rss_stays_bounded_over_many_batch_sizes():
     grown, sets = out.stdout.split()
     # 600 more plans of ~3 MiB each would be ~1.8 GiB; eight are kept
     assert int(sets) == 8 and float(grown) < 200, out.stdout
+
+
+def test_batch_sizes_share_bucketed_plans(device):
+    """Batch sizes above 16 run on the plan of their bucket (3 significant bits, at most 12.5%
+    padding rows), with the same numbers as each sample run alone."""
+    from offload.model import bucket
+    assert [bucket(n) for n in (1, 16, 17, 18, 19, 33, 1000, 1024)] == \
+        [1, 16, 18, 18, 20, 36, 1024, 1024]
+    model = offload.load("jet_mlp", device=device)
+    x = zoo.sample_input("jet_mlp", 40, seed=3)
+    one = np.concatenate([model(x[i:i + 1]) for i in range(40)])
+    for n in (40, 17, 33, 19, 18, 36, 40):
+        np.testing.assert_allclose(model(x[:n]), one[:n], rtol=1e-4, atol=1e-5)
+    assert sorted(model._plans) == [((1, 16),), ((18, 16),), ((20, 16),), ((36, 16),),
+                                    ((40, 16),)]
+
+
+def test_a_model_that_mixes_the_batch_is_not_bucketed():
+    """A reduction over the batch axis: 17 rows must not be padded to 18."""
+    data = _model([h.make_node("ReduceSum", ["x"], ["y"], keepdims=1, axes=[0])], [], ["N", 3],
+                  opset=11).SerializeToString()
+    model = offload.load(data)
+    x = np.ones((17, 3), np.float32)
+    np.testing.assert_array_equal(model(x), np.full((1, 3), 17.0, np.float32))
+    assert ((17, 3),) in model._plans

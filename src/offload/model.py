@@ -155,6 +155,17 @@ class Binding:
 
 
 PLAN_CACHE = 32  # input-shape sets that keep compiled plans, per device of a model
+BUCKET_EXACT = 16  # batch sizes up to this get their own plan; larger ones share buckets
+
+
+def bucket(rows: int) -> int:
+    """The batch a call of ``rows`` samples runs at when its model computes each sample on its
+    own: ``rows`` up to BUCKET_EXACT, else rounded up to 3 significant bits (18, 20, ..., 28,
+    32, 36, ..., 1024): at most 12.5% padding, 8 plans per doubling of the batch."""
+    if rows <= BUCKET_EXACT:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
 
 
 class PlanCache:
@@ -274,6 +285,7 @@ class Model:
         self._closed = self._closing = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._mixing: dict[tuple, str | None] = {}
+        self._bucketable: dict[tuple, bool] = {}  # sample shapes -> may run on a bucket's plan
         self.batching = batching
         self._batcher = None
         if batching is not None:
@@ -618,6 +630,11 @@ class Model:
         shapes = (arrays[0].shape,) if len(arrays) == 1 else tuple([a.shape for a in arrays])
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
+        rows = None
+        if shapes[0] and shapes[0][0] > BUCKET_EXACT and out is None and profile is None:
+            bucketed = self._bucketed(shapes)
+            if bucketed is not None:
+                shapes, rows = bucketed
         plan = ctx.plans.take(shapes)
         if plan is None:
             if all(s and s[0] == 0 for s in shapes):  # an empty batch (every input's axis 0)
@@ -629,11 +646,34 @@ class Model:
             plan = self._compile(ctx, shapes)
         ctx.runs += 1
         try:
+            if rows is not None:
+                return plan.run_rows(arrays, rows, self._stats, since)
             outs = None if out is None else "device" if isinstance(out, str) and out == \
                 "device" else self._check_out(out, plan.output_shapes)
             return plan.run(arrays, outs, self._stats, profile, since, in_place)
         finally:
             self._release(ctx, plan)
+
+    def _bucketed(self, shapes):
+        """(the bucket's input shapes, rows) when a call at ``shapes`` may run on the plan of
+        a larger batch (every input has the same free batch axis and the model computes each
+        sample on its own), else None."""
+        n = shapes[0][0]
+        size = bucket(n)
+        if size == n or any(not s or s[0] != n for s in shapes) or \
+                any(isinstance(t.shape[0], int) for t in self.graph.inputs if t.shape):
+            return None
+        samples = tuple(tuple(s[1:]) for s in shapes)
+        ok = self._bucketable.get(samples)
+        if ok is None:
+            try:
+                ok = batch_mixing_node(self.graph, samples) is None
+            except OffloadError:  # cannot even be resolved at the probe batch
+                ok = False
+            self._bucketable[samples] = ok
+        if not ok:
+            return None
+        return tuple((size,) + s for s in samples), n
 
     @staticmethod
     def _check_out(out, shapes) -> list:

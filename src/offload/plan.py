@@ -289,6 +289,10 @@ class Plan:
                 if r is not None and last_use.get(r) == i and r not in pinned:
                     raw, cap = blocks[r]
                     free.append((cap, raw))
+        self._input_raws = [blocks[t.name][0] for t in graph.inputs]
+        self._output_raws = [blocks[root[o]][0] if o in buffers and o in root else None
+                             for o in graph.outputs]
+        self._row_views: OrderedDict = OrderedDict()  # rows -> (input views, output views)
         self.outputs = []  # (buffer or None, constant or None, shape)
         for o in graph.outputs:
             if o in buffers:
@@ -372,6 +376,55 @@ class Plan:
                 else:
                     copied_out += device.copy_out(dst, buf)
                 results.append(dst)
+        t3 = time.perf_counter()
+        if stats is not None:
+            self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
+        return results
+
+    def run_rows(self, arrays, rows: int, stats=None, request_since=None):
+        """Run on ``rows`` samples, fewer than this plan's batch: the inputs fill the first
+        rows of the plan's input blocks, the outputs' first rows come back (new arrays). Only
+        for a graph where each sample is computed on its own (``batch_mixing_node`` is None),
+        so that the other rows, left from earlier runs, change nothing."""
+        device, storage = self.device, self.storage
+        t0 = time.perf_counter()
+        views = self._row_views.get(rows)
+        if views is None:
+            if not self._row_views:  # rows never written hold whatever memory held: zeros
+                for buf, shape in zip(self.input_buffers, self.input_shapes):
+                    device.copy_in(buf, np.zeros(shape, storage))
+            ins = [device.view(raw, (rows,) + tuple(s[1:]), storage)
+                   for raw, s in zip(self._input_raws, self.input_shapes)]
+            outs = [device.view(raw, (rows,) + tuple(shape[1:]), storage) if raw is not None
+                    else None for raw, (_, _, shape) in zip(self._output_raws, self.outputs)]
+            views = self._row_views[rows] = (ins, outs)
+            if len(self._row_views) > 16:
+                self._row_views.popitem(last=False)
+        ins, outs = views
+        copied_in = copied_out = 0
+        for view, array in zip(ins, arrays):
+            if storage != np.float32:
+                array = self._to_storage(array)
+            device.copy_in(view, array)
+            copied_in += view.nbytes
+        t1 = time.perf_counter()
+        for run in self._run_steps:
+            run()
+        device.synchronize()
+        t2 = time.perf_counter()
+        results = []
+        for view, (_, const, shape) in zip(outs, self.outputs):
+            if view is None:
+                dst = np.array(np.asarray(const)[:rows], np.float32)
+            elif storage != np.float32:
+                host = np.empty(view.shape, storage)
+                device.copy_out(host, view)
+                dst = P.from_storage(host, self.precision)
+            else:
+                dst = np.empty(view.shape, np.float32)
+                device.copy_out(dst, view)
+            copied_out += dst.nbytes
+            results.append(dst)
         t3 = time.perf_counter()
         if stats is not None:
             self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)

@@ -263,6 +263,7 @@ class OpenCLDevice(Device):
 
     def _bind(self, raw: Raw, src: np.ndarray, dst: Buffer) -> bool:
         if (src.dtype != dst.dtype or not src.flags.c_contiguous or src.nbytes != dst.nbytes
+                or dst.nbytes != raw.nbytes  # a view of the first rows: kernels read it all
                 or address(src) % ALIGNMENT or not raw.uses):
             return False
         cl = _cl()
