@@ -33,7 +33,7 @@ import traceback
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 ELEMENT_TYPES = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 77]
 INT_VALUES = [-(2 ** 31), -7, -2, -1, 0, 1, 2, 3, 5, 64, 2 ** 20, 2 ** 31 - 1]

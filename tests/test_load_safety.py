@@ -8,13 +8,11 @@ onnxruntime (the oracle) refuses the same model, the test says so.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h

@@ -37,9 +37,17 @@ def import_onnx(source, memory_limit=None):
     is checked (offload.checks) and constant folding stays under ``memory_limit``."""
     from . import onnx_import, passes
     model, label = onnx_import.read_model(source)
-    graph = onnx_import.to_graph(model, label)
-    inferred = onnx_import.check(model, label)
-    return passes.optimize(graph, label, onnx_import.shapes(inferred), memory_limit)
+    try:
+        graph = onnx_import.to_graph(model, label)
+        inferred = onnx_import.check(model, label)
+        return passes.optimize(graph, label, onnx_import.shapes(inferred), memory_limit)
+    except OffloadError:
+        raise
+    except MemoryError:
+        raise DeviceMemoryError(f"{label}: out of host memory while importing the model") from None
+    except Exception as e:  # the last line behind offload.checks: still a typed error
+        raise ModelFormatError(f"{label}: cannot be imported ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def load(source: str | os.PathLike, device: str | Device | list = "cpu",

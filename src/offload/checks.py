@@ -517,10 +517,10 @@ def _reduce(c):
     axes = c.attr_ints("axes")
     if axes is None:
         axes = c.ints(1, "axes")
-    if axes is not None and x is not None:
+    if axes is not None and x is not None and x:
         for a in axes:
             c.axis(a, len(x), "axis")
-        if len({a % len(x) for a in axes}) != len(axes) if x else False:
+        if len({a % len(x) for a in axes}) != len(axes):
             c.fail(f"axes {axes} repeat an axis")
 
 
@@ -533,9 +533,13 @@ def _squeeze(c):
     if axes is None or x is None:
         return
     rank = len(x) + (len(axes) if c.node.op == "unsqueeze" else 0)
+    if not rank:
+        if axes:
+            c.fail(f"axes {axes} for a scalar input")
+        return
     for a in axes:
         c.axis(a, rank)
-    if len({a % rank for a in axes}) != len(axes) if rank else axes:
+    if len({a % rank for a in axes}) != len(axes):
         c.fail(f"axes {axes} repeat an axis")
     if c.node.op == "squeeze":
         for a in axes:
