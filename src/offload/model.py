@@ -17,7 +17,7 @@ from . import graph as G
 from .batching import Batcher, Batching
 from .device import Device
 from .errors import ModelFormatError, OffloadError, ShapeError, UnsupportedOpError
-from .precision import check as check_precision
+from .precision import FIXED, check as check_precision
 from .plan import Plan, batch_mixing_node
 
 ACCEPTED_FLOATS = (np.float32, np.float64, np.float16)
@@ -657,9 +657,11 @@ class Model:
     def _bucketed(self, shapes):
         """(the bucket's input shapes, rows) when a call at ``shapes`` may run on the plan of
         a larger batch (every input has the same free batch axis and the model computes each
-        sample on its own), else None."""
+        sample on its own; not in fixed point), else None."""
         n = shapes[0][0]
         size = bucket(n)
+        if self.precision == FIXED:  # FPGA runs: padding rows would cost PCIe bytes and time
+            return None
         if size == n or any(not s or s[0] != n for s in shapes) or \
                 any(isinstance(t.shape[0], int) for t in self.graph.inputs if t.shape):
             return None

@@ -389,10 +389,8 @@ class Plan:
         device, storage = self.device, self.storage
         t0 = time.perf_counter()
         views = self._row_views.get(rows)
+        first = not self._row_views
         if views is None:
-            if not self._row_views:  # rows never written hold whatever memory held: zeros
-                for buf, shape in zip(self.input_buffers, self.input_shapes):
-                    device.copy_in(buf, np.zeros(shape, storage))
             ins = [device.view(raw, (rows,) + tuple(s[1:]), storage)
                    for raw, s in zip(self._input_raws, self.input_shapes)]
             outs = [device.view(raw, (rows,) + tuple(shape[1:]), storage) if raw is not None
@@ -402,9 +400,15 @@ class Plan:
                 self._row_views.popitem(last=False)
         ins, outs = views
         copied_in = copied_out = 0
-        for view, array in zip(ins, arrays):
+        for view, buf, array in zip(ins, self.input_buffers, arrays):
             if storage != np.float32:
                 array = self._to_storage(array)
+            if first:  # the rows after these hold what memory held: zeros, in the same copy
+                full = np.zeros(buf.shape, storage)
+                full[:rows] = array
+                device.copy_in(buf, full)
+                copied_in += buf.nbytes
+                continue
             device.copy_in(view, array)
             copied_in += view.nbytes
         t1 = time.perf_counter()
