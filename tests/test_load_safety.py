@@ -345,3 +345,13 @@ def test_a_model_that_mixes_the_batch_is_not_bucketed():
     x = np.ones((17, 3), np.float32)
     np.testing.assert_array_equal(model(x), np.full((1, 3), 17.0, np.float32))
     assert ((17, 3),) in model._plans
+
+
+def test_a_huge_batch_is_refused_before_the_device_is_asked(device):
+    """A 10**7-row batch made PoCL abort the process (pocl_util.c) and the cpu device raise a raw
+    MemoryError; the plan's blocks are now counted against the limit before any is allocated."""
+    model = offload.load("jet_mlp", device=device, memory_limit="64M")
+    x = np.zeros((2_000_000, 16), np.float32)  # 128 MB in, 512 MB for the first layer
+    with pytest.raises(offload.DeviceMemoryError, match="2000000 rows.*memory limit"):
+        model(x)
+    assert model(x[:3]).shape == (3, 5)  # the model still runs what fits

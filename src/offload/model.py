@@ -16,7 +16,8 @@ import numpy as np
 from . import graph as G
 from .batching import Batcher, Batching
 from .device import Device
-from .errors import ModelFormatError, OffloadError, ShapeError, UnsupportedOpError
+from .errors import (DeviceMemoryError, ModelFormatError, OffloadError, ShapeError,
+                     UnsupportedOpError)
 from .precision import FIXED, check as check_precision
 from .plan import Plan, batch_mixing_node
 
@@ -643,7 +644,13 @@ class Model:
                     if since is not None:
                         self._stats.request(time.perf_counter() - since)
                     return empty
-            plan = self._compile(ctx, shapes)
+            try:
+                plan = self._compile(ctx, shapes)
+            except DeviceMemoryError as e:
+                if rows is None:
+                    raise
+                raise DeviceMemoryError(f"a call of {rows} rows (run on the plan of its bucket, "
+                                        f"{shapes[0][0]} rows): {e}") from None
         ctx.runs += 1
         try:
             if rows is not None:
