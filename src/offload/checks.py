@@ -139,14 +139,15 @@ class Check:
         v = self.values[i] if i < len(self.values) and self.has(i) else None
         return None if v is None else np.asarray(v)
 
-    def ints(self, i, what):
-        """Operand i's constant value as a list of ints (None when not constant)."""
+    def ints(self, i, what, scalar=False):
+        """Operand i's constant value as a list of ints (None when not constant); a 1-D
+        tensor, or also a scalar where ``scalar`` (as onnxruntime takes them)."""
         v = self.value(i)
         if v is None:
             return None
         if v.dtype.kind not in "iub":
             self.fail(f"{what} must be integers, got {v.dtype}")
-        if v.ndim != 1:
+        if v.ndim != 1 and not (scalar and v.ndim == 0):
             self.fail(f"{what} must be a 1-D tensor, got shape {list(v.shape)}")
         return [int(x) for x in v.reshape(-1)]
 
@@ -516,7 +517,7 @@ def _reduce(c):
     x = c.dims(0)
     axes = c.attr_ints("axes")
     if axes is None:
-        axes = c.ints(1, "axes")
+        axes = c.ints(1, "axes", scalar=True)
     if axes is not None and x is not None and x:
         for a in axes:
             c.axis(a, len(x), "axis")
@@ -529,7 +530,7 @@ def _squeeze(c):
     x = c.dims(0)
     axes = c.attr_ints("axes")
     if axes is None:
-        axes = c.ints(1, "axes")
+        axes = c.ints(1, "axes", scalar=True)
     if axes is None or x is None:
         return
     rank = len(x) + (len(axes) if c.node.op == "unsqueeze" else 0)
@@ -680,7 +681,7 @@ def _activation(c):
 def _clip(c):
     for i, name in ((1, "min"), (2, "max")):
         v = c.value(i)
-        if v is not None and v.ndim != 0:  # as onnxruntime: "min should be a scalar"
+        if v is not None and v.size != 1:  # onnxruntime also takes one element of shape [1]
             c.fail(f"{name} must be a scalar, got shape {list(v.shape)}")
 
 

@@ -114,8 +114,8 @@ def lower(graph, label, **_):
                 problems.append(("Clip", node.name, "min and max must be constants"))
                 continue
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
-                "fn": "clip", "lo": float(const(lo)) if lo else -np.inf,
-                "hi": float(const(hi)) if hi else np.inf}, node.name))
+                "fn": "clip", "lo": float(const(lo).reshape(-1)[0]) if lo else -np.inf,
+                "hi": float(const(hi).reshape(-1)[0]) if hi else np.inf}, node.name))
         elif node.op == "batchnorm":
             if any(const(i) is None for i in node.inputs[1:5]):
                 problems.append(("BatchNormalization", node.name,
