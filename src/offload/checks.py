@@ -15,6 +15,11 @@ Adding an op is one function here: ``@rule("my_op")`` on ``def _my_op(c: Node ch
 ``c.fail(...)`` / ``c.shape_fail(...)`` to refuse. An op without a rule is only checked for
 its generic properties (its attribute types and output count).
 
+Deliberately stricter than onnxruntime (which runs these): a non-finite Gemm alpha or beta, a
+BatchNormalization epsilon below 0 or NaN, auto_pad together with explicit pads (which the ONNX
+spec forbids), an unreadable initializer even when no node reads it, shape-like operands (axes,
+pads, target shapes) of rank above 1.
+
 Memory: ``memory_limit()`` is the most bytes one load or one plan may ask for
 (``offload.load(..., memory_limit=...)``, else the environment variable
 ``OFFLOAD_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix), else half of the machine's physical
