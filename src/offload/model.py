@@ -225,6 +225,10 @@ class PlanCache:
     def __getitem__(self, shapes) -> list:
         return self._sets[shapes]
 
+    def get(self, shapes, default=None):
+        """The idle plans kept for ``shapes`` (a look, not a use: not counted)."""
+        return self._sets.get(shapes, default)
+
     def values(self):
         with self._lock:
             return [list(v) for v in self._sets.values()]

@@ -431,7 +431,7 @@ class Plan:
             results.append(dst)
         t3 = time.perf_counter()
         if stats is not None:
-            self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
+            self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since, rows)
         return results
 
     def _to_storage(self, array):
@@ -484,13 +484,20 @@ class Plan:
             self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
         return run
 
-    def _count(self, stats, copied_in, copied_out, t0, t1, t2, t3, request_since):
+    def _count(self, stats, copied_in, copied_out, t0, t1, t2, t3, request_since, rows=None):
         """Add one run to this plan's counters in ``stats`` (Stats.RUN_FIELDS); a plan serves
-        one call at a time, so no lock."""
+        one call at a time, so no lock. ``rows``: a run of fewer rows (run_rows), counted in
+        counters of its own (for up to 64 row counts per plan; then as the plan's batch)."""
         if stats is not self._stats:
-            rows = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
-            self._stats, self._counters = stats, stats.run_counters(self.device.spec, rows)
+            batch = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
+            self._stats, self._counters = stats, stats.run_counters(self.device.spec, batch)
+            self._rows_counters = {}
         c = self._counters
+        if rows is not None:
+            mine = self._rows_counters.get(rows)
+            if mine is None and len(self._rows_counters) < 64:
+                mine = self._rows_counters[rows] = stats.run_counters(self.device.spec, rows)
+            c = mine if mine is not None else c
         c[0] += 1
         c[1] += copied_in
         c[2] += copied_out
