@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -60,8 +61,9 @@ class BuildContext:
         nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
         raw, size = self._scratch.get(slot, (None, 0))
         if nbytes > size:
-            if self.reserve is not None:
-                self.reserve(nbytes, f"scratch {list(shape)}")
+            reserve = self.reserve() if self.reserve is not None else None
+            if reserve is not None:
+                reserve(nbytes, f"scratch {list(shape)}")
             raw = self.device.alloc(nbytes)
             self._scratch[slot] = (raw, nbytes)
         return self.device.view(raw, tuple(shape), dtype)
@@ -200,7 +202,7 @@ class Plan:
         self.memory_limit = checks.memory_limit(memory_limit)
         self.reserved = 0  # bytes of activation, input and scratch blocks this plan allocated
         ctx = BuildContext(device, weights, precision)
-        ctx.reserve = self._reserve
+        ctx.reserve = weakref.WeakMethod(self._reserve)  # no cycle: an evicted plan goes at once
         try:
             r = resolve(graph, input_shapes, device.ops, self.memory_limit)
         except UnsupportedOpError as e:
