@@ -31,6 +31,12 @@ def pytest_addoption(parser):
                      default=os.environ.get("OFFLOAD_TEST_EMULATION_FULL", "") == "1",
                      help="run the slow model cases on cuda-emu:0 in full (by default ResNet-50 "
                           "runs there at batch 1 only)")
+    parser.addoption("--fuzz-mutants", type=int,
+                     default=int(os.environ.get("OFFLOAD_FUZZ_MUTANTS", "0") or 0),
+                     help="mutants per device for tests/test_fuzz.py (default: its short run)")
+    parser.addoption("--fuzz-seed", type=int,
+                     default=int(os.environ.get("OFFLOAD_FUZZ_SEED", "0") or 0),
+                     help="seed of tests/test_fuzz.py's mutants")
 
 
 SLOW_ON_EMULATION = {"cuda-emu:0"}

@@ -17,7 +17,8 @@ from .errors import (ArgumentError, DeviceMemoryError, DeviceRuntimeError,
                      RequestTimeoutError, ShapeError, UnsupportedOpError)
 from .hostmem import empty
 from .batching import Batching
-from .model import Binding, Model
+from .model import PLAN_CACHE, Binding, Model
+from . import checks as _checks
 from .fpga.fixed_point import PrecisionError
 from .fpga import fixed_point
 from . import zoo  # noqa: E402  (builds reference models on demand; no downloads)
@@ -31,18 +32,28 @@ __all__ = [
 ]
 
 
-def import_onnx(source):
-    """Read an ONNX model (path, bytes or ModelProto) into the optimized IR graph."""
+def import_onnx(source, memory_limit=None):
+    """Read an ONNX model (path, bytes or ModelProto) into the optimized IR graph; every node
+    is checked (offload.checks) and constant folding stays under ``memory_limit``."""
     from . import onnx_import, passes
     model, label = onnx_import.read_model(source)
-    graph = onnx_import.to_graph(model, label)
-    inferred = onnx_import.check(model, label)
-    return passes.optimize(graph, label, onnx_import.shapes(inferred))
+    try:
+        graph = onnx_import.to_graph(model, label)
+        inferred = onnx_import.check(model, label)
+        return passes.optimize(graph, label, onnx_import.shapes(inferred), memory_limit)
+    except OffloadError:
+        raise
+    except MemoryError:
+        raise DeviceMemoryError(f"{label}: out of host memory while importing the model") from None
+    except Exception as e:  # the last line behind offload.checks: still a typed error
+        raise ModelFormatError(f"{label}: cannot be imported ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def load(source: str | os.PathLike, device: str | Device | list = "cpu",
          batching: Batching | None = None, fallback: str = "error",
-         precision: str | dict | None = None, **remote) -> Model:
+         precision: str | dict | None = None, memory_limit: int | str | None = None,
+         plan_cache: int = PLAN_CACHE, **remote) -> Model:
     """Load an ONNX model for ``device`` (default: the embedded CPU device).
 
     ``source`` may also be a served model, "grpc://HOST:PORT/MODEL[/VERSION]" or "http://..."
@@ -69,6 +80,13 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
     the precision), and the FPGA devices, which run nothing else, refuse a model loaded without
     a fixed-point precision (no silent default). ``model.precision`` is then ``"ap_fixed"`` and
     ``model.fixed_point`` the parsed precision; inputs and outputs stay float32.
+
+    Limits: ``memory_limit`` (bytes, or "8G"; default ``OFFLOAD_MEMORY_LIMIT`` or half the
+    physical memory) bounds what one constant folded at load and one plan's buffers may take:
+    more raises DeviceMemoryError before allocating. ``plan_cache`` is how many input-shape
+    sets keep compiled plans per device (least recently used go; counted in ``model.stats``).
+    Every node is checked at load against its operands as onnxruntime does (offload.checks):
+    a malformed model raises ModelFormatError or ShapeError naming the node.
     """
     from . import remote as _remote
     if _remote.is_url(source):
@@ -83,7 +101,14 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
             raise ModelFormatError(f"{source}: no such model file or zoo model; did you mean "
                                    f"{' or '.join(map(repr, zoo.suggest(source)))}? (zoo models: "
                                    f"{', '.join(zoo.NAMES)})")
-    graph = import_onnx(source)
+    try:
+        limit = _checks.memory_limit(memory_limit)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if isinstance(plan_cache, bool) or not isinstance(plan_cache, int) or plan_cache < 1:
+        raise ArgumentError(f"plan_cache: expected an int >= 1 (input-shape sets kept per "
+                           f"device), got {plan_cache!r}")
+    graph = import_onnx(source, limit)
     label = str(source) if isinstance(source, (str, os.PathLike)) else graph.name
     opened, missing = _open_devices(device, fallback)
     if isinstance(device, str) and device.strip().lower() == "all":
@@ -112,7 +137,8 @@ def load(source: str | os.PathLike, device: str | Device | list = "cpu",
                     "precision='ap_fixed<16,6>' (offload.fpga.fixed_point)",
                     [(f"precision {precision or 'float32'}", "")])
     model = Model(graph, opened, label, batching, fallback,
-                  precision=precision if precision is not None else "float32")
+                  precision=precision if precision is not None else "float32",
+                  memory_limit=limit, plan_cache=plan_cache)
     model.fixed_point = fixed
     for reason in missing:
         model._stats.fallback(reason)

@@ -275,7 +275,8 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
                              "data at run time; only shapes known before the run are supported")
         return reshape_target(node, x, values[1])
     if op == "flatten":
-        axis = normalize_axis(a.get("axis", 1), len(x) + 1, node) if x else 0
+        axis = a.get("axis", 1)  # in [-r, r]; a negative axis counts from r, not r + 1
+        axis = (axis + len(x) if axis < 0 else axis) if x else 0
         return (math.prod(x[:axis]), math.prod(x[axis:]))
     if op == "unsqueeze":
         axes = a.get("axes")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import concurrent.futures
 import numbers
 import os
 import threading
 import time
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,7 +20,7 @@ from .batching import Batcher, Batching
 from .device import Device
 from .errors import (ArgumentError, DeviceMemoryError, ModelFormatError, OffloadError,
                      ShapeError, UnsupportedOpError)
-from .precision import check as check_precision
+from .precision import FIXED, check as check_precision
 from .plan import Plan, batch_mixing_node
 
 ACCEPTED_FLOATS = (np.float32, np.float64, np.float16)
@@ -169,14 +170,98 @@ class Binding:
                f"on {self.plan.device.spec}>"
 
 
+PLAN_CACHE = 32  # input-shape sets that keep compiled plans, per device of a model
+BUCKET_EXACT = 16  # batch sizes up to this get their own plan; larger ones share buckets
+
+
+def bucket(rows: int) -> int:
+    """The batch a call of ``rows`` samples runs at when its model computes each sample on its
+    own: ``rows`` up to BUCKET_EXACT, else rounded up to 3 significant bits (18, 20, ..., 28,
+    32, 36, ..., 1024): at most 12.5% padding, 8 plans per doubling of the batch."""
+    if rows <= BUCKET_EXACT:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+class PlanCache:
+    """The compiled plans of one device of a model, by input-shape set: at most ``size`` sets,
+    the least recently used dropped first; each set keeps its idle plans (one per call that
+    ran concurrently). Counts hits, misses, compiles and evictions (``Model.stats``)."""
+
+    def __init__(self, size: int = PLAN_CACHE):
+        self.size = size
+        self._lock = threading.Lock()
+        self._sets: OrderedDict[tuple, list[Plan]] = OrderedDict()
+        self.hits = self.misses = self.compiles = self.evictions = 0
+
+    def take(self, shapes: tuple) -> Plan | None:
+        """An idle plan for ``shapes`` (taken out: give it back after the run), or None."""
+        with self._lock:
+            idle = self._sets.get(shapes)
+            if idle:
+                self._sets.move_to_end(shapes)
+                self.hits += 1
+                return idle.pop()
+            self.misses += 1
+            return None
+
+    def give(self, plan: Plan) -> None:
+        """Put ``plan`` back (or in, once compiled); evicts the least recently used sets."""
+        key = plan.input_shapes
+        with self._lock:
+            idle = self._sets.get(key)
+            if idle is None:
+                self._sets[key] = [plan]
+                while len(self._sets) > self.size:
+                    self._sets.popitem(last=False)
+                    self.evictions += 1
+            else:
+                idle.append(plan)
+                self._sets.move_to_end(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sets.clear()
+
+    def keys(self):
+        with self._lock:
+            return list(self._sets)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def __contains__(self, shapes) -> bool:
+        return shapes in self._sets
+
+    def __getitem__(self, shapes) -> list:
+        return self._sets[shapes]
+
+    def get(self, shapes, default=None):
+        """The idle plans kept for ``shapes`` (a look, not a use: not counted)."""
+        return self._sets.get(shapes, default)
+
+    def values(self):
+        with self._lock:
+            return [list(v) for v in self._sets.values()]
+
+    def counters(self) -> dict:
+        return {"plan_cache_hits": self.hits, "plan_cache_misses": self.misses,
+                "plan_compiles": self.compiles, "plan_cache_evictions": self.evictions,
+                "plan_cache_sets": len(self._sets)}
+
+
 class _DeviceContext:
     """One device of a model: its prepared weights, its pool of plans, its requests in flight."""
 
-    def __init__(self, device: Device, precision: str = "float32"):
+    def __init__(self, device: Device, precision: str = "float32", plan_cache: int = PLAN_CACHE):
         self.device = device
         self.precision = precision
         self.weights: dict = {}
-        self.plans: dict[tuple, list[Plan]] = {}
+        self.plans = PlanCache(plan_cache)
         self.in_flight = 0
         self.runs = 0  # device runs started here (not locked: a statistic, not a counter to trust)
 
@@ -193,7 +278,8 @@ class Model:
 
     def __init__(self, graph: G.Graph, device: Device | list[Device], source: str = "",
                  batching: Batching | None = None, fallback: str = "error",
-                 precision: str = "float32"):
+                 precision: str = "float32", memory_limit: int | None = None,
+                 plan_cache: int = PLAN_CACHE):
         if not isinstance(fallback, str) or fallback not in FALLBACKS:
             raise ArgumentError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         if batching is not None and not isinstance(batching, Batching):
@@ -223,13 +309,17 @@ class Model:
                 raise UnsupportedOpError(
                     f"device {d.spec} does not run precision {precision!r} (it runs "
                     f"{sorted(d.capabilities.precisions)})", [(f"precision {precision}", "")])
-        self._contexts = [_DeviceContext(d.session(), precision) for d in self.devices]
+        self.memory_limit = memory_limit  # checks.memory_limit(); None: the default
+        self.plan_cache = plan_cache
+        self._contexts = [_DeviceContext(d.session(), precision, plan_cache)
+                          for d in self.devices]
         self._fallback_context: _DeviceContext | None = None
         self._dispatch_lock = threading.Lock()
         self._stats = Stats()
         self._closed = self._closing = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._mixing: dict[tuple, str | None] = {}
+        self._bucketable: dict[tuple, bool] = {}  # sample shapes -> may run on a bucket's plan
         self.batching = batching
         self._batcher = None
         if batching is not None:
@@ -265,8 +355,15 @@ class Model:
     def stats(self) -> dict:
         """calls (requests), device_runs, copy_in_bytes, copy_out_bytes, copy_in_s, compute_s,
         copy_out_s, queue_wait_s, latency_p50_s, latency_p99_s, queue_wait_p50_s,
-        queue_wait_p99_s, fallbacks, fallback_reasons."""
-        return self._stats.snapshot()
+        queue_wait_p99_s, fallbacks, fallback_reasons; and the plan caches' plan_cache_hits,
+        plan_cache_misses, plan_compiles, plan_cache_evictions, plan_cache_sets (summed over
+        the model's devices)."""
+        out = self._stats.snapshot()
+        contexts = self._contexts + ([self._fallback_context] if self._fallback_context else [])
+        for ctx in contexts:
+            for k, v in ctx.plans.counters().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def reset_stats(self) -> None:
         self._stats.reset()
@@ -463,17 +560,21 @@ class Model:
         return x
 
     def _acquire(self, ctx: _DeviceContext, shapes: tuple) -> Plan:
-        try:
-            return ctx.plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
-        except (KeyError, IndexError):
-            pass
+        plan = ctx.plans.take(shapes)
+        if plan is not None:
+            return plan
+        return self._compile(ctx, shapes)
+
+    def _compile(self, ctx: _DeviceContext, shapes: tuple) -> Plan:
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        return Plan(self.graph, ctx.device, shapes, ctx.weights, ctx.precision)
+        ctx.plans.compiles += 1
+        return Plan(self.graph, ctx.device, shapes, ctx.weights, ctx.precision,
+                    memory_limit=self.memory_limit)
 
     def _release(self, ctx: _DeviceContext, plan: Plan) -> None:
         if not self._closed:
-            ctx.plans.setdefault(plan.input_shapes, []).append(plan)
+            ctx.plans.give(plan)
 
     def bind(self, *inputs, out=None, **named) -> "Binding":
         """Bind arrays to a plan once, for repeated calls on the same buffers (the event loop
@@ -673,7 +774,8 @@ class Model:
             from .device import device as open_device
             with self._dispatch_lock:
                 if self._fallback_context is None:
-                    self._fallback_context = _DeviceContext(open_device("cpu"))
+                    self._fallback_context = _DeviceContext(open_device("cpu"),
+                                                             plan_cache=self.plan_cache)
         reason = f"{ctx.device.spec}: {type(error).__name__}: {str(error).splitlines()[0]}"
         if self._stats.fallback(reason):
             warnings.warn(f"offload: falling back to cpu ({reason})", RuntimeWarning, stacklevel=4)
@@ -684,16 +786,30 @@ class Model:
         shapes = (arrays[0].shape,) if len(arrays) == 1 else tuple([a.shape for a in arrays])
         if self._closed:
             raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
-        try:
-            plan = ctx.plans[shapes].pop()  # list.pop is atomic: no lock on the hot path
-        except (KeyError, IndexError):
-            if any(0 in s for s in shapes):
-                if since is not None:
-                    self._stats.request(time.perf_counter() - since)
-                return self._empty_result(ctx, shapes)
-            plan = self._acquire(ctx, shapes)
+        rows = None
+        if shapes[0] and shapes[0][0] > BUCKET_EXACT and out is None and profile is None:
+            bucketed = self._bucketed(shapes)
+            if bucketed is not None:
+                shapes, rows = bucketed
+        plan = ctx.plans.take(shapes)
+        if plan is None:
+            if all(s and s[0] == 0 for s in shapes):  # an empty batch (every input's axis 0)
+                empty = self._empty_result(ctx, shapes)
+                if empty is not None:
+                    if since is not None:
+                        self._stats.request(time.perf_counter() - since)
+                    return empty
+            try:
+                plan = self._compile(ctx, shapes)
+            except DeviceMemoryError as e:
+                if rows is None:
+                    raise
+                raise DeviceMemoryError(f"a call of {rows} rows (run on the plan of its bucket, "
+                                        f"{shapes[0][0]} rows): {e}") from None
         ctx.runs += 1
         try:
+            if rows is not None:
+                return plan.run_rows(arrays, rows, self._stats, since)
             outs = None if out is None else "device" if isinstance(out, str) and out == \
                 "device" else self._check_out(out, plan.output_shapes)
             return plan.run(arrays, outs, self._stats, profile, since, in_place)
@@ -701,8 +817,30 @@ class Model:
             raise DeviceMemoryError(f"{ctx.device.spec}: out of host memory running the plan "
                                     f"for input shapes {[list(s) for s in shapes]}") from None
         finally:
-            if not self._closed:
-                ctx.plans.setdefault(shapes, []).append(plan)
+            self._release(ctx, plan)
+
+    def _bucketed(self, shapes):
+        """(the bucket's input shapes, rows) when a call at ``shapes`` may run on the plan of
+        a larger batch (every input has the same free batch axis and the model computes each
+        sample on its own; not in fixed point), else None."""
+        n = shapes[0][0]
+        size = bucket(n)
+        if self.precision == FIXED:  # FPGA runs: padding rows would cost PCIe bytes and time
+            return None
+        if size == n or any(not s or s[0] != n for s in shapes) or \
+                any(isinstance(t.shape[0], int) for t in self.graph.inputs if t.shape):
+            return None
+        samples = tuple(tuple(s[1:]) for s in shapes)
+        ok = self._bucketable.get(samples)
+        if ok is None:
+            try:
+                ok = batch_mixing_node(self.graph, samples) is None
+            except OffloadError:  # cannot even be resolved at the probe batch
+                ok = False
+            self._bucketable[samples] = ok
+        if not ok:
+            return None
+        return tuple((size,) + s for s in samples), n
 
     @staticmethod
     def _check_out(out, shapes) -> list:
@@ -730,8 +868,12 @@ class Model:
         return outs
 
     def _empty_result(self, ctx, shapes):
-        """Outputs for an empty batch: the plan at batch 1 tells the other dimensions."""
-        ones = tuple((1,) + tuple(s[1:]) for s in shapes)
-        plan = self._acquire(ctx, ones)
-        self._release(ctx, plan)
-        return [np.empty((0,) + tuple(s[1:]), np.float32) for s in plan.output_shapes]
+        """Outputs for an empty batch, or None when one of them is not empty (a reduction
+        over the batch axis: then a plan computes it). The graph is resolved at these shapes,
+        so an empty batch is refused exactly where a full one would be."""
+        from .plan import resolve
+        r = resolve(self.graph, shapes, None, self.memory_limit)
+        out = [r.shapes[o] if o in r.shapes else np.shape(r.values[o]) for o in self.graph.outputs]
+        if any(math.prod(s) for s in out):
+            return None
+        return [np.empty(s, np.float32) for s in out]

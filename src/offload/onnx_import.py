@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import checks
 from . import graph as G
 from .errors import ModelFormatError, UnsupportedOpError
 from .reference import ONNX_DTYPES
@@ -38,15 +39,20 @@ class _Unsupported(Exception):
     """Raised by a converter for one node; collected, then reported together."""
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def _attrs(node: onnx.NodeProto, label: str = "", name: str = "") -> dict:
     out = {}
     for attr in node.attribute:
-        value = onnx.helper.get_attribute_value(attr)
-        if isinstance(value, bytes):
-            value = value.decode()
-        elif isinstance(value, onnx.TensorProto):
-            value = numpy_helper.to_array(value)
-        elif isinstance(value, list):
+        try:
+            value = onnx.helper.get_attribute_value(attr)
+            if isinstance(value, bytes):
+                value = value.decode()
+            elif isinstance(value, onnx.TensorProto):
+                value = _initializer(value, label)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{label}: {node.op_type} node {name or node.name!r}: "
+                                   f"attribute {attr.name!r} cannot be read ({type(e).__name__}: "
+                                   f"{e})") from None
+        if isinstance(value, list):
             value = tuple(value)
         out[attr.name] = value
     return out
@@ -214,15 +220,25 @@ CONVERTERS = {
 def read_model(source) -> tuple[onnx.ModelProto, str]:
     """Read an ONNX model from a path, bytes or a ModelProto; returns (model, label for messages)."""
     if isinstance(source, onnx.ModelProto):
-        return source, source.graph.name or "<model>"
-    if isinstance(source, (bytes, bytearray)):
+        label = source.graph.name or "<model>"
+        _load_external_data(source, None, label)  # refused: there is no folder to read from
+        return source, label
+    if isinstance(source, (bytes, bytearray, memoryview)):
         label, base, data = "<bytes>", None, bytes(source)
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))
-        label, base = str(path), path.resolve().parent
-        if not path.is_file():
-            raise ModelFormatError(f"{path}: no such model file")
-        data = path.read_bytes()
+        label = str(path)
+        try:
+            base = path.resolve().parent
+            if not path.is_file():
+                raise ModelFormatError(f"{path}: no such model file")
+            data = path.read_bytes()
+        except (OSError, ValueError) as e:
+            raise ModelFormatError(f"{path}: cannot read the model file ({type(e).__name__}: "
+                                   f"{e})") from None
+    else:
+        raise ModelFormatError(f"expected a model path, bytes or an onnx.ModelProto, got "
+                               f"{type(source).__name__}")
     try:
         model = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-like errors, ValueError
@@ -242,7 +258,8 @@ def _load_external_data(model: onnx.ModelProto, base: Path | None, label: str) -
         return
     if base is None:
         raise ModelFormatError(f"{label}: the model refers to external data files but was not "
-                               "loaded from a path")
+                               "loaded from a path (load it by path, or call "
+                               "onnx.load_external_data_for_model on it first)")
     for tensor in external:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
@@ -274,7 +291,8 @@ def _tensor_info(value: onnx.ValueInfoProto, label: str) -> G.TensorInfo:
     t = value.type.tensor_type
     dtype = ONNX_DTYPES.get(t.elem_type)
     if dtype is None or np.dtype(dtype).kind != "f":
-        name = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type else "unknown"
+        name = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type in \
+            onnx.TensorProto.DataType.values() and t.elem_type else f"unknown ({t.elem_type})"
         raise ModelFormatError(f"{label}: input {value.name!r} has element type {name}; offload "
                                "runs models whose inputs are floating point")
     dims = []
@@ -290,17 +308,19 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
     """Convert a parsed ONNX model into an IR graph (before passes)."""
     opset = _opset(model, label)
     g = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    constants = {t.name: _initializer(t, label) for t in g.initializer}
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     ctx = _Context(opset, constants, used)
     nodes, unsupported = [], []
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
+        if not n.output or not n.output[0]:
+            raise ModelFormatError(f"{label}: {n.op_type} node {name!r} has no output")
         if n.domain not in ("", "ai.onnx"):
             unsupported.append((n.op_type, name, f"custom domain {n.domain!r}"))
             continue
         if n.op_type == "Constant":
-            a = _attrs(n)
+            a = _attrs(n, label, name)
             value = next((a[k] for k in ("value", "value_float", "value_floats", "value_int",
                                          "value_ints") if k in a), None)
             if value is None:
@@ -315,18 +335,40 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
         if convert is None:
             unsupported.append((n.op_type, name, ""))
             continue
+        checks.onnx_attributes(n, opset, label, name)
         try:
-            converted = convert(n, _attrs(n), ctx)
+            converted = convert(n, _attrs(n, label, name), ctx)
         except _Unsupported as e:
             unsupported.append((n.op_type, name, str(e)))
             continue
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise ModelFormatError(f"{label}: {n.op_type} node {name!r}: malformed attributes "
+                                   f"or inputs ({type(e).__name__}: {e})") from None
         for c in converted:
             c.name, c.source_op = name, n.op_type
         nodes.extend(converted)
     if unsupported:
         raise_unsupported(label, unsupported)
+    checks.onnx_outputs(g, label)
     inputs = [_tensor_info(v, label) for v in g.input if v.name not in constants]
     return G.Graph(nodes, inputs, [o.name for o in g.output], constants, g.name or "model")
+
+
+def _initializer(t: onnx.TensorProto, label: str) -> np.ndarray:
+    """A TensorProto as an array; a wrong element type or a short raw_data is a ModelFormatError."""
+    if t.data_type not in ONNX_DTYPES:
+        name = onnx.TensorProto.DataType.Name(t.data_type) if t.data_type in \
+            onnx.TensorProto.DataType.values() else f"number {t.data_type}"
+        raise ModelFormatError(f"{label}: tensor {t.name!r} has element type {name}; offload "
+                               f"reads {sorted(np.dtype(d).name for d in ONNX_DTYPES.values())}")
+    if any(d < 0 for d in t.dims):
+        raise ModelFormatError(f"{label}: tensor {t.name!r} has negative dims {list(t.dims)}")
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as e:
+        raise ModelFormatError(f"{label}: tensor {t.name!r} of dims {list(t.dims)} cannot be read "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                               ) from None
 
 
 def raise_unsupported(label: str, items: list[tuple[str, str, str]]) -> None:

@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import checks
 from . import graph as G
-from . import reference
-from .errors import UnsupportedOpError
+from .errors import ModelFormatError, ShapeError, UnsupportedOpError
 
 FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | {"gemm", "matmul", "clip"}) - {"shape"}
 
 
-def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple]) -> G.Graph:
-    """The load-time pipeline: fold, lower to IR, fold BatchNorm, fuse bias, residual adds and
-    activations. ``shapes`` are ONNX shape inference's (free axes as names)."""
+def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
+             memory_limit: int | None = None) -> G.Graph:
+    """The load-time pipeline: check every node (offload.checks), fold, lower to IR, fold
+    BatchNorm, fuse bias, residual adds and activations. ``shapes`` are ONNX shape inference's
+    (free axes as names); ``memory_limit`` bounds what folding may allocate (checks.memory_limit)."""
     ranks = {name: len(shape) for name, shape in shapes.items()}
-    for rewrite in (remove_identities, fold_constants, lower, fold_batchnorm, fuse_bias,
-                    fuse_residual, fuse_activation, eliminate_dead_nodes, check_host_ops,
-                    contiguous_constants):
-        graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes)
+    limit = checks.memory_limit(memory_limit)
+    # validated twice: with the constants of the file, then with those folding computed
+    for rewrite in (validate, remove_identities, fold_constants, validate, lower, fold_batchnorm,
+                    fuse_bias, fuse_residual, fuse_activation, eliminate_dead_nodes,
+                    check_host_ops, contiguous_constants):
+        graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes, limit=limit)
+    graph.names = None  # _new_constant's counters; not needed after load
+    return graph
+
+
+def validate(graph, label, shapes, **_):
+    """Every node's attributes against its operands (offload.checks), with ONNX shape
+    inference's shapes and the constants known before folding."""
+    c = graph.constants
+    for node in graph.nodes:
+        ins = [i if i else None for i in node.inputs]
+        try:
+            checks.check_node(node, [shapes.get(i) if i else None for i in ins],
+                              [c.get(i) if i else None for i in ins])
+        except (ModelFormatError, ShapeError) as e:
+            raise type(e)(f"{label}: {e}") from None
     return graph
 
 
@@ -43,13 +62,13 @@ def remove_identities(graph, **_):
     return graph
 
 
-def fold_constants(graph, **_):
+def fold_constants(graph, limit, **_):
     """Evaluate every node whose inputs are all constants (initializers, Constant nodes)."""
     keep = []
     for node in graph.nodes:
         if node.op in FOLDABLE and all(not i or i in graph.constants for i in node.inputs):
-            values = reference.evaluate(node, [graph.constants.get(i) if i else None
-                                               for i in node.inputs])
+            values = checks.evaluate(node, [graph.constants.get(i) if i else None
+                                            for i in node.inputs], limit)
             for name, value in zip(node.outputs, values):
                 graph.constants[name] = np.asarray(value)
             continue
@@ -95,8 +114,8 @@ def lower(graph, label, **_):
                 problems.append(("Clip", node.name, "min and max must be constants"))
                 continue
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
-                "fn": "clip", "lo": float(const(lo)) if lo else -np.inf,
-                "hi": float(const(hi)) if hi else np.inf}, node.name))
+                "fn": "clip", "lo": float(const(lo).reshape(-1)[0]) if lo else -np.inf,
+                "hi": float(const(hi).reshape(-1)[0]) if hi else np.inf}, node.name))
         elif node.op == "batchnorm":
             if any(const(i) is None for i in node.inputs[1:5]):
                 problems.append(("BatchNormalization", node.name,
@@ -113,9 +132,20 @@ def lower(graph, label, **_):
 
 
 def _new_constant(graph, base: str, value: np.ndarray) -> str:
+    """Add a constant under a new name from ``base`` (base, base', base'1, base'2, ...): a counter
+    per base keeps this constant-time when many nodes share one name (legal ONNX)."""
+    names = getattr(graph, "names", None)
+    if names is None:
+        names = graph.names = {}
     name = base
-    while name in graph.constants:
-        name += "'"
+    if name in graph.constants:
+        k = names.get(base, 0)
+        while True:
+            k += 1
+            name = f"{base}'{k}"
+            if name not in graph.constants:
+                break
+        names[base] = k
     graph.constants[name] = value
     return name
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import checks
 from . import graph as G
 from . import precision as P
 from . import reference
 from .device import Device
-from .errors import ShapeError, UnsupportedOpError
+from .errors import DeviceMemoryError, ShapeError, UnsupportedOpError
 from .hostmem import ALIGNMENT, address
 
 IN_PLACE_BINDINGS = 4  # sets of caller arrays a plan keeps compiled steps for (least recently used go)
@@ -37,6 +39,7 @@ class BuildContext:
         self.kernel_defines = P.kernel_defines(precision)
         self._weights = weights  # shared by every plan of one model on one device
         self._scratch: dict[int, tuple] = {}  # slot -> (raw block, nbytes)
+        self.reserve = None  # the plan's byte counter (Plan._reserve), checked before allocating
 
     def weight(self, array: np.ndarray, tag: str = "", transform=None):
         """A device copy of a constant, transformed once (e.g. re-laid out), converted to the
@@ -58,6 +61,9 @@ class BuildContext:
         nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
         raw, size = self._scratch.get(slot, (None, 0))
         if nbytes > size:
+            reserve = self.reserve() if self.reserve is not None else None
+            if reserve is not None:
+                reserve(nbytes, f"scratch {list(shape)}")
             raw = self.device.alloc(nbytes)
             self._scratch[slot] = (raw, nbytes)
         return self.device.view(raw, tuple(shape), dtype)
@@ -109,9 +115,13 @@ class Resolved:
     values: dict
 
 
-def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
+def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
+            memory_limit: int | None = None) -> Resolved:
     """Resolve shapes and fold what the input shapes make constant; with ``device_ops``, check
-    that the device implements every run-time op (UnsupportedOpError lists all that it lacks)."""
+    that the device implements every run-time op (UnsupportedOpError lists all that it lacks).
+    Every node is checked at these shapes (offload.checks); folding stays under
+    ``memory_limit``."""
+    limit = checks.memory_limit(memory_limit)
     values: dict[str, np.ndarray] = dict(graph.constants)
     shapes: dict[str, tuple] = {t.name: s for t, s in zip(graph.inputs, input_shapes)}
     entries = []
@@ -121,7 +131,8 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
             failed.update(node.outputs)  # downstream of an op already reported
             continue
         if all(not i or i in values for i in node.inputs):
-            outs = reference.evaluate(node, [values.get(i) if i else None for i in node.inputs])
+            outs = checks.evaluate(node, [values.get(i) if i else None for i in node.inputs],
+                                   limit)
             values.update(zip(node.outputs, (np.asarray(v) for v in outs)))
             continue
         if node.op == "shape":
@@ -136,7 +147,10 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
             continue
         in_shapes = [shapes.get(i) if i in shapes else
                      (values[i].shape if i in values else None) for i in node.inputs]
-        out_shape = G.infer_shape(node, in_shapes, [values.get(i) for i in node.inputs])
+        with checks.guard(node, "resolving its shape"):
+            in_values = [values.get(i) for i in node.inputs]
+            checks.check_node(node, in_shapes, in_values)
+            out_shape = G.infer_shape(node, in_shapes, in_values)
         shapes[node.outputs[0]] = out_shape
         if node.op in G.VIEW_OPS:
             entries.append((node, {}, node.inputs[:1], out_shape))
@@ -180,14 +194,17 @@ class Plan:
     """``graph`` compiled for ``device`` at the given input shapes."""
 
     def __init__(self, graph: G.Graph, device: Device, input_shapes: tuple, weights: dict,
-                 precision: str = "float32"):
+                 precision: str = "float32", memory_limit: int | None = None):
         self.device = device
         self.input_shapes = input_shapes
         self.precision = precision
         self.storage = P.storage_dtype(precision)
+        self.memory_limit = checks.memory_limit(memory_limit)
+        self.reserved = 0  # bytes of activation, input and scratch blocks this plan allocated
         ctx = BuildContext(device, weights, precision)
+        ctx.reserve = weakref.WeakMethod(self._reserve)  # no cycle: an evicted plan goes at once
         try:
-            r = resolve(graph, input_shapes, device.ops)
+            r = resolve(graph, input_shapes, device.ops, self.memory_limit)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
         self._build(graph, device, ctx, r.values, r.shapes, r.entries)
@@ -196,6 +213,25 @@ class Plan:
         self._bindings = OrderedDict() if device.reads_host_arrays else None
         self._last_bound = None
         self._stats = self._counters = None  # the model's Stats, and this plan's counters in it
+
+    def _reserve(self, nbytes: int, what: str):
+        """Count a block of ``nbytes`` for ``what``; over the memory limit: DeviceMemoryError
+        before anything is asked of the device."""
+        checks.check_bytes(self.reserved + nbytes, self.memory_limit,
+                           f"the plan for input shapes {[list(s) for s in self.input_shapes]} "
+                           f"on {self.device.spec} ({self.reserved} bytes so far, then "
+                           f"{nbytes} for {what})")
+        self.reserved += nbytes
+
+    def _alloc(self, nbytes: int, what: str):
+        self._reserve(nbytes, what)
+        try:
+            return self.device.alloc(nbytes)
+        except MemoryError:
+            raise DeviceMemoryError(f"{self.device.spec}: out of memory allocating {nbytes} "
+                                    f"bytes for {what} (the plan for input shapes "
+                                    f"{[list(s) for s in self.input_shapes]} holds "
+                                    f"{self.reserved - nbytes} bytes)") from None
 
     def _build(self, graph, device, ctx, values, shapes, entries):
         # Which memory block each run-time tensor lives in (views share their input's block).
@@ -218,7 +254,7 @@ class Plan:
         for t in graph.inputs:
             shape = shapes[t.name]
             nbytes = max(1, math.prod(shape) * item)
-            raw = device.alloc(nbytes)
+            raw = self._alloc(nbytes, f"input {t.name!r}")
             blocks[t.name] = (raw, nbytes)
             buffers[t.name] = device.view(raw, shape, storage)
             self.input_buffers.append(buffers[t.name])
@@ -239,18 +275,26 @@ class Plan:
                     free.remove(best)
                     blocks[out] = best[1], best[0]
                 else:
-                    blocks[out] = device.alloc(nbytes), nbytes
+                    blocks[out] = self._alloc(nbytes, f"the output {list(out_shape)} of "
+                                              f"{node.source_op or node.op} node "
+                                              f"{node.name!r}"), nbytes
                     self.activation_blocks += 1
                 buffers[out] = device.view(blocks[out][0], out_shape, storage)
-                data = [buffers[n] if n in buffers else
-                        np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
-                self.steps.append(Step(node, device.ops[node.op](ctx, attrs, data, buffers[out])))
+                with checks.guard(node, f"preparing it for {device.spec}"):
+                    data = [buffers[n] if n in buffers else
+                            np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
+                    step = Step(node, device.ops[node.op](ctx, attrs, data, buffers[out]))
+                self.steps.append(step)
                 self._step_args.append((attrs, operands, data, buffers[out]))
             for name in set(operands):
                 r = root.get(name)
                 if r is not None and last_use.get(r) == i and r not in pinned:
                     raw, cap = blocks[r]
                     free.append((cap, raw))
+        self._input_raws = [blocks[t.name][0] for t in graph.inputs]
+        self._output_raws = [blocks[root[o]][0] if o in buffers and o in root else None
+                             for o in graph.outputs]
+        self._row_views: OrderedDict = OrderedDict()  # rows -> (input views, output views)
         self.outputs = []  # (buffer or None, constant or None, shape)
         for o in graph.outputs:
             if o in buffers:
@@ -339,6 +383,59 @@ class Plan:
             self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
         return results
 
+    def run_rows(self, arrays, rows: int, stats=None, request_since=None):
+        """Run on ``rows`` samples, fewer than this plan's batch: the inputs fill the first
+        rows of the plan's input blocks, the outputs' first rows come back (new arrays). Only
+        for a graph where each sample is computed on its own (``batch_mixing_node`` is None),
+        so that the other rows, left from earlier runs, change nothing."""
+        device, storage = self.device, self.storage
+        t0 = time.perf_counter()
+        views = self._row_views.get(rows)
+        first = not self._row_views
+        if views is None:
+            ins = [device.view(raw, (rows,) + tuple(s[1:]), storage)
+                   for raw, s in zip(self._input_raws, self.input_shapes)]
+            outs = [device.view(raw, (rows,) + tuple(shape[1:]), storage) if raw is not None
+                    else None for raw, (_, _, shape) in zip(self._output_raws, self.outputs)]
+            views = self._row_views[rows] = (ins, outs)
+            if len(self._row_views) > 16:
+                self._row_views.popitem(last=False)
+        ins, outs = views
+        copied_in = copied_out = 0
+        for view, buf, array in zip(ins, self.input_buffers, arrays):
+            if storage != np.float32:
+                array = self._to_storage(array)
+            if first:  # the rows after these hold what memory held: zeros, in the same copy
+                full = np.zeros(buf.shape, storage)
+                full[:rows] = array
+                device.copy_in(buf, full)
+                copied_in += buf.nbytes
+                continue
+            device.copy_in(view, array)
+            copied_in += view.nbytes
+        t1 = time.perf_counter()
+        for run in self._run_steps:
+            run()
+        device.synchronize()
+        t2 = time.perf_counter()
+        results = []
+        for view, (_, const, shape) in zip(outs, self.outputs):
+            if view is None:
+                dst = np.array(np.asarray(const)[:rows], np.float32)
+            elif storage != np.float32:
+                host = np.empty(view.shape, storage)
+                device.copy_out(host, view)
+                dst = P.from_storage(host, self.precision)
+            else:
+                dst = np.empty(view.shape, np.float32)
+                device.copy_out(dst, view)
+            copied_out += dst.nbytes
+            results.append(dst)
+        t3 = time.perf_counter()
+        if stats is not None:
+            self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since, rows)
+        return results
+
     def _to_storage(self, array):
         """A host input converted to the storage type; an array in device memory goes as it is
         (the device converts it while copying it in) except to bfloat16, which has no device
@@ -389,13 +486,20 @@ class Plan:
             self._count(stats, copied_in, copied_out, t0, t1, t2, t3, request_since)
         return run
 
-    def _count(self, stats, copied_in, copied_out, t0, t1, t2, t3, request_since):
+    def _count(self, stats, copied_in, copied_out, t0, t1, t2, t3, request_since, rows=None):
         """Add one run to this plan's counters in ``stats`` (Stats.RUN_FIELDS); a plan serves
-        one call at a time, so no lock."""
+        one call at a time, so no lock. ``rows``: a run of fewer rows (run_rows), counted in
+        counters of its own (for up to 64 row counts per plan; then as the plan's batch)."""
         if stats is not self._stats:
-            rows = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
-            self._stats, self._counters = stats, stats.run_counters(self.device.spec, rows)
+            batch = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
+            self._stats, self._counters = stats, stats.run_counters(self.device.spec, batch)
+            self._rows_counters = {}
         c = self._counters
+        if rows is not None:
+            mine = self._rows_counters.get(rows)
+            if mine is None and len(self._rows_counters) < 64:
+                mine = self._rows_counters[rows] = stats.run_counters(self.device.spec, rows)
+            c = mine if mine is not None else c
         c[0] += 1
         c[1] += copied_in
         c[2] += copied_out

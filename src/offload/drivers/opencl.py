@@ -188,6 +188,7 @@ class OpenCLDevice(Device):
         self.extensions = set(cl_device.extensions.split())
         self.has_fp16 = "cl_khr_fp16" in self.extensions
         self.max_alloc = int(cl_device.max_mem_alloc_size)
+        self.global_mem = int(cl_device.global_mem_size)
         self.gemm_config = dict(GEMM_CPU if self.is_cpu else GEMM_GPU)
         self._programs: dict[tuple, object] = {}
         self._lock = threading.Lock()
@@ -218,6 +219,11 @@ class OpenCLDevice(Device):
             raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes: larger than the "
                                     f"device's largest block ({self.max_alloc} bytes); "
                                     f"{self._in_use} bytes in use")
+        if self._in_use + nbytes > self.global_mem:
+            # checked here: PoCL aborts the process on an allocation it cannot serve
+            raise DeviceMemoryError(f"{self.spec}: cannot allocate {nbytes} bytes: "
+                                    f"{self._in_use} bytes are in use of the device's "
+                                    f"{self.global_mem} bytes of global memory")
         try:
             mem = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
         except (cl.Error, MemoryError) as e:
@@ -257,6 +263,7 @@ class OpenCLDevice(Device):
 
     def _bind(self, raw: Raw, src: np.ndarray, dst: Buffer) -> bool:
         if (src.dtype != dst.dtype or not src.flags.c_contiguous or src.nbytes != dst.nbytes
+                or dst.nbytes != raw.nbytes  # a view of the first rows: kernels read it all
                 or address(src) % ALIGNMENT or not raw.uses):
             return False
         cl = _cl()
