@@ -5,6 +5,8 @@
 #define RED_SUM 0
 #define RED_MEAN 1
 #define RED_MAX 2
+#define RED_MIN 3
+#define RED_PROD 4
 
 /* y[o * inner + i] = reduce_r x[(o * R + r) * inner + i] */
 KERNEL void reduce_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int total,
@@ -14,9 +16,13 @@ KERNEL void reduce_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, 
     if (t >= total) return;
     int o = t / inner, i = t - o * inner;
     GLOBAL const real* p = x + o * R * inner + i;
-    float acc = fn == RED_MAX ? -INF_F : 0.0f;
+    float acc = fn == RED_MAX ? -INF_F : fn == RED_MIN ? INF_F : fn == RED_PROD ? 1.0f : 0.0f;
     if (fn == RED_MAX) {
         for (int r = 0; r < R; ++r) acc = max_nan(acc, LD(p, r * inner));
+    } else if (fn == RED_MIN) {
+        for (int r = 0; r < R; ++r) { float v = LD(p, r * inner); acc = (v != v || v < acc) ? v : acc; }
+    } else if (fn == RED_PROD) {
+        for (int r = 0; r < R; ++r) acc *= LD(p, r * inner);
     } else {
         for (int r = 0; r < R; ++r) acc += LD(p, r * inner);
         if (fn == RED_MEAN) acc /= (float)R;

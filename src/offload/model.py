@@ -431,7 +431,13 @@ class Model:
             except Exception as e:
                 raise ShapeError(f"{what}: expected an array {spec.describe()}, "
                                  f"got {type(x).__name__} ({e})") from None
-        if x.dtype.kind != "f" or x.dtype.newbyteorder("=") not in ACCEPTED_FLOATS:
+        want = np.dtype(spec.dtype)
+        if want.kind != "f":
+            if x.dtype != want and not (want.kind == "i" and x.dtype.kind in "iu" and
+                                        np.can_cast(x.dtype, want)):
+                raise ShapeError(f"{what}: expected dtype {want.name} (the graph declares it), "
+                                 f"got {x.dtype} with shape {list(x.shape)}")
+        elif x.dtype.kind != "f" or x.dtype.newbyteorder("=") not in ACCEPTED_FLOATS:
             raise ShapeError(f"{what}: expected dtype float32 (float64 and float16 are "
                              f"converted), got {x.dtype} with shape {list(x.shape)}")
         if x.ndim != len(spec.shape) or any(

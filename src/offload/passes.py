@@ -8,7 +8,7 @@ from . import graph as G
 from . import reference
 from .errors import UnsupportedOpError
 
-FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | {"gemm", "matmul", "clip"}) - {"shape"}
+FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | G.PLAN_OPS | {"gemm", "clip"}) - {"shape"}
 
 
 def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple]) -> G.Graph:
@@ -70,8 +70,7 @@ def lower(graph, label, **_):
         if node.op == "matmul":
             w = const(node.inputs[1])
             if w is None or w.ndim != 2:
-                problems.append(("MatMul", node.name, "the second operand must be a constant "
-                                 "2-D matrix (weights)"))
+                out.append(node)  # a product of run-time tensors: the matmul device op
                 continue
             node.op, node.attrs = "dense", {"activation": "identity"}
             node.inputs[1] = _new_constant(graph, node.name + "/weight", w.astype(np.float32))
@@ -92,7 +91,12 @@ def lower(graph, label, **_):
         elif node.op == "clip":
             lo, hi = (node.inputs + ["", ""])[1:3]
             if (lo and const(lo) is None) or (hi and const(hi) is None):
-                problems.append(("Clip", node.name, "min and max must be constants"))
+                bounds = []  # run-time bounds: the elementwise clip row
+                for name, value in ((lo, -np.inf), (hi, np.inf)):
+                    bounds.append(name or _new_constant(graph, node.name + "/bound",
+                                                        np.array(value, np.float32)))
+                out.append(G.Node("elementwise", node.inputs[:1] + bounds, node.outputs,
+                                  {"fn": "clip"}, node.name, node.source_op))
                 continue
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
                 "fn": "clip", "lo": float(const(lo)) if lo else -np.inf,
@@ -106,8 +110,7 @@ def lower(graph, label, **_):
         else:
             out.append(node)
     if problems:
-        from .onnx_import import raise_unsupported
-        raise_unsupported(label, problems)
+        G.raise_unsupported(label, problems)
     graph.nodes = out
     return graph
 
@@ -331,8 +334,7 @@ def check_host_ops(graph, label, **_):
                              "supports it only on constants and shapes"))
             failed.update(node.outputs)
     if problems:
-        from .onnx_import import raise_unsupported
-        raise_unsupported(label, problems)
+        G.raise_unsupported(label, problems)
     return graph
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import elementwise as EW
 from . import graph as G
-from .errors import UnsupportedOpError
+from .errors import ShapeError, UnsupportedOpError
 
 ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
                9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
@@ -104,7 +105,8 @@ def reduce(x, attrs, axes_value):
     keep = bool(attrs.get("keepdims", 1))
     if not axes:
         return x.copy()
-    fn = {"sum": np.sum, "mean": np.mean, "max": np.max}[attrs["fn"]]
+    fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
+          "prod": np.prod}[attrs["fn"]]
     acc = x.astype(np.float64) if x.dtype.kind == "f" else x
     return fn(acc, axis=axes, keepdims=keep).astype(x.dtype)
 
@@ -138,6 +140,45 @@ def slice_(x, starts, ends, axes, steps):
     for s, e, a, st in zip(starts, ends, axes, steps):
         index[a] = slice(s, e, st)
     return x[tuple(index)]
+
+
+def _index_error(node, what, indices, size, axis):
+    bad = indices[(indices < -size) | (indices >= size)]
+    return ShapeError(f"{node.source_op or node.op} node {node.name!r}: {what} "
+                      f"{node.inputs[1]!r} holds {int(bad.reshape(-1)[0])}, outside "
+                      f"[-{size}, {size - 1}] for axis {axis} of {node.inputs[0]!r}")
+
+
+def gather(node, x, indices):
+    axis = G.normalize_axis(node.attrs.get("axis", 0), x.ndim, node)
+    indices = np.asarray(indices).astype(np.int64)
+    size = x.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        raise _index_error(node, "index", indices, size, axis)
+    return np.take(x, np.where(indices < 0, indices + size, indices), axis=axis)
+
+
+def gather_elements(node, x, indices):
+    axis = G.normalize_axis(node.attrs.get("axis", 0), x.ndim, node)
+    indices = np.asarray(indices).astype(np.int64)
+    size = x.shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        raise _index_error(node, "index", indices, size, axis)
+    region = x[tuple(slice(0, d) for d in indices.shape[:axis]) + (slice(None),) +
+               tuple(slice(0, d) for d in indices.shape[axis + 1:])]
+    return np.take_along_axis(region, np.where(indices < 0, indices + size, indices), axis)
+
+
+def topk(node, x, inputs):
+    """The indices of the k largest (smallest) along the axis, ties to the lower index."""
+    axis = G.normalize_axis(node.attrs.get("axis", -1), x.ndim, node)
+    k = G.topk_k(node, [x] + list(inputs[1:]))
+    if not 0 <= k <= x.shape[axis]:
+        raise ShapeError(f"TopK node {node.name!r}: k = {k} but axis {axis} of "
+                         f"{node.inputs[0]!r} {list(x.shape)} has {x.shape[axis]} elements")
+    key = -x if node.attrs.get("largest", 1) else x
+    order = np.argsort(key, axis=axis, kind="stable")
+    return np.take(order, np.arange(k), axis=axis).astype(np.int64)
 
 
 def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
@@ -181,17 +222,34 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         dims = np.array(x.shape, np.int64)
         return [dims[a.get("start", 0):a.get("end", None)]]
     if op == "gather":
-        return [np.take(x, inputs[1].astype(np.int64), axis=a.get("axis", 0))]
+        return [gather(node, x, inputs[1])]
+    if op == "gather_elements":
+        return [gather_elements(node, x, inputs[1])]
     if op == "cast":
-        return [x.astype(ONNX_DTYPES[a["to"]])]
+        return [EW.evaluate("cast", [x], a)]
+    if op == "elementwise":
+        return [EW.evaluate(a["fn"], inputs, a)]
+    if op == "expand":
+        shape = G.infer_shape(node, [x.shape, inputs[1].shape], inputs)
+        return [np.array(np.broadcast_to(x, shape))]
+    if op == "tile":
+        return [np.tile(x, [int(v) for v in inputs[1].reshape(-1)])]
     if op == "slice":
         return [slice_(x, inputs[1], inputs[2], opt(3), opt(4))]
+    if op == "split_part":
+        begin, end = G.split_range(node, x.shape, inputs)
+        axis = a["axis"] % x.ndim
+        return [x[(slice(None),) * axis + (slice(begin, end),)].copy()]
+    if op == "topk":
+        return [topk(node, x, inputs)]
     if op == "constant_of_shape":
         value = a.get("value", np.zeros(1, np.float32))
         return [np.full(tuple(int(d) for d in x), value.reshape(-1)[0], dtype=value.dtype)]
     if op == "range":
         return [np.arange(x, inputs[1], inputs[2]).astype(np.result_type(x))]
     if op == "matmul":
+        if x.dtype.kind == "f":
+            return [np.matmul(x.astype(np.float64), inputs[1]).astype(x.dtype)]
         return [np.matmul(x, inputs[1])]
     if op == "gemm":
         A = x.T if a.get("transA", 0) else x

@@ -15,6 +15,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .. import elementwise as EW
 from .. import graph as G
 from ..device import Capabilities, Device, DeviceInfo
 from .. import _core
@@ -322,7 +323,8 @@ def build_reduce(ctx, attrs, ins, out):
         return lambda: np.copyto(out, x)
     keep_shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
     y = out.reshape(keep_shape)
-    fn = {"sum": np.sum, "mean": np.mean, "max": np.max}[attrs["fn"]]
+    fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
+          "prod": np.prod}[attrs["fn"]]
     return lambda: fn(x, axis=axes, keepdims=True, out=y)
 
 
@@ -344,7 +346,122 @@ def build_transpose(ctx, attrs, ins, out):
     return lambda: np.copyto(out, xt)
 
 
+# elementwise rows with a NumPy ufunc writing into the output (float operands of one dtype)
+UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
+          "min": np.minimum, "neg": np.negative, "abs": np.abs, "sqrt": np.sqrt, "exp": np.exp,
+          "log": np.log, "floor": np.floor, "ceil": np.ceil, "atan": np.arctan, "tanh": np.tanh,
+          "sin": np.sin, "cos": np.cos, "equal": np.equal, "less": np.less,
+          "greater": np.greater, "less_equal": np.less_equal, "greater_equal": np.greater_equal,
+          "and": np.logical_and, "or": np.logical_or, "xor": np.logical_xor,
+          "not": np.logical_not, "div": np.divide}
+
+
+def build_elementwise(ctx, attrs, ins, out):
+    """A row of offload.elementwise.TABLE in NumPy: a ufunc into ``out`` where one fits, else
+    the row's NumPy expression copied into ``out``."""
+    fn = attrs["fn"]
+    ufunc = UFUNCS.get(fn)
+    kinds = {np.asarray(x).dtype for x in ins}
+    if fn == "copy":
+        x = ins[0]
+        return lambda: np.copyto(out, x)
+    if ufunc is not None and kinds == {np.dtype(F32)}:
+        def run():
+            with np.errstate(all="ignore"):
+                ufunc(*ins, out=out)
+        return run
+    if fn == "where":
+        cond, a, b = ins
+        return lambda: np.copyto(out, np.where(cond, a, b))
+    row = EW.TABLE[fn]
+    p = list(EW.params(attrs)) + [0.0, 0.0]
+    p0, p1 = F32(p[0]), F32(p[1])
+    if fn == "cast":
+        x = ins[0]
+        if out.dtype == np.bool_:
+            return lambda: np.not_equal(x, 0, out=out)
+        return lambda: np.copyto(out, x, casting="unsafe")
+
+    def run():
+        with np.errstate(all="ignore"):
+            np.copyto(out, row.numpy(*ins, p0, p1), casting="unsafe")
+    return run
+
+
+def build_slice(ctx, attrs, ins, out):
+    x = ins[0]
+    if not out.size:
+        return lambda: None
+    base = sum(s * st for s, st in zip(attrs["starts"], x.strides)) // x.itemsize
+    strides = tuple(st * step for st, step in zip(x.strides, attrs["steps"]))
+    view = as_strided(x.reshape(-1)[base:], out.shape, strides, writeable=False)
+    return lambda: np.copyto(out, view)
+
+
+def build_tile(ctx, attrs, ins, out):
+    x, reps = ins[0], attrs["repeats"]
+    dims = tuple(d for r, s in zip(reps, x.shape) for d in (r, s))
+    src = as_strided(x, dims, tuple(v for s in x.strides for v in (0, s)), writeable=False)
+    dst = out.reshape(dims)
+    return lambda: np.copyto(dst, src)
+
+
+def build_matmul(ctx, attrs, ins, out):
+    a, b = ins
+    return lambda: np.matmul(a, b, out=out)
+
+
+def _check_indices(attrs, idx, size, axis, op):
+    lo, hi = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
+    if lo < -size or hi >= size:
+        from ..errors import ShapeError
+        bad = lo if lo < -size else hi
+        raise ShapeError(f"{op} node {attrs.get('node', '')!r}: index {bad} is outside "
+                         f"[-{size}, {size - 1}] for axis {axis} (size {size}) of its data")
+
+
+def build_gather(ctx, attrs, ins, out):
+    x, idx, axis = ins[0], ins[1], attrs["axis"]
+    size = x.shape[axis]
+
+    def run():
+        _check_indices(attrs, idx, size, axis, "Gather")
+        np.take(x, idx, axis=axis, out=out, mode="wrap")
+    return run
+
+
+def build_gather_elements(ctx, attrs, ins, out):
+    x, idx, axis = ins[0], ins[1], attrs["axis"]
+    size = x.shape[axis]
+    region = x[tuple(slice(0, d) if k != axis else slice(None)
+                     for k, d in enumerate(idx.shape))]
+
+    def run():
+        _check_indices(attrs, idx, size, axis, "GatherElements")
+        np.copyto(out, np.take_along_axis(region, np.where(idx < 0, idx + size, idx), axis))
+    return run
+
+
+def build_topk(ctx, attrs, ins, out):
+    x, axis, k = ins[0], attrs["axis"], attrs["k"]
+    largest = attrs.get("largest", 1)
+    first = np.arange(k)
+
+    def run():
+        key = np.negative(x) if largest else x
+        order = np.argsort(key, axis=axis, kind="stable")
+        np.copyto(out, np.take(order, first, axis=axis))
+    return run
+
+
 OPS = {
+    "elementwise": build_elementwise,
+    "slice": build_slice,
+    "tile": build_tile,
+    "matmul": build_matmul,
+    "gather": build_gather,
+    "gather_elements": build_gather_elements,
+    "topk": build_topk,
     "conv2d": build_conv2d,
     "dense": build_dense,
     "maxpool": build_pool("maxpool"),
@@ -393,7 +510,7 @@ class CPUDevice(Device):
         return np.ascontiguousarray(array, dtype=F32 if array.dtype.kind == "f" else None)
 
     def copy_in(self, dst, src):
-        dst[...] = src  # the model accepts float arrays only: same-kind casting
+        dst[...] = src  # the model checked the dtype: same-kind casting
         return dst.nbytes
 
     def copy_out(self, dst, src):
