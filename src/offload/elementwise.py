@@ -113,6 +113,7 @@ TABLE: dict[str, Expr] = {
                          lambda a, p0, p1: np.clip(p0 * a + p1, 0, 1)),
     "clip": Expr(3, "(a < b ? b : (a > c ? c : a))",
                  lambda a, b, c, p0, p1: np.minimum(np.maximum(a, b), c)),
+    "muladd": Expr(3, "a * b + c", lambda a, b, c, p0, p1: a * b + c),
     "is_nan": Expr(1, "a != a", lambda a, p0, p1: np.isnan(a), "bool"),
 }
 

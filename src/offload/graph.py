@@ -10,7 +10,8 @@ IR ops run on devices (each device's op table implements them):
     gather_elements, topk (the indices; values are a gather_elements of them)
 View ops share their input's memory (no kernel): reshape, flatten, squeeze, unsqueeze, identity.
 Plan-time ops are rewritten into device ops once the input shapes are known: expand (an
-elementwise copy), split_part (a slice), cast (an elementwise cast, or nothing).
+elementwise copy), split_part (a slice), cast (an elementwise cast, or nothing),
+channel_affine (x * scale + shift per channel of axis 1: an elementwise muladd).
 Host ops only ever see constants and are evaluated once (at load, or at plan time when they
 depend on an input's shape): shape, cast, constant_of_shape, range, batchnorm inputs of
 folding, and every device op above when all its inputs are constants.
@@ -33,7 +34,7 @@ DEVICE_OPS = frozenset({
     "tile", "matmul", "gather", "gather_elements", "topk",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
-PLAN_OPS = frozenset({"expand", "split_part", "cast"})
+PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine"})
 HOST_OPS = frozenset({"shape", "constant_of_shape", "range", "batchnorm"})
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip", "identity")
 

@@ -205,9 +205,12 @@ def fold_batchnorm(graph, ranks, **_):
             after.inputs = after.inputs[:2] + [bias]
             continue
         rank = ranks.get(x)
-        if rank is None:
-            raise UnsupportedOpError(f"BatchNormalization node {node.name!r}: the rank of its "
-                                     "input is unknown", [("BatchNormalization", node.name)])
+        if rank is None:  # ONNX shape inference lost it: shaped per channel at plan time
+            s_name = _new_constant(graph, node.name + "/scale", s.astype(np.float32))
+            t_name = _new_constant(graph, node.name + "/shift", t.astype(np.float32))
+            out.append(G.Node("channel_affine", [x, s_name, t_name], node.outputs, {},
+                              node.name, node.source_op))
+            continue
         shape = (-1,) + (1,) * (rank - 2)
         scaled = node.name + "/scaled"
         s_name = _new_constant(graph, node.name + "/scale", s.reshape(shape).astype(np.float32))

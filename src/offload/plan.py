@@ -73,7 +73,7 @@ def _device_operands(node: G.Node, values: dict, shapes: dict):
     """Split a device op's inputs into data operands and plan-time parameters (in attrs)."""
     op, a = node.op, dict(node.attrs)
     ins = node.inputs
-    x_shape = shapes.get(ins[0])
+    x_shape = shapes[ins[0]] if ins[0] in shapes else np.shape(values.get(ins[0]))
     a["node"] = node.name  # for the messages of run-time checks
     known = [values.get(i) if i else None for i in ins]
     if op in ("conv2d", "maxpool", "avgpool"):
@@ -132,6 +132,14 @@ def _plan_node(node: G.Node, shapes: dict, values: dict, dtypes: dict) -> G.Node
             values[consts[key]] = np.array(v, np.int64)
         return G.Node("slice", [node.inputs[0], consts["starts"], consts["ends"], consts["axes"]],
                       node.outputs, {}, node.name, node.source_op)
+    if op == "channel_affine":
+        rank = len(shapes[node.inputs[0]])
+        names = []
+        for name in node.inputs[1:]:
+            names.append(f"{name}/rank{rank}")
+            values[names[-1]] = values[name].reshape((-1,) + (1,) * (rank - 2))
+        return G.Node("elementwise", [node.inputs[0]] + names, node.outputs, {"fn": "muladd"},
+                      node.name, node.source_op)
     if op in ("add", "sub", "mul", "div") and any(
             dtypes.get(i, np.dtype(np.float32)).kind != "f" for i in node.inputs):
         return G.Node("elementwise", list(node.inputs), node.outputs, {"fn": op}, node.name,
@@ -294,8 +302,7 @@ class Plan:
                 data = [buffers[n] if n in buffers else _constant(values[n]) for n in operands]
                 self.steps.append(Step(node, device.ops[node.op](ctx, attrs, data, buffers[out])))
                 self._step_args.append((attrs, operands, data, buffers[out]))
-            for name in set(operands):
-                r = root.get(name)
+            for r in {root.get(name) for name in operands}:  # two views of a block: freed once
                 if r is not None and last_use.get(r) == i and r not in pinned:
                     raw, cap = blocks[r]
                     free.append((cap, raw))
@@ -520,8 +527,9 @@ class Plan:
 
 def _constant(value) -> np.ndarray:
     """A constant operand: float tensors as float32, integer and bool ones as they are."""
-    value = np.asarray(value)
-    return np.ascontiguousarray(value, dtype=np.float32 if value.dtype.kind == "f" else None)
+    value = np.asarray(value)  # (np.ascontiguousarray would make a 0-d array 1-d)
+    return np.array(value, dtype=np.float32 if value.dtype.kind == "f" else None, order="C",
+                    copy=None)
 
 
 def _same(a, b) -> bool:

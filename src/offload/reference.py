@@ -242,6 +242,9 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         return [x[(slice(None),) * axis + (slice(begin, end),)].copy()]
     if op == "topk":
         return [topk(node, x, inputs)]
+    if op == "channel_affine":
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        return [(x * inputs[1].reshape(shape) + inputs[2].reshape(shape)).astype(x.dtype)]
     if op == "constant_of_shape":
         value = a.get("value", np.zeros(1, np.float32))
         return [np.full(tuple(int(d) for d in x), value.reshape(-1)[0], dtype=value.dtype)]
