@@ -68,3 +68,26 @@ KERNEL void topk_indices(GLOBAL const real* RESTRICT x, GLOBAL i64* RESTRICT y, 
         pi = bi;
     }
 }
+
+/* GatherND (batch_dims 0): y[o, i] = x[lin(o), i], lin(o) = sum_j idx[o, j] * w_j over the first
+ * q axes of x (sizes a0..a5, weights w0..w5 in rows of `inner` elements); y viewed as
+ * [outer, inner]. */
+KERNEL void gather_nd(GLOBAL const real* RESTRICT x, GLOBAL const i64* RESTRICT idx,
+                      GLOBAL real* RESTRICT y, int total, int inner, int q,
+                      int a0, int a1, int a2, int a3, int a4, int a5,
+                      int w0, int w1, int w2, int w3, int w4, int w5)
+{
+    int t = GID(0);
+    if (t >= total) return;
+    int o = t / inner, i = t - o * inner;
+    int sizes[6] = {a0, a1, a2, a3, a4, a5}, weights[6] = {w0, w1, w2, w3, w4, w5};
+    int lin = 0;
+    bool inside = true;
+    for (int j = 0; j < q; ++j) {
+        i64 k = idx[o * q + j];
+        if (k < 0) k += sizes[j];
+        inside = inside && k >= 0 && k < sizes[j];
+        lin += (int)k * weights[j];
+    }
+    ST(y, t, inside ? LD(x, lin * inner + i) : NAN_F);
+}

@@ -31,7 +31,7 @@ from .errors import ShapeError, UnsupportedOpError
 DEVICE_OPS = frozenset({
     "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
     "concat", "activation", "softmax", "reduce", "pad", "transpose", "elementwise", "slice",
-    "tile", "matmul", "gather", "gather_elements", "topk",
+    "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine"})
@@ -337,6 +337,13 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
             raise ShapeError(f"GatherElements node {node.name!r}: indices {list(i)} do not fit "
                              f"data {list(x)} outside axis {axis}")
         return tuple(i)
+    if op == "gather_nd":
+        i = shapes[1]
+        q = i[-1] if i else 0
+        if not i or q > len(x) or a.get("batch_dims", 0):
+            raise ShapeError(f"GatherND node {node.name!r}: indices {list(i)} do not index "
+                             f"data {list(x)}")
+        return tuple(i[:-1]) + tuple(x[q:])
     if op == "topk":
         axis = normalize_axis(a.get("axis", -1), len(x), node)
         k = topk_k(node, values)

@@ -273,6 +273,12 @@ def _gather_elements(n, a, ctx):
                    {"axis": int(a.get("axis", 0))})]
 
 
+def _gather_nd(n, a, ctx):
+    if a.get("batch_dims", 0):
+        raise _Unsupported("GatherND with batch_dims > 0")
+    return [G.Node("gather_nd", list(n.input[:2]), [n.output[0]])]
+
+
 def _topk(n, a, ctx):
     axis, largest = int(a.get("axis", -1)), int(a.get("largest", 1))
     inputs = list(n.input[:2])
@@ -381,7 +387,8 @@ CONVERTERS = {
     "Elu": _ew("elu", ("alpha", 1.0)), "PRelu": _ew("prelu"),
     "Softplus": _ew("softplus"), "HardSigmoid": _ew("hard_sigmoid", ("alpha", 0.2), ("beta", 0.5)),
     "LayerNormalization": _layernorm, "LogSoftmax": _log_softmax,
-    "Split": _split, "Gather": _gather, "GatherElements": _gather_elements, "TopK": _topk,
+    "Split": _split, "Gather": _gather, "GatherElements": _gather_elements,
+    "GatherND": _gather_nd, "TopK": _topk,
     "ArgMax": _argmax(1), "ArgMin": _argmax(0),
     "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
 }

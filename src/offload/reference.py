@@ -223,6 +223,15 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         return [dims[a.get("start", 0):a.get("end", None)]]
     if op == "gather":
         return [gather(node, x, inputs[1])]
+    if op == "gather_nd":
+        idx = np.asarray(inputs[1]).astype(np.int64)
+        q = idx.shape[-1]
+        sizes = np.array(x.shape[:q])
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            raise ShapeError(f"GatherND node {node.name!r}: an index of {node.inputs[1]!r} is "
+                             f"outside data {list(x.shape)}")
+        idx = np.where(idx < 0, idx + sizes, idx)
+        return [x[tuple(np.moveaxis(idx, -1, 0))]]
     if op == "gather_elements":
         return [gather_elements(node, x, inputs[1])]
     if op == "cast":

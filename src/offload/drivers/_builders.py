@@ -285,4 +285,17 @@ def build_topk(ctx, attrs, ins, out):
                    i32(attrs.get("largest", 1))), "topk")
 
 
-SHARED.update(gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)
+def build_gather_nd(ctx, attrs, ins, out):
+    x, idx = _operand(ctx, ins[0]), _indices(ctx, ins[1])
+    _float_data(ctx, x, "GatherND")
+    q = idx.shape[-1]
+    inner = math.prod(x.shape[q:])
+    sizes = list(x.shape[:q]) + [1] * (MAX_RANK - q)
+    weights = [math.prod(x.shape[j + 1:q]) for j in range(q)] + [0] * (MAX_RANK - q)
+    total = out.size
+    return launch(ctx, "index.cl", "gather_nd", total,
+                  (x, idx, out, i32(total), i32(max(inner, 1)), i32(q), *map(i32, sizes),
+                   *map(i32, weights)), "gather_nd")
+
+
+SHARED.update(gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)

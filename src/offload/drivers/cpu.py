@@ -442,6 +442,24 @@ def build_gather_elements(ctx, attrs, ins, out):
     return run
 
 
+def build_gather_nd(ctx, attrs, ins, out):
+    x, idx = ins[0], ins[1]
+    q = idx.shape[-1]
+    sizes = np.array(x.shape[:q], np.int64)
+    flat = x.reshape((-1,) + x.shape[q:])
+    weights = np.array([math.prod(x.shape[j + 1:q]) for j in range(q)], np.int64)
+    out2 = out.reshape((-1,) + x.shape[q:])
+
+    def run():
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            from ..errors import ShapeError
+            raise ShapeError(f"GatherND node {attrs.get('node', '')!r}: an index is outside "
+                             f"data {list(x.shape)} (first {q} axes)")
+        lin = (np.where(idx < 0, idx + sizes, idx) @ weights).reshape(-1)
+        np.take(flat, lin, axis=0, out=out2)
+    return run
+
+
 def build_topk(ctx, attrs, ins, out):
     x, axis, k = ins[0], attrs["axis"], attrs["k"]
     largest = attrs.get("largest", 1)
@@ -461,6 +479,7 @@ OPS = {
     "matmul": build_matmul,
     "gather": build_gather,
     "gather_elements": build_gather_elements,
+    "gather_nd": build_gather_nd,
     "topk": build_topk,
     "conv2d": build_conv2d,
     "dense": build_dense,
