@@ -64,7 +64,8 @@ TABLE: dict[str, Expr] = {
                                   else np.trunc(a / b))),
     "pow": Expr(2, "pow(a, (float)b)", _errs(lambda a, b, p0, p1: np.power(
         a.astype(np.float64), b).astype(a.dtype))),
-    "mod": Expr(2, "(a - b * floor(a / b))", _errs(lambda a, b, p0, p1: _int_mod(a, b)),
+    "mod": Expr(2, "(fmod(a, b) != 0 && ((fmod(a, b) < 0) != (b < 0)) ? fmod(a, b) + b : "
+                   "fmod(a, b))", _errs(lambda a, b, p0, p1: _int_mod(a, b)),
                 c_int="(a % b != 0 && ((a % b < 0) != (b < 0)) ? a % b + b : a % b)"),
     "fmod": Expr(2, "fmod(a, b)", _errs(lambda a, b, p0, p1: np.fmod(a, b)),
                  c_int="(a % b)"),
@@ -111,7 +112,7 @@ TABLE: dict[str, Expr] = {
                      _errs(lambda a, p0, p1: np.logaddexp(0, a.astype(np.float64)))),
     "hard_sigmoid": Expr(1, "fmax(0.0f, fmin(1.0f, p0 * a + p1))",
                          lambda a, p0, p1: np.clip(p0 * a + p1, 0, 1)),
-    "clip": Expr(3, "(a < b ? b : (a > c ? c : a))",
+    "clip": Expr(3, "((a < b ? b : a) > c ? c : (a < b ? b : a))",
                  lambda a, b, c, p0, p1: np.minimum(np.maximum(a, b), c)),
     "muladd": Expr(3, "a * b + c", lambda a, b, c, p0, p1: a * b + c),
     "is_nan": Expr(1, "a != a", lambda a, p0, p1: np.isnan(a), "bool"),

@@ -36,6 +36,11 @@ DEVICE_OPS = frozenset({
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine"})
 HOST_OPS = frozenset({"shape", "constant_of_shape", "range", "batchnorm"})
+# Inputs that parameterise an op (axes, shapes, repeats, pads, k...): they must be known when
+# the plan is made (constants, or computed from input shapes), never values from the data.
+PARAM_INPUTS = {"reduce": (1,), "unsqueeze": (1,), "squeeze": (1,), "tile": (1,), "expand": (1,),
+                "reshape": (1,), "pad": (1, 2, 3), "slice": (1, 2, 3, 4), "topk": (1,),
+                "split_part": (1,), "constant_of_shape": (0,), "range": (0, 1, 2)}
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip", "identity")
 
 
@@ -141,8 +146,9 @@ def broadcast_shapes(a, b, node: Node):
     try:
         return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
     except ValueError:
-        raise ShapeError(f"{node.op} node {node.name!r}: shapes {list(a)} and {list(b)} do not "
-                         "broadcast") from None
+        names = " and ".join(repr(i) for i in node.inputs if i)
+        raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: shapes {list(a)} and "
+                         f"{list(b)} do not broadcast (inputs {names})") from None
 
 
 def reshape_target(node: Node, x_shape, target) -> tuple:
@@ -286,7 +292,8 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
                              "data at run time; only shapes known before the run are supported")
         return reshape_target(node, x, values[1])
     if op == "flatten":
-        axis = normalize_axis(a.get("axis", 1), len(x) + 1, node) if x else 0
+        axis = a.get("axis", 1)
+        axis = (axis + len(x) if axis < 0 else axis) if x else 0
         return (math.prod(x[:axis]), math.prod(x[axis:]))
     if op == "unsqueeze":
         axes = a.get("axes")
@@ -352,6 +359,17 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
                              f"{node.inputs[0]!r} {list(x)} has {x[axis]} elements")
         return tuple(x[:axis]) + (k,) + tuple(x[axis + 1:])
     raise ShapeError(f"no shape rule for op {op!r} (node {node.name!r})")
+
+
+def check_params_known(node: Node, known) -> None:
+    """ShapeError naming the node and input when a parameter input is not known before the
+    run (``known``: a name -> bool test)."""
+    for i in PARAM_INPUTS.get(node.op, ()):
+        if i < len(node.inputs) and node.inputs[i] and not known(node.inputs[i]):
+            raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: its input "
+                             f"{node.inputs[i]!r} (#{i}) sets axes/shape/sizes and comes from "
+                             "the data; offload needs it before the run (a constant, or computed "
+                             "from input shapes only)")
 
 
 def topk_k(node: Node, values) -> int:

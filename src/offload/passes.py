@@ -127,8 +127,7 @@ def _lower_gemm(graph, node, problems):
     a = node.attrs
     b = graph.constants.get(node.inputs[1])
     if b is None or b.ndim != 2:
-        problems.append(("Gemm", node.name, "B must be a constant matrix (weights)"))
-        return []
+        return _gemm_runtime(graph, node)
     w = (b.T if a.get("transB", 0) else b).astype(np.float64) * a.get("alpha", 1.0)
     nodes, x = [], node.inputs[0]
     if a.get("transA", 0):
@@ -157,6 +156,40 @@ def _lower_gemm(graph, node, problems):
             beta_name = _new_constant(graph, node.name + "/beta", np.float32(beta))
             nodes += [G.Node("mul", [cname, beta_name], [scaled], {}, node.name),
                       G.Node("add", [dense_out, scaled], [y], {}, node.name)]
+    return nodes
+
+
+def _gemm_runtime(graph, node):
+    """Gemm with a run-time B: transposes, a matmul and elementwise alpha/beta rows."""
+    a, nodes = node.attrs, []
+    ins = list(node.inputs)
+
+    def temp(base):
+        return f"{node.name}/{base}"
+
+    for k, flag in ((0, "transA"), (1, "transB")):
+        if a.get(flag, 0):
+            nodes.append(G.Node("transpose", [ins[k]], [temp(flag)], {"perm": (1, 0)},
+                                node.name, node.source_op))
+            ins[k] = temp(flag)
+    c = ins[2] if len(ins) > 2 else ""
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    prod = node.outputs[0] if not c and alpha == 1.0 else temp("product")
+    nodes.append(G.Node("matmul", ins[:2], [prod], {}, node.name, node.source_op))
+    if alpha != 1.0:
+        scaled = node.outputs[0] if not c else temp("alpha_product")
+        nodes.append(G.Node("elementwise", [prod, _new_constant(
+            graph, node.name + "/alpha", np.array(alpha, np.float32))], [scaled], {"fn": "mul"},
+            node.name, node.source_op))
+        prod = scaled
+    if c:
+        if beta != 1.0:
+            nodes.append(G.Node("elementwise", [c, _new_constant(
+                graph, node.name + "/beta", np.array(beta, np.float32))], [temp("beta_c")],
+                {"fn": "mul"}, node.name, node.source_op))
+            c = temp("beta_c")
+        nodes.append(G.Node("elementwise", [prod, c], node.outputs, {"fn": "add"}, node.name,
+                            node.source_op))
     return nodes
 
 

@@ -178,6 +178,7 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None) -> Resolved:
             dims = np.array(shapes[node.inputs[0]], np.int64)
             values[node.outputs[0]] = dims[node.attrs.get("start", 0):node.attrs.get("end")]
             continue
+        G.check_params_known(node, values.__contains__)
         node = _plan_node(node, shapes, values, dtypes)
         if node.op in G.HOST_OPS:
             unsupported.append((node.op, node.name))
