@@ -240,8 +240,8 @@ class Model:
                                     self._unwrap, name=f"offload-batcher-{graph.name}",
                                     workers=len(self.devices))
         # per input: (name, rank, [(axis, size) of fixed axes]) for the fast check of each call
-        self._input_checks = [(t.name, len(t.shape), [(i, d) for i, d in enumerate(t.shape)
-                                                      if isinstance(d, int)])
+        self._input_checks = [(np.dtype(t.dtype), len(t.shape),
+                               [(i, d) for i, d in enumerate(t.shape) if isinstance(d, int)])
                               for t in graph.inputs]
 
     @property
@@ -388,8 +388,8 @@ class Model:
     def _prepare(self, inputs, named) -> list[np.ndarray]:
         if not named and len(inputs) == len(self._input_checks):
             ok = True  # fast path: float32 arrays of the right shape, checked without formatting
-            for x, (_, rank, fixed) in zip(inputs, self._input_checks):
-                if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != rank:
+            for x, (dtype, rank, fixed) in zip(inputs, self._input_checks):
+                if type(x) is not np.ndarray or x.dtype != dtype or x.ndim != rank:
                     ok = False
                     break
                 shape = x.shape
