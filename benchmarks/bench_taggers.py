@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import shlex
 import sys
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
                           f"  {r.median_s / ref:5.2f}x onnxruntime")
     doc = {"command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": bench.machine_info(), "rows": rows}
+           "machine": bench.machine_info(), "rows": rows,
+           "env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+                   if k in os.environ}}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"taggers-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}"
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
     mach = doc["machine"]
     lines = ["# Taggers: ParticleNet-like and ParT-like, P = 50, beside onnxruntime", "",
              f"- date: {doc['date']}", f"- command: `{doc['command']}`",
-             f"- machine: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores",
+             f"- machine: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores; load average "
+             f"{os.getloadavg()[0]:.1f} at the end; environment {doc['env'] or 'default'}",
              "- contenders alternated in one run (offload.bench.measure), medians per call; "
              "outputs checked against onnxruntime (rtol = atol = 1e-4) first", "",
              "| model | batch | contender | median ms | p90 ms | events/s | vs onnxruntime |",

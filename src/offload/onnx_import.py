@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import graph as G
-from .errors import ModelFormatError, UnsupportedOpError
+from .errors import ModelFormatError
 from .reference import ONNX_DTYPES
 
 INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")

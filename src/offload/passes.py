@@ -6,7 +6,6 @@ import numpy as np
 
 from . import graph as G
 from . import reference
-from .errors import UnsupportedOpError
 
 FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | G.PLAN_OPS | {"gemm", "clip"}) - {"shape"}
 

@@ -246,6 +246,13 @@ class Plan:
             r = resolve(graph, input_shapes, device.ops)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
+        lacking = sorted({np.dtype(d).name for d in r.dtypes.values()}
+                         - set(device.capabilities.dtypes) - {"float32"})
+        if lacking:
+            raise UnsupportedOpError(f"device {device.spec} runs tensors of "
+                                     f"{sorted(device.capabilities.dtypes)}; this model has "
+                                     f"{lacking} tensors at run time", [("dtype", d)
+                                                                         for d in lacking])
         self._logical = r.dtypes
         self._dtypes = {n: (self.storage if d.kind == "f" else d) for n, d in r.dtypes.items()}
         self._build(graph, device, ctx, r.values, r.shapes, r.entries)

@@ -142,31 +142,30 @@ def slice_(x, starts, ends, axes, steps):
     return x[tuple(index)]
 
 
-def _index_error(node, what, indices, size, axis):
+def _indices(node, x, indices):
+    """(axis, the indices made non-negative); ShapeError naming node, tensors and the bad
+    index when one is outside the axis."""
+    axis = G.normalize_axis(node.attrs.get("axis", 0), x.ndim, node)
+    indices = np.asarray(indices).astype(np.int64)
+    size = x.shape[axis]
     bad = indices[(indices < -size) | (indices >= size)]
-    return ShapeError(f"{node.source_op or node.op} node {node.name!r}: {what} "
-                      f"{node.inputs[1]!r} holds {int(bad.reshape(-1)[0])}, outside "
-                      f"[-{size}, {size - 1}] for axis {axis} of {node.inputs[0]!r}")
+    if bad.size:
+        raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: index "
+                         f"{node.inputs[1]!r} holds {int(bad.reshape(-1)[0])}, outside "
+                         f"[-{size}, {size - 1}] for axis {axis} of {node.inputs[0]!r}")
+    return axis, np.where(indices < 0, indices + size, indices)
 
 
 def gather(node, x, indices):
-    axis = G.normalize_axis(node.attrs.get("axis", 0), x.ndim, node)
-    indices = np.asarray(indices).astype(np.int64)
-    size = x.shape[axis]
-    if indices.size and (indices.min() < -size or indices.max() >= size):
-        raise _index_error(node, "index", indices, size, axis)
-    return np.take(x, np.where(indices < 0, indices + size, indices), axis=axis)
+    axis, indices = _indices(node, x, indices)
+    return np.take(x, indices, axis=axis)
 
 
 def gather_elements(node, x, indices):
-    axis = G.normalize_axis(node.attrs.get("axis", 0), x.ndim, node)
-    indices = np.asarray(indices).astype(np.int64)
-    size = x.shape[axis]
-    if indices.size and (indices.min() < -size or indices.max() >= size):
-        raise _index_error(node, "index", indices, size, axis)
+    axis, indices = _indices(node, x, indices)
     region = x[tuple(slice(0, d) for d in indices.shape[:axis]) + (slice(None),) +
                tuple(slice(0, d) for d in indices.shape[axis + 1:])]
-    return np.take_along_axis(region, np.where(indices < 0, indices + size, indices), axis)
+    return np.take_along_axis(region, indices, axis)
 
 
 def topk(node, x, inputs):

@@ -17,7 +17,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import elementwise as EW
 from .. import graph as G
-from ..device import Capabilities, Device, DeviceInfo
+from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from .. import _core
 from ..fpga import fixed_point
 from ..hostmem import aligned_empty
@@ -356,6 +356,41 @@ UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maxim
           "not": np.logical_not, "div": np.divide}
 
 
+def _erf_into(x, out, t):
+    """erf(x) into ``out`` in float32 with one temporary ``t`` (Abramowitz & Stegun 7.1.26,
+    |error| < 1.5e-7 + float32 rounding): a few passes, no float64 copies."""
+    np.abs(x, out=t)
+    np.multiply(t, F32(0.3275911), out=out)
+    out += F32(1.0)
+    np.reciprocal(out, out=out)          # out = s = 1 / (1 + p |x|)
+    np.multiply(t, t, out=t)
+    np.negative(t, out=t)
+    np.exp(t, out=t)                     # t = exp(-x^2)
+    poly = out * F32(1.061405429)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly += F32(c)
+        poly *= out
+    poly *= t
+    np.subtract(F32(1.0), poly, out=out)
+    np.copysign(out, x, out=out)
+
+
+def build_erf(ctx, attrs, ins, out):
+    x, fn = ins[0], attrs["fn"]
+    t = np.empty(out.shape, F32)
+    if fn == "erf":
+        return lambda: _erf_into(x, out, t)
+    u = np.empty(out.shape, F32)
+
+    def gelu():  # 0.5 x (1 + erf(x / sqrt 2))
+        np.multiply(x, F32(0.7071067811865476), out=u)
+        _erf_into(u, out, t)
+        np.add(out, F32(1.0), out=out)
+        np.multiply(out, x, out=out)
+        np.multiply(out, F32(0.5), out=out)
+    return gelu
+
+
 def build_elementwise(ctx, attrs, ins, out):
     """A row of offload.elementwise.TABLE in NumPy: a ufunc into ``out`` where one fits, else
     the row's NumPy expression copied into ``out``."""
@@ -365,6 +400,8 @@ def build_elementwise(ctx, attrs, ins, out):
     if fn == "copy":
         x = ins[0]
         return lambda: np.copyto(out, x)
+    if fn in ("erf", "gelu") and kinds == {np.dtype(F32)} and out.shape == ins[0].shape:
+        return build_erf(ctx, attrs, ins, out)
     if ufunc is not None and kinds == {np.dtype(F32)}:
         def run():
             with np.errstate(all="ignore"):
@@ -510,7 +547,7 @@ class CPUDevice(Device):
     kind = "cpu"
     index = 0
     ops = OPS
-    capabilities = Capabilities(frozenset(OPS),
+    capabilities = Capabilities(frozenset(OPS), dtypes=ALL_DTYPES,
                                 precisions=frozenset({"float32", fixed_point.FAMILY}))
     reads_host_arrays = True
 

@@ -71,10 +71,9 @@ import weakref
 import numpy as np
 
 from .. import graph as G
-from ..device import Capabilities, Device, DeviceInfo
+from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from ..hostmem import address
-from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
-                      UnsupportedOpError)
+from ..errors import DeviceMemoryError, DeviceRuntimeError, KernelBuildError
 from ._builders import SHARED, epilogue_args, launch
 from ._kernels import (ACTIVATIONS, GEMM_GPU, PROGRAMS, _operand, _sequence, kernel_source,
                        matmul_plan)
@@ -325,7 +324,7 @@ class CUDADevice(Device):
         except self._errors[1] as e:
             raise map_error(self, e, "opening the device") from None
         self.ops = OPS
-        self.capabilities = Capabilities(frozenset(OPS), precisions=frozenset(
+        self.capabilities = Capabilities(frozenset(OPS), dtypes=ALL_DTYPES, precisions=frozenset(
             {"float32", *GEMM_EX}))
         self.dlpack_device = (2, index)  # kDLCUDA: CuPy arrays and CUDA tensors on this GPU
         self.build_stats = {"compiled": 0, "seconds": 0.0}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import graph as G
-from ..device import Capabilities, Device, DeviceInfo
+from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from ..hostmem import ALIGNMENT, address
 from ._builders import SHARED, epilogue_args, launch
 from ._kernels import (GEMM_CPU, GEMM_GPU, KERNEL_DIR, PROGRAMS,  # noqa: F401
@@ -197,7 +197,7 @@ class OpenCLDevice(Device):
         self.ops = OPS
         # float16/bfloat16: half-size tensors in memory, float arithmetic (vload_half is core
         # OpenCL 1.2: no cl_khr_fp16 needed)
-        self.capabilities = Capabilities(frozenset(OPS),
+        self.capabilities = Capabilities(frozenset(OPS), dtypes=ALL_DTYPES,
                                          precisions=frozenset({"float32", "float16", "bfloat16"}))
         self.build_stats = {"compiled": 0, "from_disk": 0, "seconds": 0.0}
         self._announced = False
