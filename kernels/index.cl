@@ -91,3 +91,20 @@ KERNEL void gather_nd(GLOBAL const real* RESTRICT x, GLOBAL const i64* RESTRICT 
     }
     ST(y, t, inside ? LD(x, lin * inner + i) : NAN_F);
 }
+
+/* CumSum along r of x[o, r, i] (x viewed as [outer, R, inner]), optionally exclusive and/or
+ * from the end; one work-item per (o, i). */
+KERNEL void cumsum_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, int total,
+                        int R, int inner, int exclusive, int reverse)
+{
+    int t = GID(0);
+    if (t >= total) return;
+    int o = t / inner, i = t - o * inner;
+    float acc = 0.0f;
+    for (int r = 0; r < R; ++r) {
+        int at = (o * R + (reverse ? R - 1 - r : r)) * inner + i;
+        float v = LD(x, at);
+        if (exclusive) { ST(y, at, acc); acc += v; }
+        else { acc += v; ST(y, at, acc); }
+    }
+}

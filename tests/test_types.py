@@ -109,3 +109,23 @@ def test_topk_ties_go_to_the_lower_index(device):
     want = _ort(m, {"x": x})
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[1], [[3, 5, 1]])
+
+
+@pytest.mark.parametrize("exclusive, reverse", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_cumsum_with_a_constant_axis(device, exclusive, reverse):
+    axis = h.make_tensor("axis", T.INT64, [], [-1])
+    m = _model([h.make_node("CumSum", ["x", "axis"], ["y"], exclusive=exclusive,
+                            reverse=reverse)],
+               [("x", T.FLOAT, ["N", 3, 7])], [("y", T.FLOAT, ["N", 3, 7])], inits=[axis])
+    x = np.random.default_rng(2).standard_normal((2, 3, 7)).astype(np.float32)
+    np.testing.assert_allclose(offload.load(m, device=device)(x), _ort(m, {"x": x})[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("upper, k", [(1, 0), (0, -1), (1, 2)])
+def test_trilu_with_a_constant_k(device, upper, k):
+    kk = h.make_tensor("k", T.INT64, [], [k])
+    m = _model([h.make_node("Trilu", ["x", "k"], ["y"], upper=upper)],
+               [("x", T.FLOAT, ["N", 4, 5])], [("y", T.FLOAT, ["N", 4, 5])], inits=[kk])
+    x = np.random.default_rng(3).standard_normal((2, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(offload.load(m, device=device)(x), _ort(m, {"x": x})[0])

@@ -11,7 +11,8 @@ IR ops run on devices (each device's op table implements them):
 View ops share their input's memory (no kernel): reshape, flatten, squeeze, unsqueeze, identity.
 Plan-time ops are rewritten into device ops once the input shapes are known: expand (an
 elementwise copy), split_part (a slice), cast (an elementwise cast, or nothing),
-channel_affine (x * scale + shift per channel of axis 1: an elementwise muladd).
+channel_affine (x * scale + shift per channel of axis 1: an elementwise muladd), trilu (an
+elementwise where with a constant triangle mask).
 Host ops only ever see constants and are evaluated once (at load, or at plan time when they
 depend on an input's shape): shape, cast, constant_of_shape, range, batchnorm inputs of
 folding, and every device op above when all its inputs are constants.
@@ -31,16 +32,17 @@ from .errors import ShapeError, UnsupportedOpError
 DEVICE_OPS = frozenset({
     "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
     "concat", "activation", "softmax", "reduce", "pad", "transpose", "elementwise", "slice",
-    "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk",
+    "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk", "cumsum",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
-PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine"})
+PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine", "trilu"})
 HOST_OPS = frozenset({"shape", "constant_of_shape", "range", "batchnorm"})
 # Inputs that parameterise an op (axes, shapes, repeats, pads, k...): they must be known when
 # the plan is made (constants, or computed from input shapes), never values from the data.
 PARAM_INPUTS = {"reduce": (1,), "unsqueeze": (1,), "squeeze": (1,), "tile": (1,), "expand": (1,),
                 "reshape": (1,), "pad": (1, 2, 3), "slice": (1, 2, 3, 4), "topk": (1,),
-                "split_part": (1,), "constant_of_shape": (0,), "range": (0, 1, 2)}
+                "split_part": (1,), "constant_of_shape": (0,), "range": (0, 1, 2),
+                "cumsum": (1,), "trilu": (1,)}
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip", "identity")
 
 
@@ -323,7 +325,9 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
             raise ShapeError(f"Tile node {node.name!r}: {len(reps)} repeats for input shape "
                              f"{list(x)} (rank {len(x)})")
         return tuple(d * r for d, r in zip(x, reps))
-    if op == "cast":
+    if op in ("cast", "cumsum", "trilu"):
+        if op == "trilu" and len(x) < 2:
+            raise ShapeError(f"Trilu node {node.name!r}: input {list(x)} has rank < 2")
         return tuple(x)
     if op == "matmul":
         a_shape, b_shape = shapes[0], shapes[1]
@@ -370,6 +374,14 @@ def check_params_known(node: Node, known) -> None:
                              f"{node.inputs[i]!r} (#{i}) sets axes/shape/sizes and comes from "
                              "the data; offload needs it before the run (a constant, or computed "
                              "from input shapes only)")
+
+
+def trilu_mask(node: Node, x, values) -> np.ndarray:
+    """The bool [rows, cols] mask of the elements a Trilu node keeps."""
+    k = int(np.asarray(values[1]).reshape(-1)[0]) if len(values) > 1 and values[1] is not None \
+        else 0
+    ones = np.ones(tuple(x[-2:]), np.bool_)
+    return np.triu(ones, k) if node.attrs.get("upper", 1) else np.tril(ones, k)
 
 
 def topk_k(node: Node, values) -> int:

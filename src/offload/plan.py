@@ -103,6 +103,10 @@ def _device_operands(node: G.Node, values: dict, shapes: dict):
     elif op == "slice":
         a["starts"], a["steps"], _ = G.slice_params(node, x_shape, known)
         ins = ins[:1]
+    elif op == "cumsum":
+        a["axis"] = G.normalize_axis(int(np.asarray(known[1]).reshape(-1)[0]), len(x_shape),
+                                     node)
+        ins = ins[:1]
     elif op == "tile":
         a["repeats"] = tuple(int(v) for v in np.asarray(known[1]).reshape(-1))
         ins = ins[:1]
@@ -132,6 +136,13 @@ def _plan_node(node: G.Node, shapes: dict, values: dict, dtypes: dict) -> G.Node
             values[consts[key]] = np.array(v, np.int64)
         return G.Node("slice", [node.inputs[0], consts["starts"], consts["ends"], consts["axes"]],
                       node.outputs, {}, node.name, node.source_op)
+    if op == "trilu":
+        x = shapes[node.inputs[0]]
+        mask, zero = f"{node.outputs[0]}/mask", f"{node.outputs[0]}/zero"
+        values[mask] = G.trilu_mask(node, x, [None] + [values.get(i) for i in node.inputs[1:]])
+        values[zero] = np.zeros((), dtypes.get(node.inputs[0], np.dtype(np.float32)))
+        return G.Node("elementwise", [mask, node.inputs[0], zero], node.outputs, {"fn": "where"},
+                      node.name, node.source_op)
     if op == "channel_affine":
         rank = len(shapes[node.inputs[0]])
         names = []

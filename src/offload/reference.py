@@ -250,6 +250,16 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         return [x[(slice(None),) * axis + (slice(begin, end),)].copy()]
     if op == "topk":
         return [topk(node, x, inputs)]
+    if op == "cumsum":
+        axis = G.normalize_axis(int(np.asarray(inputs[1]).reshape(-1)[0]), x.ndim, node)
+        y = np.flip(x, axis) if a.get("reverse", 0) else x
+        acc = np.cumsum(y.astype(np.float64) if x.dtype.kind == "f" else y, axis=axis)
+        if a.get("exclusive", 0):
+            acc = acc - y
+        acc = np.flip(acc, axis) if a.get("reverse", 0) else acc
+        return [acc.astype(x.dtype)]
+    if op == "trilu":
+        return [np.where(G.trilu_mask(node, x.shape, inputs), x, np.zeros((), x.dtype))]
     if op == "channel_affine":
         shape = (-1,) + (1,) * (x.ndim - 2)
         return [(x * inputs[1].reshape(shape) + inputs[2].reshape(shape)).astype(x.dtype)]

@@ -298,4 +298,14 @@ def build_gather_nd(ctx, attrs, ins, out):
                    *map(i32, weights)), "gather_nd")
 
 
-SHARED.update(gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)
+def build_cumsum(ctx, attrs, ins, out):
+    x = _operand(ctx, ins[0])
+    _float_data(ctx, x, "CumSum")
+    outer, r, inner = _outer_r_inner(x.shape, (attrs["axis"],))
+    total = outer * inner
+    return launch(ctx, "index.cl", "cumsum_axis", total,
+                  (x, out, i32(total), i32(r), i32(inner), i32(attrs.get("exclusive", 0)),
+                   i32(attrs.get("reverse", 0))), "cumsum")
+
+
+SHARED.update(cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)

@@ -497,6 +497,19 @@ def build_gather_nd(ctx, attrs, ins, out):
     return run
 
 
+def build_cumsum(ctx, attrs, ins, out):
+    x, axis = ins[0], attrs["axis"]
+    reverse, exclusive = attrs.get("reverse", 0), attrs.get("exclusive", 0)
+    src = np.flip(x, axis) if reverse else x
+    dst = np.flip(out, axis) if reverse else out
+
+    def run():
+        np.cumsum(src, axis=axis, out=dst)
+        if exclusive:
+            np.subtract(dst, src, out=dst)
+    return run
+
+
 def build_topk(ctx, attrs, ins, out):
     x, axis, k = ins[0], attrs["axis"], attrs["k"]
     largest = attrs.get("largest", 1)
@@ -517,6 +530,7 @@ OPS = {
     "gather": build_gather,
     "gather_elements": build_gather_elements,
     "gather_nd": build_gather_nd,
+    "cumsum": build_cumsum,
     "topk": build_topk,
     "conv2d": build_conv2d,
     "dense": build_dense,
