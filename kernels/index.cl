@@ -108,3 +108,25 @@ KERNEL void cumsum_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y, 
         else { acc += v; ST(y, at, acc); }
     }
 }
+
+/* ScatterND (reduction none), after y = copy of the data: y[lin(o), i] = u[o, i], lin(o) as in
+ * gather_nd; an index outside the data is skipped. One work-item per element of u. */
+KERNEL void scatter_nd(GLOBAL const i64* RESTRICT idx, GLOBAL const real* RESTRICT u,
+                       GLOBAL real* RESTRICT y, int total, int inner, int q,
+                       int a0, int a1, int a2, int a3, int a4, int a5,
+                       int w0, int w1, int w2, int w3, int w4, int w5)
+{
+    int t = GID(0);
+    if (t >= total) return;
+    int o = t / inner, i = t - o * inner;
+    int sizes[6] = {a0, a1, a2, a3, a4, a5}, weights[6] = {w0, w1, w2, w3, w4, w5};
+    int lin = 0;
+    bool inside = true;
+    for (int j = 0; j < q; ++j) {
+        i64 k = idx[o * q + j];
+        if (k < 0) k += sizes[j];
+        inside = inside && k >= 0 && k < sizes[j];
+        lin += (int)k * weights[j];
+    }
+    if (inside) ST(y, lin * inner + i, LD(u, t));
+}

@@ -33,6 +33,7 @@ DEVICE_OPS = frozenset({
     "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
     "concat", "activation", "softmax", "reduce", "pad", "transpose", "elementwise", "slice",
     "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk", "cumsum",
+    "scatter_nd",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine", "trilu"})
@@ -325,6 +326,13 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
             raise ShapeError(f"Tile node {node.name!r}: {len(reps)} repeats for input shape "
                              f"{list(x)} (rank {len(x)})")
         return tuple(d * r for d, r in zip(x, reps))
+    if op == "scatter_nd":
+        i, u = shapes[1], shapes[2]
+        q = i[-1] if i else 0
+        if not i or q > len(x) or tuple(u) != tuple(i[:-1]) + tuple(x[q:]):
+            raise ShapeError(f"ScatterND node {node.name!r}: indices {list(i)} and updates "
+                             f"{list(u)} do not fit data {list(x)}")
+        return tuple(x)
     if op in ("cast", "cumsum", "trilu"):
         if op == "trilu" and len(x) < 2:
             raise ShapeError(f"Trilu node {node.name!r}: input {list(x)} has rank < 2")

@@ -273,6 +273,12 @@ def _gather_elements(n, a, ctx):
                    {"axis": int(a.get("axis", 0))})]
 
 
+def _scatter_nd(n, a, ctx):
+    if a.get("reduction", "none") != "none":
+        raise _Unsupported(f"ScatterND reduction {a['reduction']!r} (only 'none')")
+    return [G.Node("scatter_nd", list(n.input[:3]), [n.output[0]])]
+
+
 def _cumsum(n, a, ctx):
     return [G.Node("cumsum", list(n.input[:2]), [n.output[0]],
                    {"exclusive": int(a.get("exclusive", 0)), "reverse": int(a.get("reverse", 0))})]
@@ -397,7 +403,7 @@ CONVERTERS = {
     "Softplus": _ew("softplus"), "HardSigmoid": _ew("hard_sigmoid", ("alpha", 0.2), ("beta", 0.5)),
     "LayerNormalization": _layernorm, "LogSoftmax": _log_softmax,
     "Split": _split, "Gather": _gather, "GatherElements": _gather_elements,
-    "GatherND": _gather_nd, "CumSum": _cumsum, "Trilu": _trilu, "TopK": _topk,
+    "GatherND": _gather_nd, "CumSum": _cumsum, "ScatterND": _scatter_nd, "Trilu": _trilu, "TopK": _topk,
     "ArgMax": _argmax(1), "ArgMin": _argmax(0),
     "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
 }

@@ -250,6 +250,16 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         return [x[(slice(None),) * axis + (slice(begin, end),)].copy()]
     if op == "topk":
         return [topk(node, x, inputs)]
+    if op == "scatter_nd":
+        idx = np.asarray(inputs[1]).astype(np.int64)
+        q = idx.shape[-1]
+        sizes = np.array(x.shape[:q])
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            raise ShapeError(f"ScatterND node {node.name!r}: an index of {node.inputs[1]!r} is "
+                             f"outside data {list(x.shape)}")
+        y = x.copy()
+        y[tuple(np.moveaxis(np.where(idx < 0, idx + sizes, idx), -1, 0))] = inputs[2]
+        return [y]
     if op == "cumsum":
         axis = G.normalize_axis(int(np.asarray(inputs[1]).reshape(-1)[0]), x.ndim, node)
         y = np.flip(x, axis) if a.get("reverse", 0) else x

@@ -308,4 +308,20 @@ def build_cumsum(ctx, attrs, ins, out):
                    i32(attrs.get("reverse", 0))), "cumsum")
 
 
-SHARED.update(cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)
+def build_scatter_nd(ctx, attrs, ins, out):
+    x, idx, u = _operand(ctx, ins[0]), _indices(ctx, ins[1]), _operand(ctx, ins[2])
+    _float_data(ctx, x, "ScatterND")
+    q = idx.shape[-1]
+    inner = math.prod(x.shape[q:])
+    sizes = list(x.shape[:q]) + [1] * (MAX_RANK - q)
+    weights = [math.prod(x.shape[j + 1:q]) for j in range(q)] + [0] * (MAX_RANK - q)
+    xs = _contiguous_strides(x.shape)
+    copy = elementwise(ctx, "copy", [out], x.shape, [(x, 0, xs)], (out, 0, xs))
+    total = u.size
+    scatter = launch(ctx, "index.cl", "scatter_nd", total,
+                     (idx, u, out, i32(total), i32(max(inner, 1)), i32(q), *map(i32, sizes),
+                      *map(i32, weights)), "scatter_nd")
+    return _sequence(copy, scatter)
+
+
+SHARED.update(scatter_nd=build_scatter_nd, cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)

@@ -497,6 +497,21 @@ def build_gather_nd(ctx, attrs, ins, out):
     return run
 
 
+def build_scatter_nd(ctx, attrs, ins, out):
+    x, idx, u = ins
+    q = idx.shape[-1]
+    sizes = np.array(x.shape[:q], np.int64)
+
+    def run():
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            from ..errors import ShapeError
+            raise ShapeError(f"ScatterND node {attrs.get('node', '')!r}: an index is outside "
+                             f"data {list(x.shape)} (first {q} axes)")
+        np.copyto(out, x)
+        out[tuple(np.moveaxis(np.where(idx < 0, idx + sizes, idx), -1, 0))] = u
+    return run
+
+
 def build_cumsum(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
     reverse, exclusive = attrs.get("reverse", 0), attrs.get("exclusive", 0)
@@ -531,6 +546,7 @@ OPS = {
     "gather_elements": build_gather_elements,
     "gather_nd": build_gather_nd,
     "cumsum": build_cumsum,
+    "scatter_nd": build_scatter_nd,
     "topk": build_topk,
     "conv2d": build_conv2d,
     "dense": build_dense,
