@@ -44,3 +44,23 @@ KERNEL void softmax_axis(GLOBAL const real* RESTRICT x, GLOBAL real* RESTRICT y,
     for (int r = 0; r < R; ++r) s += EXP(LD(x, base + r * inner) - m);
     for (int r = 0; r < R; ++r) ST(y, base + r * inner, EXP(LD(x, base + r * inner) - m) / s);
 }
+
+/* LayerNormalization of each row of x viewed as [rows, D]: (x - mean) / sqrt(var + eps) * scale
+ * + bias (scale and bias: D values; bias may be null). One work-item per row. */
+KERNEL void layernorm_rows(GLOBAL const real* RESTRICT x, GLOBAL const real* RESTRICT scale,
+                           GLOBAL const real* RESTRICT bias, GLOBAL real* RESTRICT y, int rows,
+                           int D, float eps)
+{
+    int r = GID(0);
+    if (r >= rows) return;
+    int base = r * D;
+    float mean = 0.0f, var = 0.0f;
+    for (int d = 0; d < D; ++d) mean += LD(x, base + d);
+    mean /= (float)D;
+    for (int d = 0; d < D; ++d) { float v = LD(x, base + d) - mean; var += v * v; }
+    float inv = 1.0f / sqrt(var / (float)D + eps);
+    for (int d = 0; d < D; ++d) {
+        float v = (LD(x, base + d) - mean) * inv * LD(scale, d);
+        ST(y, base + d, bias ? v + LD(bias, d) : v);
+    }
+}

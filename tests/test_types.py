@@ -129,3 +129,21 @@ def test_trilu_with_a_constant_k(device, upper, k):
                [("x", T.FLOAT, ["N", 4, 5])], [("y", T.FLOAT, ["N", 4, 5])], inits=[kk])
     x = np.random.default_rng(3).standard_normal((2, 4, 5)).astype(np.float32)
     np.testing.assert_array_equal(offload.load(m, device=device)(x), _ort(m, {"x": x})[0])
+
+
+@pytest.mark.parametrize("axis, bias", [(-1, True), (-2, False), (1, True)])
+def test_layernorm_fused_with_constant_scale(device, axis, bias):
+    """LayerNormalization with constant scale/bias runs as the fused layernorm op."""
+    rng = np.random.default_rng(4)
+    norm = (5, 6)[axis:] if axis < 0 else (5, 6)[axis - 1:]
+    inits = [h.make_tensor("s", T.FLOAT, norm, rng.uniform(0.5, 1.5, norm).reshape(-1))]
+    inputs = ["x", "s"]
+    if bias:
+        inits.append(h.make_tensor("b", T.FLOAT, norm, rng.standard_normal(norm).reshape(-1)))
+        inputs.append("b")
+    m = _model([h.make_node("LayerNormalization", inputs, ["y"], axis=axis, epsilon=1e-5)],
+               [("x", T.FLOAT, ["N", 5, 6])], [("y", T.FLOAT, ["N", 5, 6])], inits=inits)
+    model = offload.load(m, device=device)
+    assert any(n.op == "layernorm" for n in model.graph.nodes)
+    x = (rng.standard_normal((3, 5, 6)) * 3 + 1).astype(np.float32)
+    np.testing.assert_allclose(model(x), _ort(m, {"x": x})[0], rtol=1e-4, atol=1e-5)

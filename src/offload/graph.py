@@ -33,7 +33,7 @@ DEVICE_OPS = frozenset({
     "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
     "concat", "activation", "softmax", "reduce", "pad", "transpose", "elementwise", "slice",
     "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk", "cumsum",
-    "scatter_nd",
+    "scatter_nd", "layernorm",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine", "trilu"})
@@ -333,7 +333,7 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
             raise ShapeError(f"ScatterND node {node.name!r}: indices {list(i)} and updates "
                              f"{list(u)} do not fit data {list(x)}")
         return tuple(x)
-    if op in ("cast", "cumsum", "trilu"):
+    if op in ("cast", "cumsum", "trilu", "layernorm"):
         if op == "trilu" and len(x) < 2:
             raise ShapeError(f"Trilu node {node.name!r}: input {list(x)} has rank < 2")
         return tuple(x)

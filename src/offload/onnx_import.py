@@ -331,6 +331,10 @@ def _layernorm(n, a, ctx):
     x, scale = n.input[0], n.input[1]
     bias = n.input[2] if len(n.input) > 2 else ""
     axis, eps = int(a.get("axis", -1)), float(a.get("epsilon", 1e-5))
+    if scale in ctx.constants and (not bias or bias in ctx.constants):
+        # constant scale/bias: the fused layernorm device op (one pass per row)
+        return [G.Node("layernorm", [x, scale] + ([bias] if bias else []), [n.output[0]],
+                       {"axis": axis, "epsilon": eps})]
     t = {k: ctx.temp(k) for k in ("mean", "d", "d2", "var", "std", "norm", "scaled", "eps")}
     ctx.constants[t["eps"]] = np.array(eps, np.float32)
     red = {"fn": "mean", "keepdims": 1, "noop_with_empty_axes": 0, "from_axis": axis}

@@ -103,6 +103,16 @@ def _device_operands(node: G.Node, values: dict, shapes: dict):
     elif op == "slice":
         a["starts"], a["steps"], _ = G.slice_params(node, x_shape, known)
         ins = ins[:1]
+    elif op == "layernorm":
+        axis = G.normalize_axis(a["axis"], len(x_shape), node)
+        norm = tuple(x_shape[axis:])
+        a["rows"], a["size"] = math.prod(x_shape[:axis]), math.prod(norm)
+        for k, name in enumerate(ins[1:], 1):  # scale, bias: one value per normalized element
+            full = f"{name}/{'x'.join(map(str, norm))}"
+            if full not in values:
+                values[full] = np.ascontiguousarray(np.broadcast_to(values[name], norm),
+                                                    np.float32)
+            ins = ins[:k] + [full] + ins[k + 1:]
     elif op == "cumsum":
         a["axis"] = G.normalize_axis(int(np.asarray(known[1]).reshape(-1)[0]), len(x_shape),
                                      node)

@@ -250,6 +250,15 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         return [x[(slice(None),) * axis + (slice(begin, end),)].copy()]
     if op == "topk":
         return [topk(node, x, inputs)]
+    if op == "layernorm":
+        axes = tuple(range(G.normalize_axis(a["axis"], x.ndim, node), x.ndim))
+        x64 = x.astype(np.float64)
+        mean = x64.mean(axis=axes, keepdims=True)
+        var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)
+        y = (x64 - mean) / np.sqrt(var + a["epsilon"]) * inputs[1]
+        if opt(2) is not None:
+            y = y + inputs[2]
+        return [y.astype(x.dtype)]
     if op == "scatter_nd":
         idx = np.asarray(inputs[1]).astype(np.int64)
         q = idx.shape[-1]

@@ -324,4 +324,13 @@ def build_scatter_nd(ctx, attrs, ins, out):
     return _sequence(copy, scatter)
 
 
-SHARED.update(scatter_nd=build_scatter_nd, cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)
+def build_layernorm(ctx, attrs, ins, out):
+    x, scale = _operand(ctx, ins[0]), ctx.weight(ins[1])
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    rows = attrs["rows"]
+    return launch(ctx, "reduce.cl", "layernorm_rows", rows,
+                  (x, scale, bias, out, i32(rows), i32(attrs["size"]), f32(attrs["epsilon"])),
+                  "layernorm")
+
+
+SHARED.update(layernorm=build_layernorm, scatter_nd=build_scatter_nd, cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)

@@ -497,6 +497,26 @@ def build_gather_nd(ctx, attrs, ins, out):
     return run
 
 
+def build_layernorm(ctx, attrs, ins, out):
+    rows, size, eps = attrs["rows"], attrs["size"], F32(attrs["epsilon"])
+    x2, y2 = ins[0].reshape(rows, size), out.reshape(rows, size)
+    scale = ins[1].reshape(size)
+    bias = ins[2].reshape(size) if len(ins) > 2 else None
+    mean, var = np.empty((rows, 1), F32), np.empty((rows, 1), F32)
+
+    def run():
+        np.mean(x2, axis=1, keepdims=True, out=mean)
+        np.subtract(x2, mean, out=y2)
+        np.mean(np.square(y2), axis=1, keepdims=True, out=var)
+        np.add(var, eps, out=var)
+        np.sqrt(var, out=var)
+        np.divide(y2, var, out=y2)
+        np.multiply(y2, scale, out=y2)
+        if bias is not None:
+            np.add(y2, bias, out=y2)
+    return run
+
+
 def build_scatter_nd(ctx, attrs, ins, out):
     x, idx, u = ins
     q = idx.shape[-1]
@@ -547,6 +567,7 @@ OPS = {
     "gather_nd": build_gather_nd,
     "cumsum": build_cumsum,
     "scatter_nd": build_scatter_nd,
+    "layernorm": build_layernorm,
     "topk": build_topk,
     "conv2d": build_conv2d,
     "dense": build_dense,
