@@ -147,3 +147,29 @@ def test_layernorm_fused_with_constant_scale(device, axis, bias):
     assert any(n.op == "layernorm" for n in model.graph.nodes)
     x = (rng.standard_normal((3, 5, 6)) * 3 + 1).astype(np.float32)
     np.testing.assert_allclose(model(x), _ort(m, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_written_out_is_fused(device, tmp_path):
+    """ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add (LayerNorm before opset 17) becomes one
+    layernorm node and matches onnxruntime."""
+    torch = pytest.importorskip("torch")
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.rand(6) + 0.5)
+            self.b = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            d = x - x.mean(-1, keepdim=True)
+            return d / torch.sqrt((d ** 2).mean(-1, keepdim=True) + 1e-5) * self.w + self.b
+
+    torch.manual_seed(0)
+    path = tmp_path / "ln.onnx"
+    torch.onnx.export(Norm(), (torch.randn(2, 5, 6),), str(path), dynamo=False, opset_version=13,
+                      input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    model = offload.load(path, device=device)
+    assert [n.op for n in model.graph.nodes] == ["layernorm"]
+    x = (np.random.default_rng(6).standard_normal((3, 5, 6)) * 3).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(model(x), want[0], rtol=1e-4, atol=1e-5)

@@ -14,7 +14,8 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple]) -> G.Graph:
     """The load-time pipeline: fold, lower to IR, fold BatchNorm, fuse bias, residual adds and
     activations. ``shapes`` are ONNX shape inference's (free axes as names)."""
     ranks = {name: len(shape) for name, shape in shapes.items()}
-    for rewrite in (remove_identities, fold_constants, lower, fold_batchnorm, fuse_bias,
+    for rewrite in (remove_identities, fold_constants, fuse_layernorm, lower, fold_batchnorm,
+                    fuse_bias,
                     fuse_residual, fuse_activation, eliminate_dead_nodes, check_host_ops,
                     contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes)
@@ -54,6 +55,82 @@ def fold_constants(graph, **_):
             continue
         keep.append(node)
     graph.nodes = keep
+    return graph
+
+
+def fuse_layernorm(graph, ranks, **_):
+    """LayerNorm written out (ReduceMean, Sub, Pow 2 or Mul, ReduceMean, Add eps, Sqrt, Div, and
+    an optional constant Mul and Add), over the last axis, -> one fused layernorm node."""
+    c, uses, producers = graph.constants, graph.consumers(), graph.producers()
+
+    def only(name, op, fn=None):
+        n = producers.get(name)
+        if n is None or n.op != op or (fn and n.attrs.get("fn") != fn):
+            return None
+        return n
+
+    def last_axis(node):
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] in c:
+            axes = [int(v) for v in np.asarray(c[node.inputs[1]]).reshape(-1)]
+        rank = ranks.get(node.inputs[0])
+        return axes is not None and len(axes) == 1 and node.attrs.get("keepdims", 1) and (
+            axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+    def scalar(name, value=None):
+        v = c.get(name)
+        return v is not None and np.asarray(v).size == 1 and (
+            value is None or float(np.asarray(v).reshape(-1)[0]) == value)
+
+    drop, fused = set(), {}
+    for div in graph.nodes:
+        if div.op != "div" or len(div.inputs) != 2:
+            continue
+        d, s = div.inputs
+        sqrt = only(s, "elementwise", "sqrt")
+        sub = only(d, "sub")
+        add = sqrt and only(sqrt.inputs[0], "add")
+        if not (sub and add):
+            continue
+        v, eps = add.inputs if scalar(add.inputs[1]) else add.inputs[::-1]
+        var, mean = only(v, "reduce", "mean"), only(sub.inputs[1], "reduce", "mean")
+        if not (var and mean and scalar(eps) and last_axis(var) and last_axis(mean)
+                and mean.inputs[0] == sub.inputs[0]):
+            continue
+        sq = producers.get(var.inputs[0])
+        if not (sq and ((sq.op == "elementwise" and sq.attrs.get("fn") == "pow" and
+                         sq.inputs[0] == d and scalar(sq.inputs[1], 2.0)) or
+                        (sq.op == "mul" and sq.inputs == [d, d]))):
+            continue
+        inner = [mean, sub, sq, var, add, sqrt]
+        outside = [n for t in (mean, sq, var, add, sqrt) for o in t.outputs
+                   for n in uses.get(o, []) if n not in inner + [div]]
+        d_users = [n for n in uses.get(d, []) if n not in (sq, div)]
+        if outside or d_users or any(o in graph.outputs for t in inner for o in t.outputs):
+            continue
+        x, out, tail = sub.inputs[0], div.outputs[0], [div]
+        scale = bias = None
+        after = _sole_consumer(graph, out, uses)
+        if after is not None and after.op == "mul":
+            other = [i for i in after.inputs if i != out]
+            if len(other) == 1 and other[0] in c and np.asarray(c[other[0]]).ndim <= 1:
+                scale, out = other[0], after.outputs[0]
+                tail.append(after)
+                nxt = _sole_consumer(graph, out, uses)
+                if nxt is not None and nxt.op == "add":
+                    other = [i for i in nxt.inputs if i != out]
+                    if len(other) == 1 and other[0] in c and np.asarray(c[other[0]]).ndim <= 1:
+                        bias, out = other[0], nxt.outputs[0]
+                        tail.append(nxt)
+        if scale is None:
+            scale = _new_constant(graph, div.name + "/ones", np.ones(1, np.float32))
+        eps_v = float(np.asarray(c[eps]).reshape(-1)[0])
+        drop.update(id(n) for n in inner + tail)
+        fused[id(tail[-1])] = G.Node("layernorm", [x, scale] + ([bias] if bias else []), [out],
+                                     {"axis": -1, "epsilon": eps_v}, div.name, "LayerNorm")
+    if fused:
+        graph.nodes = [fused.get(id(n), n) for n in graph.nodes
+                       if id(n) in fused or id(n) not in drop]
     return graph
 
 
