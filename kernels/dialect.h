@@ -111,4 +111,13 @@ typedef float real;
 #define ST(p, i, v) ((p)[i] = (v))
 #endif
 
+/* Integer and bool tensors (indices, masks, shapes): int64 as i64, bool as u8 (0 or 1). */
+#ifdef __CUDACC__
+typedef long long i64;
+typedef unsigned char u8;
+#else
+typedef long i64;
+typedef uchar u8;
+#endif
+
 #endif /* OFFLOAD_DIALECT_H */

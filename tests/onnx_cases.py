@@ -20,7 +20,7 @@ Public API::
     CASES: list[Case]
     case_ids() -> list[str]
     get_case(name) -> Case
-    UNSUPPORTED_CASE: Case              # Erf node "bad_erf", NonZero node "bad_nonzero"
+    UNSUPPORTED_CASE: Case              # Det node "bad_det", NonZero node "bad_nonzero"
     write(case, folder) -> Path         # saves <folder>/<case.name>.onnx
 """
 
@@ -1019,14 +1019,14 @@ def _misc_cases() -> list[Case]:
 
 
 def _unsupported_case() -> Case:
-    """x -> Erf ("bad_erf") -> y;  NonZero(y) ("bad_nonzero") -> Cast -> nz.
+    """x -> Det ("bad_det") -> y;  NonZero(y) ("bad_nonzero") -> Cast -> nz.
 
     Runs in onnxruntime; the second output has a data-dependent shape [4, K].
     """
     return _build(
         "unsupported_ops",
         [
-            _node("Erf", ["x"], ["y"], name="bad_erf"),
+            _node("Det", ["x"], ["y"], name="bad_det"),
             _node("NonZero", ["y"], ["nz_i64"], name="bad_nonzero"),
             _node("Cast", ["nz_i64"], ["nz"], name="cast_nz", to=TensorProto.FLOAT),
         ],

@@ -7,6 +7,7 @@ skipped, with the reason, where no NVRTC is found."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from offload.drivers import cuda
@@ -72,3 +73,40 @@ def test_driver_programs_compile_with_nvrtc(nvrtc, program, storage):
     assert cubin[:4] == b"\x7fELF", f"{program}: NVRTC gave no cubin"
     for name in emu_kernels.parse_kernels(cuda.program_source(program)):
         assert name.encode() in cubin, f"{program}: kernel {name} missing from the cubin"
+
+
+def _generated_kernels():
+    """Every row of the elementwise table on float32 operands, and on int64 / bool operands
+    where the row has an integer form, as the shared builders generate them."""
+    from offload import elementwise as EW
+    f, l, b = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.bool_)
+    for fn, row in EW.TABLE.items():
+        ins = [b, f, f] if fn == "where" else [f] * row.arity
+        yield fn, ins, EW.result_dtype(fn, ins, {"to": "int64"})
+        if fn in ("add", "mul", "mod", "fmod", "max", "abs", "sign", "equal", "div", "copy"):
+            ins = [l] * row.arity
+            yield fn, ins, EW.result_dtype(fn, ins, {})
+    yield "cast", [f], l
+    yield "cast", [l], f
+    yield "cast", [f], b
+    yield "and", [b, b], b
+
+
+def test_generated_elementwise_kernels_compile_with_nvrtc(nvrtc):
+    """All generated elementwise kernels in one NVRTC program per storage (one compile each)."""
+    from offload import elementwise as EW
+    for storage, defines in STORAGES.items():
+        bodies, names = [], []
+        for fn, ins, out in _generated_kernels():
+            name, source = EW.generate(fn, ins, out)
+            body = source.split(f'#line 1 "{name}"', 1)[1]
+            if name not in names:
+                names.append(name)
+                bodies.append(body)
+        prelude = EW.generate("copy", [np.dtype(np.float32)], np.dtype(np.float32))[1]
+        prelude = prelude.split('#line 1 "ew_copy_f_f"', 1)[0]
+        options = emu_kernels.cupy_nvrtc_options(cuda.nvrtc_options(defines))
+        cubin = emu_kernels.nvrtc_compile(prelude + "\n".join(bodies), "elementwise", options)
+        assert cubin[:4] == b"\x7fELF", f"{storage}: NVRTC gave no cubin"
+        missing = [n for n in names if n.encode() not in cubin]
+        assert not missing, f"{storage}: kernels missing from the cubin: {missing}"

@@ -148,7 +148,7 @@ def test_program_cache_on_disk(dev, tmp_path, monkeypatch):
     # a program loaded from its binary runs
     x = np.array([-2.0, -0.5, 0.0, 3.0], np.float32)
     xb, yb = warm.upload(x), warm.view(warm.alloc(x.nbytes), x.shape)
-    run = ocl.build_activation(BuildContext(warm, {}), {"fn": "relu"}, [xb], yb)
+    run = ocl.OPS["activation"](BuildContext(warm, {}), {"fn": "relu"}, [xb], yb)
     run()
     y = np.empty_like(x)
     warm.copy_out(y, yb)

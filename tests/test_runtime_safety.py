@@ -434,4 +434,5 @@ def test_cli_bench_clients_that_cannot_all_start_do_not_hang():
         resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20),) * 2)  # ~35 thread stacks
         sys.exit(offload.cli.main(["bench", "jet_mlp", "--clients", "400", "--min-time", "0.05"]))
     """, timeout=120)
-    _one_line_error(result, "could not start 400 client threads")
+    # the client threads or the batcher's, whichever the capped address space refuses first
+    _one_line_error(result, "could not start")

@@ -625,6 +625,11 @@ def _slice(c):
 @rule("cast")
 def _cast(c):
     from .reference import ONNX_DTYPES
+    to = c.node.attrs.get("to")
+    if isinstance(to, str):  # the IR's cast carries the NumPy name the importer mapped it to
+        if to not in {np.dtype(d).name for d in ONNX_DTYPES.values()}:
+            c.fail(f"attribute to={to!r} is not a dtype offload runs")
+        return
     to = c.attr_int("to")
     if to not in ONNX_DTYPES:
         c.fail(f"attribute to={to} is not a supported ONNX element type "

@@ -28,11 +28,14 @@ OpBuilder = Callable[..., Callable[[], None]]
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a device can do: IR ops, tensor dtypes, and numeric precisions."""
+    """What a device can do: IR ops, tensor dtypes (NumPy names), and numeric precisions."""
 
     ops: frozenset
     dtypes: frozenset = frozenset({"float32"})
     precisions: frozenset = frozenset({"float32"})
+
+
+ALL_DTYPES = frozenset({"float32", "int64", "int32", "bool"})
 
 
 class Device:

@@ -5,11 +5,19 @@ are concrete tuples at plan time; at load time the batch axis and other free axe
 
 IR ops run on devices (each device's op table implements them):
     conv2d, dense, maxpool, avgpool, global_avgpool, add, sub, mul, div, concat, activation,
-    softmax, reduce, pad, transpose
+    softmax, reduce, pad, transpose, elementwise (a row of offload.elementwise.TABLE, operands
+    broadcast), slice, tile, matmul (two run-time operands, batch axes broadcast), gather,
+    gather_elements, topk (the indices; values are a gather_elements of them)
 View ops share their input's memory (no kernel): reshape, flatten, squeeze, unsqueeze, identity.
+Plan-time ops are rewritten into device ops once the input shapes are known: expand (an
+elementwise copy), split_part (a slice), cast (an elementwise cast, or nothing),
+channel_affine (x * scale + shift per channel of axis 1: an elementwise muladd), trilu (an
+elementwise where with a constant triangle mask).
 Host ops only ever see constants and are evaluated once (at load, or at plan time when they
-depend on an input's shape): shape, gather, cast, slice, constant_of_shape, range, batchnorm
-inputs of folding, and every device op above when all its inputs are constants.
+depend on an input's shape): shape, cast, constant_of_shape, range, batchnorm inputs of
+folding, and every device op above when all its inputs are constants.
+
+Tensors are float32 (stored in the plan's precision), int64, int32 or bool (``infer_dtype``).
 """
 
 from __future__ import annotations
@@ -19,14 +27,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import ShapeError, UnsupportedOpError
 
 DEVICE_OPS = frozenset({
     "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
-    "concat", "activation", "softmax", "reduce", "pad", "transpose",
+    "concat", "activation", "softmax", "reduce", "pad", "transpose", "elementwise", "slice",
+    "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk", "cumsum",
+    "scatter_nd", "layernorm",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
-HOST_OPS = frozenset({"shape", "gather", "cast", "slice", "constant_of_shape", "range", "batchnorm"})
+PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine", "trilu"})
+HOST_OPS = frozenset({"shape", "constant_of_shape", "range", "batchnorm"})
+# Inputs that parameterise an op (axes, shapes, repeats, pads, k...): they must be known when
+# the plan is made (constants, or computed from input shapes), never values from the data.
+PARAM_INPUTS = {"reduce": (1,), "unsqueeze": (1,), "squeeze": (1,), "tile": (1,), "expand": (1,),
+                "reshape": (1,), "pad": (1, 2, 3), "slice": (1, 2, 3, 4), "topk": (1,),
+                "split_part": (1,), "constant_of_shape": (0,), "range": (0, 1, 2),
+                "cumsum": (1,), "trilu": (1,)}
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip", "identity")
 
 
@@ -132,8 +149,9 @@ def broadcast_shapes(a, b, node: Node):
     try:
         return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
     except ValueError:
-        raise ShapeError(f"{node.op} node {node.name!r}: shapes {list(a)} and {list(b)} do not "
-                         "broadcast") from None
+        names = " and ".join(repr(i) for i in node.inputs if i)
+        raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: shapes {list(a)} and "
+                         f"{list(b)} do not broadcast (inputs {names})") from None
 
 
 def reshape_target(node: Node, x_shape, target) -> tuple:
@@ -185,6 +203,8 @@ def squeeze_shape(x_shape, axes, node: Node):
 def reduce_axes(node: Node, rank: int, axes_value):
     """The axes a reduce node reduces, as a sorted tuple (empty tuple: identity)."""
     axes = node.attrs.get("axes")
+    if node.attrs.get("from_axis") is not None:  # LayerNormalization: axis .. rank - 1
+        axes = range(normalize_axis(node.attrs["from_axis"], rank, node), rank)
     if axes is None and axes_value is not None:
         axes = [int(a) for a in np.asarray(axes_value).reshape(-1)]
     if axes is None or len(axes) == 0:
@@ -288,4 +308,157 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
         if axes is None and len(values) > 1 and values[1] is not None:
             axes = [int(v) for v in np.asarray(values[1]).reshape(-1)]
         return squeeze_shape(x, axes, node)
+    if op == "elementwise" or op == "expand":
+        out = tuple(x)
+        for s in shapes[1:] if op == "elementwise" else [tuple(int(v) for v in
+                                                             np.asarray(values[1]).reshape(-1))]:
+            out = broadcast_shapes(out, s, node)
+        return out
+    if op == "slice":
+        return slice_params(node, x, values)[2]
+    if op == "split_part":
+        begin, end = split_range(node, x, values)
+        axis = normalize_axis(a["axis"], len(x), node)
+        return tuple(x[:axis]) + (end - begin,) + tuple(x[axis + 1:])
+    if op == "tile":
+        reps = [int(v) for v in np.asarray(values[1]).reshape(-1)]
+        if len(reps) != len(x):
+            raise ShapeError(f"Tile node {node.name!r}: {len(reps)} repeats for input shape "
+                             f"{list(x)} (rank {len(x)})")
+        return tuple(d * r for d, r in zip(x, reps))
+    if op == "scatter_nd":
+        i, u = shapes[1], shapes[2]
+        q = i[-1] if i else 0
+        if not i or q > len(x) or tuple(u) != tuple(i[:-1]) + tuple(x[q:]):
+            raise ShapeError(f"ScatterND node {node.name!r}: indices {list(i)} and updates "
+                             f"{list(u)} do not fit data {list(x)}")
+        return tuple(x)
+    if op in ("cast", "cumsum", "trilu", "layernorm"):
+        if op == "trilu" and len(x) < 2:
+            raise ShapeError(f"Trilu node {node.name!r}: input {list(x)} has rank < 2")
+        return tuple(x)
+    if op == "matmul":
+        a_shape, b_shape = shapes[0], shapes[1]
+        ka = a_shape[-1]
+        kb = b_shape[-2] if len(b_shape) > 1 else b_shape[0]
+        if ka != kb or not a_shape or not b_shape:
+            raise ShapeError(f"MatMul node {node.name!r}: inner axes differ: {list(a_shape)} @ "
+                             f"{list(b_shape)}")
+        batch = broadcast_shapes(a_shape[:-2], b_shape[:-2], node)
+        return batch + tuple(a_shape[-2:-1]) + tuple(b_shape[-1:] if len(b_shape) > 1 else ())
+    if op == "gather":
+        axis = normalize_axis(a.get("axis", 0), len(x), node)
+        return tuple(x[:axis]) + tuple(shapes[1]) + tuple(x[axis + 1:])
+    if op == "gather_elements":
+        i = shapes[1]
+        axis = normalize_axis(a.get("axis", 0), len(x), node)
+        if len(i) != len(x) or any(i[d] > x[d] for d in range(len(x)) if d != axis):
+            raise ShapeError(f"GatherElements node {node.name!r}: indices {list(i)} do not fit "
+                             f"data {list(x)} outside axis {axis}")
+        return tuple(i)
+    if op == "gather_nd":
+        i = shapes[1]
+        q = i[-1] if i else 0
+        if not i or q > len(x) or a.get("batch_dims", 0):
+            raise ShapeError(f"GatherND node {node.name!r}: indices {list(i)} do not index "
+                             f"data {list(x)}")
+        return tuple(i[:-1]) + tuple(x[q:])
+    if op == "topk":
+        axis = normalize_axis(a.get("axis", -1), len(x), node)
+        k = topk_k(node, values)
+        if k > x[axis] or k < 0:
+            raise ShapeError(f"TopK node {node.name!r}: k = {k} but axis {axis} of input "
+                             f"{node.inputs[0]!r} {list(x)} has {x[axis]} elements")
+        return tuple(x[:axis]) + (k,) + tuple(x[axis + 1:])
     raise ShapeError(f"no shape rule for op {op!r} (node {node.name!r})")
+
+
+def check_params_known(node: Node, known) -> None:
+    """ShapeError naming the node and input when a parameter input is not known before the
+    run (``known``: a name -> bool test)."""
+    for i in PARAM_INPUTS.get(node.op, ()):
+        if i < len(node.inputs) and node.inputs[i] and not known(node.inputs[i]):
+            raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: its input "
+                             f"{node.inputs[i]!r} (#{i}) sets axes/shape/sizes and comes from "
+                             "the data; offload needs it before the run (a constant, or computed "
+                             "from input shapes only)")
+
+
+def trilu_mask(node: Node, x, values) -> np.ndarray:
+    """The bool [rows, cols] mask of the elements a Trilu node keeps."""
+    k = int(np.asarray(values[1]).reshape(-1)[0]) if len(values) > 1 and values[1] is not None \
+        else 0
+    ones = np.ones(tuple(x[-2:]), np.bool_)
+    return np.triu(ones, k) if node.attrs.get("upper", 1) else np.tril(ones, k)
+
+
+def topk_k(node: Node, values) -> int:
+    if len(values) < 2 or values[1] is None:
+        raise ShapeError(f"TopK node {node.name!r}: k is computed from data at run time; only "
+                         "a k known before the run is supported")
+    return int(np.asarray(values[1]).reshape(-1)[0])
+
+
+def slice_params(node: Node, x, values):
+    """(starts, steps, out shape) per axis of a slice node on shape ``x`` (ONNX clamping)."""
+    if any(v is None for v in values[1:3]) or any(
+            len(values) > i and node.inputs[i] and values[i] is None for i in (3, 4)):
+        raise ShapeError(f"Slice node {node.name!r}: starts, ends, axes and steps must be known "
+                         "before the run")
+    starts = [int(v) for v in np.asarray(values[1]).reshape(-1)]
+    ends = [int(v) for v in np.asarray(values[2]).reshape(-1)]
+    axes = values[3] if len(values) > 3 and values[3] is not None else range(len(starts))
+    axes = [normalize_axis(int(v), len(x), node) for v in np.asarray(axes).reshape(-1)]
+    steps = values[4] if len(values) > 4 and values[4] is not None else [1] * len(starts)
+    steps = [int(v) for v in np.asarray(steps).reshape(-1)]
+    first, step, out = [0] * len(x), [1] * len(x), list(x)
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        if st == 0:
+            raise ShapeError(f"Slice node {node.name!r}: step 0 on axis {ax}")
+        r = range(x[ax])[slice(s, e, st)]
+        first[ax], step[ax], out[ax] = (r.start if len(r) else 0), st, len(r)
+    return first, step, tuple(out)
+
+
+def split_range(node: Node, x, values) -> tuple[int, int]:
+    """[begin, end) along the axis of part ``part`` of a split into ``parts``."""
+    a = node.attrs
+    axis = normalize_axis(a["axis"], len(x), node)
+    sizes = a.get("sizes")
+    if sizes is None and len(values) > 1 and values[1] is not None:
+        sizes = [int(v) for v in np.asarray(values[1]).reshape(-1)]
+    n = x[axis]
+    if sizes is None:
+        parts = a["parts"]
+        chunk = -(-n // parts)  # opset 18 num_outputs: ceil; older even splits agree
+        sizes = [max(0, min(chunk, n - i * chunk)) for i in range(parts)]
+        if a.get("even") and n % parts:
+            raise ShapeError(f"Split node {node.name!r}: axis {axis} of size {n} does not split "
+                             f"into {parts} equal parts")
+    if sum(sizes) != n or len(sizes) != a["parts"]:
+        raise ShapeError(f"Split node {node.name!r}: sizes {list(sizes)} do not split axis "
+                         f"{axis} of size {n} into {a['parts']} parts")
+    begin = sum(sizes[:a["part"]])
+    return begin, begin + sizes[a["part"]]
+
+
+def infer_dtype(node: Node, dtypes: list) -> np.dtype:
+    """The dtype of a node's (first) output from its inputs' dtypes (None: absent input)."""
+    from . import elementwise as EW
+    op = node.op
+    if op == "elementwise":
+        return EW.result_dtype(node.attrs["fn"], dtypes, node.attrs)
+    if op == "cast":
+        return np.dtype(node.attrs["to"])
+    if op == "topk":
+        return np.dtype(np.int64)
+    if op == "shape":
+        return np.dtype(np.int64)
+    return np.dtype(dtypes[0]) if dtypes and dtypes[0] is not None else np.dtype(np.float32)
+
+
+def raise_unsupported(label: str, items: list[tuple[str, str, str]]) -> None:
+    """The report of every unsupported node of a model at once: (op, node name, why)."""
+    lines = [f"  {op} (node {name!r}){': ' + why if why else ''}" for op, name, why in items]
+    raise UnsupportedOpError(f"{label}: {len(items)} unsupported op(s):\n" + "\n".join(lines),
+                             [(op, name) for op, name, _ in items])

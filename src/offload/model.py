@@ -330,8 +330,8 @@ class Model:
                                     self._unwrap, name=f"offload-batcher-{graph.name}",
                                     workers=len(self.devices))
         # per input: (name, rank, [(axis, size) of fixed axes]) for the fast check of each call
-        self._input_checks = [(t.name, len(t.shape), [(i, d) for i, d in enumerate(t.shape)
-                                                      if isinstance(d, int)])
+        self._input_checks = [(np.dtype(t.dtype), len(t.shape),
+                               [(i, d) for i, d in enumerate(t.shape) if isinstance(d, int)])
                               for t in graph.inputs]
 
     @property
@@ -485,8 +485,8 @@ class Model:
     def _prepare(self, inputs, named) -> list[np.ndarray]:
         if not named and len(inputs) == len(self._input_checks):
             ok = True  # fast path: float32 arrays of the right shape, checked without formatting
-            for x, (_, rank, fixed) in zip(inputs, self._input_checks):
-                if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != rank:
+            for x, (dtype, rank, fixed) in zip(inputs, self._input_checks):
+                if type(x) is not np.ndarray or x.dtype != dtype or x.ndim != rank:
                     ok = False
                     break
                 shape = x.shape
@@ -528,7 +528,13 @@ class Model:
             except Exception as e:
                 raise ShapeError(f"{what}: expected an array {spec.describe()}, "
                                  f"got {type(x).__name__} ({e})") from None
-        if x.dtype.kind != "f" or x.dtype.newbyteorder("=") not in ACCEPTED_FLOATS:
+        want = np.dtype(spec.dtype)
+        if want.kind != "f":
+            if x.dtype != want and not (want.kind == "i" and x.dtype.kind in "iu" and
+                                        np.can_cast(x.dtype, want)):
+                raise ShapeError(f"{what}: expected dtype {want.name} (the graph declares it), "
+                                 f"got {x.dtype} with shape {list(x.shape)}")
+        elif x.dtype.kind != "f" or x.dtype.newbyteorder("=") not in ACCEPTED_FLOATS:
             raise ShapeError(f"{what}: expected dtype float32 (float64 and float16 are "
                              f"converted), got {x.dtype} with shape {list(x.shape)}")
         if x.ndim != len(spec.shape) or any(

@@ -17,10 +17,11 @@ from onnx import numpy_helper
 
 from . import checks
 from . import graph as G
-from .errors import ModelFormatError, UnsupportedOpError
+from .errors import ModelFormatError
 from .reference import ONNX_DTYPES
 
-MIN_OPSET, MAX_OPSET = 6, 21
+INPUT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
+MIN_OPSET, MAX_OPSET = 6, onnx.defs.onnx_opset_version()  # the newest the installed onnx defines
 
 
 class _Context:
@@ -181,6 +182,192 @@ def _slice(n, a, ctx):
     return [G.Node("slice", list(n.input), [n.output[0]])]
 
 
+def _ew(fn, *params, arity=None):
+    """An elementwise row of offload.elementwise.TABLE; ``params``: (attribute, default) pairs
+    passed as the expression's p0, p1."""
+    def convert(n, a, ctx):
+        inputs = list(n.input)
+        if arity is not None and len(inputs) != arity:
+            raise _Unsupported(f"{len(inputs)} inputs (expected {arity})")
+        attrs = {"fn": fn, "params": tuple(float(a.get(k, d)) for k, d in params)}
+        return [G.Node("elementwise", inputs, [n.output[0]], attrs)]
+    return convert
+
+
+def _nary(fn):
+    """Min/Max/Sum/Mean of any number of inputs: a chain of binary rows."""
+    def convert(n, a, ctx):
+        ins = [i for i in n.input if i]
+        if not ins:
+            raise _Unsupported("no inputs")
+        nodes, acc = [], ins[0]
+        row = "add" if fn in ("sum", "mean") else fn
+        for k, x in enumerate(ins[1:]):
+            last = k == len(ins) - 2 and fn != "mean"
+            out = n.output[0] if last else ctx.temp(fn)
+            nodes.append(G.Node("elementwise", [acc, x], [out], {"fn": row}))
+            acc = out
+        if fn == "mean":
+            count = ctx.temp("count")
+            ctx.constants[count] = np.array(len(ins), np.float32)
+            nodes.append(G.Node("elementwise", [acc, count], [n.output[0]], {"fn": "div"}))
+        elif len(ins) == 1:
+            nodes.append(G.Node("elementwise", [acc], [n.output[0]], {"fn": "copy"}))
+        return nodes
+    return convert
+
+
+def _cast(n, a, ctx):
+    to = ONNX_DTYPES.get(int(a["to"]))
+    if to is None or np.dtype(to).name not in ("float32", "float64", "float16", "int64",
+                                               "int32", "bool"):
+        name = onnx.TensorProto.DataType.Name(int(a["to"]))
+        raise _Unsupported(f"Cast to {name} (float32, int64, int32 and bool are supported)")
+    to = np.dtype(np.float32 if np.dtype(to).kind == "f" else to).name
+    return [G.Node("cast", [n.input[0]], [n.output[0]], {"to": to})]
+
+
+def _mod(n, a, ctx):
+    return [G.Node("elementwise", list(n.input), [n.output[0]],
+                   {"fn": "fmod" if a.get("fmod", 0) else "mod"})]
+
+
+def _gelu(n, a, ctx):
+    fn = "gelu_tanh" if a.get("approximate", "none") == "tanh" else "gelu"
+    return [G.Node("elementwise", [n.input[0]], [n.output[0]], {"fn": fn})]
+
+
+def _clip_any(n, a, ctx):
+    if ctx.opset < 11:
+        return _clip(n, a, ctx)
+    return [G.Node("clip", list(n.input), [n.output[0]], {"fn": "clip"})]
+
+
+def _where(n, a, ctx):
+    return [G.Node("elementwise", list(n.input), [n.output[0]], {"fn": "where"})]
+
+
+def _expand(n, a, ctx):
+    return [G.Node("expand", list(n.input[:2]), [n.output[0]])]
+
+
+def _tile(n, a, ctx):
+    return [G.Node("tile", list(n.input[:2]), [n.output[0]])]
+
+
+def _split(n, a, ctx):
+    axis = int(a.get("axis", 0))
+    parts = len(n.output)
+    attrs = {"axis": axis, "parts": parts}
+    inputs = [n.input[0]]
+    if "split" in a:
+        attrs["sizes"] = tuple(int(v) for v in a["split"])
+    elif len(n.input) > 1 and n.input[1]:
+        inputs.append(n.input[1])
+    elif ctx.opset < 18:
+        attrs["even"] = True
+    return [G.Node("split_part", list(inputs), [out], dict(attrs, part=k))
+            for k, out in enumerate(n.output) if out]
+
+
+def _gather(n, a, ctx):
+    return [G.Node("gather", list(n.input[:2]), [n.output[0]], {"axis": int(a.get("axis", 0))})]
+
+
+def _gather_elements(n, a, ctx):
+    return [G.Node("gather_elements", list(n.input[:2]), [n.output[0]],
+                   {"axis": int(a.get("axis", 0))})]
+
+
+def _scatter_nd(n, a, ctx):
+    if a.get("reduction", "none") != "none":
+        raise _Unsupported(f"ScatterND reduction {a['reduction']!r} (only 'none')")
+    return [G.Node("scatter_nd", list(n.input[:3]), [n.output[0]])]
+
+
+def _cumsum(n, a, ctx):
+    return [G.Node("cumsum", list(n.input[:2]), [n.output[0]],
+                   {"exclusive": int(a.get("exclusive", 0)), "reverse": int(a.get("reverse", 0))})]
+
+
+def _trilu(n, a, ctx):
+    return [G.Node("trilu", list(n.input[:2]), [n.output[0]], {"upper": int(a.get("upper", 1))})]
+
+
+def _gather_nd(n, a, ctx):
+    if a.get("batch_dims", 0):
+        raise _Unsupported("GatherND with batch_dims > 0")
+    return [G.Node("gather_nd", list(n.input[:2]), [n.output[0]])]
+
+
+def _topk(n, a, ctx):
+    axis, largest = int(a.get("axis", -1)), int(a.get("largest", 1))
+    inputs = list(n.input[:2])
+    if ctx.opset < 10:
+        k = ctx.temp("k")
+        ctx.constants[k] = np.array([a["k"]], np.int64)
+        inputs = [n.input[0], k]
+    values = n.output[0]
+    indices = n.output[1] if len(n.output) > 1 and n.output[1] else ctx.temp("topk_indices")
+    nodes = [G.Node("topk", inputs, [indices], {"axis": axis, "largest": largest})]
+    if values:
+        nodes.append(G.Node("gather_elements", [n.input[0], indices], [values], {"axis": axis}))
+    return nodes
+
+
+def _argmax(largest):
+    def convert(n, a, ctx):
+        if a.get("select_last_index", 0):
+            raise _Unsupported("select_last_index=1")
+        axis, keep = int(a.get("axis", 0)), int(a.get("keepdims", 1))
+        k = ctx.temp("one")
+        ctx.constants[k] = np.array([1], np.int64)
+        out = n.output[0] if keep else ctx.temp("argmax")
+        nodes = [G.Node("topk", [n.input[0], k], [out], {"axis": axis, "largest": largest})]
+        if not keep:
+            nodes.append(G.Node("squeeze", [out], [n.output[0]], {"axes": (axis,)}))
+        return nodes
+    return convert
+
+
+def _layernorm(n, a, ctx):
+    """LayerNormalization as reductions and elementwise rows (mean, centred variance)."""
+    if len(n.output) > 1 and any(o in ctx.used for o in n.output[1:] if o):
+        raise _Unsupported("LayerNormalization with its Mean/InvStdDev outputs used")
+    x, scale = n.input[0], n.input[1]
+    bias = n.input[2] if len(n.input) > 2 else ""
+    axis, eps = int(a.get("axis", -1)), float(a.get("epsilon", 1e-5))
+    if scale in ctx.constants and (not bias or bias in ctx.constants):
+        # constant scale/bias: the fused layernorm device op (one pass per row)
+        return [G.Node("layernorm", [x, scale] + ([bias] if bias else []), [n.output[0]],
+                       {"axis": axis, "epsilon": eps})]
+    t = {k: ctx.temp(k) for k in ("mean", "d", "d2", "var", "std", "norm", "scaled", "eps")}
+    ctx.constants[t["eps"]] = np.array(eps, np.float32)
+    red = {"fn": "mean", "keepdims": 1, "noop_with_empty_axes": 0, "from_axis": axis}
+    nodes = [G.Node("reduce", [x], [t["mean"]], dict(red)),
+             G.Node("elementwise", [x, t["mean"]], [t["d"]], {"fn": "sub"}),
+             G.Node("elementwise", [t["d"], t["d"]], [t["d2"]], {"fn": "mul"}),
+             G.Node("reduce", [t["d2"]], [t["var"]], dict(red)),
+             G.Node("elementwise", [t["var"], t["eps"]], [t["std"]], {"fn": "add"}),
+             G.Node("elementwise", [t["std"]], [t["norm"]], {"fn": "sqrt"}),
+             G.Node("elementwise", [t["d"], t["norm"]], [t["scaled"]], {"fn": "div"})]
+    out = n.output[0]
+    if bias:
+        prod = ctx.temp("prod")
+        nodes += [G.Node("elementwise", [t["scaled"], scale], [prod], {"fn": "mul"}),
+                  G.Node("elementwise", [prod, bias], [out], {"fn": "add"})]
+    else:
+        nodes.append(G.Node("elementwise", [t["scaled"], scale], [out], {"fn": "mul"}))
+    return nodes
+
+
+def _log_softmax(n, a, ctx):
+    soft = ctx.temp("softmax")
+    nodes = _softmax(n, a, ctx)
+    nodes[-1].outputs = [soft]
+    return nodes + [G.Node("elementwise", [soft], [n.output[0]], {"fn": "log"})]
+
+
 def _simple(op, *names, **defaults):
     def convert(n, a, ctx):
         attrs = dict(defaults)
@@ -208,12 +395,27 @@ CONVERTERS = {
     "ReduceSum": _reduce("sum"), "ReduceMean": _reduce("mean"), "ReduceMax": _reduce("max"),
     "Identity": _simple("identity"), "Dropout": _dropout,
     "Shape": _simple("shape", "start", "end"),
-    "Gather": _simple("gather", "axis", axis=0),
     "Unsqueeze": _axes_op("unsqueeze"), "Squeeze": _axes_op("squeeze"),
-    "Cast": _simple("cast", "to"),
+    "Cast": _cast,
     "Slice": _slice,
     "ConstantOfShape": _simple("constant_of_shape", "value"),
     "Range": _simple("range"),
+    "Equal": _ew("equal"), "Less": _ew("less"), "Greater": _ew("greater"),
+    "LessOrEqual": _ew("less_equal"), "GreaterOrEqual": _ew("greater_equal"),
+    "Not": _ew("not"), "And": _ew("and"), "Or": _ew("or"), "Xor": _ew("xor"),
+    "Where": _where, "Expand": _expand, "Tile": _tile,
+    "Erf": _ew("erf"), "Gelu": _gelu, "Sqrt": _ew("sqrt"), "Pow": _ew("pow"), "Exp": _ew("exp"),
+    "Log": _ew("log"), "Neg": _ew("neg"), "Abs": _ew("abs"), "Reciprocal": _ew("reciprocal"),
+    "Sign": _ew("sign"), "Floor": _ew("floor"), "Ceil": _ew("ceil"), "Round": _ew("round"),
+    "Atan": _ew("atan"), "Sin": _ew("sin"), "Cos": _ew("cos"), "Mod": _mod, "IsNaN": _ew("is_nan"),
+    "Min": _nary("min"), "Max": _nary("max"), "Sum": _nary("sum"), "Mean": _nary("mean"),
+    "Elu": _ew("elu", ("alpha", 1.0)), "PRelu": _ew("prelu"),
+    "Softplus": _ew("softplus"), "HardSigmoid": _ew("hard_sigmoid", ("alpha", 0.2), ("beta", 0.5)),
+    "LayerNormalization": _layernorm, "LogSoftmax": _log_softmax,
+    "Split": _split, "Gather": _gather, "GatherElements": _gather_elements,
+    "GatherND": _gather_nd, "CumSum": _cumsum, "ScatterND": _scatter_nd, "Trilu": _trilu, "TopK": _topk,
+    "ArgMax": _argmax(1), "ArgMin": _argmax(0),
+    "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
 }
 
 
@@ -290,18 +492,19 @@ def _opset(model: onnx.ModelProto, label: str) -> int:
 def _tensor_info(value: onnx.ValueInfoProto, label: str) -> G.TensorInfo:
     t = value.type.tensor_type
     dtype = ONNX_DTYPES.get(t.elem_type)
-    if dtype is None or np.dtype(dtype).kind != "f":
+    if dtype is None or np.dtype(dtype).name not in INPUT_DTYPES:
         name = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type in \
             onnx.TensorProto.DataType.values() and t.elem_type else f"unknown ({t.elem_type})"
         raise ModelFormatError(f"{label}: input {value.name!r} has element type {name}; offload "
-                               "runs models whose inputs are floating point")
+                               "takes float32/float16/float64, int64, int32 and bool inputs")
+    dtype = np.dtype(np.float32) if np.dtype(dtype).kind == "f" else np.dtype(dtype)
     dims = []
     for i, d in enumerate(t.shape.dim):
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
         else:
             dims.append(d.dim_param or ("N" if i == 0 else f"d{i}"))
-    return G.TensorInfo(value.name, tuple(dims), np.dtype(np.float32))
+    return G.TensorInfo(value.name, tuple(dims), dtype)
 
 
 def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
@@ -371,10 +574,7 @@ def _initializer(t: onnx.TensorProto, label: str) -> np.ndarray:
                                ) from None
 
 
-def raise_unsupported(label: str, items: list[tuple[str, str, str]]) -> None:
-    lines = [f"  {op} (node {name!r}){': ' + why if why else ''}" for op, name, why in items]
-    raise UnsupportedOpError(f"{label}: {len(items)} unsupported op(s):\n" + "\n".join(lines),
-                             [(op, name) for op, name, _ in items])
+raise_unsupported = G.raise_unsupported  # the report is the IR's (graph.py)
 
 
 def check(model: onnx.ModelProto, label: str) -> onnx.ModelProto:

@@ -8,7 +8,7 @@ from . import checks
 from . import graph as G
 from .errors import ModelFormatError, ShapeError, UnsupportedOpError
 
-FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | {"gemm", "matmul", "clip"}) - {"shape"}
+FOLDABLE = (G.DEVICE_OPS | G.VIEW_OPS | G.HOST_OPS | G.PLAN_OPS | {"gemm", "clip"}) - {"shape"}
 
 
 def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
@@ -19,8 +19,8 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
     ranks = {name: len(shape) for name, shape in shapes.items()}
     limit = checks.memory_limit(memory_limit)
     # validated twice: with the constants of the file, then with those folding computed
-    for rewrite in (validate, remove_identities, fold_constants, validate, lower, fold_batchnorm,
-                    fuse_bias, fuse_residual, fuse_activation, eliminate_dead_nodes,
+    for rewrite in (validate, remove_identities, fold_constants, validate, fuse_layernorm,
+                    lower, fold_batchnorm, fuse_bias, fuse_residual, fuse_activation, eliminate_dead_nodes,
                     check_host_ops, contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes, limit=limit)
     graph.names = None  # _new_constant's counters; not needed after load
@@ -77,6 +77,82 @@ def fold_constants(graph, limit, **_):
     return graph
 
 
+def fuse_layernorm(graph, ranks, **_):
+    """LayerNorm written out (ReduceMean, Sub, Pow 2 or Mul, ReduceMean, Add eps, Sqrt, Div, and
+    an optional constant Mul and Add), over the last axis, -> one fused layernorm node."""
+    c, uses, producers = graph.constants, graph.consumers(), graph.producers()
+
+    def only(name, op, fn=None):
+        n = producers.get(name)
+        if n is None or n.op != op or (fn and n.attrs.get("fn") != fn):
+            return None
+        return n
+
+    def last_axis(node):
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] in c:
+            axes = [int(v) for v in np.asarray(c[node.inputs[1]]).reshape(-1)]
+        rank = ranks.get(node.inputs[0])
+        return axes is not None and len(axes) == 1 and node.attrs.get("keepdims", 1) and (
+            axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+    def scalar(name, value=None):
+        v = c.get(name)
+        return v is not None and np.asarray(v).size == 1 and (
+            value is None or float(np.asarray(v).reshape(-1)[0]) == value)
+
+    drop, fused = set(), {}
+    for div in graph.nodes:
+        if div.op != "div" or len(div.inputs) != 2:
+            continue
+        d, s = div.inputs
+        sqrt = only(s, "elementwise", "sqrt")
+        sub = only(d, "sub")
+        add = sqrt and only(sqrt.inputs[0], "add")
+        if not (sub and add):
+            continue
+        v, eps = add.inputs if scalar(add.inputs[1]) else add.inputs[::-1]
+        var, mean = only(v, "reduce", "mean"), only(sub.inputs[1], "reduce", "mean")
+        if not (var and mean and scalar(eps) and last_axis(var) and last_axis(mean)
+                and mean.inputs[0] == sub.inputs[0]):
+            continue
+        sq = producers.get(var.inputs[0])
+        if not (sq and ((sq.op == "elementwise" and sq.attrs.get("fn") == "pow" and
+                         sq.inputs[0] == d and scalar(sq.inputs[1], 2.0)) or
+                        (sq.op == "mul" and sq.inputs == [d, d]))):
+            continue
+        inner = [mean, sub, sq, var, add, sqrt]
+        outside = [n for t in (mean, sq, var, add, sqrt) for o in t.outputs
+                   for n in uses.get(o, []) if n not in inner + [div]]
+        d_users = [n for n in uses.get(d, []) if n not in (sq, div)]
+        if outside or d_users or any(o in graph.outputs for t in inner for o in t.outputs):
+            continue
+        x, out, tail = sub.inputs[0], div.outputs[0], [div]
+        scale = bias = None
+        after = _sole_consumer(graph, out, uses)
+        if after is not None and after.op == "mul":
+            other = [i for i in after.inputs if i != out]
+            if len(other) == 1 and other[0] in c and np.asarray(c[other[0]]).ndim <= 1:
+                scale, out = other[0], after.outputs[0]
+                tail.append(after)
+                nxt = _sole_consumer(graph, out, uses)
+                if nxt is not None and nxt.op == "add":
+                    other = [i for i in nxt.inputs if i != out]
+                    if len(other) == 1 and other[0] in c and np.asarray(c[other[0]]).ndim <= 1:
+                        bias, out = other[0], nxt.outputs[0]
+                        tail.append(nxt)
+        if scale is None:
+            scale = _new_constant(graph, div.name + "/ones", np.ones(1, np.float32))
+        eps_v = float(np.asarray(c[eps]).reshape(-1)[0])
+        drop.update(id(n) for n in inner + tail)
+        fused[id(tail[-1])] = G.Node("layernorm", [x, scale] + ([bias] if bias else []), [out],
+                                     {"axis": -1, "epsilon": eps_v}, div.name, "LayerNorm")
+    if fused:
+        graph.nodes = [fused.get(id(n), n) for n in graph.nodes
+                       if id(n) in fused or id(n) not in drop]
+    return graph
+
+
 def lower(graph, label, **_):
     """Turn gemm/matmul/clip into IR ops; check that weights are constants."""
     c = graph.constants
@@ -89,8 +165,7 @@ def lower(graph, label, **_):
         if node.op == "matmul":
             w = const(node.inputs[1])
             if w is None or w.ndim != 2:
-                problems.append(("MatMul", node.name, "the second operand must be a constant "
-                                 "2-D matrix (weights)"))
+                out.append(node)  # a product of run-time tensors: the matmul device op
                 continue
             node.op, node.attrs = "dense", {"activation": "identity"}
             node.inputs[1] = _new_constant(graph, node.name + "/weight", w.astype(np.float32))
@@ -111,7 +186,12 @@ def lower(graph, label, **_):
         elif node.op == "clip":
             lo, hi = (node.inputs + ["", ""])[1:3]
             if (lo and const(lo) is None) or (hi and const(hi) is None):
-                problems.append(("Clip", node.name, "min and max must be constants"))
+                bounds = []  # run-time bounds: the elementwise clip row
+                for name, value in ((lo, -np.inf), (hi, np.inf)):
+                    bounds.append(name or _new_constant(graph, node.name + "/bound",
+                                                        np.array(value, np.float32)))
+                out.append(G.Node("elementwise", node.inputs[:1] + bounds, node.outputs,
+                                  {"fn": "clip"}, node.name, node.source_op))
                 continue
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
                 "fn": "clip", "lo": float(const(lo).reshape(-1)[0]) if lo else -np.inf,
@@ -125,8 +205,7 @@ def lower(graph, label, **_):
         else:
             out.append(node)
     if problems:
-        from .onnx_import import raise_unsupported
-        raise_unsupported(label, problems)
+        G.raise_unsupported(label, problems)
     graph.nodes = out
     return graph
 
@@ -154,8 +233,7 @@ def _lower_gemm(graph, node, problems):
     a = node.attrs
     b = graph.constants.get(node.inputs[1])
     if b is None or b.ndim != 2:
-        problems.append(("Gemm", node.name, "B must be a constant matrix (weights)"))
-        return []
+        return _gemm_runtime(graph, node)
     w = (b.T if a.get("transB", 0) else b).astype(np.float64) * a.get("alpha", 1.0)
     nodes, x = [], node.inputs[0]
     if a.get("transA", 0):
@@ -184,6 +262,40 @@ def _lower_gemm(graph, node, problems):
             beta_name = _new_constant(graph, node.name + "/beta", np.float32(beta))
             nodes += [G.Node("mul", [cname, beta_name], [scaled], {}, node.name),
                       G.Node("add", [dense_out, scaled], [y], {}, node.name)]
+    return nodes
+
+
+def _gemm_runtime(graph, node):
+    """Gemm with a run-time B: transposes, a matmul and elementwise alpha/beta rows."""
+    a, nodes = node.attrs, []
+    ins = list(node.inputs)
+
+    def temp(base):
+        return f"{node.name}/{base}"
+
+    for k, flag in ((0, "transA"), (1, "transB")):
+        if a.get(flag, 0):
+            nodes.append(G.Node("transpose", [ins[k]], [temp(flag)], {"perm": (1, 0)},
+                                node.name, node.source_op))
+            ins[k] = temp(flag)
+    c = ins[2] if len(ins) > 2 else ""
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    prod = node.outputs[0] if not c and alpha == 1.0 else temp("product")
+    nodes.append(G.Node("matmul", ins[:2], [prod], {}, node.name, node.source_op))
+    if alpha != 1.0:
+        scaled = node.outputs[0] if not c else temp("alpha_product")
+        nodes.append(G.Node("elementwise", [prod, _new_constant(
+            graph, node.name + "/alpha", np.array(alpha, np.float32))], [scaled], {"fn": "mul"},
+            node.name, node.source_op))
+        prod = scaled
+    if c:
+        if beta != 1.0:
+            nodes.append(G.Node("elementwise", [c, _new_constant(
+                graph, node.name + "/beta", np.array(beta, np.float32))], [temp("beta_c")],
+                {"fn": "mul"}, node.name, node.source_op))
+            c = temp("beta_c")
+        nodes.append(G.Node("elementwise", [prod, c], node.outputs, {"fn": "add"}, node.name,
+                            node.source_op))
     return nodes
 
 
@@ -232,9 +344,12 @@ def fold_batchnorm(graph, ranks, **_):
             after.inputs = after.inputs[:2] + [bias]
             continue
         rank = ranks.get(x)
-        if rank is None:
-            raise UnsupportedOpError(f"BatchNormalization node {node.name!r}: the rank of its "
-                                     "input is unknown", [("BatchNormalization", node.name)])
+        if rank is None:  # ONNX shape inference lost it: shaped per channel at plan time
+            s_name = _new_constant(graph, node.name + "/scale", s.astype(np.float32))
+            t_name = _new_constant(graph, node.name + "/shift", t.astype(np.float32))
+            out.append(G.Node("channel_affine", [x, s_name, t_name], node.outputs, {},
+                              node.name, node.source_op))
+            continue
         shape = (-1,) + (1,) * (rank - 2)
         scaled = node.name + "/scaled"
         s_name = _new_constant(graph, node.name + "/scale", s.reshape(shape).astype(np.float32))
@@ -361,8 +476,7 @@ def check_host_ops(graph, label, **_):
                              "supports it only on constants and shapes"))
             failed.update(node.outputs)
     if problems:
-        from .onnx_import import raise_unsupported
-        raise_unsupported(label, problems)
+        G.raise_unsupported(label, problems)
     return graph
 
 

@@ -79,9 +79,11 @@ def _device_operands(node: G.Node, values: dict, shapes: dict):
     """Split a device op's inputs into data operands and plan-time parameters (in attrs)."""
     op, a = node.op, dict(node.attrs)
     ins = node.inputs
-    x_shape = shapes.get(ins[0])
+    x_shape = shapes[ins[0]] if ins[0] in shapes else np.shape(values.get(ins[0]))
+    a["node"] = node.name  # for the messages of run-time checks
+    known = [values.get(i) if i else None for i in ins]
     if op in ("conv2d", "maxpool", "avgpool"):
-        a = G.window_attrs(node, x_shape)
+        a = dict(G.window_attrs(node, x_shape), node=node.name)
     if op == "reduce":
         a["axes"] = G.reduce_axes(node, len(x_shape), values.get(ins[1]) if len(ins) > 1 and
                                   ins[1] else None)
@@ -96,23 +98,91 @@ def _device_operands(node: G.Node, values: dict, shapes: dict):
         if opt(2) is not None and np.asarray(opt(2)).size:
             a["value"] = float(np.asarray(opt(2)).reshape(-1)[0])
         ins = ins[:1]
-    elif op == "softmax":
-        a["axis"] = G.normalize_axis(a["axis"], len(x_shape), node)
-    elif op == "concat":
-        a["axis"] = G.normalize_axis(a["axis"], len(x_shape), node)
+    elif op in ("softmax", "concat", "gather", "gather_elements", "topk"):
+        a["axis"] = G.normalize_axis(a.get("axis", -1 if op == "topk" else 0), len(x_shape),
+                                     node)
+        if op == "topk":
+            a["k"] = G.topk_k(node, known)
+            ins = ins[:1]
     elif op == "transpose":
         a["perm"] = tuple(a.get("perm") or reversed(range(len(x_shape))))
+    elif op == "slice":
+        a["starts"], a["steps"], _ = G.slice_params(node, x_shape, known)
+        ins = ins[:1]
+    elif op == "layernorm":
+        axis = G.normalize_axis(a["axis"], len(x_shape), node)
+        norm = tuple(x_shape[axis:])
+        a["rows"], a["size"] = math.prod(x_shape[:axis]), math.prod(norm)
+        for k, name in enumerate(ins[1:], 1):  # scale, bias: one value per normalized element
+            full = f"{name}/{'x'.join(map(str, norm))}"
+            if full not in values:
+                values[full] = np.ascontiguousarray(np.broadcast_to(values[name], norm),
+                                                    np.float32)
+            ins = ins[:k] + [full] + ins[k + 1:]
+    elif op == "cumsum":
+        a["axis"] = G.normalize_axis(int(np.asarray(known[1]).reshape(-1)[0]), len(x_shape),
+                                     node)
+        ins = ins[:1]
+    elif op == "tile":
+        a["repeats"] = tuple(int(v) for v in np.asarray(known[1]).reshape(-1))
+        ins = ins[:1]
     return a, [i for i in ins if i]
+
+
+def _plan_node(node: G.Node, shapes: dict, values: dict, dtypes: dict) -> G.Node:
+    """The device (or view) op a plan-time op or a typed binary op becomes at these shapes."""
+    op = node.op
+    if op == "cast":
+        if dtypes.get(node.inputs[0]) == np.dtype(node.attrs["to"]):
+            return G.Node("identity", node.inputs[:1], node.outputs, {}, node.name,
+                          node.source_op)
+        return G.Node("elementwise", node.inputs[:1], node.outputs,
+                      {"fn": "cast", "to": node.attrs["to"]}, node.name, node.source_op)
+    if op == "expand":
+        shape = G.infer_shape(node, [shapes[node.inputs[0]]], [None, values.get(node.inputs[1])])
+        return G.Node("elementwise", node.inputs[:1], node.outputs, {"fn": "copy",
+                      "shape": shape}, node.name, node.source_op)
+    if op == "split_part":
+        x = shapes[node.inputs[0]]
+        begin, end = G.split_range(node, x, [None] + [values.get(i) for i in node.inputs[1:]])
+        axis = G.normalize_axis(node.attrs["axis"], len(x), node)
+        consts = {}
+        for key, v in (("starts", [begin]), ("ends", [end]), ("axes", [axis])):
+            consts[key] = f"{node.outputs[0]}/{key}"
+            values[consts[key]] = np.array(v, np.int64)
+        return G.Node("slice", [node.inputs[0], consts["starts"], consts["ends"], consts["axes"]],
+                      node.outputs, {}, node.name, node.source_op)
+    if op == "trilu":
+        x = shapes[node.inputs[0]]
+        mask, zero = f"{node.outputs[0]}/mask", f"{node.outputs[0]}/zero"
+        values[mask] = G.trilu_mask(node, x, [None] + [values.get(i) for i in node.inputs[1:]])
+        values[zero] = np.zeros((), dtypes.get(node.inputs[0], np.dtype(np.float32)))
+        return G.Node("elementwise", [mask, node.inputs[0], zero], node.outputs, {"fn": "where"},
+                      node.name, node.source_op)
+    if op == "channel_affine":
+        rank = len(shapes[node.inputs[0]])
+        names = []
+        for name in node.inputs[1:]:
+            names.append(f"{name}/rank{rank}")
+            values[names[-1]] = values[name].reshape((-1,) + (1,) * (rank - 2))
+        return G.Node("elementwise", [node.inputs[0]] + names, node.outputs, {"fn": "muladd"},
+                      node.name, node.source_op)
+    if op in ("add", "sub", "mul", "div") and any(
+            dtypes.get(i, np.dtype(np.float32)).kind != "f" for i in node.inputs):
+        return G.Node("elementwise", list(node.inputs), node.outputs, {"fn": op}, node.name,
+                      node.source_op)
+    return node
 
 
 @dataclass
 class Resolved:
     """A graph at concrete input shapes: the run-time nodes in order with resolved attributes,
-    operands and output shapes, plus every tensor's shape and the plan-time constants."""
+    operands and output shapes, plus every tensor's shape, dtype and the plan-time constants."""
 
     entries: list  # (node, attrs, data operand names, out shape)
     shapes: dict
     values: dict
+    dtypes: dict
 
 
 def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
@@ -124,6 +194,7 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     limit = checks.memory_limit(memory_limit)
     values: dict[str, np.ndarray] = dict(graph.constants)
     shapes: dict[str, tuple] = {t.name: s for t, s in zip(graph.inputs, input_shapes)}
+    dtypes: dict[str, np.dtype] = {t.name: np.dtype(t.dtype) for t in graph.inputs}
     entries = []
     unsupported, failed = [], set()
     for node in graph.nodes:
@@ -139,8 +210,8 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
             dims = np.array(shapes[node.inputs[0]], np.int64)
             values[node.outputs[0]] = dims[node.attrs.get("start", 0):node.attrs.get("end")]
             continue
-        if node.op == "cast" and reference.ONNX_DTYPES.get(node.attrs["to"]) == np.float32:
-            node = G.Node("identity", node.inputs[:1], node.outputs, {}, node.name)
+        G.check_params_known(node, values.__contains__)
+        node = _plan_node(node, shapes, values, dtypes)
         if node.op in G.HOST_OPS:
             unsupported.append((node.op, node.name))
             failed.update(node.outputs)
@@ -150,8 +221,14 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
         with checks.guard(node, "resolving its shape"):
             in_values = [values.get(i) for i in node.inputs]
             checks.check_node(node, in_shapes, in_values)
-            out_shape = G.infer_shape(node, in_shapes, in_values)
+            if node.op == "elementwise" and "shape" in node.attrs:  # an Expand
+                out_shape = node.attrs["shape"]
+            else:
+                out_shape = G.infer_shape(node, in_shapes, in_values)
         shapes[node.outputs[0]] = out_shape
+        dtypes[node.outputs[0]] = G.infer_dtype(node, [
+            dtypes.get(i, values[i].dtype if i in values else None) if i else None
+            for i in node.inputs])
         if node.op in G.VIEW_OPS:
             entries.append((node, {}, node.inputs[:1], out_shape))
         else:
@@ -164,7 +241,7 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     if unsupported:
         items = ", ".join(f"{op} (node {name!r})" for op, name in unsupported)
         raise UnsupportedOpError(f"cannot run {items} on run-time data", unsupported)
-    return Resolved(entries, shapes, values)
+    return Resolved(entries, shapes, values, dtypes)
 
 
 def batch_mixing_node(graph: G.Graph, sample_shapes: tuple) -> str | None:
@@ -207,6 +284,15 @@ class Plan:
             r = resolve(graph, input_shapes, device.ops, self.memory_limit)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
+        lacking = sorted({np.dtype(d).name for d in r.dtypes.values()}
+                         - set(device.capabilities.dtypes) - {"float32"})
+        if lacking:
+            raise UnsupportedOpError(f"device {device.spec} runs tensors of "
+                                     f"{sorted(device.capabilities.dtypes)}; this model has "
+                                     f"{lacking} tensors at run time", [("dtype", d)
+                                                                         for d in lacking])
+        self._logical = r.dtypes
+        self._dtypes = {n: (self.storage if d.kind == "f" else d) for n, d in r.dtypes.items()}
         self._build(graph, device, ctx, r.values, r.shapes, r.entries)
         # Devices that compute on host memory read aligned caller arrays in place: the steps that
         # touch them are rebuilt once per set of arrays and kept (see _in_place_runs).
@@ -246,17 +332,17 @@ class Plan:
                     last_use[root[name]] = i
         pinned = {t.name for t in graph.inputs} | {root[o] for o in graph.outputs if o in root}
 
-        storage, item = self.storage, self.storage.itemsize
+        types = self._dtypes  # float tensors in the storage type, others as they are
         blocks: dict[str, tuple] = {}  # root name -> (raw, nbytes)
         free: list[tuple[int, object]] = []
         buffers = {}
         self.input_buffers = []
         for t in graph.inputs:
             shape = shapes[t.name]
-            nbytes = max(1, math.prod(shape) * item)
+            nbytes = max(1, math.prod(shape) * types[t.name].itemsize)
             raw = self._alloc(nbytes, f"input {t.name!r}")
             blocks[t.name] = (raw, nbytes)
-            buffers[t.name] = device.view(raw, shape, storage)
+            buffers[t.name] = device.view(raw, shape, types[t.name])
             self.input_buffers.append(buffers[t.name])
 
         self.steps: list[Step] = []
@@ -266,9 +352,9 @@ class Plan:
             out = node.outputs[0]
             if node.op in G.VIEW_OPS:
                 raw = blocks[root[out]][0]
-                buffers[out] = device.view(raw, out_shape, storage)
+                buffers[out] = device.view(raw, out_shape, types[out])
             else:
-                nbytes = max(1, math.prod(out_shape) * item)
+                nbytes = max(1, math.prod(out_shape) * types[out].itemsize)
                 fit = [(cap, raw) for cap, raw in free if nbytes <= cap <= 4 * nbytes + 4096]
                 if fit:
                     best = min(fit, key=lambda f: f[0])
@@ -279,15 +365,13 @@ class Plan:
                                               f"{node.source_op or node.op} node "
                                               f"{node.name!r}"), nbytes
                     self.activation_blocks += 1
-                buffers[out] = device.view(blocks[out][0], out_shape, storage)
+                buffers[out] = device.view(blocks[out][0], out_shape, types[out])
                 with checks.guard(node, f"preparing it for {device.spec}"):
-                    data = [buffers[n] if n in buffers else
-                            np.ascontiguousarray(values[n], dtype=np.float32) for n in operands]
+                    data = [buffers[n] if n in buffers else _constant(values[n]) for n in operands]
                     step = Step(node, device.ops[node.op](ctx, attrs, data, buffers[out]))
                 self.steps.append(step)
                 self._step_args.append((attrs, operands, data, buffers[out]))
-            for name in set(operands):
-                r = root.get(name)
+            for r in {root.get(name) for name in operands}:  # two views of a block: freed once
                 if r is not None and last_use.get(r) == i and r not in pinned:
                     raw, cap = blocks[r]
                     free.append((cap, raw))
@@ -305,6 +389,11 @@ class Plan:
                 raise ShapeError(f"graph output {o!r} is never computed")
         self._run_steps = tuple(device.finalize([s.run for s in self.steps]))
         self._output_shapes = tuple(tuple(shape) for _, _, shape in self.outputs)
+        # the dtype each output is returned in: float32 for float tensors, else its own
+        logical = [self._logical.get(o, np.asarray(values.get(o, 0.0)).dtype)
+                   for o in graph.outputs]
+        self.output_dtypes = tuple(np.dtype(np.float32) if d.kind == "f" else np.dtype(d)
+                                   for d in logical)
         self._ctx, self._root, self._shapes = ctx, root, shapes
         self._input_roots = [t.name for t in graph.inputs]
         out_roots = [root.get(o) for o in graph.outputs]
@@ -332,7 +421,8 @@ class Plan:
         if self.storage != np.float32:
             # the host converts each input into a new storage array: those are the bytes counted
             # (a device may then read that array in place or copy it: one copy either way)
-            arrays = [self._to_storage(a) for a in arrays]
+            arrays = [self._to_storage(a) if buf.dtype == self.storage else a
+                      for a, buf in zip(arrays, self.input_buffers)]
             for buf, array in zip(self.input_buffers, arrays):
                 device.copy_in(buf, array)
                 copied_in += buf.nbytes
@@ -365,13 +455,13 @@ class Plan:
         else:
             bound_out = in_place[len(arrays):] if in_place is not None else None
             for k, (buf, const, shape) in enumerate(self.outputs):
-                dst = outs[k] if outs is not None else np.empty(shape, np.float32)
+                dst = outs[k] if outs is not None else np.empty(shape, self.output_dtypes[k])
                 if bound_out is not None and bound_out[k]:
                     pass  # the steps wrote into dst
                 elif buf is None:
-                    np.copyto(dst, const)
+                    np.copyto(dst, const, casting="unsafe")
                     copied_out += dst.nbytes
-                elif self.storage != np.float32:
+                elif self.storage != np.float32 and np.dtype(buf.dtype) == self.storage:
                     host = np.empty(shape, self.storage)
                     copied_out += device.copy_out(host, buf)
                     P.from_storage(host, self.precision, out=dst)
@@ -566,6 +656,13 @@ class Plan:
                 out = device.view(subs[root[node.outputs[0]]], self._shapes[node.outputs[0]])
             runs.append(device.ops[node.op](self._ctx, attrs, data, out))
         return runs
+
+
+def _constant(value) -> np.ndarray:
+    """A constant operand: float tensors as float32, integer and bool ones as they are."""
+    value = np.asarray(value)  # (np.ascontiguousarray would make a 0-d array 1-d)
+    return np.array(value, dtype=np.float32 if value.dtype.kind == "f" else None, order="C",
+                    copy=None)
 
 
 def _same(a, b) -> bool:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import elementwise as EW
 from . import graph as G
-from .errors import UnsupportedOpError
+from .errors import ShapeError, UnsupportedOpError
 
 ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
                9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
@@ -104,7 +105,8 @@ def reduce(x, attrs, axes_value):
     keep = bool(attrs.get("keepdims", 1))
     if not axes:
         return x.copy()
-    fn = {"sum": np.sum, "mean": np.mean, "max": np.max}[attrs["fn"]]
+    fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
+          "prod": np.prod}[attrs["fn"]]
     acc = x.astype(np.float64) if x.dtype.kind == "f" else x
     return fn(acc, axis=axes, keepdims=keep).astype(x.dtype)
 
@@ -138,6 +140,44 @@ def slice_(x, starts, ends, axes, steps):
     for s, e, a, st in zip(starts, ends, axes, steps):
         index[a] = slice(s, e, st)
     return x[tuple(index)]
+
+
+def _indices(node, x, indices):
+    """(axis, the indices made non-negative); ShapeError naming node, tensors and the bad
+    index when one is outside the axis."""
+    axis = G.normalize_axis(node.attrs.get("axis", 0), x.ndim, node)
+    indices = np.asarray(indices).astype(np.int64)
+    size = x.shape[axis]
+    bad = indices[(indices < -size) | (indices >= size)]
+    if bad.size:
+        raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: index "
+                         f"{node.inputs[1]!r} holds {int(bad.reshape(-1)[0])}, outside "
+                         f"[-{size}, {size - 1}] for axis {axis} of {node.inputs[0]!r}")
+    return axis, np.where(indices < 0, indices + size, indices)
+
+
+def gather(node, x, indices):
+    axis, indices = _indices(node, x, indices)
+    return np.take(x, indices, axis=axis)
+
+
+def gather_elements(node, x, indices):
+    axis, indices = _indices(node, x, indices)
+    region = x[tuple(slice(0, d) for d in indices.shape[:axis]) + (slice(None),) +
+               tuple(slice(0, d) for d in indices.shape[axis + 1:])]
+    return np.take_along_axis(region, indices, axis)
+
+
+def topk(node, x, inputs):
+    """The indices of the k largest (smallest) along the axis, ties to the lower index."""
+    axis = G.normalize_axis(node.attrs.get("axis", -1), x.ndim, node)
+    k = G.topk_k(node, [x] + list(inputs[1:]))
+    if not 0 <= k <= x.shape[axis]:
+        raise ShapeError(f"TopK node {node.name!r}: k = {k} but axis {axis} of "
+                         f"{node.inputs[0]!r} {list(x.shape)} has {x.shape[axis]} elements")
+    key = -x if node.attrs.get("largest", 1) else x
+    order = np.argsort(key, axis=axis, kind="stable")
+    return np.take(order, np.arange(k), axis=axis).astype(np.int64)
 
 
 def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
@@ -181,17 +221,75 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         dims = np.array(x.shape, np.int64)
         return [dims[a.get("start", 0):a.get("end", None)]]
     if op == "gather":
-        return [np.take(x, inputs[1].astype(np.int64), axis=a.get("axis", 0))]
+        return [gather(node, x, inputs[1])]
+    if op == "gather_nd":
+        idx = np.asarray(inputs[1]).astype(np.int64)
+        q = idx.shape[-1]
+        sizes = np.array(x.shape[:q])
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            raise ShapeError(f"GatherND node {node.name!r}: an index of {node.inputs[1]!r} is "
+                             f"outside data {list(x.shape)}")
+        idx = np.where(idx < 0, idx + sizes, idx)
+        return [x[tuple(np.moveaxis(idx, -1, 0))]]
+    if op == "gather_elements":
+        return [gather_elements(node, x, inputs[1])]
     if op == "cast":
-        return [x.astype(ONNX_DTYPES[a["to"]])]
+        return [EW.evaluate("cast", [x], a)]
+    if op == "elementwise":
+        return [EW.evaluate(a["fn"], inputs, a)]
+    if op == "expand":
+        shape = G.infer_shape(node, [x.shape, inputs[1].shape], inputs)
+        return [np.array(np.broadcast_to(x, shape))]
+    if op == "tile":
+        return [np.tile(x, [int(v) for v in inputs[1].reshape(-1)])]
     if op == "slice":
         return [slice_(x, inputs[1], inputs[2], opt(3), opt(4))]
+    if op == "split_part":
+        begin, end = G.split_range(node, x.shape, inputs)
+        axis = a["axis"] % x.ndim
+        return [x[(slice(None),) * axis + (slice(begin, end),)].copy()]
+    if op == "topk":
+        return [topk(node, x, inputs)]
+    if op == "layernorm":
+        axes = tuple(range(G.normalize_axis(a["axis"], x.ndim, node), x.ndim))
+        x64 = x.astype(np.float64)
+        mean = x64.mean(axis=axes, keepdims=True)
+        var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)
+        y = (x64 - mean) / np.sqrt(var + a["epsilon"]) * inputs[1]
+        if opt(2) is not None:
+            y = y + inputs[2]
+        return [y.astype(x.dtype)]
+    if op == "scatter_nd":
+        idx = np.asarray(inputs[1]).astype(np.int64)
+        q = idx.shape[-1]
+        sizes = np.array(x.shape[:q])
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            raise ShapeError(f"ScatterND node {node.name!r}: an index of {node.inputs[1]!r} is "
+                             f"outside data {list(x.shape)}")
+        y = x.copy()
+        y[tuple(np.moveaxis(np.where(idx < 0, idx + sizes, idx), -1, 0))] = inputs[2]
+        return [y]
+    if op == "cumsum":
+        axis = G.normalize_axis(int(np.asarray(inputs[1]).reshape(-1)[0]), x.ndim, node)
+        y = np.flip(x, axis) if a.get("reverse", 0) else x
+        acc = np.cumsum(y.astype(np.float64) if x.dtype.kind == "f" else y, axis=axis)
+        if a.get("exclusive", 0):
+            acc = acc - y
+        acc = np.flip(acc, axis) if a.get("reverse", 0) else acc
+        return [acc.astype(x.dtype)]
+    if op == "trilu":
+        return [np.where(G.trilu_mask(node, x.shape, inputs), x, np.zeros((), x.dtype))]
+    if op == "channel_affine":
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        return [(x * inputs[1].reshape(shape) + inputs[2].reshape(shape)).astype(x.dtype)]
     if op == "constant_of_shape":
         value = a.get("value", np.zeros(1, np.float32))
         return [np.full(tuple(int(d) for d in x), value.reshape(-1)[0], dtype=value.dtype)]
     if op == "range":
         return [np.arange(x, inputs[1], inputs[2]).astype(np.result_type(x))]
     if op == "matmul":
+        if x.dtype.kind == "f":
+            return [np.matmul(x.astype(np.float64), inputs[1]).astype(x.dtype)]
         return [np.matmul(x, inputs[1])]
     if op == "gemm":
         A = x.T if a.get("transA", 0) else x

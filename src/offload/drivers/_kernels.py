@@ -12,10 +12,10 @@ import numpy as np
 from .._resources import KERNEL_DIR
 from ..errors import UnsupportedOpError
 
-PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl")
+PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl", "index.cl")
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "clip": 5}
 BINARY_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3}
-REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
+REDUCTIONS = {"sum": 0, "mean": 1, "max": 2, "min": 3, "prod": 4}
 MAX_RANK = 6
 
 # GEMM shapes (gemm.cl macros; TM x TN is the block of C per work-group, WM x WN per work-item).
@@ -126,3 +126,43 @@ def _outer_r_inner(shape, axes):
     """[outer, R, inner] for contiguous reduced ``axes``."""
     lo, hi = axes[0], axes[-1] + 1
     return math.prod(shape[:lo]), math.prod(shape[lo:hi]), math.prod(shape[hi:])
+
+
+class MatmulPlan:
+    """A batched product C[..] = A[..] @ B[..] with broadcast batch axes, as one batched GEMM
+    over two batch levels: z = zo * inner + zi, each operand's start moving by zo * s_o +
+    zi * s_i elements (stride 0 on a broadcast axis): ``batch`` (outer, inner) and
+    ``strides`` (sa, sb, sc), each an (s_o, s_i) pair."""
+
+    def __init__(self, a_shape, b_shape, out_shape):
+        a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+        if len(a_shape) == 1:
+            a_shape = (1,) + a_shape
+        if len(b_shape) == 1:
+            b_shape = b_shape + (1,)
+        self.m, self.k = a_shape[-2:]
+        self.n = b_shape[-1]
+        batch = tuple(np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+        sa = _batch_strides(a_shape, batch, self.m * self.k)
+        sb = _batch_strides(b_shape, batch, self.k * self.n)
+        sc = _contiguous_strides(batch)
+        sc = [s * self.m * self.n for s in sc]
+        dims, (sa, sb, sc) = _collapse(list(batch), sa, sb, sc)
+        if len(dims) > 2:
+            raise UnsupportedOpError(f"MatMul of {list(a_shape)} and {list(b_shape)}: the batch "
+                                     f"axes broadcast in {len(dims)} separate groups; at most 2 "
+                                     "are supported", [("MatMul", "")])
+        dims = [1] * (2 - len(dims)) + dims
+        pad = lambda s: [0] * (2 - len(s)) + s  # noqa: E731
+        self.batch = tuple(dims)
+        self.strides = (tuple(pad(sa)), tuple(pad(sb)), tuple(pad(sc)))
+
+
+def _batch_strides(shape, batch, matrix):
+    lead = (1,) * (len(batch) - (len(shape) - 2)) + tuple(shape[:-2])
+    strides = [s * matrix for s in _contiguous_strides(lead)]
+    return [0 if d == 1 and o != 1 else s for d, o, s in zip(lead, batch, strides)]
+
+
+def matmul_plan(a_shape, b_shape, out_shape) -> MatmulPlan:
+    return MatmulPlan(a_shape, b_shape, out_shape)

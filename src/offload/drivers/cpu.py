@@ -15,8 +15,9 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .. import elementwise as EW
 from .. import graph as G
-from ..device import Capabilities, Device, DeviceInfo
+from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from .. import _core
 from ..fpga import fixed_point
 from ..hostmem import aligned_empty
@@ -322,7 +323,8 @@ def build_reduce(ctx, attrs, ins, out):
         return lambda: np.copyto(out, x)
     keep_shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
     y = out.reshape(keep_shape)
-    fn = {"sum": np.sum, "mean": np.mean, "max": np.max}[attrs["fn"]]
+    fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
+          "prod": np.prod}[attrs["fn"]]
     return lambda: fn(x, axis=axes, keepdims=True, out=y)
 
 
@@ -344,7 +346,229 @@ def build_transpose(ctx, attrs, ins, out):
     return lambda: np.copyto(out, xt)
 
 
+# elementwise rows with a NumPy ufunc writing into the output (float operands of one dtype)
+UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
+          "min": np.minimum, "neg": np.negative, "abs": np.abs, "sqrt": np.sqrt, "exp": np.exp,
+          "log": np.log, "floor": np.floor, "ceil": np.ceil, "atan": np.arctan, "tanh": np.tanh,
+          "sin": np.sin, "cos": np.cos, "equal": np.equal, "less": np.less,
+          "greater": np.greater, "less_equal": np.less_equal, "greater_equal": np.greater_equal,
+          "and": np.logical_and, "or": np.logical_or, "xor": np.logical_xor,
+          "not": np.logical_not, "div": np.divide}
+
+
+def _erf_into(x, out, t):
+    """erf(x) into ``out`` in float32 with one temporary ``t`` (Abramowitz & Stegun 7.1.26,
+    |error| < 1.5e-7 + float32 rounding): a few passes, no float64 copies."""
+    np.abs(x, out=t)
+    np.multiply(t, F32(0.3275911), out=out)
+    out += F32(1.0)
+    np.reciprocal(out, out=out)          # out = s = 1 / (1 + p |x|)
+    np.multiply(t, t, out=t)
+    np.negative(t, out=t)
+    np.exp(t, out=t)                     # t = exp(-x^2)
+    poly = out * F32(1.061405429)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly += F32(c)
+        poly *= out
+    poly *= t
+    np.subtract(F32(1.0), poly, out=out)
+    np.copysign(out, x, out=out)
+
+
+def build_erf(ctx, attrs, ins, out):
+    x, fn = ins[0], attrs["fn"]
+    t = np.empty(out.shape, F32)
+    if fn == "erf":
+        return lambda: _erf_into(x, out, t)
+    u = np.empty(out.shape, F32)
+
+    def gelu():  # 0.5 x (1 + erf(x / sqrt 2))
+        np.multiply(x, F32(0.7071067811865476), out=u)
+        _erf_into(u, out, t)
+        np.add(out, F32(1.0), out=out)
+        np.multiply(out, x, out=out)
+        np.multiply(out, F32(0.5), out=out)
+    return gelu
+
+
+def build_elementwise(ctx, attrs, ins, out):
+    """A row of offload.elementwise.TABLE in NumPy: a ufunc into ``out`` where one fits, else
+    the row's NumPy expression copied into ``out``."""
+    fn = attrs["fn"]
+    ufunc = UFUNCS.get(fn)
+    kinds = {np.asarray(x).dtype for x in ins}
+    if fn == "copy":
+        x = ins[0]
+        return lambda: np.copyto(out, x)
+    if fn in ("erf", "gelu") and kinds == {np.dtype(F32)} and out.shape == ins[0].shape:
+        return build_erf(ctx, attrs, ins, out)
+    if ufunc is not None and kinds == {np.dtype(F32)}:
+        def run():
+            with np.errstate(all="ignore"):
+                ufunc(*ins, out=out)
+        return run
+    if fn == "where":
+        cond, a, b = ins
+        return lambda: np.copyto(out, np.where(cond, a, b))
+    row = EW.TABLE[fn]
+    p = list(EW.params(attrs)) + [0.0, 0.0]
+    p0, p1 = F32(p[0]), F32(p[1])
+    if fn == "cast":
+        x = ins[0]
+        if out.dtype == np.bool_:
+            return lambda: np.not_equal(x, 0, out=out)
+        return lambda: np.copyto(out, x, casting="unsafe")
+
+    def run():
+        with np.errstate(all="ignore"):
+            np.copyto(out, row.numpy(*ins, p0, p1), casting="unsafe")
+    return run
+
+
+def build_slice(ctx, attrs, ins, out):
+    x = ins[0]
+    if not out.size:
+        return lambda: None
+    base = sum(s * st for s, st in zip(attrs["starts"], x.strides)) // x.itemsize
+    strides = tuple(st * step for st, step in zip(x.strides, attrs["steps"]))
+    view = as_strided(x.reshape(-1)[base:], out.shape, strides, writeable=False)
+    return lambda: np.copyto(out, view)
+
+
+def build_tile(ctx, attrs, ins, out):
+    x, reps = ins[0], attrs["repeats"]
+    dims = tuple(d for r, s in zip(reps, x.shape) for d in (r, s))
+    src = as_strided(x, dims, tuple(v for s in x.strides for v in (0, s)), writeable=False)
+    dst = out.reshape(dims)
+    return lambda: np.copyto(dst, src)
+
+
+def build_matmul(ctx, attrs, ins, out):
+    a, b = ins
+    return lambda: np.matmul(a, b, out=out)
+
+
+def _check_indices(attrs, idx, size, axis, op):
+    lo, hi = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
+    if lo < -size or hi >= size:
+        from ..errors import ShapeError
+        bad = lo if lo < -size else hi
+        raise ShapeError(f"{op} node {attrs.get('node', '')!r}: index {bad} is outside "
+                         f"[-{size}, {size - 1}] for axis {axis} (size {size}) of its data")
+
+
+def build_gather(ctx, attrs, ins, out):
+    x, idx, axis = ins[0], ins[1], attrs["axis"]
+    size = x.shape[axis]
+
+    def run():
+        _check_indices(attrs, idx, size, axis, "Gather")
+        np.take(x, idx, axis=axis, out=out, mode="wrap")
+    return run
+
+
+def build_gather_elements(ctx, attrs, ins, out):
+    x, idx, axis = ins[0], ins[1], attrs["axis"]
+    size = x.shape[axis]
+    region = x[tuple(slice(0, d) if k != axis else slice(None)
+                     for k, d in enumerate(idx.shape))]
+
+    def run():
+        _check_indices(attrs, idx, size, axis, "GatherElements")
+        np.copyto(out, np.take_along_axis(region, np.where(idx < 0, idx + size, idx), axis))
+    return run
+
+
+def build_gather_nd(ctx, attrs, ins, out):
+    x, idx = ins[0], ins[1]
+    q = idx.shape[-1]
+    sizes = np.array(x.shape[:q], np.int64)
+    flat = x.reshape((-1,) + x.shape[q:])
+    weights = np.array([math.prod(x.shape[j + 1:q]) for j in range(q)], np.int64)
+    out2 = out.reshape((-1,) + x.shape[q:])
+
+    def run():
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            from ..errors import ShapeError
+            raise ShapeError(f"GatherND node {attrs.get('node', '')!r}: an index is outside "
+                             f"data {list(x.shape)} (first {q} axes)")
+        lin = (np.where(idx < 0, idx + sizes, idx) @ weights).reshape(-1)
+        np.take(flat, lin, axis=0, out=out2)
+    return run
+
+
+def build_layernorm(ctx, attrs, ins, out):
+    rows, size, eps = attrs["rows"], attrs["size"], F32(attrs["epsilon"])
+    x2, y2 = ins[0].reshape(rows, size), out.reshape(rows, size)
+    scale = ins[1].reshape(size)
+    bias = ins[2].reshape(size) if len(ins) > 2 else None
+    mean, var = np.empty((rows, 1), F32), np.empty((rows, 1), F32)
+
+    def run():
+        np.mean(x2, axis=1, keepdims=True, out=mean)
+        np.subtract(x2, mean, out=y2)
+        np.mean(np.square(y2), axis=1, keepdims=True, out=var)
+        np.add(var, eps, out=var)
+        np.sqrt(var, out=var)
+        np.divide(y2, var, out=y2)
+        np.multiply(y2, scale, out=y2)
+        if bias is not None:
+            np.add(y2, bias, out=y2)
+    return run
+
+
+def build_scatter_nd(ctx, attrs, ins, out):
+    x, idx, u = ins
+    q = idx.shape[-1]
+    sizes = np.array(x.shape[:q], np.int64)
+
+    def run():
+        if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
+            from ..errors import ShapeError
+            raise ShapeError(f"ScatterND node {attrs.get('node', '')!r}: an index is outside "
+                             f"data {list(x.shape)} (first {q} axes)")
+        np.copyto(out, x)
+        out[tuple(np.moveaxis(np.where(idx < 0, idx + sizes, idx), -1, 0))] = u
+    return run
+
+
+def build_cumsum(ctx, attrs, ins, out):
+    x, axis = ins[0], attrs["axis"]
+    reverse, exclusive = attrs.get("reverse", 0), attrs.get("exclusive", 0)
+    src = np.flip(x, axis) if reverse else x
+    dst = np.flip(out, axis) if reverse else out
+
+    def run():
+        np.cumsum(src, axis=axis, out=dst)
+        if exclusive:
+            np.subtract(dst, src, out=dst)
+    return run
+
+
+def build_topk(ctx, attrs, ins, out):
+    x, axis, k = ins[0], attrs["axis"], attrs["k"]
+    largest = attrs.get("largest", 1)
+    first = np.arange(k)
+
+    def run():
+        key = np.negative(x) if largest else x
+        order = np.argsort(key, axis=axis, kind="stable")
+        np.copyto(out, np.take(order, first, axis=axis))
+    return run
+
+
 OPS = {
+    "elementwise": build_elementwise,
+    "slice": build_slice,
+    "tile": build_tile,
+    "matmul": build_matmul,
+    "gather": build_gather,
+    "gather_elements": build_gather_elements,
+    "gather_nd": build_gather_nd,
+    "cumsum": build_cumsum,
+    "scatter_nd": build_scatter_nd,
+    "layernorm": build_layernorm,
+    "topk": build_topk,
     "conv2d": build_conv2d,
     "dense": build_dense,
     "maxpool": build_pool("maxpool"),
@@ -374,7 +598,7 @@ class CPUDevice(Device):
     kind = "cpu"
     index = 0
     ops = OPS
-    capabilities = Capabilities(frozenset(OPS),
+    capabilities = Capabilities(frozenset(OPS), dtypes=ALL_DTYPES,
                                 precisions=frozenset({"float32", fixed_point.FAMILY}))
     reads_host_arrays = True
 
@@ -393,7 +617,7 @@ class CPUDevice(Device):
         return np.ascontiguousarray(array, dtype=F32 if array.dtype.kind == "f" else None)
 
     def copy_in(self, dst, src):
-        dst[...] = src  # the model accepts float arrays only: same-kind casting
+        dst[...] = src  # the model checked the dtype: same-kind casting
         return dst.nbytes
 
     def copy_out(self, dst, src):

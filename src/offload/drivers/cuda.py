@@ -71,13 +71,12 @@ import weakref
 import numpy as np
 
 from .. import graph as G
-from ..device import Capabilities, Device, DeviceInfo
+from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from ..hostmem import address
-from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
-                      UnsupportedOpError)
-from ._kernels import (ACTIVATIONS, BINARY_OPS, GEMM_GPU, MAX_RANK, PROGRAMS, REDUCTIONS,
-                       _broadcast_strides, _contiguous_strides, _operand, _outer_r_inner,
-                       _pad_rank, _sequence, _window_args, kernel_source)
+from ..errors import DeviceMemoryError, DeviceRuntimeError, KernelBuildError
+from ._builders import SHARED, epilogue_args, launch
+from ._kernels import (ACTIVATIONS, GEMM_GPU, PROGRAMS, _operand, _sequence, kernel_source,
+                       matmul_plan)
 
 BLOCK_1D = 256
 NULL = np.uint64(0)  # a null pointer kernel argument (absent bias / residual)
@@ -325,7 +324,7 @@ class CUDADevice(Device):
         except self._errors[1] as e:
             raise map_error(self, e, "opening the device") from None
         self.ops = OPS
-        self.capabilities = Capabilities(frozenset(OPS), precisions=frozenset(
+        self.capabilities = Capabilities(frozenset(OPS), dtypes=ALL_DTYPES, precisions=frozenset(
             {"float32", *GEMM_EX}))
         self.dlpack_device = (2, index)  # kDLCUDA: CuPy arrays and CUDA tensors on this GPU
         self.build_stats = {"compiled": 0, "seconds": 0.0}
@@ -547,17 +546,18 @@ class CUDADevice(Device):
             raise map_error(self, e, "running the stream") from None
 
     # -- programs -------------------------------------------------------------------------
-    def module(self, name: str, defines: dict | None = None):
-        """The NVRTC-built module of kernels/<name>, built once per device."""
+    def module(self, name: str, defines: dict | None = None, source: str | None = None):
+        """The NVRTC-built module of kernels/<name> (or of a generated ``source``), built once
+        per device."""
         import time
         cp = self._cp
         options = nvrtc_options(defines)
-        key = (name, options)
+        key = (name, options, source)
         with self._lock:
             mod = self._modules.get(key)
             if mod is None:
                 t0 = time.perf_counter()
-                text = program_source(name)
+                text = source if source is not None else program_source(name)
                 with self._dev:
                     mod = cp.RawModule(code=text, options=options, backend="nvrtc")
                     self._force_build(mod, name, options, text)
@@ -588,8 +588,15 @@ class CUDADevice(Device):
         except RuntimeError as e:  # CuPy: 'Failed to find CUDA headers ...'
             raise KernelBuildError(what, f"{type(e).__name__}: {e}", text) from None
 
-    def kernel(self, program: str, name: str, defines: dict | None = None):
-        mod = self.module(program, defines)
+    def launch_1d(self, program, name, n, args, what, defines=None, source=None):
+        """The runtime of the shared builders (drivers/_builders.py): one 1-D launch on the
+        stream; None arguments become null pointers."""
+        args = tuple(NULL if a is None else a for a in args)
+        return _launch(self, self.kernel(program, name, defines, source),
+                       (-(-n // BLOCK_1D),), (BLOCK_1D,), args, what)
+
+    def kernel(self, program: str, name: str, defines: dict | None = None, source=None):
+        mod = self.module(program, defines, source)
         try:
             with self._dev:
                 return mod.get_function(name)
@@ -757,21 +764,11 @@ def _launch(device, fn, grid, block, args, what):
 
 
 def _launch_1d(ctx, program, name, n, args, what):
-    """A 1-D launch of a kernel compiled for the plan's tensor storage (ctx.kernel_defines)."""
-    return _launch(ctx.device, ctx.device.kernel(program, name, ctx.kernel_defines),
-                   (-(-n // BLOCK_1D),), (BLOCK_1D,), args, what)
-
-
-
-
+    return launch(ctx, program, name, n, args, what)
 
 
 def _epilogue_args(attrs):
-    fn = attrs.get("activation", attrs.get("fn", "identity"))
-    if fn not in ACTIVATIONS:
-        raise UnsupportedOpError(f"cuda: unknown activation {fn!r}", [(fn, "")])
-    return (i32(ACTIVATIONS[fn]), f32(attrs.get("alpha", 0.01)),
-            f32(attrs.get("lo", -np.inf)), f32(attrs.get("hi", np.inf)))
+    return epilogue_args(attrs, "cuda")
 
 
 def _ptr(buf):
@@ -878,140 +875,19 @@ def build_conv2d(ctx, attrs, ins, out):
 
 
 
-def build_maxpool(ctx, attrs, ins, out):
-    x = ins[0]
-    args, _ = _window_args(attrs, x, out)
-    total = out.size
-    return _launch_1d(ctx, "pool.cl", "maxpool", total,
-                      (x, out, i32(total), *args), "maxpool")
+def build_matmul(ctx, attrs, ins, out):
+    """C[z] = A[z] @ B[z] for two run-time (or constant) operands, batch axes broadcast: one
+    strided-batched cuBLAS product per outer batch index (two batch levels, _kernels.MatmulPlan)."""
+    a, b = (_operand(ctx, v) for v in ins)
+    plan = matmul_plan(a.shape, b.shape, out.shape)
+    (outer, inner), (sa, sb, sc) = plan.batch, plan.strides
+    m, n, k = plan.m, plan.n, plan.k
+    return _sequence(*[gemm(ctx.device, m, n, k, (a, o * sa[0]), k, sa[1], (b, o * sb[0]), n,
+                            sb[1], (out, o * sc[0]), n, sc[1], inner, "matmul", ctx.precision)
+                       for o in range(outer)])
 
 
-def build_avgpool(ctx, attrs, ins, out):
-    x = ins[0]
-    args, (pb, pr) = _window_args(attrs, x, out)
-    total = out.size
-    return _launch_1d(ctx, "pool.cl", "avgpool", total,
-                      (x, out, i32(total), *args, i32(pb), i32(pr),
-                       i32(1 if attrs.get("count_include_pad", 0) else 0)), "avgpool")
-
-
-def _reduce_rows(ctx, x, y, outer, r, inner, fn):
-    total = outer * inner
-    return _launch_1d(ctx, "reduce.cl", "reduce_axis", total,
-                      (x, y, i32(total), i32(r), i32(inner), i32(REDUCTIONS[fn])), "reduce")
-
-
-def build_global_avgpool(ctx, attrs, ins, out):
-    x = ins[0]
-    n, c = x.shape[:2]
-    return _reduce_rows(ctx, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
-
-
-def build_binary(op):
-    def build(ctx, attrs, ins, out):
-        a, b = (_operand(ctx, v) for v in ins)
-        total = out.size
-        if a.shape == b.shape == out.shape:
-            return _launch_1d(ctx, "elementwise.cl", "binary_same", total,
-                              (a, b, out, i32(total), i32(BINARY_OPS[op])), op)
-        dims, sa, sb = _broadcast_strides(out.shape, a.shape, b.shape)
-        return _launch_1d(ctx, "elementwise.cl", "binary_bcast", total,
-                          (a, b, out, i32(total), i32(BINARY_OPS[op]),
-                           *map(i32, dims), *map(i32, sa), *map(i32, sb)), op)
-    return build
-
-
-def build_activation(ctx, attrs, ins, out):
-    x = ins[0]
-    total = out.size
-    return _launch_1d(ctx, "elementwise.cl", "activation", total,
-                      (x, out, i32(total), *_epilogue_args(attrs)), "activation")
-
-
-def build_softmax(ctx, attrs, ins, out):
-    x, axis = ins[0], attrs["axis"]
-    outer, r, inner = _outer_r_inner(x.shape, (axis,))
-    total = outer * inner
-    return _launch_1d(ctx, "reduce.cl", "softmax_axis", total,
-                      (x, out, i32(total), i32(r), i32(inner)), "softmax")
-
-
-def _gather(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
-    """y[c] = x[sum (c_k - low_k) * s_k] where every c_k - low_k lies in [0, high_k), else
-    ``value`` (gather6 in elementwise.cl)."""
-    total = math.prod(out_shape)
-    dims, strides, lo, _ = _pad_rank(list(out_shape), list(x_index_strides), list(lows),
-                                     list(highs))
-    hi = [1] * (MAX_RANK - len(out_shape)) + list(highs)
-    return _launch_1d(ctx, "elementwise.cl", "gather6", total,
-                      (x, y, i32(total), i32(0), f32(value), *map(i32, dims),
-                       *map(i32, strides), *map(i32, lo), *map(i32, hi)), "gather")
-
-
-def build_reduce(ctx, attrs, ins, out):
-    x, axes = ins[0], tuple(attrs["axes"])
-    if not axes:
-        return _gather(ctx, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
-                       x.shape)
-    if axes == tuple(range(axes[0], axes[-1] + 1)):
-        outer, r, inner = _outer_r_inner(x.shape, axes)
-        return _reduce_rows(ctx, x, out, outer, r, inner, attrs["fn"])
-    keep = [i for i in range(x.ndim) if i not in axes]
-    perm = keep + list(axes)
-    t_shape = tuple(x.shape[p] for p in perm)
-    tmp = ctx.scratch(t_shape)
-    xs = _contiguous_strides(x.shape)
-    move = _gather(ctx, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
-    r = math.prod(x.shape[a] for a in axes)
-    rows = _reduce_rows(ctx, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
-    return _sequence(move, rows)
-
-
-def build_pad(ctx, attrs, ins, out):
-    x = ins[0]
-    return _gather(ctx, x, out, out.shape, _contiguous_strides(x.shape),
-                   list(attrs["begin"]), x.shape, float(attrs.get("value", 0.0)))
-
-
-def build_transpose(ctx, attrs, ins, out):
-    x, perm = ins[0], attrs["perm"]
-    xs = _contiguous_strides(x.shape)
-    return _gather(ctx, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
-                   out.shape)
-
-
-def build_concat(ctx, attrs, ins, out):
-    axis = attrs["axis"]
-    y_inner = math.prod(out.shape[axis:])
-    steps, offset = [], 0
-    for part in ins:
-        part = _operand(ctx, part)
-        inner = math.prod(part.shape[axis:])
-        total = part.size
-        steps.append(_launch_1d(ctx, "elementwise.cl", "concat_part", total,
-                                (part, out, i32(total), i32(inner), i32(y_inner), i32(offset)),
-                                "concat"))
-        offset += inner
-    return _sequence(*steps) if steps else (lambda: None)
-
-
-OPS = {
-    "conv2d": build_conv2d,
-    "dense": build_dense,
-    "maxpool": build_maxpool,
-    "avgpool": build_avgpool,
-    "global_avgpool": build_global_avgpool,
-    "add": build_binary("add"),
-    "sub": build_binary("sub"),
-    "mul": build_binary("mul"),
-    "div": build_binary("div"),
-    "activation": build_activation,
-    "softmax": build_softmax,
-    "concat": build_concat,
-    "reduce": build_reduce,
-    "pad": build_pad,
-    "transpose": build_transpose,
-}
+OPS = dict(SHARED, conv2d=build_conv2d, dense=build_dense, matmul=build_matmul)
 assert set(OPS) == G.DEVICE_OPS
 # gemm.cl is not used here (cuBLAS does the products); its GPU schedule still compiles as CUDA
 # (tests/test_kernels_nvcc.py). Keep these in step with the OpenCL driver.

@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import graph as G
-from ..device import Capabilities, Device, DeviceInfo
+from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from ..hostmem import ALIGNMENT, address
-from ._kernels import (ACTIVATIONS, BINARY_OPS, GEMM_CPU, GEMM_GPU, KERNEL_DIR,  # noqa: F401
-                       MAX_RANK, PROGRAMS, REDUCTIONS, _broadcast_strides,
-                       _contiguous_strides, _operand, _outer_r_inner, _pad_rank, _sequence,
-                       _window_args, kernel_source)
+from ._builders import SHARED, epilogue_args, launch
+from ._kernels import (GEMM_CPU, GEMM_GPU, KERNEL_DIR, PROGRAMS,  # noqa: F401
+                       _operand, _sequence, kernel_source, matmul_plan)
 from ..errors import (DeviceMemoryError, DeviceRuntimeError, KernelBuildError,
                       UnsupportedOpError)
 
@@ -199,7 +198,7 @@ class OpenCLDevice(Device):
         self.ops = OPS
         # float16/bfloat16: half-size tensors in memory, float arithmetic (vload_half is core
         # OpenCL 1.2: no cl_khr_fp16 needed)
-        self.capabilities = Capabilities(frozenset(OPS),
+        self.capabilities = Capabilities(frozenset(OPS), dtypes=ALL_DTYPES,
                                          precisions=frozenset({"float32", "float16", "bfloat16"}))
         self.build_stats = {"compiled": 0, "from_disk": 0, "seconds": 0.0}
         self._announced = False
@@ -395,8 +394,16 @@ class OpenCLDevice(Device):
                                    + (f" at {where}" if where else ""), log, text) from None
         return prg
 
-    def kernel(self, program: str, name: str, defines: dict | None = None):
-        return _cl().Kernel(self.program(program, defines), name)
+    def kernel(self, program: str, name: str, defines: dict | None = None, source=None):
+        return _cl().Kernel(self.program(program, defines, source), name)
+
+    def launch_1d(self, program, name, n, args, what, defines=None, source=None):
+        """The runtime of the shared builders (drivers/_builders.py): one 1-D launch; Buffer
+        arguments become their cl.Buffer, None a null pointer."""
+        args = tuple(a.mem if isinstance(a, Buffer) else a for a in args)
+        kernel = self.kernel(program, name, defines, source)
+        kernel.set_args(*args)
+        return _launch(self, kernel, (_round_up(n, LOCAL_1D),), (LOCAL_1D,), what, args)
 
 
 # ------------------------------------------------------------------------------ launching
@@ -431,22 +438,11 @@ def _launch(device, kernel, global_size, local_size, what, args=()):
 
 
 def _launch_1d(ctx, program, name, n, args, what):
-    """A 1-D launch of a kernel compiled for the plan's tensor storage (ctx.kernel_defines)."""
-    kernel = ctx.device.kernel(program, name, ctx.kernel_defines)
-    kernel.set_args(*args)
-    return _launch(ctx.device, kernel, (_round_up(n, LOCAL_1D),), (LOCAL_1D,), what, args)
-
-
-
-
+    return launch(ctx, program, name, n, args, what)
 
 
 def _epilogue_args(attrs):
-    fn = attrs.get("activation", attrs.get("fn", "identity"))
-    if fn not in ACTIVATIONS:
-        raise UnsupportedOpError(f"opencl: unknown activation {fn!r}", [(fn, "")])
-    return (i32(ACTIVATIONS[fn]), f32(attrs.get("alpha", 0.01)),
-            f32(attrs.get("lo", -np.inf)), f32(attrs.get("hi", np.inf)))
+    return epilogue_args(attrs, "opencl")
 
 
 def gemm(device, a, b, c, m, n, k, *, lda, ldb, ldc, batch=1, groups=1, sa=(0, 0), sb=(0, 0),
@@ -541,153 +537,18 @@ def build_conv2d(ctx, attrs, ins, out):
 
 
 
-def build_maxpool(ctx, attrs, ins, out):
-    x = ins[0]
-    args, _ = _window_args(attrs, x, out)
-    total = out.size
-    return _launch_1d(ctx, "pool.cl", "maxpool", total,
-                      (x.mem, out.mem, i32(total), *args), "maxpool")
+def build_matmul(ctx, attrs, ins, out):
+    """C[z] = A[z] @ B[z] for two run-time (or constant) operands of any rank, the batch axes
+    broadcast (batched gemm.cl launches over at most two batch levels each)."""
+    a, b = (_operand(ctx, v) for v in ins)
+    plan = matmul_plan(a.shape, b.shape, out.shape)
+    (batch, groups), (sa, sb, sc) = plan.batch, plan.strides
+    return gemm(ctx.device, a, b, out, plan.m, plan.n, plan.k, lda=plan.k, ldb=plan.n,
+                ldc=plan.n, batch=batch, groups=groups, sa=sa, sb=sb, sc=sc,
+                storage=ctx.kernel_defines)
 
 
-def build_avgpool(ctx, attrs, ins, out):
-    x = ins[0]
-    args, (pb, pr) = _window_args(attrs, x, out)
-    total = out.size
-    return _launch_1d(ctx, "pool.cl", "avgpool", total,
-                      (x.mem, out.mem, i32(total), *args, i32(pb), i32(pr),
-                       i32(1 if attrs.get("count_include_pad", 0) else 0)), "avgpool")
-
-
-def _reduce_rows(ctx, x, y, outer, r, inner, fn):
-    total = outer * inner
-    return _launch_1d(ctx, "reduce.cl", "reduce_axis", total,
-                      (x.mem, y.mem, i32(total), i32(r), i32(inner), i32(REDUCTIONS[fn])),
-                      "reduce")
-
-
-def build_global_avgpool(ctx, attrs, ins, out):
-    x = ins[0]
-    n, c = x.shape[:2]
-    return _reduce_rows(ctx, x, out, n * c, math.prod(x.shape[2:]), 1, "mean")
-
-
-def build_binary(op):
-    def build(ctx, attrs, ins, out):
-        a, b = (_operand(ctx, v) for v in ins)
-        total = out.size
-        if a.shape == b.shape == out.shape:
-            return _launch_1d(ctx, "elementwise.cl", "binary_same", total,
-                              (a.mem, b.mem, out.mem, i32(total), i32(BINARY_OPS[op])), op)
-        dims, sa, sb = _broadcast_strides(out.shape, a.shape, b.shape)
-        return _launch_1d(ctx, "elementwise.cl", "binary_bcast", total,
-                          (a.mem, b.mem, out.mem, i32(total), i32(BINARY_OPS[op]),
-                           *map(i32, dims), *map(i32, sa), *map(i32, sb)), op)
-    return build
-
-
-
-
-
-
-
-
-
-
-def build_activation(ctx, attrs, ins, out):
-    x = ins[0]
-    total = out.size
-    return _launch_1d(ctx, "elementwise.cl", "activation", total,
-                      (x.mem, out.mem, i32(total), *_epilogue_args(attrs)), "activation")
-
-
-
-
-def build_softmax(ctx, attrs, ins, out):
-    x, axis = ins[0], attrs["axis"]
-    outer, r, inner = _outer_r_inner(x.shape, (axis,))
-    total = outer * inner
-    return _launch_1d(ctx, "reduce.cl", "softmax_axis", total,
-                      (x.mem, out.mem, i32(total), i32(r), i32(inner)), "softmax")
-
-
-def _gather(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
-    """y[c] = x[sum (c_k - low_k) * s_k] where every c_k - low_k lies in [0, high_k), else
-    ``value`` (gather6 in elementwise.cl)."""
-    total = math.prod(out_shape)
-    dims, strides, lo, hi = _pad_rank(list(out_shape), list(x_index_strides), list(lows),
-                                      list(highs))
-    hi = [1] * (MAX_RANK - len(out_shape)) + list(highs)
-    return _launch_1d(ctx, "elementwise.cl", "gather6", total,
-                      (x.mem, y.mem, i32(total), i32(0), f32(value), *map(i32, dims),
-                       *map(i32, strides), *map(i32, lo), *map(i32, hi)), "gather")
-
-
-def build_reduce(ctx, attrs, ins, out):
-    x, axes = ins[0], tuple(attrs["axes"])
-    if not axes:
-        return _gather(ctx, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
-                       x.shape)
-    if axes == tuple(range(axes[0], axes[-1] + 1)):
-        outer, r, inner = _outer_r_inner(x.shape, axes)
-        return _reduce_rows(ctx, x, out, outer, r, inner, attrs["fn"])
-    # reduced axes not adjacent: move them last (a transposed copy in scratch), then rows
-    keep = [i for i in range(x.ndim) if i not in axes]
-    perm = keep + list(axes)
-    t_shape = tuple(x.shape[p] for p in perm)
-    tmp = ctx.scratch(t_shape)
-    xs = _contiguous_strides(x.shape)
-    move = _gather(ctx, x, tmp, t_shape, [xs[p] for p in perm], [0] * x.ndim, t_shape)
-    r = math.prod(x.shape[a] for a in axes)
-    rows = _reduce_rows(ctx, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
-    return _sequence(move, rows)
-
-
-def build_pad(ctx, attrs, ins, out):
-    x = ins[0]
-    begin = list(attrs["begin"])
-    return _gather(ctx, x, out, out.shape, _contiguous_strides(x.shape), begin, x.shape,
-                   float(attrs.get("value", 0.0)))
-
-
-def build_transpose(ctx, attrs, ins, out):
-    x, perm = ins[0], attrs["perm"]
-    xs = _contiguous_strides(x.shape)
-    return _gather(ctx, x, out, out.shape, [xs[p] for p in perm], [0] * x.ndim,
-                   out.shape)
-
-
-def build_concat(ctx, attrs, ins, out):
-    axis = attrs["axis"]
-    y_inner = math.prod(out.shape[axis:])
-    steps, offset = [], 0
-    for part in ins:
-        part = _operand(ctx, part)
-        inner = math.prod(part.shape[axis:])
-        total = part.size
-        steps.append(_launch_1d(ctx, "elementwise.cl", "concat_part", total,
-                                (part.mem, out.mem, i32(total), i32(inner), i32(y_inner),
-                                 i32(offset)), "concat"))
-        offset += inner
-    return _sequence(*steps) if steps else (lambda: None)
-
-
-OPS = {
-    "conv2d": build_conv2d,
-    "dense": build_dense,
-    "maxpool": build_maxpool,
-    "avgpool": build_avgpool,
-    "global_avgpool": build_global_avgpool,
-    "add": build_binary("add"),
-    "sub": build_binary("sub"),
-    "mul": build_binary("mul"),
-    "div": build_binary("div"),
-    "activation": build_activation,
-    "softmax": build_softmax,
-    "concat": build_concat,
-    "reduce": build_reduce,
-    "pad": build_pad,
-    "transpose": build_transpose,
-}
+OPS = dict(SHARED, conv2d=build_conv2d, dense=build_dense, matmul=build_matmul)
 assert set(OPS) == G.DEVICE_OPS
 
 
