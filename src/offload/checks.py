@@ -35,7 +35,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import DeviceMemoryError, ModelFormatError, OffloadError, ShapeError
+from .errors import (DeviceMemoryError, ModelFormatError, OffloadError, ShapeError,
+                     UnsupportedOpError)
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 RULES: dict = {}
@@ -311,6 +312,11 @@ def _conv(c):
     groups = c.attr_int("groups", 1)
     if groups < 1:
         c.fail(f"attribute group is {groups}; it must be >= 1")
+    if w is not None and len(w) in (3, 5) and (x is None or len(x) == len(w)):
+        # a valid ONNX Conv over 1 or 3 spatial axes that the importer did not lower to 2-D
+        raise UnsupportedOpError(f"Conv node {c.node.name!r}: {len(w) - 2}-D Conv (weight "
+                                 f"{list(w)}); offload runs 2-D windows here",
+                                 [("Conv", c.node.name)])
     if w is not None and len(w) != 4:
         c.fail(f"the weight has shape {list(w)}; a 2-D convolution needs a 4-D weight "
                "[M, C/group, kH, kW]")
