@@ -661,8 +661,8 @@ class Plan:
 def _constant(value) -> np.ndarray:
     """A constant operand: float tensors as float32, integer and bool ones as they are."""
     value = np.asarray(value)  # (np.ascontiguousarray would make a 0-d array 1-d)
-    return np.array(value, dtype=np.float32 if value.dtype.kind == "f" else None, order="C",
-                    copy=None)
+    # np.asarray copies only when needed (NumPy 1.26, which offload supports, refuses copy=None)
+    return np.asarray(value, dtype=np.float32 if value.dtype.kind == "f" else None, order="C")
 
 
 def _same(a, b) -> bool:
