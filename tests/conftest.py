@@ -87,17 +87,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_configure(config):
     required = [s for s in config.getoption("--require-device").split(",") if s.strip()]
     if required:
-        from offload.device import resolve_spec
-        infos = {i.spec: i for i in offload.devices()}
-        missing = []
-        for spec in required:
-            try:
-                info = infos.get(resolve_spec(spec))
-            except offload.OffloadError as e:
-                missing.append(f"{spec}: {e}")
-                continue
-            if info is None or not info.available:
-                missing.append(f"{spec}: {info.reason if info else 'unknown device'}")
+        from offload.device import unavailable
+        missing = unavailable(required)
         if missing:
             raise pytest.UsageError("--require-device: not available: " + "; ".join(missing))
     config.addinivalue_line("markers", "fixed_point: a device-matrix test that also runs on "

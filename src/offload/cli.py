@@ -139,17 +139,8 @@ def cmd_devices(args) -> int:
     for info in infos:
         state = "available" if info.available else f"unavailable: {info.reason}"
         print(f"{info.spec:<{width}}  {info.name or '-'}  ({state})")
-    by_spec = {i.spec: i for i in infos}
-    missing = []
-    for spec in args.require or ():
-        from offload.device import resolve_spec
-        try:
-            info = by_spec.get(resolve_spec(spec))  # 'opencl:pocl' too
-        except offload.OffloadError as e:
-            missing.append(f"{spec}: {e}")
-            continue
-        if info is None or not info.available:
-            missing.append(f"{spec}: {info.reason if info else 'unknown device'}")
+    from offload.device import unavailable
+    missing = unavailable(args.require or ())
     if missing:
         print("required device(s) unavailable: " + "; ".join(missing), file=sys.stderr)
         return 1

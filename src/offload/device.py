@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DeviceUnavailableError
+from .errors import DeviceUnavailableError, OffloadError
 
 # An op builder compiles one IR node for a plan: it receives the BuildContext, the node's resolved
 # attributes, its data operands (device buffers for run-time tensors, NumPy arrays for constants)
@@ -154,6 +154,22 @@ def resolve_spec(spec: str | Device) -> str:
             return info.spec
     known = ", ".join(i.spec for i in infos) or "none"
     raise DeviceUnavailableError(f"no device {str(spec)!r}; known devices: {known}")
+
+
+def unavailable(specs) -> list[str]:
+    """For each spec in ``specs`` that names no available device, one line 'spec: reason'
+    ('opencl:pocl' resolves by name); empty when every one is available."""
+    infos = {i.spec: i for i in devices()}
+    missing = []
+    for spec in specs:
+        try:
+            info = infos.get(resolve_spec(spec))
+        except OffloadError as e:
+            missing.append(f"{spec}: {e}")
+            continue
+        if info is None or not info.available:
+            missing.append(f"{spec}: {info.reason if info else 'unknown device'}")
+    return missing
 
 
 _lock = threading.Lock()
