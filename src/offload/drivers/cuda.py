@@ -285,6 +285,9 @@ class _Shared:
         self.graph_fallbacks: list[str] = []
         self.in_use = 0
 
+    def release(self, nbytes):
+        self.in_use -= nbytes
+
 
 # ---------------------------------------------------------------------------------- device
 
@@ -388,9 +391,6 @@ class CUDADevice(Device):
     def bytes_in_use(self) -> int:
         return self._shared.in_use
 
-    def _release(self, nbytes):
-        self._shared.in_use -= nbytes
-
     def alloc(self, nbytes: int) -> Raw:
         cp = self._cp
         nbytes = max(int(nbytes), 4)
@@ -405,7 +405,9 @@ class CUDADevice(Device):
             raise map_error(self, e, f"allocating {nbytes} bytes") from None
         raw = Raw(mem, nbytes)
         self._shared.in_use += nbytes
-        weakref.finalize(raw, self._release, nbytes)
+        # the finalizer must not hold this device: a session's cuBLAS workspace is one of its
+        # blocks, and a callback holding the session would keep both alive for ever
+        weakref.finalize(raw, self._shared.release, nbytes)
         return raw
 
     def view(self, raw: Raw, shape, dtype=np.float32):
