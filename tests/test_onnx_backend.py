@@ -128,20 +128,10 @@ def _check(m, name, model, data_sets, rtol, atol, device):
                                        err_msg=f"{name} output {k} on {device}")
 
 
-# cuda-emu:0 keeps ~45 MB of emulated device memory per model it has loaded, even after close()
-# (found at the end of the session that wrote this, not yet traced): the whole set on it (20 GB)
-# runs with --emulation-full; by default every 16th case runs there.
-EMULATION_SAMPLE = 16
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
-def test_backend_case(case, device, request):
+def test_backend_case(case, device):
     if case[0] in BROKEN:
         pytest.skip(f"excluded: {BROKEN[case[0]]}")
-    from conftest import full_on
-    if not full_on(request.config, device) and CASES.index(case) % EMULATION_SAMPLE:
-        pytest.skip(f"{device.spec}: one case in {EMULATION_SAMPLE} runs on the emulation "
-                    "(all of them with --emulation-full)")
     try:
         _run(case, device)
     except OffloadError as e:
