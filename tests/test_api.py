@@ -25,6 +25,18 @@ def test_devices_lists_cpu_available():
         assert info.available or info.reason, f"{info.spec} unavailable without a reason"
 
 
+def test_opening_cpu_loads_no_other_driver():
+    """'cpu' is opened from its own driver: no OpenCL or CUDA runtime is loaded for it (PoCL's
+    start-up aborts a process that cannot create threads, e.g. under a tight RLIMIT_AS)."""
+    import subprocess
+    import sys
+    code = ("import sys, offload; offload.device('cpu'); "
+            "print(sorted(m for m in ('pyopencl', 'cupy', 'pyxrt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_device_specs():
     assert offload.device("cpu") is offload.device("CPU:0")
     with pytest.raises(offload.DeviceUnavailableError, match="known devices"):

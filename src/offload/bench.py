@@ -708,7 +708,6 @@ def clients_sweep(model: str, device: str = "cpu", clients: Sequence[int] = (1, 
             call(m, x)
             m.reset_stats()
             latencies = [[] for _ in range(c)]
-            stop = time.perf_counter() + duration_s
             go = threading.Barrier(c + 1)
 
             def client(k):
@@ -716,13 +715,15 @@ def clients_sweep(model: str, device: str = "cpu", clients: Sequence[int] = (1, 
                     go.wait()
                 except threading.BrokenBarrierError:  # not every client could start
                     return
-                mine = latencies[k]
+                # the window starts at the release (thread start-up on a loaded machine can
+                # take longer than a short window), and each client sends at least one request
+                mine, stop = latencies[k], time.perf_counter() + duration_s
                 while True:
                     t0 = time.perf_counter()
-                    if t0 >= stop:
-                        return
                     call(m, x)
                     mine.append(time.perf_counter() - t0)
+                    if t0 >= stop:
+                        return
             threads = [threading.Thread(target=client, args=(k,)) for k in range(c)]
             started = []
             try:

@@ -205,6 +205,21 @@ def _discover_all() -> list[DeviceInfo]:
     return found
 
 
+def _own_driver_info(key: str) -> DeviceInfo | None:
+    """The DeviceInfo of 'kind:N' from the built-in driver module of that kind alone, before any
+    full discovery: opening 'cpu' loads no OpenCL or CUDA runtime (PoCL's start-up aborts the
+    process where threads cannot be created). None where that module does not list the key."""
+    kind, _, index = key.partition(":")
+    if _discovered is not None or not index.isdigit():
+        return None
+    try:
+        module = importlib.import_module(f"offload.drivers.{kind.replace('-', '_')}")
+        infos = list(module.discover())
+    except Exception:  # noqa: BLE001 - the full discovery reports it with its reason
+        return None
+    return next((i for i in infos if i.spec == key), None)
+
+
 def devices(refresh: bool = False) -> list[DeviceInfo]:
     """Every known device, available or not, with the reason when not."""
     global _discovered
@@ -224,11 +239,13 @@ def device(spec: str | Device = "cpu") -> Device:
     with _lock:
         if key in _opened:
             return _opened[key]
-    key = resolve_spec(spec)
-    with _lock:
-        if key in _opened:
-            return _opened[key]
-    info = {i.spec: i for i in devices()}[key]
+    info = _own_driver_info(key)
+    if info is None:
+        key = resolve_spec(spec)
+        with _lock:
+            if key in _opened:
+                return _opened[key]
+        info = {i.spec: i for i in devices()}[key]
     if not info.available:
         asked = "" if parse_spec(spec) == key else f" ({str(spec)!r})"
         raise DeviceUnavailableError(f"device {key}{asked} is unavailable: {info.reason}")
