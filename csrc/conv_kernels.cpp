@@ -302,9 +302,22 @@ void finish_row(float *o, std::int64_t n, float add, const float *r, Act a) {
     }
 }
 
-// o[j] = act(t[j] + add + r[j]): a tile row copied out with the epilogue.
+// o[j] = act(t[j] + add + r[j]): a tile row copied out with the epilogue, in one pass.
 CONV_CLONES
 void store_row(float *o, const float *t, std::int64_t n, float add, const float *r, Act a) {
+    if (a.code == kRelu) {
+        if (r)
+            for (std::int64_t j = 0; j < n; ++j) {
+                const float v = t[j] + add + r[j];
+                o[j] = v > 0.f ? v : (v != v ? v : 0.f);
+            }
+        else
+            for (std::int64_t j = 0; j < n; ++j) {
+                const float v = t[j] + add;
+                o[j] = v > 0.f ? v : (v != v ? v : 0.f);
+            }
+        return;
+    }
     if (r)
         for (std::int64_t j = 0; j < n; ++j) o[j] = t[j] + add + r[j];
     else
@@ -421,12 +434,12 @@ constexpr int kMB = 8;  // output channels per pass (weights packed [ceil(M/8), 
 template <int VW, int NV>
 __attribute__((always_inline)) inline void direct_tile(
     const float *xp, std::int64_t plane, const float *wb, std::int64_t c, std::int64_t taps,
-    const std::int64_t *offs, std::int64_t q0, float *tile) {
+    const std::int64_t *offs, std::int64_t q0, float *tile, std::int64_t ld) {
     typedef float vec __attribute__((vector_size(VW * 4)));
     typedef float uvec __attribute__((vector_size(VW * 4), aligned(4)));
     vec acc[kMB][NV];
     for (int mm = 0; mm < kMB; ++mm)
-        for (int v = 0; v < NV; ++v) acc[mm][v] = vec{} ;
+        for (int v = 0; v < NV; ++v) acc[mm][v] = vec{};
     for (std::int64_t ch = 0; ch < c; ++ch) {
         const float *xc = xp + ch * plane + q0;
         const float *wc = wb + ch * taps * kMB;
@@ -443,7 +456,7 @@ __attribute__((always_inline)) inline void direct_tile(
     }
     for (int mm = 0; mm < kMB; ++mm)
         for (int v = 0; v < NV; ++v)
-            *reinterpret_cast<uvec *>(tile + mm * NV * VW + v * VW) = acc[mm][v];
+            *reinterpret_cast<uvec *>(tile + mm * ld + v * VW) = acc[mm][v];
 }
 
 struct DirectJob {
@@ -457,34 +470,30 @@ struct DirectJob {
     std::vector<std::int64_t> offs;
 };
 
+// Output rows [r0, r1) of channel block mb of image n: tiles into a per-thread buffer of
+// kMB rows of positions, then each output row copied out with the epilogue.
 template <int VW, int NV>
 __attribute__((always_inline)) inline void direct_block(const DirectJob &j, std::int64_t n,
-                                                        std::int64_t mb, std::int64_t q0,
-                                                        std::int64_t q1) {
+                                                        std::int64_t mb, std::int64_t r0,
+                                                        std::int64_t r1) {
     constexpr int TW = VW * NV;
-    alignas(64) float tile[kMB * TW];
     const Geometry &g = j.g;
     const std::int64_t taps = g.kh * g.kw, wp = g.wp(), ohw = g.oh * g.ow;
+    const std::int64_t qs = r0 * wp, qe = (r1 - 1) * wp + g.ow;
+    const std::int64_t ld = (qe - qs + TW - 1) / TW * TW;
+    float *buf = scratch((std::size_t) (kMB * ld), 1);
     const float *xn = j.xp + n * g.c * j.plane;
     const float *wb = j.w + mb * g.c * taps * kMB;
+    for (std::int64_t q = qs; q < qe; q += TW)
+        direct_tile<VW, NV>(xn, j.plane, wb, g.c, taps, j.offs.data(), q, buf + (q - qs), ld);
     const std::int64_t m0 = mb * kMB, mcount = std::min<std::int64_t>(kMB, g.m - m0);
-    for (std::int64_t q = q0; q < q1; q += TW) {
-        direct_tile<VW, NV>(xn, j.plane, wb, g.c, taps, j.offs.data(), q, tile);
-        const std::int64_t qe = std::min(q + TW, q1);
-        // the valid outputs of [q, qe): row segments of the output image
-        for (std::int64_t s = q; s < qe;) {
-            const std::int64_t row = s / wp, col = s % wp;
-            const std::int64_t end = std::min(qe, row * wp + wp);
-            if (col < g.ow) {
-                const std::int64_t len = std::min(end, row * wp + g.ow) - s;
-                for (std::int64_t mm = 0; mm < mcount; ++mm) {
-                    const std::int64_t m = m0 + mm;
-                    const std::int64_t at = (n * g.m + m) * ohw + row * g.ow + col;
-                    store_row(j.y + at, tile + mm * TW + (s - q), len, j.bias ? j.bias[m] : 0.f,
-                              j.residual ? j.residual + at : nullptr, j.act);
-                }
-            }
-            s = end;
+    for (std::int64_t mm = 0; mm < mcount; ++mm) {
+        const std::int64_t m = m0 + mm;
+        const float add = j.bias ? j.bias[m] : 0.f;
+        for (std::int64_t row = r0; row < r1; ++row) {
+            const std::int64_t at = (n * g.m + m) * ohw + row * g.ow;
+            store_row(j.y + at, buf + mm * ld + (row * wp - qs), g.ow, add,
+                      j.residual ? j.residual + at : nullptr, j.act);
         }
     }
 }
@@ -576,7 +585,6 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     if (g.n == 0 || g.oh == 0 || g.ow == 0) return;
     // the last tile reads up to a tile width and the largest tap offset past the last plane
     const std::int64_t slack = k.width + j.offs.back() + 16;
-    const std::int64_t qend = (g.oh - 1) * g.wp() + g.ow;  // one past the last valid output
     const std::int64_t blocks = (m + kMB - 1) / kMB;
     const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
     const bool parallel = macs >= g_parallel_macs;
@@ -589,16 +597,13 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     pool().run((g.n + pad_chunk - 1) / pad_chunk, [&](std::int64_t i) {
         pad_images(xd, xp, g, j.plane, i * pad_chunk, std::min(g.n, (i + 1) * pad_chunk));
     }, parallel);
-    // tasks: (image, channel block, position chunk); chunks of whole tiles, ~32k MACs or more
-    const std::int64_t tw = k.width;
-    const std::int64_t tiles = (qend + tw - 1) / tw;
-    const std::int64_t per_tile = kMB * tw * g.c * g.kh * g.kw;
-    const std::int64_t chunk_tiles = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_tile), 1, tiles);
-    const std::int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
+    // tasks: (image, channel block, rows of output), each ~64k multiply-adds or more
+    const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
+    const std::int64_t rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
+    const std::int64_t chunks = (g.oh + rows - 1) / rows;
     pool().run(g.n * blocks * chunks, [&](std::int64_t i) {
         const std::int64_t ch = i % chunks, mb = (i / chunks) % blocks, n = i / (chunks * blocks);
-        const std::int64_t q0 = ch * chunk_tiles * tw;
-        k.fn(j, n, mb, q0, std::min(qend, q0 + chunk_tiles * tw));
+        k.fn(j, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
     }, parallel);
 }
 
@@ -764,6 +769,64 @@ void gemm_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, 
     }, parallel);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pooling without padding (every window inside the image): max or mean over kh x kw taps.
+
+CONV_CLONES
+void pool_plane(const float *x, float *y, std::int64_t h, std::int64_t w, std::int64_t oh,
+                std::int64_t ow, std::int64_t kh, std::int64_t kw, std::int64_t sh,
+                std::int64_t sw, std::int64_t dh, std::int64_t dw, bool is_max) {
+    const float scale = 1.f / (float) (kh * kw);
+    (void) h;
+    for (std::int64_t oy = 0; oy < oh; ++oy) {
+        float *o = y + oy * ow;
+        for (std::int64_t i = 0; i < kh; ++i) {
+            const float *src = x + (oy * sh + i * dh) * w;
+            for (std::int64_t t = 0; t < kw; ++t) {
+                const float *s0 = src + t * dw;
+                if (i == 0 && t == 0) {
+                    if (sw == 1) for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] = s0[ox];
+                    else if (sw == 2) for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] = s0[2 * ox];
+                    else for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] = s0[ox * sw];
+                } else if (is_max) {
+                    // NaN propagates as NumPy's maximum does
+                    for (std::int64_t ox = 0; ox < ow; ++ox) {
+                        const float v = s0[ox * sw];
+                        o[ox] = (v > o[ox] || v != v) ? v : o[ox];
+                    }
+                } else {
+                    for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] += s0[ox * sw];
+                }
+            }
+        }
+        if (!is_max)
+            for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] *= scale;
+    }
+}
+
+void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
+            std::vector<std::int64_t> strides, std::vector<std::int64_t> dil) {
+    const char *fn = "pool2d";
+    check(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1 && kernel[0] <= (1 << 20) &&
+              kernel[1] <= (1 << 20),
+          "pool2d: kernel must be 2 sizes from 1 to 2**20");
+    const Geometry g = geometry(fn, x, y, (std::int64_t) x.shape(1), (std::int64_t) x.shape(1),
+                                kernel[0], kernel[1], strides, {0, 0, 0, 0}, dil);
+    check_apart(fn, "x", y, x);
+    const float *xd = x.data();
+    float *yd = y.data();
+    const std::int64_t planes = g.n * g.c, hw = g.h * g.w, ohw = g.oh * g.ow;
+    if (!planes || !ohw) return;
+    const bool parallel = planes * ohw * g.kh * g.kw >= g_parallel_macs.load();
+    const std::int64_t step = std::max<std::int64_t>(1, (1 << 15) / std::max<std::int64_t>(1, ohw * g.kh * g.kw));
+    nb::gil_scoped_release release;
+    pool().run((planes + step - 1) / step, [&](std::int64_t i) {
+        for (std::int64_t p = i * step; p < std::min(planes, (i + 1) * step); ++p)
+            pool_plane(xd + p * hw, yd + p * ohw, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw,
+                       g.dh, g.dw, is_max);
+    }, parallel);
+}
+
 }  // namespace
 
 void register_conv_kernels(nb::module_ &m) {
@@ -798,6 +861,9 @@ void register_conv_kernels(nb::module_ &m) {
           nb::arg("strides"), nb::arg("pads"), nb::arg("dilations"), nb::arg("act"),
           nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"),
           "Convolution, groups 1, as im2col + SGEMM per image: w is [M, C*kh*kw].");
+    m.def("pool2d", &pool2d, nb::arg("x"), nb::arg("out").noconvert(), nb::arg("is_max"),
+          nb::arg("kernel"), nb::arg("strides"), nb::arg("dilations"),
+          "Max or average pooling without padding (every window inside x), NCHW float32.");
     m.def("gemm_dense", &gemm_dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
           nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"), nb::arg("alpha"),
           nb::arg("lo"), nb::arg("hi"), "out = act(x @ w + bias + residual) on the pool.");

@@ -104,7 +104,7 @@ def build_dense(ctx, attrs, ins, out):
     residual = ins[3].reshape(-1, n) if len(ins) > 3 else None
     if x2.shape[0] * k * n <= SMALL_DENSE_MACS:
         return NativeStep("dense", x2, w, bias, residual, y2, *_activation_args(attrs))
-    if native_blas():
+    if native_blas() and x2.shape[0] * k * n >= _core.get_parallel_macs():
         return functools.partial(_core.gemm_dense, x2, w, bias, residual, y2,
                                  *_activation_args(attrs))
     return _sequence(functools.partial(np.matmul, x2, w, out=y2),
@@ -233,9 +233,10 @@ def _default_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Threads the cpu device uses for one large op, the calling thread included (``n`` >= 1).
-    Ops below ~2 million multiply-adds always run on the calling thread alone. NumPy's BLAS
-    threads are limited to ``n`` as well (threadpoolctl); offload's own products run BLAS on
-    its pool, single-threaded per task, so OpenBLAS's spinning threads stay asleep.
+    Ops below ~2 million multiply-adds always run on the calling thread alone. offload's
+    products call NumPy's OpenBLAS from this pool, one thread per task, and OpenBLAS's own
+    (spinning) pool is limited to one thread through threadpoolctl, for NumPy's products in this
+    process too; with another BLAS than OpenBLAS, its threads are limited to ``n``.
     Default: ``OFFLOAD_NUM_THREADS``, else the cores this process may run on
     (``os.sched_getaffinity``)."""
     import numbers
@@ -243,12 +244,15 @@ def set_num_threads(n: int) -> None:
         from ..errors import ArgumentError
         raise ArgumentError(f"set_num_threads: expected an int from 1 to 4096, got "
                             f"{type(n).__name__} {n!r}")
-    native_blas()  # locate the BLAS first (threadpoolctl), so that the limit below reaches it
+    native = native_blas()  # locate the BLAS first (threadpoolctl)
     _core.set_num_threads(int(n))
     _threads["n"] = int(n)
     try:
         import threadpoolctl
-        _threads["limit"] = threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
+        # offload's products call OpenBLAS from its own pool, one thread each: OpenBLAS's
+        # pool (which spins after each call) is held at one thread; another BLAS gets n
+        _threads["limit"] = threadpoolctl.threadpool_limits(limits=1 if native else int(n),
+                                                            user_api="blas")
     except ImportError:  # a core dependency; tolerated for a source tree without it
         pass
 
@@ -295,7 +299,7 @@ def _build_conv_native(ctx, attrs, x, w, bias, residual, out):
     strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
     act = _activation_args(attrs)
     res = residual if residual is not None else None
-    if tuple(strides) == (1, 1) and c * kh * kw <= DIRECT_MAX_REDUCTION:
+    if tuple(strides) == (1, 1) and c * kh * kw <= DIRECT_MAX_REDUCTION and x.shape[2] > 1:
         wp = ctx.weight(w, "direct", _pack_direct)
         return functools.partial(_core.conv_direct, x, wp, bias, res, out, m, list(pads),
                                  list(dil), *act)
@@ -333,6 +337,11 @@ def build_pool(kind):
         _, _, oh, ow = out.shape
         (kh, kw), strides, dil = attrs["kernel"], attrs["strides"], attrs["dilations"]
         t, l, b, r = attrs["pads"]
+        if (not any((t, l, b, r)) and x.dtype == F32 and out.dtype == F32
+                and oh == (h - dil[0] * (kh - 1) - 1) // strides[0] + 1
+                and ow == (w - dil[1] * (kw - 1) - 1) // strides[1] + 1):
+            return functools.partial(_core.pool2d, x, out, kind == "maxpool", [kh, kw],
+                                     list(strides), list(dil))
         # extend the bottom/right pad so ceil_mode windows stay inside the padded copy
         b = max(b, (oh - 1) * strides[0] + dil[0] * (kh - 1) + 1 - (h + t))
         r = max(r, (ow - 1) * strides[1] + dil[1] * (kw - 1) + 1 - (w + l))
