@@ -431,14 +431,14 @@ void check_epilogue_args(const char *fn, const Out &y, std::int64_t m,
 
 constexpr int kMB = 8;  // output channels per pass (weights packed [ceil(M/8), C, kh, kw, 8])
 
-template <int VW, int NV>
+template <int VW, int NV, int MB>
 __attribute__((always_inline)) inline void direct_tile(
     const float *xp, std::int64_t plane, const float *wb, std::int64_t c, std::int64_t taps,
     const std::int64_t *offs, std::int64_t q0, float *tile, std::int64_t ld) {
     typedef float vec __attribute__((vector_size(VW * 4)));
     typedef float uvec __attribute__((vector_size(VW * 4), aligned(4)));
-    vec acc[kMB][NV];
-    for (int mm = 0; mm < kMB; ++mm)
+    vec acc[MB][NV];
+    for (int mm = 0; mm < MB; ++mm)
         for (int v = 0; v < NV; ++v) acc[mm][v] = vec{};
     for (std::int64_t ch = 0; ch < c; ++ch) {
         const float *xc = xp + ch * plane + q0;
@@ -448,19 +448,18 @@ __attribute__((always_inline)) inline void direct_tile(
             vec xv[NV];
             for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const uvec *>(src + v * VW);
             const float *wt = wc + t * kMB;
-            for (int mm = 0; mm < kMB; ++mm) {
+            for (int mm = 0; mm < MB; ++mm) {
                 const float s = wt[mm];
                 for (int v = 0; v < NV; ++v) acc[mm][v] += xv[v] * s;
             }
         }
     }
-    for (int mm = 0; mm < kMB; ++mm)
+    for (int mm = 0; mm < MB; ++mm)
         for (int v = 0; v < NV; ++v)
             *reinterpret_cast<uvec *>(tile + mm * ld + v * VW) = acc[mm][v];
 }
 
 struct DirectJob {
-    const float *xp;        // padded images [N, C, Hp*Wp] (+ slack)
     std::int64_t plane;     // Hp*Wp
     const float *w;         // packed weights
     const float *bias, *residual;
@@ -472,20 +471,23 @@ struct DirectJob {
 
 // Output rows [r0, r1) of channel block mb of image n: tiles into a per-thread buffer of
 // kMB rows of positions, then each output row copied out with the epilogue.
-template <int VW, int NV>
-__attribute__((always_inline)) inline void direct_block(const DirectJob &j, std::int64_t n,
-                                                        std::int64_t mb, std::int64_t r0,
-                                                        std::int64_t r1) {
+// MB output channels per pass (8 / MB passes per block): fewer channels and more positions
+// when the vector registers are few (AVX2: 4 x 3 vectors of 8 accumulate in 12 of 16).
+template <int VW, int NV, int MB>
+__attribute__((always_inline)) inline void direct_block(const DirectJob &j, const float *xn,
+                                                        std::int64_t n, std::int64_t mb,
+                                                        std::int64_t r0, std::int64_t r1) {
     constexpr int TW = VW * NV;
     const Geometry &g = j.g;
     const std::int64_t taps = g.kh * g.kw, wp = g.wp(), ohw = g.oh * g.ow;
     const std::int64_t qs = r0 * wp, qe = (r1 - 1) * wp + g.ow;
     const std::int64_t ld = (qe - qs + TW - 1) / TW * TW;
     float *buf = scratch((std::size_t) (kMB * ld), 1);
-    const float *xn = j.xp + n * g.c * j.plane;
     const float *wb = j.w + mb * g.c * taps * kMB;
     for (std::int64_t q = qs; q < qe; q += TW)
-        direct_tile<VW, NV>(xn, j.plane, wb, g.c, taps, j.offs.data(), q, buf + (q - qs), ld);
+        for (int half = 0; half < kMB / MB; ++half)
+            direct_tile<VW, NV, MB>(xn, j.plane, wb + half * MB, g.c, taps, j.offs.data(), q,
+                                    buf + half * MB * ld + (q - qs), ld);
     const std::int64_t m0 = mb * kMB, mcount = std::min<std::int64_t>(kMB, g.m - m0);
     for (std::int64_t mm = 0; mm < mcount; ++mm) {
         const std::int64_t m = m0 + mm;
@@ -499,24 +501,24 @@ __attribute__((always_inline)) inline void direct_block(const DirectJob &j, std:
 }
 
 __attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2")))
-void direct_avx512(const DirectJob &j, std::int64_t n, std::int64_t mb, std::int64_t q0,
-                   std::int64_t q1) {
-    direct_block<16, 2>(j, n, mb, q0, q1);
+void direct_avx512(const DirectJob &j, const float *xn, std::int64_t n, std::int64_t mb,
+                   std::int64_t r0, std::int64_t r1) {
+    direct_block<16, 2, 8>(j, xn, n, mb, r0, r1);
 }
 
 __attribute__((target("avx2,fma")))
-void direct_avx2(const DirectJob &j, std::int64_t n, std::int64_t mb, std::int64_t q0,
-                 std::int64_t q1) {
-    direct_block<8, 1>(j, n, mb, q0, q1);
+void direct_avx2(const DirectJob &j, const float *xn, std::int64_t n, std::int64_t mb,
+                 std::int64_t r0, std::int64_t r1) {
+    direct_block<8, 3, 4>(j, xn, n, mb, r0, r1);
 }
 
-void direct_generic(const DirectJob &j, std::int64_t n, std::int64_t mb, std::int64_t q0,
-                    std::int64_t q1) {
-    direct_block<4, 1>(j, n, mb, q0, q1);
+void direct_generic(const DirectJob &j, const float *xn, std::int64_t n, std::int64_t mb,
+                    std::int64_t r0, std::int64_t r1) {
+    direct_block<4, 2, 4>(j, xn, n, mb, r0, r1);
 }
 
-using direct_fn = void (*)(const DirectJob &, std::int64_t, std::int64_t, std::int64_t,
-                           std::int64_t);
+using direct_fn = void (*)(const DirectJob &, const float *, std::int64_t, std::int64_t,
+                           std::int64_t, std::int64_t);
 struct DirectKernel { direct_fn fn; int width; const char *name; };
 
 const DirectKernel &direct_kernel() {
@@ -527,8 +529,8 @@ const DirectKernel &direct_kernel() {
             __builtin_cpu_supports("fma"))
             return DirectKernel{direct_avx512, 32, "avx512"};
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            return DirectKernel{direct_avx2, 8, "avx2"};
-        return DirectKernel{direct_generic, 4, "generic"};
+            return DirectKernel{direct_avx2, 24, "avx2"};
+        return DirectKernel{direct_generic, 8, "generic"};
     }();
     return k;
 }
@@ -588,22 +590,32 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     const std::int64_t blocks = (m + kMB - 1) / kMB;
     const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
     const bool parallel = macs >= g_parallel_macs;
-    nb::gil_scoped_release release;
-    float *xp = scratch((std::size_t) (g.n * g.c * j.plane + slack), 0);
-    std::fill(xp + g.n * g.c * j.plane, xp + g.n * g.c * j.plane + slack, 0.f);
-    j.xp = xp;
-    const float *xd = x.data();
-    const std::int64_t pad_chunk = std::max<std::int64_t>(1, 4096 / std::max<std::int64_t>(1, g.c * j.plane));
-    pool().run((g.n + pad_chunk - 1) / pad_chunk, [&](std::int64_t i) {
-        pad_images(xd, xp, g, j.plane, i * pad_chunk, std::min(g.n, (i + 1) * pad_chunk));
-    }, parallel);
-    // tasks: (image, channel block, rows of output), each ~64k multiply-adds or more
     const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
     const std::int64_t rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
     const std::int64_t chunks = (g.oh + rows - 1) / rows;
+    const std::int64_t image = g.c * j.plane;
+    const float *xd = x.data();
+    const int threads = pool().threads();
+    nb::gil_scoped_release release;
+    if (g.n >= 2 * threads || !parallel) {
+        // one image per task, padded into the task thread's scratch (stays in its cache)
+        pool().run(g.n, [&](std::int64_t n) {
+            float *xp = scratch((std::size_t) (image + slack), 0);
+            std::fill(xp + image, xp + image + slack, 0.f);
+            pad_images(xd + n * g.c * g.h * g.w, xp, g, j.plane, 0, 1);
+            for (std::int64_t mb = 0; mb < blocks; ++mb)
+                for (std::int64_t ch = 0; ch < chunks; ++ch)
+                    k.fn(j, xp, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
+        }, parallel);
+        return;
+    }
+    // few images: all padded first, then tasks of (image, channel block, rows of output)
+    float *xp = scratch((std::size_t) (g.n * image + slack), 0);
+    std::fill(xp + g.n * image, xp + g.n * image + slack, 0.f);
+    pool().run(g.n, [&](std::int64_t n) { pad_images(xd, xp, g, j.plane, n, n + 1); }, parallel);
     pool().run(g.n * blocks * chunks, [&](std::int64_t i) {
         const std::int64_t ch = i % chunks, mb = (i / chunks) % blocks, n = i / (chunks * blocks);
-        k.fn(j, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
+        k.fn(j, xp + n * image, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
     }, parallel);
 }
 
