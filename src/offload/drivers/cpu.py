@@ -1,9 +1,12 @@
 """The CPU device in NumPy: the embedded default and the reference every other device is checked
 against.
 
-Activations are NCHW float32 in 4 KiB-aligned host blocks. Convolutions are GEMMs: 1x1 stride-1
-convs multiply the weights by the input directly; other convs gather patches (im2col) into shared
-scratch first. Bias and activation are applied in place on the GEMM output (the fused epilogue).
+Activations are NCHW float32 in 4 KiB-aligned host blocks. Groups-1 convolutions, large dense
+layers and unpadded pools run in _core (csrc/conv_kernels.cpp) on the device's own thread pool
+(set_num_threads): thin stride-1 convolutions with a direct kernel, the others as one SGEMM of
+NumPy's OpenBLAS per image (1x1 on the input itself, else on im2col columns), bias, residual and
+activation fused. Without a callable OpenBLAS, and for grouped/depthwise convolutions, the NumPy
+paths below run: GEMMs on im2col patches with the epilogue applied in place.
 Everything is float32 end to end: no float64 temporaries.
 """
 
