@@ -21,6 +21,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <dlfcn.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -151,8 +152,31 @@ class Pool {
 };
 thread_local bool Pool::in_pool_ = false;
 
+// A forked child has none of the parent's helper threads (and their mutexes may be held):
+// it starts a new pool of the same size at its first parallel op.
+std::atomic<Pool *> g_pool{nullptr};
+std::atomic<int> g_pool_after_fork{0};
+
+void pool_after_fork() {
+    Pool *old = g_pool.load();
+    g_pool_after_fork.store(old ? old->threads() : 0);
+    g_pool.store(nullptr);  // the old one is leaked: its threads do not exist here
+}
+
 Pool &pool() {
-    static Pool *p = new Pool();  // never destroyed: helpers must not be joined at exit
+    static const bool registered = [] { return pthread_atfork(nullptr, nullptr, pool_after_fork) == 0; }();
+    (void) registered;
+    Pool *p = g_pool.load();
+    if (!p) {
+        static std::mutex make;
+        std::lock_guard<std::mutex> lock(make);
+        p = g_pool.load();
+        if (!p) {
+            p = new Pool();  // never destroyed: helpers must not be joined at exit
+            if (int n = g_pool_after_fork.exchange(0); n > 1) p->resize(n);
+            g_pool.store(p);
+        }
+    }
     return *p;
 }
 

@@ -128,3 +128,21 @@ def test_openblas_is_held_at_one_thread_when_offload_calls_it():
     offload.set_num_threads(offload.get_num_threads())
     blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
     assert blas and all(lib["num_threads"] == 1 for lib in blas if lib["internal_api"] == "openblas")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no os.fork on this platform")
+def test_a_forked_child_gets_its_own_pool():
+    import os
+    model = conv1d_models.build()
+    x = conv1d_models.sample(64)
+    m = offload.load(model.SerializeToString(), device="cpu")
+    want = m(x)  # the parent's pool has run: its helper threads exist
+    pid = os.fork()
+    if pid == 0:  # the child: no helper threads; the pool is made again at its first op
+        try:
+            ok = np.array_equal(m(x), want) and np.array_equal(m(x), want)
+        finally:
+            os._exit(0 if locals().get("ok") else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(m(x), want)
