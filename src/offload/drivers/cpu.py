@@ -301,15 +301,14 @@ def _build_conv_native(ctx, attrs, x, w, bias, residual, out):
     m, c, kh, kw = w.shape
     strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
     act = _activation_args(attrs)
-    res = residual if residual is not None else None
     if tuple(strides) == (1, 1) and c * kh * kw <= DIRECT_MAX_REDUCTION and x.shape[2] > 1:
         wp = ctx.weight(w, "direct", _pack_direct)
-        return functools.partial(_core.conv_direct, x, wp, bias, res, out, m, list(pads),
+        return functools.partial(_core.conv_direct, x, wp, bias, residual, out, m, list(pads),
                                  list(dil), *act)
     if not native_blas():
         return None
     w2 = ctx.weight(w, "gemm2d", lambda a: a.reshape(m, c * kh * kw))
-    return functools.partial(_core.conv_gemm, x, w2, bias, res, out, kh, kw, list(strides),
+    return functools.partial(_core.conv_gemm, x, w2, bias, residual, out, kh, kw, list(strides),
                              list(pads), list(dil), *act)
 
 
