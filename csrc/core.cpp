@@ -12,6 +12,8 @@
 //   gather(out, parts) -> int: parts copied back to back into out, the rest zeroed (GIL released)
 //   unshared(list) -> int: index of the first item only the list refers to (arena reuse)
 //   dense, epilogue, softmax: fused float32 CPU kernels (cpu_kernels.cpp)
+//   conv_direct, conv_gemm, gemm_dense, set_num_threads, blas_load: convolutions, large
+//       products and the CPU device's thread pool (conv_kernels.cpp)
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -521,6 +523,9 @@ std::int64_t gather(nb::handle out, nb::sequence parts, bool strict) {
 
 void register_cpu_kernels(nb::module_ &m);  // cpu_kernels.cpp
 
+// --- conv kernels, large products and the CPU thread pool (conv_kernels.cpp) ---
+void register_conv_kernels(nb::module_ &m);
+
 NB_MODULE(_core, m) {
     m.doc() = "Native helpers for offload (aligned host buffers, pointers).";
 
@@ -606,4 +611,7 @@ NB_MODULE(_core, m) {
           "TypeError/ValueError, or with strict=False makes it return -1 with nothing written.");
 
     register_cpu_kernels(m);
+
+    // --- conv kernels, large products and the CPU thread pool (conv_kernels.cpp) ---
+    register_conv_kernels(m);
 }

@@ -618,3 +618,239 @@ def test_fuzz_core_seeded():
     import fuzz_core
     for data in fuzz_core.seeded(400, seed=15):
         fuzz_core.one_input(data)
+
+
+# ---- conv kernels, large products and the thread pool (csrc/conv_kernels.cpp) ----
+
+import threadpoolctl  # noqa: E402
+
+from offload.drivers import cpu as _cpu  # noqa: E402
+
+_NATIVE_BLAS = _cpu.native_blas()
+_RNG = np.random.default_rng(11)
+_ACTS = [(0, 0.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (2, 0.1, 0.0, 0.0), (3, 0.0, 0.0, 0.0),
+         (4, 0.0, 0.0, 0.0), (5, 0.0, -0.5, 0.5)]
+
+
+def _act_ref(y, act):
+    code, alpha, lo, hi = act
+    if code == 1:
+        return np.maximum(y, 0)
+    if code == 2:
+        return np.where(y >= 0, y, y * alpha)
+    if code == 3:
+        return 1 / (1 + np.exp(-y))
+    if code == 4:
+        return np.tanh(y)
+    if code == 5:
+        return np.clip(y, lo, hi)
+    return y
+
+
+def _conv_ref(x, w, b, r, strides, pads, dil, act):
+    """The convolution by its definition (float64 sums over a zero-padded copy)."""
+    n, c, h, wd = x.shape
+    m, _, kh, kw = w.shape
+    t, l, bo, ri = pads
+    xp = np.zeros((n, c, h + t + bo, wd + l + ri))
+    xp[:, :, t:t + h, l:l + wd] = x
+    oh = (xp.shape[2] - dil[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (xp.shape[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
+    y = np.zeros((n, m, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            taps = xp[:, :, i * dil[0]:i * dil[0] + (oh - 1) * strides[0] + 1:strides[0],
+                      j * dil[1]:j * dil[1] + (ow - 1) * strides[1] + 1:strides[1]]
+            y += np.einsum("nchw,mc->nmhw", taps, w[:, :, i, j])
+    if b is not None:
+        y += b[None, :, None, None]
+    if r is not None:
+        y += r
+    return _act_ref(y, act).astype(np.float32)
+
+
+_CONV_SHAPES = [  # n, c, h, w, m, kh, kw, strides, pads, dilations
+    (1, 1, 40, 40, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),    # thin first layer
+    (3, 16, 9, 11, 9, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),     # M not a multiple of 8
+    (2, 5, 7, 9, 13, 2, 3, (1, 1), (0, 1, 2, 0), (2, 1)),      # asymmetric pads, dilation
+    (4, 42, 1, 37, 32, 1, 3, (1, 1), (0, 1, 0, 1), (1, 1)),    # 1-D as H = 1
+    (2, 7, 1, 30, 5, 1, 5, (1, 1), (0, 2, 0, 2), (1, 3)),      # 1-D, dilated
+    (2, 7, 11, 13, 19, 3, 3, (2, 3), (1, 2, 0, 1), (1, 2)),    # strided (gemm only)
+    (3, 24, 6, 5, 20, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),     # 1x1: plain GEMM
+    (1, 3, 2, 2, 4, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1)),       # kernel larger than x: empty
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", _CONV_SHAPES)
+def test_native_convolutions_match_the_definition(shape, threads):
+    n, c, h, w, m, kh, kw, strides, pads, dil = shape
+    x = _RNG.standard_normal((n, c, h, w), dtype=np.float32)
+    wt = _RNG.standard_normal((m, c, kh, kw), dtype=np.float32)
+    b = _RNG.standard_normal(m, dtype=np.float32)
+    old = _core.get_num_threads(), _core.get_parallel_macs()
+    _core.set_num_threads(threads)
+    _core.set_parallel_macs(0 if threads > 1 else 1 << 21)  # the pool for every size
+    try:
+        for k, act in enumerate(_ACTS):
+            bias = b if k % 2 == 0 else None
+            want0 = _conv_ref(x, wt, bias, None, strides, pads, dil, (0, 0, 0, 0))
+            res = _RNG.standard_normal(want0.shape, dtype=np.float32) if k % 3 == 0 else None
+            want = _conv_ref(x, wt, bias, res, strides, pads, dil, act)
+            if strides == (1, 1):
+                got = np.full(want.shape, np.nan, np.float32)
+                _core.conv_direct(x, _cpu._pack_direct(wt), bias, res, got, m, list(pads),
+                                  list(dil), *act)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            if _NATIVE_BLAS:
+                got = np.full(want.shape, np.nan, np.float32)
+                _core.conv_gemm(x, wt.reshape(m, -1), bias, res, got, kh, kw, list(strides),
+                                list(pads), list(dil), *act)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        _core.set_num_threads(old[0])
+        _core.set_parallel_macs(old[1])
+
+
+def test_native_convolutions_refuse_what_does_not_fit():
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    wp = _cpu._pack_direct(np.zeros((5, 3, 3, 3), np.float32))
+    out = np.zeros((2, 5, 8, 8), np.float32)
+    args = (None, None)
+    _core.conv_direct(x, wp, *args, out, 5, [1, 1, 1, 1], [1, 1], 0, 0.0, 0.0, 0.0)
+    bad = [
+        (x, wp, None, None, np.zeros((2, 5, 7, 8), np.float32), 5, [1, 1, 1, 1], [1, 1]),  # out
+        (x, wp, None, None, out, 9, [1, 1, 1, 1], [1, 1]),          # M beyond the packed blocks
+        (x, wp, None, None, out, 5, [1, 1, 1], [1, 1]),             # 3 pads
+        (x, wp, None, None, out, 5, [-1, 1, 1, 1], [1, 1]),         # negative pad
+        (x, wp, None, None, out, 5, [1, 1, 1, 1], [0, 1]),          # zero dilation
+        (x, wp, np.zeros(4, np.float32), None, out, 5, [1, 1, 1, 1], [1, 1]),   # bias size
+        (x, wp, None, np.zeros(5, np.float32), out, 5, [1, 1, 1, 1], [1, 1]),   # residual size
+        (np.zeros((2, 4, 8, 8), np.float32), wp, None, None, out, 5, [1, 1, 1, 1], [1, 1]),
+        (x, wp[:, :, :, :, :4].copy(), None, None, out, 5, [1, 1, 1, 1], [1, 1]),  # layout
+        (x[0], wp, None, None, out, 5, [1, 1, 1, 1], [1, 1]),       # 3-D x
+    ]
+    for case in bad:
+        with pytest.raises((ValueError, TypeError)):
+            _core.conv_direct(*case, 0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="activation code"):
+        _core.conv_direct(x, wp, None, None, out, 5, [1, 1, 1, 1], [1, 1], 6, 0.0, 0.0, 0.0)
+    flat = np.zeros(2 * 5 * 8 * 8 + 2 * 3 * 8 * 8, np.float32)
+    with pytest.raises(ValueError, match="overlaps"):  # out over x
+        _core.conv_direct(flat[:x.size].reshape(x.shape), wp, None, None,
+                          flat[x.size // 2:x.size // 2 + out.size].reshape(out.shape), 5,
+                          [1, 1, 1, 1], [1, 1], 0, 0.0, 0.0, 0.0)
+    with pytest.raises(TypeError):  # float64 out is not converted (it would be a temporary)
+        _core.conv_direct(x, wp, None, None, out.astype(np.float64), 5, [1, 1, 1, 1], [1, 1],
+                          0, 0.0, 0.0, 0.0)
+    if _NATIVE_BLAS:
+        w2 = np.zeros((5, 27), np.float32)
+        _core.conv_gemm(x, w2, None, None, out, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 0, 0, 0, 0)
+        for case in [(x, w2, None, None, out, 3, 2, [1, 1], [1, 1, 1, 1], [1, 1]),   # kernel
+                     (x, w2, None, None, out, 3, 3, [0, 1], [1, 1, 1, 1], [1, 1]),   # stride
+                     (x, w2, None, None, out, 3, 3, [2, 2], [1, 1, 1, 1], [1, 1]),   # out
+                     (x, w2.reshape(5, 3, 9), None, None, out, 3, 3, [1, 1], [1, 1, 1, 1],
+                      [1, 1])]:
+            with pytest.raises((ValueError, TypeError)):
+                _core.conv_gemm(*case, 0, 0.0, 0.0, 0.0)
+        with pytest.raises(ValueError, match="overlaps"):
+            _core.conv_gemm(x, w2, out.reshape(-1)[:5], None, out, 3, 3, [1, 1], [1, 1, 1, 1],
+                            [1, 1], 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("is_max", [True, False])
+@pytest.mark.parametrize("k,s,d", [((2, 2), (2, 2), (1, 1)), ((3, 2), (1, 2), (1, 1)),
+                                   ((2, 2), (1, 1), (2, 2)), ((1, 3), (1, 3), (1, 1))])
+def test_native_pooling_matches_numpy(is_max, k, s, d):
+    x = _RNG.standard_normal((3, 4, 9, 10), dtype=np.float32)
+    oh = (9 - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    ow = (10 - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    taps = [x[:, :, i * d[0]:i * d[0] + (oh - 1) * s[0] + 1:s[0],
+              j * d[1]:j * d[1] + (ow - 1) * s[1] + 1:s[1]]
+            for i in range(k[0]) for j in range(k[1])]
+    want = np.max(taps, axis=0) if is_max else np.mean(taps, axis=0)
+    got = np.empty((3, 4, oh, ow), np.float32)
+    _core.pool2d(x, got, is_max, list(k), list(s), list(d))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        _core.pool2d(x, np.empty((3, 4, oh + 1, ow), np.float32), is_max, list(k), list(s),
+                     list(d))
+    with pytest.raises(ValueError):
+        _core.pool2d(x, got, is_max, [0, 2], list(s), list(d))
+
+
+def test_native_maxpool_propagates_nan():
+    x = np.zeros((1, 1, 2, 4), np.float32)
+    x[0, 0, 1, 2] = np.nan
+    y = np.empty((1, 1, 1, 2), np.float32)
+    _core.pool2d(x, y, True, [2, 2], [2, 2], [1, 1])
+    assert y[0, 0, 0, 0] == 0 and np.isnan(y[0, 0, 0, 1])
+
+
+@pytest.mark.skipif(not _NATIVE_BLAS, reason="NumPy's BLAS is not an OpenBLAS offload can call")
+@pytest.mark.parametrize("rows", [1, 17, 3000])
+def test_gemm_dense_matches_numpy_and_leaves_openblas_threads_alone(rows):
+    x = _RNG.standard_normal((rows, 47), dtype=np.float32)
+    w = _RNG.standard_normal((47, 200), dtype=np.float32)
+    b = _RNG.standard_normal(200, dtype=np.float32)
+    r = _RNG.standard_normal((rows, 200), dtype=np.float32)
+    got = np.empty((rows, 200), np.float32)
+    old = _core.get_num_threads(), _core.get_parallel_macs()
+    _core.set_num_threads(2)
+    _core.set_parallel_macs(0)
+    try:
+        with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+            _core.gemm_dense(x, w, b, r, got, 1, 0.0, 0.0, 0.0)
+            # held at one thread only while offload's product ran
+            assert threadpoolctl.threadpool_info()[0]["num_threads"] == 2
+    finally:
+        _core.set_num_threads(old[0])
+        _core.set_parallel_macs(old[1])
+    want = np.maximum(x.astype(np.float64) @ w + b + r, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        _core.gemm_dense(x, w[:46], None, None, got, 0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="overlaps"):
+        _core.gemm_dense(x, w, got[0], None, got, 0, 0.0, 0.0, 0.0)  # bias inside out
+
+
+def test_thread_pool_resizes_and_refuses_bad_counts():
+    old = _core.get_num_threads()
+    try:
+        for n in (1, 3, 2):
+            _core.set_num_threads(n)
+            assert _core.get_num_threads() == n
+        for bad in (0, -1, 5000):
+            with pytest.raises(ValueError):
+                _core.set_num_threads(bad)
+    finally:
+        _core.set_num_threads(old)
+
+
+def test_thread_pool_serves_many_callers_at_once():
+    """Callers that find the pool busy run inline: every result is still exact."""
+    x = _RNG.standard_normal((8, 16, 12, 12), dtype=np.float32)
+    wt = _RNG.standard_normal((32, 16, 3, 3), dtype=np.float32)
+    wp = _cpu._pack_direct(wt)
+    want = _conv_ref(x, wt, None, None, (1, 1), (1, 1, 1, 1), (1, 1), (0, 0, 0, 0))
+    old = _core.get_num_threads(), _core.get_parallel_macs()
+    _core.set_num_threads(2)
+    _core.set_parallel_macs(0)
+    errors = []
+
+    def work():
+        out = np.empty(want.shape, np.float32)
+        for _ in range(20):
+            _core.conv_direct(x, wp, None, None, out, 32, [1, 1, 1, 1], [1, 1], 0, 0, 0, 0)
+            if not np.allclose(out, want, rtol=1e-4, atol=1e-4):
+                errors.append("mismatch")
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        _core.set_num_threads(old[0])
+        _core.set_parallel_macs(old[1])
+    assert not errors

@@ -28,8 +28,23 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "Batching", "Binding", "Capabilities", "Device", "DeviceInfo", "DeviceMemoryError", "DeviceRuntimeError",
     "DeviceUnavailableError", "KernelBuildError", "Model", "ModelFormatError", "OffloadError",
-    "PrecisionError", "RequestTimeoutError", "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "import_onnx", "load",
+    "PrecisionError", "RequestTimeoutError", "ShapeError", "UnsupportedOpError", "device", "device_spec", "devices", "empty", "get_num_threads", "import_onnx", "load",
+    "set_num_threads",
 ]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the cpu device uses for one large op, the calling thread included; small ops
+    always run on the calling thread. Also limits NumPy's BLAS threads to ``n`` (threadpoolctl).
+    Default: ``OFFLOAD_NUM_THREADS``, else ``len(os.sched_getaffinity(0))``."""
+    from .drivers import cpu
+    cpu.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The cpu device's thread count (see set_num_threads)."""
+    from .drivers import cpu
+    return cpu.get_num_threads()
 
 
 def import_onnx(source, memory_limit=None):

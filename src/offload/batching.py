@@ -27,6 +27,8 @@ from .errors import ArgumentError, DeviceMemoryError, OffloadError
 
 MAX_BATCH = 2**31 - 1  # rows: device kernels index a batch with 32-bit integers
 MAX_DELAY_US = 60e6  # one minute: a request waits at most this long for others to join it
+LONELY_AFTER = 4    # batches of one request in a row before requests stop waiting for company
+LONELY_PROBE = 16   # ... except one batch in this many, which still waits
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,17 @@ class Batching:
 
 
 class _Request:
-    __slots__ = ("arrays", "rows", "future", "arrived", "finish", "owner")
+    __slots__ = ("arrays", "rows", "future", "arrived", "finish", "owner", "key")
 
-    def __init__(self, arrays, future, finish, arrived=None, owner=None):
+    def __init__(self, arrays, future, finish, arrived=None, owner=None, rows=None, key=None):
         self.arrays = arrays
-        self.rows = arrays[0].shape[0]
+        self.rows = arrays[0].shape[0] if rows is None else rows
         self.future = future
         self.finish = finish  # turns this request's list of outputs into its result
         self.arrived = time.perf_counter() if arrived is None else arrived
         self.owner = owner  # what runs it (the model), held while the request waits
+        # the sample shapes: requests with the same key are merged
+        self.key = tuple(a.shape[1:] for a in arrays) if key is None else key
 
 
 class Batcher:
@@ -97,10 +101,18 @@ class Batcher:
         self.max_batch = config.max_batch
         self.max_delay_s = config.max_delay_us * 1e-6
         self._queues: dict[tuple, deque] = {}
+        self._rows: dict[tuple, int] = {}  # rows waiting per sample shape
+        # workers waiting with nothing queued: only they (or a full batch) need a notify; a
+        # worker waiting for a batch to fill wakes at its deadline, not at every request
+        self._idle = 0
         self._cond = threading.Condition()
         self._closed = False
         self._broken: OffloadError | None = None  # why the worker threads stopped
         self._free_since = 0.0  # when the worker finished its last batch
+        # consecutive batches of a single request: after a few, a request stops waiting for
+        # company that does not come (one caller is then not delayed by max_delay_us at every
+        # call); one batch in LONELY_PROBE still waits, to notice callers that come back
+        self._lonely = 0
         self.batches = 0  # device calls made
         self.requests = 0  # requests (pieces) served
         # one worker per device, so that several devices each run a batch at once
@@ -130,15 +142,29 @@ class Batcher:
 
     # -- callers -------------------------------------------------------------------------------
     def submit(self, arrays: list[np.ndarray]) -> concurrent.futures.Future:
-        rows = {a.shape[0] for a in arrays}
-        if len(rows) != 1:
-            raise OffloadError(f"batched inputs must share the batch axis; got batch sizes "
-                               f"{[a.shape[0] for a in arrays]}")
-        n = rows.pop()
+        if len(arrays) == 1:  # the common case, without building sets and generators
+            shape = arrays[0].shape
+            n, key = shape[0], (shape[1:],)
+        else:
+            rows = {a.shape[0] for a in arrays}
+            if len(rows) != 1:
+                raise OffloadError(f"batched inputs must share the batch axis; got batch sizes "
+                                   f"{[a.shape[0] for a in arrays]}")
+            n, key = rows.pop(), None
         owner = self._owner() if self._owner is not None else None
         if n <= self.max_batch:
             future = concurrent.futures.Future()
-            self._enqueue([_Request(arrays, future, self._finish, owner=owner)])
+            request = _Request(arrays, future, self._finish, None, owner, n, key)
+            with self._cond:
+                if self._broken is not None or self._closed:
+                    self._refuse()
+                queue = self._queues.get(request.key)
+                if queue is None:
+                    queue = self._queues[request.key] = deque()
+                queue.append(request)
+                rows = self._rows[request.key] = self._rows.get(request.key, 0) + n
+                if self._idle or rows >= self.max_batch:
+                    self._cond.notify()
             return future
         now = time.perf_counter()
         pieces = [_Request([a[i:i + self.max_batch] for a in arrays], concurrent.futures.Future(),
@@ -147,15 +173,18 @@ class Batcher:
         self._enqueue(pieces)
         return joined
 
+    def _refuse(self):
+        if self._broken is not None:
+            raise OffloadError(*self._broken.args)
+        raise OffloadError("the model is closed: no new requests")
+
     def _enqueue(self, requests):
         with self._cond:
-            if self._broken is not None:
-                raise OffloadError(*self._broken.args)
-            if self._closed:
-                raise OffloadError("the model is closed: no new requests")
+            if self._broken is not None or self._closed:
+                self._refuse()
             for r in requests:
-                key = tuple(a.shape[1:] for a in r.arrays)
-                self._queues.setdefault(key, deque()).append(r)
+                self._queues.setdefault(r.key, deque()).append(r)
+                self._rows[r.key] = self._rows.get(r.key, 0) + r.rows
             self._cond.notify()
 
     def close(self, cancel: bool = False) -> None:
@@ -167,6 +196,7 @@ class Batcher:
                 for queue in self._queues.values():
                     dropped.extend(queue)
                 self._queues.clear()
+                self._rows.clear()
             self._cond.notify_all()
         for r in dropped:  # outside the lock: the last reference to the model may go here
             r.future.cancel()
@@ -184,22 +214,29 @@ class Batcher:
                 if not waiting:
                     if self._closed:
                         return None
-                    self._cond.wait()
+                    self._idle += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._idle -= 1
                     continue
-                first, key = min(waiting)
+                first, key = min(waiting) if len(waiting) > 1 else waiting[0]
                 queue = self._queues[key]
-                rows = sum(r.rows for r in queue)
-                due = first + self.max_delay_s
-                now = time.perf_counter()
-                if (rows < self.max_batch and now < due and first >= self._free_since
-                        and not self._closed):
-                    self._cond.wait(due - now)
-                    continue
+                patient = self._lonely < LONELY_AFTER or self._lonely % LONELY_PROBE == 0
+                if (patient and first >= self._free_since and not self._closed
+                        and self._rows[key] < self.max_batch):
+                    due = first + self.max_delay_s
+                    now = time.perf_counter()
+                    if now < due:
+                        self._cond.wait(due - now)
+                        continue
                 batch, total = [], 0
                 while queue and total + queue[0].rows <= self.max_batch:
                     r = queue.popleft()
                     batch.append(r)
                     total += r.rows
+                self._rows[key] -= total
+                self._lonely = self._lonely + 1 if len(batch) == 1 else 0
                 return batch
 
     def _loop(self):
@@ -229,6 +266,7 @@ class Batcher:
             self._closed = True
             waiting = [r for q in self._queues.values() for r in q]
             self._queues.clear()
+            self._rows.clear()
             self._cond.notify_all()
         for r in list(batch) + waiting:
             _fail(r.future, broken)
@@ -272,18 +310,21 @@ class Batcher:
     def _run(self, batch):
         started = time.perf_counter()
         try:
-            wait = float(np.mean([started - r.arrived for r in batch]))
+            wait = started - sum(r.arrived for r in batch) / len(batch)
             arrays = self._gather(batch)
             if self._owner is None:
                 outputs = self._execute(arrays, wait)
             else:  # the owner is alive: each waiting request holds it
                 outputs = self._execute(batch[0].owner, arrays, wait)
             del arrays
-            offset, results = 0, []
-            for r in batch:
-                mine = [o[offset:offset + r.rows] for o in outputs]
-                offset += r.rows
-                results.append(r.finish(mine))
+            if len(batch) == 1:
+                results = [batch[0].finish([o[:batch[0].rows] for o in outputs])]
+            else:
+                offset, results = 0, []
+                for r in batch:
+                    end = offset + r.rows
+                    results.append(r.finish([o[offset:end] for o in outputs]))
+                    offset = end
         except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
             error = e if isinstance(e, OffloadError) else _wrapped(e)
             for r in batch:

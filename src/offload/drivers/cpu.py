@@ -1,9 +1,12 @@
 """The CPU device in NumPy: the embedded default and the reference every other device is checked
 against.
 
-Activations are NCHW float32 in 4 KiB-aligned host blocks. Convolutions are GEMMs: 1x1 stride-1
-convs multiply the weights by the input directly; other convs gather patches (im2col) into shared
-scratch first. Bias and activation are applied in place on the GEMM output (the fused epilogue).
+Activations are NCHW float32 in 4 KiB-aligned host blocks. Groups-1 convolutions, large dense
+layers and unpadded pools run in _core (csrc/conv_kernels.cpp) on the device's own thread pool
+(set_num_threads): thin stride-1 convolutions with a direct kernel, the others as one SGEMM of
+NumPy's OpenBLAS per image (1x1 on the input itself, else on im2col columns), bias, residual and
+activation fused. Without a callable OpenBLAS, and for grouped/depthwise convolutions, the NumPy
+paths below run: GEMMs on im2col patches with the epilogue applied in place.
 Everything is float32 end to end: no float64 temporaries.
 """
 
@@ -104,6 +107,9 @@ def build_dense(ctx, attrs, ins, out):
     residual = ins[3].reshape(-1, n) if len(ins) > 3 else None
     if x2.shape[0] * k * n <= SMALL_DENSE_MACS:
         return NativeStep("dense", x2, w, bias, residual, y2, *_activation_args(attrs))
+    if native_blas() and x2.shape[0] * k * n >= _core.get_parallel_macs():
+        return functools.partial(_core.gemm_dense, x2, w, bias, residual, y2,
+                                 *_activation_args(attrs))
     return _sequence(functools.partial(np.matmul, x2, w, out=y2),
                      epilogue(y2, attrs, bias, 1, residual))
 
@@ -147,6 +153,9 @@ def build_conv2d(ctx, attrs, ins, out):
     bias = ctx.weight(ins[2]) if len(ins) > 2 else None
     residual = ins[3] if len(ins) > 3 else None
     y_rows = out.reshape(n * m, oh * ow)
+    native = _build_conv_native(ctx, attrs, x, w, bias, residual, out)
+    if native is not None:
+        return native
     if groups == 1 and (kh, kw) == (1, 1) and strides == (1, 1) and not any(pads):
         wm = ctx.weight(w, "gemm", lambda a: a.reshape(m, c))
         x3, y3 = x.reshape(n, c, h * wd), out.reshape(n, m, oh * ow)
@@ -202,6 +211,107 @@ def build_conv2d(ctx, attrs, ins, out):
     return _sequence(fill, gemm, epilogue(y_rows, attrs, bias, 0, residual))
 
 
+# ---- native convolutions and the CPU device's threads (csrc/conv_kernels.cpp) ----
+
+# Direct (stride-1) convolution where the reduction C*kh*kw is short: im2col's copy and a GEMM
+# with few rows lose there (thin first layers, 1-D convolutions); im2col + SGEMM elsewhere.
+DIRECT_MAX_REDUCTION = 384
+_threads = {"n": None, "blas": None, "limit": None}
+
+
+def _default_threads() -> int:
+    import os
+    env = os.environ.get("OFFLOAD_NUM_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+        import warnings
+        warnings.warn(f"OFFLOAD_NUM_THREADS={env!r} is not a positive integer: ignored")
+    return _cpu_count()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the cpu device uses for one large op, the calling thread included (``n`` >= 1).
+    Ops below ~2 million multiply-adds always run on the calling thread alone. offload's
+    products call NumPy's OpenBLAS from this pool, one thread per task, and OpenBLAS's own
+    (spinning) pool is limited to one thread through threadpoolctl, for NumPy's products in this
+    process too; with another BLAS than OpenBLAS, its threads are limited to ``n``.
+    Default: ``OFFLOAD_NUM_THREADS``, else the cores this process may run on
+    (``os.sched_getaffinity``)."""
+    import numbers
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 4096:
+        from ..errors import ArgumentError
+        raise ArgumentError(f"set_num_threads: expected an int from 1 to 4096, got "
+                            f"{type(n).__name__} {n!r}")
+    native = native_blas()  # locate the BLAS first (threadpoolctl)
+    _core.set_num_threads(int(n))
+    _threads["n"] = int(n)
+    try:
+        import threadpoolctl
+        # offload's products call OpenBLAS from its own pool, one thread each: OpenBLAS's
+        # pool (which spins after each call) is held at one thread; another BLAS gets n
+        _threads["limit"] = threadpoolctl.threadpool_limits(limits=1 if native else int(n),
+                                                            user_api="blas")
+    except ImportError:  # a core dependency; tolerated for a source tree without it
+        pass
+
+
+def get_num_threads() -> int:
+    """The number of threads the cpu device uses for one large op (see set_num_threads)."""
+    if _threads["n"] is None:
+        set_num_threads(_default_threads())
+    return _threads["n"]
+
+
+def native_blas() -> bool:
+    """True when the SGEMM of NumPy's OpenBLAS is called from _core (found once through
+    threadpoolctl); else large products go through np.matmul."""
+    if _threads["blas"] is None:
+        name = ""
+        try:
+            import threadpoolctl
+            for lib in threadpoolctl.ThreadpoolController().select(
+                    internal_api="openblas").lib_controllers:
+                name = _core.blas_load(lib.filepath)
+                if name:
+                    break
+        except ImportError:
+            pass
+        _threads["blas"] = name
+    return bool(_threads["blas"])
+
+
+def _pack_direct(a):
+    """[M, C, kh, kw] -> [ceil(M/8), C, kh, kw, 8] (zeros past M), conv_direct's layout."""
+    m = a.shape[0]
+    blocks = -(-m // 8)
+    p = np.zeros((blocks * 8,) + a.shape[1:], F32)
+    p[:m] = a
+    return np.ascontiguousarray(p.reshape((blocks, 8) + a.shape[1:]).transpose(0, 2, 3, 4, 1))
+
+
+def _build_conv_native(ctx, attrs, x, w, bias, residual, out):
+    """conv_direct or conv_gemm for a groups-1 float32 conv, or None (the NumPy paths)."""
+    if attrs["groups"] != 1 or x.dtype != F32 or out.dtype != F32:
+        return None
+    m, c, kh, kw = w.shape
+    strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
+    act = _activation_args(attrs)
+    if tuple(strides) == (1, 1) and c * kh * kw <= DIRECT_MAX_REDUCTION and x.shape[2] > 1:
+        wp = ctx.weight(w, "direct", _pack_direct)
+        return functools.partial(_core.conv_direct, x, wp, bias, residual, out, m, list(pads),
+                                 list(dil), *act)
+    if not native_blas():
+        return None
+    w2 = ctx.weight(w, "gemm2d", lambda a: a.reshape(m, c * kh * kw))
+    return functools.partial(_core.conv_gemm, x, w2, bias, residual, out, kh, kw, list(strides),
+                             list(pads), list(dil), *act)
+
+
 def _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows):
     """Depthwise conv: one multiply-add over the whole tensor per kernel tap."""
     x, w = ins[0], ins[1]
@@ -229,6 +339,11 @@ def build_pool(kind):
         _, _, oh, ow = out.shape
         (kh, kw), strides, dil = attrs["kernel"], attrs["strides"], attrs["dilations"]
         t, l, b, r = attrs["pads"]
+        if (not any((t, l, b, r)) and x.dtype == F32 and out.dtype == F32
+                and oh == (h - dil[0] * (kh - 1) - 1) // strides[0] + 1
+                and ow == (w - dil[1] * (kw - 1) - 1) // strides[1] + 1):
+            return functools.partial(_core.pool2d, x, out, kind == "maxpool", [kh, kw],
+                                     list(strides), list(dil))
         # extend the bottom/right pad so ceil_mode windows stay inside the padded copy
         b = max(b, (oh - 1) * strides[0] + dil[0] * (kh - 1) + 1 - (h + t))
         r = max(r, (ow - 1) * strides[1] + dil[1] * (kw - 1) + 1 - (w + l))
@@ -605,6 +720,7 @@ class CPUDevice(Device):
     def __init__(self):
         import platform
         self.name = f"NumPy {np.__version__} on {platform.machine()} ({_cpu_count()} cores)"
+        get_num_threads()  # the pool and the BLAS limit, once per process
 
     def alloc(self, nbytes):
         return aligned_empty(nbytes)

@@ -1,0 +1,906 @@
+// Convolutions, large matrix products and the thread pool of the CPU device.
+//
+// offload owns its CPU parallelism: a pool of set_num_threads(n) - 1 helper threads (they sleep
+// on a condition variable when idle: no spinning) plus the calling thread. Small work runs on
+// the calling thread alone. Matrix products call the BLAS that NumPy loaded (OpenBLAS, located
+// by threadpoolctl in Python) single-threaded from the pool's threads, with OpenBLAS's own
+// threads held at one while any offload product runs, so that its spinning pool is never used.
+//
+//   conv_direct: stride-1 convolutions computed on the padded input grid, vectorised over output
+//       positions, a block of 8 output channels per pass (thin layers, 1-D convolutions).
+//   conv_gemm: im2col (skipped for 1x1 stride-1 unpadded) + SGEMM per image.
+//   gemm_dense: y = act(x @ w + bias + residual) split by rows over the pool.
+// Each applies the bias/residual/activation epilogue on the tile it just wrote.
+//
+// Every entry point checks shapes, strides, dtypes and overlaps before touching memory.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <dlfcn.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <new>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace nb = nanobind;
+
+namespace {
+
+using In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+
+// ---------------------------------------------------------------------------------------------
+// The pool.
+
+struct Job {
+    const std::function<void(std::int64_t)> *fn;
+    std::int64_t count;
+    std::atomic<std::int64_t> next{0}, done{0};
+    std::atomic<bool> failed{false};
+};
+
+class Pool {
+  public:
+    int threads() const { return threads_.load(); }
+
+    // n threads in all (the caller included): n - 1 helpers.
+    void resize(int n) {
+        std::lock_guard<std::mutex> use(use_);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stop_ = true;
+        }
+        wake_.notify_all();
+        for (auto &t : workers_) t.join();
+        workers_.clear();
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = false;
+        for (int i = 1; i < n; ++i)
+            workers_.emplace_back([this, seen = generation_] { loop(seen); });
+        threads_.store(n);
+    }
+
+    // fn(i) for i in [0, count): on the pool when it is free and parallel is true, else on the
+    // calling thread alone (a nested call, or another caller holding the pool, runs inline).
+    // The caller returns when every item is done; a helper that wakes late finds none left.
+    void run(std::int64_t count, const std::function<void(std::int64_t)> &fn, bool parallel) {
+        if (count <= 0) return;
+        if (!parallel || count == 1 || threads_.load() <= 1 || in_pool_) {
+            for (std::int64_t i = 0; i < count; ++i) fn(i);
+            return;
+        }
+        std::unique_lock<std::mutex> use(use_, std::try_to_lock);
+        if (!use.owns_lock() || workers_.empty()) {
+            for (std::int64_t i = 0; i < count; ++i) fn(i);
+            return;
+        }
+        auto job = std::make_shared<Job>();
+        job->fn = &fn;
+        job->count = count;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            job_ = job;
+            ++generation_;
+        }
+        wake_.notify_all();
+        in_pool_ = true;
+        work(*job);
+        in_pool_ = false;
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [&] { return job->done.load() == job->count; });
+        job_.reset();
+        lock.unlock();
+        if (job->failed.load()) throw std::bad_alloc();
+    }
+
+  private:
+    void work(Job &j) {
+        for (std::int64_t i; (i = j.next.fetch_add(1)) < j.count;) {
+            try {
+                (*j.fn)(i);
+            } catch (...) {  // scratch that could not grow: the caller raises MemoryError
+                j.failed.store(true);
+            }
+            if (j.done.fetch_add(1) + 1 == j.count) {
+                std::lock_guard<std::mutex> lock(mutex_);
+                done_.notify_all();
+            }
+        }
+    }
+
+    void loop(std::uint64_t seen) {
+        in_pool_ = true;
+        for (;;) {
+            std::shared_ptr<Job> job;
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+                if (stop_) return;
+                seen = generation_;
+                job = job_;
+            }
+            if (job) work(*job);
+        }
+    }
+
+    std::mutex use_;    // one caller uses the helpers at a time
+    std::mutex mutex_;  // guards job_, generation_, stop_
+    std::condition_variable wake_, done_;
+    std::vector<std::thread> workers_;
+    std::shared_ptr<Job> job_;
+    std::uint64_t generation_ = 0;
+    bool stop_ = false;
+    std::atomic<int> threads_{1};
+    static thread_local bool in_pool_;
+};
+thread_local bool Pool::in_pool_ = false;
+
+// A forked child has none of the parent's helper threads (and their mutexes may be held):
+// it starts a new pool of the same size at its first parallel op.
+std::atomic<Pool *> g_pool{nullptr};
+std::atomic<int> g_pool_after_fork{0};
+
+void pool_after_fork() {
+    Pool *old = g_pool.load();
+    g_pool_after_fork.store(old ? old->threads() : 0);
+    g_pool.store(nullptr);  // the old one is leaked: its threads do not exist here
+}
+
+Pool &pool() {
+    static const bool registered = [] { return pthread_atfork(nullptr, nullptr, pool_after_fork) == 0; }();
+    (void) registered;
+    Pool *p = g_pool.load();
+    if (!p) {
+        static std::mutex make;
+        std::lock_guard<std::mutex> lock(make);
+        p = g_pool.load();
+        if (!p) {
+            p = new Pool();  // never destroyed: helpers must not be joined at exit
+            if (int n = g_pool_after_fork.exchange(0); n > 1) p->resize(n);
+            g_pool.store(p);
+        }
+    }
+    return *p;
+}
+
+// Work below this many multiply-adds runs on the calling thread: waking helpers costs more.
+std::atomic<std::int64_t> g_parallel_macs{1 << 21};
+
+// Per-thread scratch that only grows (im2col columns, padded images).
+float *scratch(std::size_t floats, int slot) {
+    thread_local std::vector<float> buffers[2];
+    std::vector<float> &b = buffers[slot];
+    if (b.size() < floats) b.resize(floats);
+    return b.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// BLAS: the SGEMM of the library NumPy loaded, found by name in the file threadpoolctl reports.
+
+using sgemm64_fn = void (*)(int, int, int, std::int64_t, std::int64_t, std::int64_t, float,
+                            const float *, std::int64_t, const float *, std::int64_t, float,
+                            float *, std::int64_t);
+using sgemm32_fn = void (*)(int, int, int, int, int, int, float, const float *, int,
+                            const float *, int, float, float *, int);
+using set_threads_fn = void (*)(int);
+using get_threads_fn = int (*)();
+
+struct Blas {
+    std::mutex mutex;
+    sgemm64_fn sgemm64 = nullptr;
+    sgemm32_fn sgemm32 = nullptr;
+    set_threads_fn set_threads = nullptr;
+    get_threads_fn get_threads = nullptr;
+    std::string name;
+    int holders = 0, saved = 1;  // offload products running; OpenBLAS's threads before them
+};
+Blas g_blas;
+
+constexpr int kRowMajor = 101, kNoTrans = 111;
+
+// Loads the SGEMM from ``path``; returns the symbol used, or "" when none fits.
+std::string blas_load(const std::string &path) {
+    if (path.find('\0') != std::string::npos)
+        throw nb::value_error("blas_load(): the path holds a NUL byte");
+    std::lock_guard<std::mutex> lock(g_blas.mutex);
+    if (!g_blas.name.empty()) return g_blas.name;
+    void *lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!lib) return "";
+    struct Names { const char *gemm, *set, *get; bool ilp64; };
+    const Names candidates[] = {
+        {"scipy_cblas_sgemm64_", "scipy_openblas_set_num_threads64_",
+         "scipy_openblas_get_num_threads64_", true},
+        {"scipy_cblas_sgemm", "scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads",
+         false},
+        {"cblas_sgemm64_", "openblas_set_num_threads64_", "openblas_get_num_threads64_", true},
+        {"cblas_sgemm", "openblas_set_num_threads", "openblas_get_num_threads", false},
+    };
+    for (const Names &c : candidates) {
+        void *g = dlsym(lib, c.gemm), *s = dlsym(lib, c.set), *t = dlsym(lib, c.get);
+        if (!g || !s || !t) continue;
+        if (c.ilp64) g_blas.sgemm64 = reinterpret_cast<sgemm64_fn>(g);
+        else g_blas.sgemm32 = reinterpret_cast<sgemm32_fn>(g);
+        g_blas.set_threads = reinterpret_cast<set_threads_fn>(s);
+        g_blas.get_threads = reinterpret_cast<get_threads_fn>(t);
+        g_blas.name = c.gemm;
+        return g_blas.name;  // the handle stays open: NumPy keeps the library loaded anyway
+    }
+    dlclose(lib);
+    return "";
+}
+
+bool blas_ready() {
+    std::lock_guard<std::mutex> lock(g_blas.mutex);
+    return !g_blas.name.empty();
+}
+
+// While alive, OpenBLAS runs every product on the calling thread (its threads stay asleep).
+struct BlasSingleThread {
+    BlasSingleThread() {
+        std::lock_guard<std::mutex> lock(g_blas.mutex);
+        if (g_blas.holders++ == 0) {
+            g_blas.saved = g_blas.get_threads();
+            if (g_blas.saved != 1) g_blas.set_threads(1);
+        }
+    }
+    ~BlasSingleThread() {
+        std::lock_guard<std::mutex> lock(g_blas.mutex);
+        if (--g_blas.holders == 0 && g_blas.saved != 1) g_blas.set_threads(g_blas.saved);
+    }
+};
+
+// C[m, n] (row stride ldc) = A[m, k] (lda) @ B[k, n] (ldb); row-major, no transposes.
+void sgemm(std::int64_t m, std::int64_t n, std::int64_t k, const float *a, std::int64_t lda,
+           const float *b, std::int64_t ldb, float *c, std::int64_t ldc) {
+    if (m <= 0 || n <= 0) return;
+    if (k == 0) {
+        for (std::int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+        return;
+    }
+    if (g_blas.sgemm64)
+        g_blas.sgemm64(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.f, a, lda, b, ldb, 0.f, c, ldc);
+    else
+        g_blas.sgemm32(kRowMajor, kNoTrans, kNoTrans, (int) m, (int) n, (int) k, 1.f, a,
+                       (int) lda, b, (int) ldb, 0.f, c, (int) ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue (codes of offload/drivers/cpu.py ACTIVATION_CODES).
+
+enum Activation : int { kIdentity = 0, kRelu, kLeakyRelu, kSigmoid, kTanh, kClip };
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define CONV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CONV_CLONES
+#endif
+
+struct Act {
+    int code;
+    float alpha, lo, hi;
+};
+
+// o[j] = act(o[j] + add + r[j]) for j < n (r may be null).
+CONV_CLONES
+void finish_row(float *o, std::int64_t n, float add, const float *r, Act a) {
+    if (r)
+        for (std::int64_t j = 0; j < n; ++j) o[j] += add + r[j];
+    else if (add != 0.f)
+        for (std::int64_t j = 0; j < n; ++j) o[j] += add;
+    switch (a.code) {
+    case kRelu:
+        for (std::int64_t j = 0; j < n; ++j) o[j] = o[j] > 0.f ? o[j] : (o[j] != o[j] ? o[j] : 0.f);
+        break;
+    case kLeakyRelu:
+        for (std::int64_t j = 0; j < n; ++j) o[j] = o[j] >= 0.f ? o[j] : o[j] * a.alpha;
+        break;
+    case kSigmoid:
+        for (std::int64_t j = 0; j < n; ++j) o[j] = 1.f / (1.f + std::exp(-o[j]));
+        break;
+    case kTanh:
+        for (std::int64_t j = 0; j < n; ++j) o[j] = std::tanh(o[j]);
+        break;
+    case kClip:
+        for (std::int64_t j = 0; j < n; ++j)
+            o[j] = o[j] != o[j] ? o[j] : std::min(std::max(o[j], a.lo), a.hi);
+        break;
+    default:
+        break;
+    }
+}
+
+// o[j] = act(t[j] + add + r[j]): a tile row copied out with the epilogue, in one pass.
+CONV_CLONES
+void store_row(float *o, const float *t, std::int64_t n, float add, const float *r, Act a) {
+    if (a.code == kRelu) {
+        if (r)
+            for (std::int64_t j = 0; j < n; ++j) {
+                const float v = t[j] + add + r[j];
+                o[j] = v > 0.f ? v : (v != v ? v : 0.f);
+            }
+        else
+            for (std::int64_t j = 0; j < n; ++j) {
+                const float v = t[j] + add;
+                o[j] = v > 0.f ? v : (v != v ? v : 0.f);
+            }
+        return;
+    }
+    if (r)
+        for (std::int64_t j = 0; j < n; ++j) o[j] = t[j] + add + r[j];
+    else
+        for (std::int64_t j = 0; j < n; ++j) o[j] = t[j] + add;
+    if (a.code != kIdentity) finish_row(o, n, 0.f, nullptr, a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks.
+
+void check(bool ok, const std::string &what) {
+    if (!ok) throw nb::value_error(what.c_str());
+}
+
+template <typename A> std::pair<std::uintptr_t, std::uintptr_t> span_of(const A &a) {
+    auto p = reinterpret_cast<std::uintptr_t>(a.data());
+    return {p, p + a.size() * sizeof(float)};
+}
+
+template <typename A, typename B>
+void check_apart(const char *fn, const char *what, const A &out, const B &in, bool same_ok = false) {
+    auto [o0, o1] = span_of(out);
+    auto [i0, i1] = span_of(in);
+    if (o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0) return;
+    if (same_ok && o0 == i0 && o1 == i1) return;
+    throw nb::value_error((std::string(fn) + ": out overlaps " + what +
+                           " (it would be read after being written); pass separate arrays").c_str());
+}
+
+template <typename A> std::string shape_of(const A &a) {
+    std::string s = "[";
+    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + "]";
+}
+
+Act make_act(const char *fn, int act, float alpha, float lo, float hi) {
+    check(act >= kIdentity && act <= kClip,
+          std::string(fn) + ": activation code must be 0..5, got " + std::to_string(act));
+    return Act{act, alpha, lo, hi};
+}
+
+// Elements in a product of non-negative sizes, or -1 past 2**62.
+std::int64_t product(std::initializer_list<std::int64_t> dims) {
+    std::int64_t p = 1;
+    for (std::int64_t d : dims) {
+        if (d < 0) return -1;
+        if (d && p > (std::int64_t(1) << 62) / d) return -1;
+        p *= d;
+    }
+    return p;
+}
+
+// The geometry of one convolution, checked against x, y and the weights.
+struct Geometry {
+    std::int64_t n, c, h, w, m, kh, kw, oh, ow, sh, sw, dh, dw, pt, pl, pb, pr;
+    std::int64_t hp() const { return h + pt + pb; }
+    std::int64_t wp() const { return w + pl + pr; }
+};
+
+Geometry geometry(const char *fn, const In &x, const Out &y, std::int64_t m, std::int64_t c_w,
+                  std::int64_t kh, std::int64_t kw, const std::vector<std::int64_t> &strides,
+                  const std::vector<std::int64_t> &pads, const std::vector<std::int64_t> &dil) {
+    const std::string f(fn);
+    check(x.ndim() == 4 && y.ndim() == 4, f + ": expected 4-D x and out (NCHW), got x " +
+                                              shape_of(x) + ", out " + shape_of(y));
+    check(strides.size() == 2 && dil.size() == 2 && pads.size() == 4,
+          f + ": expected 2 strides, 2 dilations and 4 pads (top, left, bottom, right)");
+    Geometry g{(std::int64_t) x.shape(0), (std::int64_t) x.shape(1), (std::int64_t) x.shape(2),
+               (std::int64_t) x.shape(3), m, kh, kw, (std::int64_t) y.shape(2),
+               (std::int64_t) y.shape(3), strides[0], strides[1], dil[0], dil[1], pads[0],
+               pads[1], pads[2], pads[3]};
+    check(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.sh <= (1 << 20) &&
+              g.sw <= (1 << 20) && g.dh <= (1 << 20) && g.dw <= (1 << 20),
+          f + ": strides and dilations must be 1 to 2**20");
+    check(g.pt >= 0 && g.pl >= 0 && g.pb >= 0 && g.pr >= 0 && g.pt <= (1 << 20) &&
+              g.pl <= (1 << 20) && g.pb <= (1 << 20) && g.pr <= (1 << 20),
+          f + ": pads must be 0 to 2**20");
+    check(kh >= 1 && kw >= 1, f + ": the kernel must be at least 1x1");
+    check(c_w == g.c, f + ": weights have " + std::to_string(c_w) + " input channels, x has " +
+                          std::to_string(g.c));
+    const std::int64_t span_h = g.dh * (kh - 1) + 1, span_w = g.dw * (kw - 1) + 1;
+    const std::int64_t want_oh = g.hp() >= span_h ? (g.hp() - span_h) / g.sh + 1 : 0;
+    const std::int64_t want_ow = g.wp() >= span_w ? (g.wp() - span_w) / g.sw + 1 : 0;
+    check((std::int64_t) y.shape(0) == g.n && (std::int64_t) y.shape(1) == m && g.oh == want_oh &&
+              g.ow == want_ow,
+          f + ": out must be [" + std::to_string(g.n) + ", " + std::to_string(m) + ", " +
+              std::to_string(want_oh) + ", " + std::to_string(want_ow) + "] for x " +
+              shape_of(x) + ", got " + shape_of(y));
+    check(product({g.n, g.c, g.hp(), g.wp()}) >= 0 && product({g.c, kh, kw, g.oh, g.ow}) >= 0 &&
+              product({g.n, m, g.c, kh, kw, g.oh, g.ow}) >= 0,
+          f + ": sizes too large");
+    return g;
+}
+
+void check_epilogue_args(const char *fn, const Out &y, std::int64_t m,
+                         const std::optional<In> &bias, const std::optional<In> &residual) {
+    check(!bias || (std::int64_t) bias->size() == m,
+          std::string(fn) + ": bias must have " + std::to_string(m) + " values, got " +
+              std::to_string(bias ? bias->size() : 0));
+    check(!residual || residual->size() == y.size(),
+          std::string(fn) + ": residual must have out's " + std::to_string(y.size()) +
+              " values, got " + std::to_string(residual ? residual->size() : 0));
+    if (bias) check_apart(fn, "bias", y, *bias);
+    if (residual) check_apart(fn, "residual", y, *residual, /*same_ok=*/true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct convolution (stride 1): on the padded image flattened to one row of Hp*Wp values,
+// out[q] = sum_{c,i,j} w[c,i,j] * xp[c][q + i*dh*Wp + j*dw]; the outputs at q = oh*Wp + ow with
+// ow < OW are the convolution, the others (the right border columns) are dropped.
+
+constexpr int kMB = 8;  // output channels per pass (weights packed [ceil(M/8), C, kh, kw, 8])
+
+template <int VW, int NV, int MB>
+__attribute__((always_inline)) inline void direct_tile(
+    const float *xp, std::int64_t plane, const float *wb, std::int64_t c, std::int64_t taps,
+    const std::int64_t *offs, std::int64_t q0, float *tile, std::int64_t ld) {
+    typedef float vec __attribute__((vector_size(VW * 4)));
+    typedef float uvec __attribute__((vector_size(VW * 4), aligned(4)));
+    vec acc[MB][NV];
+    for (int mm = 0; mm < MB; ++mm)
+        for (int v = 0; v < NV; ++v) acc[mm][v] = vec{};
+    for (std::int64_t ch = 0; ch < c; ++ch) {
+        const float *xc = xp + ch * plane + q0;
+        const float *wc = wb + ch * taps * kMB;
+        for (std::int64_t t = 0; t < taps; ++t) {
+            const float *src = xc + offs[t];
+            vec xv[NV];
+            for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const uvec *>(src + v * VW);
+            const float *wt = wc + t * kMB;
+            for (int mm = 0; mm < MB; ++mm) {
+                const float s = wt[mm];
+                for (int v = 0; v < NV; ++v) acc[mm][v] += xv[v] * s;
+            }
+        }
+    }
+    for (int mm = 0; mm < MB; ++mm)
+        for (int v = 0; v < NV; ++v)
+            *reinterpret_cast<uvec *>(tile + mm * ld + v * VW) = acc[mm][v];
+}
+
+struct DirectJob {
+    std::int64_t plane;     // Hp*Wp
+    const float *w;         // packed weights
+    const float *bias, *residual;
+    float *y;
+    Geometry g;
+    Act act;
+    std::vector<std::int64_t> offs;
+};
+
+// Output rows [r0, r1) of channel block mb of image n: tiles into a per-thread buffer of
+// kMB rows of positions, then each output row copied out with the epilogue.
+// MB output channels per pass (8 / MB passes per block): fewer channels and more positions
+// when the vector registers are few (AVX2: 4 x 3 vectors of 8 accumulate in 12 of 16).
+template <int VW, int NV, int MB>
+__attribute__((always_inline)) inline void direct_block(const DirectJob &j, const float *xn,
+                                                        std::int64_t n, std::int64_t mb,
+                                                        std::int64_t r0, std::int64_t r1) {
+    constexpr int TW = VW * NV;
+    const Geometry &g = j.g;
+    const std::int64_t taps = g.kh * g.kw, wp = g.wp(), ohw = g.oh * g.ow;
+    const std::int64_t qs = r0 * wp, qe = (r1 - 1) * wp + g.ow;
+    const std::int64_t ld = (qe - qs + TW - 1) / TW * TW;
+    float *buf = scratch((std::size_t) (kMB * ld), 1);
+    const float *wb = j.w + mb * g.c * taps * kMB;
+    for (std::int64_t q = qs; q < qe; q += TW)
+        for (int half = 0; half < kMB / MB; ++half)
+            direct_tile<VW, NV, MB>(xn, j.plane, wb + half * MB, g.c, taps, j.offs.data(), q,
+                                    buf + half * MB * ld + (q - qs), ld);
+    const std::int64_t m0 = mb * kMB, mcount = std::min<std::int64_t>(kMB, g.m - m0);
+    for (std::int64_t mm = 0; mm < mcount; ++mm) {
+        const std::int64_t m = m0 + mm;
+        const float add = j.bias ? j.bias[m] : 0.f;
+        for (std::int64_t row = r0; row < r1; ++row) {
+            const std::int64_t at = (n * g.m + m) * ohw + row * g.ow;
+            store_row(j.y + at, buf + mm * ld + (row * wp - qs), g.ow, add,
+                      j.residual ? j.residual + at : nullptr, j.act);
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2")))
+void direct_avx512(const DirectJob &j, const float *xn, std::int64_t n, std::int64_t mb,
+                   std::int64_t r0, std::int64_t r1) {
+    direct_block<16, 2, 8>(j, xn, n, mb, r0, r1);
+}
+
+__attribute__((target("avx2,fma")))
+void direct_avx2(const DirectJob &j, const float *xn, std::int64_t n, std::int64_t mb,
+                 std::int64_t r0, std::int64_t r1) {
+    direct_block<8, 3, 4>(j, xn, n, mb, r0, r1);
+}
+
+void direct_generic(const DirectJob &j, const float *xn, std::int64_t n, std::int64_t mb,
+                    std::int64_t r0, std::int64_t r1) {
+    direct_block<4, 2, 4>(j, xn, n, mb, r0, r1);
+}
+
+using direct_fn = void (*)(const DirectJob &, const float *, std::int64_t, std::int64_t,
+                           std::int64_t, std::int64_t);
+struct DirectKernel { direct_fn fn; int width; const char *name; };
+
+const DirectKernel &direct_kernel() {
+    static const DirectKernel k = [] {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+            __builtin_cpu_supports("fma"))
+            return DirectKernel{direct_avx512, 32, "avx512"};
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            return DirectKernel{direct_avx2, 24, "avx2"};
+        return DirectKernel{direct_generic, 8, "generic"};
+    }();
+    return k;
+}
+
+// xp[n, c] = the image with its zero border, for images [n0, n1).
+void pad_images(const float *x, float *xp, const Geometry &g, std::int64_t plane,
+                std::int64_t n0, std::int64_t n1) {
+    const std::int64_t wp = g.wp();
+    for (std::int64_t n = n0; n < n1; ++n)
+        for (std::int64_t ch = 0; ch < g.c; ++ch) {
+            float *dst = xp + (n * g.c + ch) * plane;
+            const float *src = x + (n * g.c + ch) * g.h * g.w;
+            std::fill(dst, dst + g.pt * wp, 0.f);
+            for (std::int64_t r = 0; r < g.h; ++r) {
+                float *d = dst + (g.pt + r) * wp;
+                std::fill(d, d + g.pl, 0.f);
+                std::memcpy(d + g.pl, src + r * g.w, (std::size_t) g.w * sizeof(float));
+                std::fill(d + g.pl + g.w, d + wp, 0.f);
+            }
+            std::fill(dst + (g.pt + g.h) * wp, dst + plane, 0.f);
+        }
+}
+
+void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residual, Out y,
+                 std::int64_t m, std::vector<std::int64_t> pads, std::vector<std::int64_t> dil,
+                 int act, float alpha, float lo, float hi) {
+    const char *fn = "conv_direct";
+    check(wpk.ndim() == 5 && wpk.shape(4) == (size_t) kMB,
+          std::string(fn) + ": packed weights must be [ceil(M/8), C, kh, kw, 8], got " +
+              shape_of(wpk));
+    check(m >= 1 && (std::int64_t) wpk.shape(0) == (m + kMB - 1) / kMB,
+          std::string(fn) + ": packed weights hold " + std::to_string(wpk.shape(0)) +
+              " blocks of 8 output channels, M = " + std::to_string(m) + " needs " +
+              std::to_string((m + kMB - 1) / kMB));
+    const Geometry g = geometry(fn, x, y, m, (std::int64_t) wpk.shape(1),
+                                (std::int64_t) wpk.shape(2), (std::int64_t) wpk.shape(3),
+                                {1, 1}, pads, dil);
+    check_epilogue_args(fn, y, m, bias, residual);
+    const Act a = make_act(fn, act, alpha, lo, hi);
+    check_apart(fn, "x", y, x);
+    check_apart(fn, "w", y, wpk);
+
+    const DirectKernel &k = direct_kernel();
+    DirectJob j;
+    j.g = g;
+    j.plane = g.hp() * g.wp();
+    j.w = wpk.data();
+    j.bias = bias ? bias->data() : nullptr;
+    j.residual = residual ? residual->data() : nullptr;
+    j.y = y.data();
+    j.act = a;
+    for (std::int64_t i = 0; i < g.kh; ++i)
+        for (std::int64_t t = 0; t < g.kw; ++t) j.offs.push_back(i * g.dh * g.wp() + t * g.dw);
+    if (g.n == 0 || g.oh == 0 || g.ow == 0) return;
+    // the last tile reads up to a tile width and the largest tap offset past the last plane
+    const std::int64_t slack = k.width + j.offs.back() + 16;
+    const std::int64_t blocks = (m + kMB - 1) / kMB;
+    const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
+    const bool parallel = macs >= g_parallel_macs;
+    const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
+    const std::int64_t rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
+    const std::int64_t chunks = (g.oh + rows - 1) / rows;
+    const std::int64_t image = g.c * j.plane;
+    const float *xd = x.data();
+    const int threads = pool().threads();
+    nb::gil_scoped_release release;
+    if (g.n >= 2 * threads || !parallel) {
+        // one image per task, padded into the task thread's scratch (stays in its cache)
+        pool().run(g.n, [&](std::int64_t n) {
+            float *xp = scratch((std::size_t) (image + slack), 0);
+            std::fill(xp + image, xp + image + slack, 0.f);
+            pad_images(xd + n * g.c * g.h * g.w, xp, g, j.plane, 0, 1);
+            for (std::int64_t mb = 0; mb < blocks; ++mb)
+                for (std::int64_t ch = 0; ch < chunks; ++ch)
+                    k.fn(j, xp, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
+        }, parallel);
+        return;
+    }
+    // few images: all padded first, then tasks of (image, channel block, rows of output)
+    float *xp = scratch((std::size_t) (g.n * image + slack), 0);
+    std::fill(xp + g.n * image, xp + g.n * image + slack, 0.f);
+    pool().run(g.n, [&](std::int64_t n) { pad_images(xd, xp, g, j.plane, n, n + 1); }, parallel);
+    pool().run(g.n * blocks * chunks, [&](std::int64_t i) {
+        const std::int64_t ch = i % chunks, mb = (i / chunks) % blocks, n = i / (chunks * blocks);
+        k.fn(j, xp + n * image, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
+    }, parallel);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution as im2col + SGEMM per image (groups 1).
+
+// cols[(c*kh + i)*kw + j, oh*OW + ow] = x[c, oh*sh + i*dh - pt, ow*sw + j*dw - pl] (0 outside)
+// for rows [r0, r1) of cols.
+void im2col(const float *x, float *cols, const Geometry &g, std::int64_t r0, std::int64_t r1) {
+    const std::int64_t taps = g.kh * g.kw, ohw = g.oh * g.ow;
+    for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t ch = r / taps, i = (r % taps) / g.kw, t = r % g.kw;
+        const float *xc = x + ch * g.h * g.w;
+        float *dst = cols + r * ohw;
+        for (std::int64_t oy = 0; oy < g.oh; ++oy) {
+            float *d = dst + oy * g.ow;
+            const std::int64_t iy = oy * g.sh + i * g.dh - g.pt;
+            if (iy < 0 || iy >= g.h) {
+                std::fill(d, d + g.ow, 0.f);
+                continue;
+            }
+            const float *src = xc + iy * g.w;
+            const std::int64_t off = t * g.dw - g.pl;  // ix = ox*sw + off
+            // valid ox: 0 <= ox*sw + off < W
+            std::int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
+            std::int64_t hi = g.w - off > 0 ? (g.w - off + g.sw - 1) / g.sw : 0;
+            lo = std::min(lo, g.ow);
+            hi = std::clamp(hi, lo, g.ow);
+            std::fill(d, d + lo, 0.f);
+            if (g.sw == 1)
+                std::memcpy(d + lo, src + lo + off, (std::size_t) (hi - lo) * sizeof(float));
+            else
+                for (std::int64_t ox = lo; ox < hi; ++ox) d[ox] = src[ox * g.sw + off];
+            std::fill(d + hi, d + g.ow, 0.f);
+        }
+    }
+}
+
+void conv_gemm(In x, In w2, std::optional<In> bias, std::optional<In> residual, Out y,
+               std::int64_t kh, std::int64_t kw, std::vector<std::int64_t> strides,
+               std::vector<std::int64_t> pads, std::vector<std::int64_t> dil, int act,
+               float alpha, float lo, float hi) {
+    const char *fn = "conv_gemm";
+    check(blas_ready(), "conv_gemm: no BLAS loaded (blas_load() found no SGEMM)");
+    check(w2.ndim() == 2, std::string(fn) + ": weights must be [M, C*kh*kw], got " + shape_of(w2));
+    check(kh >= 1 && kw >= 1 && kh <= (1 << 20) && kw <= (1 << 20),
+          std::string(fn) + ": kernel sizes must be 1 to 2**20");
+    const std::int64_t m = (std::int64_t) w2.shape(0), ckk = (std::int64_t) w2.shape(1);
+    check(x.ndim() == 4 && ckk == (std::int64_t) x.shape(1) * kh * kw,
+          std::string(fn) + ": weights [" + std::to_string(m) + ", " + std::to_string(ckk) +
+              "] do not fit x " + shape_of(x) + " with a " + std::to_string(kh) + "x" +
+              std::to_string(kw) + " kernel");
+    const Geometry g = geometry(fn, x, y, m, (std::int64_t) x.shape(1), kh, kw, strides, pads, dil);
+    check_epilogue_args(fn, y, m, bias, residual);
+    const Act a = make_act(fn, act, alpha, lo, hi);
+    check_apart(fn, "x", y, x);
+    check_apart(fn, "w", y, w2);
+    const std::int64_t ohw = g.oh * g.ow, chw = g.c * g.h * g.w;
+    if (g.n == 0 || ohw == 0 || m == 0) return;
+    const bool direct_cols = kh == 1 && kw == 1 && g.sh == 1 && g.sw == 1 && !g.pt && !g.pl &&
+                             !g.pb && !g.pr;
+    const float *xd = x.data(), *wd = w2.data(), *bd = bias ? bias->data() : nullptr;
+    const float *rd = residual ? residual->data() : nullptr;
+    float *yd = y.data();
+    const std::int64_t macs = g.n * m * ckk * ohw;
+    const bool parallel = macs >= g_parallel_macs;
+    const int threads = pool().threads();
+    nb::gil_scoped_release release;
+    BlasSingleThread single;
+    auto finish = [&](std::int64_t n, std::int64_t m0, std::int64_t m1) {
+        for (std::int64_t mm = m0; mm < m1; ++mm) {
+            const std::int64_t at = (n * m + mm) * ohw;
+            if (bd || rd || a.code != kIdentity)
+                finish_row(yd + at, ohw, bd ? bd[mm] : 0.f, rd ? rd + at : nullptr, a);
+        }
+    };
+    if (g.n >= threads || !parallel) {
+        // one image per task: its columns in the task thread's scratch
+        pool().run(g.n, [&](std::int64_t n) {
+            const float *cols = xd + n * chw;
+            if (!direct_cols) {
+                float *c = scratch((std::size_t) (ckk * ohw), 1);
+                im2col(xd + n * chw, c, g, 0, ckk);
+                cols = c;
+            }
+            sgemm(m, ohw, ckk, wd, ckk, cols, ohw, yd + n * m * ohw, ohw);
+            finish(n, 0, m);
+        }, parallel);
+        return;
+    }
+    // fewer images than threads: columns built in parallel, then the product split by rows
+    // (output channels) or, for few channels, by column blocks
+    float *cols_buf = direct_cols ? nullptr : scratch((std::size_t) (ckk * ohw), 1);
+    for (std::int64_t n = 0; n < g.n; ++n) {
+        const float *cols = xd + n * chw;
+        if (!direct_cols) {
+            const std::int64_t step = std::max<std::int64_t>(1, ckk / (4 * threads));
+            pool().run((ckk + step - 1) / step, [&](std::int64_t i) {
+                im2col(xd + n * chw, cols_buf, g, i * step, std::min(ckk, (i + 1) * step));
+            }, true);
+            cols = cols_buf;
+        }
+        float *yn = yd + n * m * ohw;
+        if (m >= 16 * threads) {
+            const std::int64_t parts = 2 * threads;
+            const std::int64_t rows = ((m + parts - 1) / parts + 7) / 8 * 8;
+            pool().run((m + rows - 1) / rows, [&](std::int64_t i) {
+                const std::int64_t m0 = i * rows, m1 = std::min(m, m0 + rows);
+                sgemm(m1 - m0, ohw, ckk, wd + m0 * ckk, ckk, cols, ohw, yn + m0 * ohw, ohw);
+                finish(n, m0, m1);
+            }, true);
+        } else {
+            const std::int64_t parts = 2 * threads;
+            const std::int64_t width = ((ohw + parts - 1) / parts + 15) / 16 * 16;
+            pool().run((ohw + width - 1) / width, [&](std::int64_t i) {
+                const std::int64_t p0 = i * width, p1 = std::min(ohw, p0 + width);
+                sgemm(m, p1 - p0, ckk, wd, ckk, cols + p0, ohw, yn + p0, ohw);
+            }, true);
+            finish(n, 0, m);
+        }
+    }
+}
+
+// y[r, n] = act(x[r, k] @ w[k, n] + bias[n] + residual[r, n]), rows split over the pool.
+void gemm_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
+                float alpha, float lo, float hi) {
+    const char *fn = "gemm_dense";
+    check(blas_ready(), "gemm_dense: no BLAS loaded (blas_load() found no SGEMM)");
+    check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2,
+          "gemm_dense: expected 2-D x, w and out, got x " + shape_of(x) + ", w " + shape_of(w) +
+              ", out " + shape_of(y));
+    const std::int64_t rows = x.shape(0), k = x.shape(1), n = w.shape(1);
+    check((std::int64_t) w.shape(0) == k && (std::int64_t) y.shape(0) == rows &&
+              (std::int64_t) y.shape(1) == n,
+          "gemm_dense: x " + shape_of(x) + " @ w " + shape_of(w) + " does not fit out " + shape_of(y));
+    check(!bias || (std::int64_t) bias->size() == n,
+          "gemm_dense: bias must have " + std::to_string(n) + " values");
+    check(!residual || residual->size() == y.size(), "gemm_dense: residual must be [rows, n]");
+    const Act a = make_act(fn, act, alpha, lo, hi);
+    check_apart(fn, "x", y, x);
+    check_apart(fn, "w", y, w);
+    if (bias) check_apart(fn, "bias", y, *bias);
+    if (residual) check_apart(fn, "residual", y, *residual, true);
+    if (rows == 0 || n == 0) return;
+    const float *xd = x.data(), *wd = w.data(), *bd = bias ? bias->data() : nullptr;
+    const float *rd = residual ? residual->data() : nullptr;
+    float *yd = y.data();
+    const bool parallel = rows * k * n >= g_parallel_macs;
+    const int threads = pool().threads();
+    const std::int64_t parts = parallel ? 4 * threads : 1;
+    const std::int64_t step = std::max<std::int64_t>(16, (rows + parts - 1) / parts);
+    nb::gil_scoped_release release;
+    BlasSingleThread single;
+    pool().run((rows + step - 1) / step, [&](std::int64_t i) {
+        const std::int64_t r0 = i * step, r1 = std::min(rows, r0 + step);
+        sgemm(r1 - r0, n, k, xd + r0 * k, k, wd, n, yd + r0 * n, n);
+        if (bd || rd || a.code != kIdentity)
+            for (std::int64_t r = r0; r < r1; ++r) {
+                float *o = yd + r * n;
+                if (bd) for (std::int64_t j = 0; j < n; ++j) o[j] += bd[j];
+                finish_row(o, n, 0.f, rd ? rd + r * n : nullptr, a);
+            }
+    }, parallel);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pooling without padding (every window inside the image): max or mean over kh x kw taps.
+
+CONV_CLONES
+void pool_plane(const float *x, float *y, std::int64_t h, std::int64_t w, std::int64_t oh,
+                std::int64_t ow, std::int64_t kh, std::int64_t kw, std::int64_t sh,
+                std::int64_t sw, std::int64_t dh, std::int64_t dw, bool is_max) {
+    const float scale = 1.f / (float) (kh * kw);
+    (void) h;
+    for (std::int64_t oy = 0; oy < oh; ++oy) {
+        float *o = y + oy * ow;
+        for (std::int64_t i = 0; i < kh; ++i) {
+            const float *src = x + (oy * sh + i * dh) * w;
+            for (std::int64_t t = 0; t < kw; ++t) {
+                const float *s0 = src + t * dw;
+                if (i == 0 && t == 0) {
+                    if (sw == 1) for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] = s0[ox];
+                    else if (sw == 2) for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] = s0[2 * ox];
+                    else for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] = s0[ox * sw];
+                } else if (is_max) {
+                    // NaN propagates as NumPy's maximum does
+                    for (std::int64_t ox = 0; ox < ow; ++ox) {
+                        const float v = s0[ox * sw];
+                        o[ox] = (v > o[ox] || v != v) ? v : o[ox];
+                    }
+                } else {
+                    for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] += s0[ox * sw];
+                }
+            }
+        }
+        if (!is_max)
+            for (std::int64_t ox = 0; ox < ow; ++ox) o[ox] *= scale;
+    }
+}
+
+void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
+            std::vector<std::int64_t> strides, std::vector<std::int64_t> dil) {
+    const char *fn = "pool2d";
+    check(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1 && kernel[0] <= (1 << 20) &&
+              kernel[1] <= (1 << 20),
+          "pool2d: kernel must be 2 sizes from 1 to 2**20");
+    const Geometry g = geometry(fn, x, y, (std::int64_t) x.shape(1), (std::int64_t) x.shape(1),
+                                kernel[0], kernel[1], strides, {0, 0, 0, 0}, dil);
+    check_apart(fn, "x", y, x);
+    const float *xd = x.data();
+    float *yd = y.data();
+    const std::int64_t planes = g.n * g.c, hw = g.h * g.w, ohw = g.oh * g.ow;
+    if (!planes || !ohw) return;
+    const bool parallel = planes * ohw * g.kh * g.kw >= g_parallel_macs.load();
+    const std::int64_t step = std::max<std::int64_t>(1, (1 << 15) / std::max<std::int64_t>(1, ohw * g.kh * g.kw));
+    nb::gil_scoped_release release;
+    pool().run((planes + step - 1) / step, [&](std::int64_t i) {
+        for (std::int64_t p = i * step; p < std::min(planes, (i + 1) * step); ++p)
+            pool_plane(xd + p * hw, yd + p * ohw, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw,
+                       g.dh, g.dw, is_max);
+    }, parallel);
+}
+
+}  // namespace
+
+void register_conv_kernels(nb::module_ &m) {
+    m.def("set_num_threads", [](int n) {
+              check(n >= 1 && n <= 4096, "set_num_threads: expected 1 to 4096 threads, got " +
+                                             std::to_string(n));
+              nb::gil_scoped_release release;
+              pool().resize(n);
+          }, nb::arg("n"), "Size the pool of the CPU device's kernels: n threads, the caller included.");
+    m.def("get_num_threads", [] { return pool().threads(); });
+    m.def("set_parallel_macs", [](std::int64_t macs) {
+              check(macs >= 0, "set_parallel_macs: expected >= 0");
+              g_parallel_macs = macs;
+          }, nb::arg("macs"), "Work below this many multiply-adds runs on the calling thread.");
+    m.def("get_parallel_macs", [] { return g_parallel_macs.load(); });
+    m.def("blas_load", &blas_load, nb::arg("path"),
+          "Use the SGEMM (and OpenBLAS thread control) of the already-loaded library at path; "
+          "returns the symbol used, or '' when none fits.");
+    m.def("blas_name", [] {
+              std::lock_guard<std::mutex> lock(g_blas.mutex);
+              return g_blas.name;
+          });
+    m.def("simd", [] { return std::string(direct_kernel().name); },
+          "The direct-convolution kernel this CPU runs: 'avx512', 'avx2' or 'generic'.");
+    m.def("conv_direct", &conv_direct, nb::arg("x"), nb::arg("w_packed"), nb::arg("bias").none(),
+          nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("m"), nb::arg("pads"),
+          nb::arg("dilations"), nb::arg("act"), nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"),
+          "Stride-1 convolution, groups 1: out = act(conv(x, w) + bias + residual); weights "
+          "packed [ceil(M/8), C, kh, kw, 8] (zeros past M).");
+    m.def("conv_gemm", &conv_gemm, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
+          nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("kh"), nb::arg("kw"),
+          nb::arg("strides"), nb::arg("pads"), nb::arg("dilations"), nb::arg("act"),
+          nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"),
+          "Convolution, groups 1, as im2col + SGEMM per image: w is [M, C*kh*kw].");
+    m.def("pool2d", &pool2d, nb::arg("x"), nb::arg("out").noconvert(), nb::arg("is_max"),
+          nb::arg("kernel"), nb::arg("strides"), nb::arg("dilations"),
+          "Max or average pooling without padding (every window inside x), NCHW float32.");
+    m.def("gemm_dense", &gemm_dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
+          nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"), nb::arg("alpha"),
+          nb::arg("lo"), nb::arg("hi"), "out = act(x @ w + bias + residual) on the pool.");
+}
