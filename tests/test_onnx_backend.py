@@ -53,8 +53,6 @@ REFUSALS = [
     (UnsupportedOpError, r"on input data; offload supports it only on constants and shapes",
      "Range/ConstantOfShape on run-time values (data-dependent output shapes)"),
     (UnsupportedOpError, r"exceeds the kernels' 6", "rank > 6 on the kernel devices"),
-    (UnsupportedOpError, r"run-time indices of dtype int32|of int\d+ data|of bool data",
-     "kernel devices: int32 run-time indices, Gather/TopK of integer data"),
     (ShapeError, r"PRelu node .* do not broadcast",
      "PRelu's per-channel slope of opsets before 7 (legacy broadcasting)"),
     (UnsupportedOpError, r"unsupported op\(s\)", "ops offload does not import (listed by name)"),

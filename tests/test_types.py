@@ -58,21 +58,99 @@ def test_gather_index_out_of_range_is_a_typed_error():
                [("x", T.FLOAT, [4, 2]), ("idx", T.INT64, [3])], [("y", T.FLOAT, [3, 2])])
     model = offload.load(m)
     x = np.zeros((4, 2), np.float32)
-    with pytest.raises(offload.ShapeError, match=r"Gather node 'pick': index 7 is outside "
+    with pytest.raises(offload.ShapeError, match=r"Gather node 'pick': index 7 at position "
+                                                 r"\(1,\) of the indices is outside "
                                                  r"\[-4, 3\] for axis 0"):
         model(x, np.array([0, 7, 1], np.int64))
     np.testing.assert_array_equal(model(x, np.array([0, -4, 3], np.int64)), np.zeros((3, 2)))
 
 
-def test_gather_index_out_of_range_on_kernel_devices_reads_nan(device):
-    """The kernel devices do not stop on a bad index (no host round trip per call): the value
-    read is NaN, never another element."""
-    if device.kind == "cpu":
-        pytest.skip("the cpu device raises ShapeError (test above)")
-    m = _model([h.make_node("Gather", ["x", "idx"], ["y"], axis=0)],
-               [("x", T.FLOAT, [4, 2]), ("idx", T.INT64, [2])], [("y", T.FLOAT, [2, 2])])
-    y = offload.load(m, device=device)(np.ones((4, 2), np.float32), np.array([1, 9], np.int64))
-    assert np.all(y[0] == 1) and np.all(np.isnan(y[1]))
+_BAD_INDEX = {  # op, indices (one outside), attrs, data shape, what the message names
+    "Gather": ([1, 9], {"axis": 0}, [4, 2], r"index 9 at position \(1,\) .* axis 0 \(size 4\)"),
+    "GatherElements": ([[0, 1], [-5, 0]], {"axis": 0}, [4, 2],
+                       r"index -5 at position \(1, 0\) .* axis 0 \(size 4\)"),
+    "GatherND": ([[1, 0], [0, 2]], {}, [4, 2], r"index 2 at position \(1, 1\) .* axis 1 "
+                 r"\(size 2\)"),
+    "ScatterND": ([[3], [4]], {}, [4, 2], r"index 4 at position \(1, 0\) .* axis 0 "
+                  r"\(size 4\)"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_BAD_INDEX))
+def test_index_out_of_range_is_a_typed_error_on_every_device(device, op):
+    """A run-time index outside its axis is a ShapeError naming node, index value, position
+    and axis size on every device (kernel devices: an error flag read after the run); the
+    next call with good indices runs normally."""
+    bad, attrs, shape, message = _BAD_INDEX[op]
+    bad = np.array(bad, np.int64)
+    ins = [("x", T.FLOAT, shape), ("idx", T.INT64, list(bad.shape))]
+    names = ["x", "idx"]
+    if op == "ScatterND":
+        ins.append(("u", T.FLOAT, [2, 2]))
+        names.append("u")
+    out_shape = {"Gather": [2, 2], "GatherElements": [2, 2], "GatherND": [2],
+                 "ScatterND": shape}[op]
+    m = _model([h.make_node(op, names, ["y"], name="pick", **attrs)], ins,
+               [("y", T.FLOAT, out_shape)])
+    model = offload.load(m, device=device)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32), "idx": bad}
+    if op == "ScatterND":
+        feeds["u"] = rng.standard_normal((2, 2)).astype(np.float32)
+    with pytest.raises(offload.ShapeError, match=rf"{op} node 'pick': " + message):
+        model(feeds)
+    good = dict(feeds, idx=np.where(bad > 3, 1, np.where(bad < -4, 0, bad)))
+    if op == "GatherND":
+        good["idx"] = np.minimum(good["idx"], [3, 1])
+    np.testing.assert_allclose(model(good), _ort(m, good)[0], rtol=1e-6)
+
+
+_TYPED_DATA = [(T.INT64, np.int64), (T.INT32, np.int32), (T.BOOL, np.bool_),
+               (T.FLOAT, np.float32)]
+
+
+@pytest.mark.parametrize("elem,dtype", _TYPED_DATA, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("index_elem,index_dtype", [(T.INT64, np.int64), (T.INT32, np.int32)],
+                         ids=["i64", "i32"])
+def test_index_ops_move_integer_and_bool_data(device, elem, dtype, index_elem, index_dtype):
+    """Gather, GatherElements, GatherND and ScatterND on int64/int32/bool/float data with
+    int64 or int32 run-time indices (GatherND/ScatterND: int64, as ONNX defines them) match
+    onnxruntime."""
+    nodes = [h.make_node("Gather", ["x", "i"], ["g"], axis=1),
+             h.make_node("GatherElements", ["x", "e"], ["ge"], axis=1),
+             h.make_node("GatherND", ["x", "n"], ["gn"]),
+             h.make_node("ScatterND", ["x", "n", "u"], ["s"])]
+    m = _model(nodes, [("x", elem, [3, 5]), ("i", index_elem, [4]), ("e", index_elem, [3, 2]),
+                       ("n", T.INT64, [2, 2]), ("u", elem, [2])],
+               [("g", elem, [3, 4]), ("ge", elem, [3, 2]), ("gn", elem, [2]),
+                ("s", elem, [3, 5])])
+    rng = np.random.default_rng(2)
+    x = rng.integers(-50, 50, (3, 5))
+    feeds = {"x": (x > 0) if dtype is np.bool_ else x.astype(dtype),
+             "i": np.array([4, -1, 0, 2], index_dtype),
+             "e": np.array([[0, 4], [-2, 1], [3, 3]], index_dtype),
+             "n": np.array([[2, 4], [-3, 0]], np.int64),
+             "u": np.array([1, 0], dtype)}
+    model = offload.load(m, device=device)
+    for got, want in zip(model(feeds), _ort(m, feeds)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("elem,dtype", [(T.INT64, np.int64), (T.INT32, np.int32)],
+                         ids=["int64", "int32"])
+def test_topk_of_integer_data(device, elem, dtype):
+    """TopK of int64/int32 values (beyond float32's exact integers, ties to the lower index)
+    matches onnxruntime: values and indices."""
+    k = h.make_tensor("k", T.INT64, [1], [3])
+    m = _model([h.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, largest=1)],
+               [("x", elem, [2, 6])], [("v", elem, [2, 3]), ("i", T.INT64, [2, 3])],
+               inits=[k])
+    big = 2 ** 40 + 1 if dtype is np.int64 else 2 ** 30 + 1
+    x = np.array([[5, big, big - 1, 5, -7, big], [0, 0, 1, -1, 3, 3]], dtype)
+    got = offload.load(m, device=device)(x)
+    for g, w in zip(got, _ort(m, {"x": x})):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_reshape_that_does_not_fit_names_node_and_sizes():

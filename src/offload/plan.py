@@ -40,6 +40,18 @@ class BuildContext:
         self._weights = weights  # shared by every plan of one model on one device
         self._scratch: dict[int, tuple] = {}  # slot -> (raw block, nbytes)
         self.reserve = None  # the plan's byte counter (Plan._reserve), checked before allocating
+        self.flags: IndexFlags | None = None  # error flags of index kernels (index_flag)
+
+    def index_flag(self, describe):
+        """(int32 flag buffer, slot) for a kernel that checks its indices: it writes a nonzero
+        position + 1 into its slot on a bad index; after the run, ``describe(position)`` gives
+        the message of the ShapeError raised (see IndexFlags)."""
+        if self.flags is None:
+            reserve = self.reserve() if self.reserve is not None else None
+            if reserve is not None:
+                reserve(IndexFlags.SLOTS * 4, "index error flags")
+            self.flags = IndexFlags(self.device)
+        return self.flags.add(describe)
 
     def weight(self, array: np.ndarray, tag: str = "", transform=None):
         """A device copy of a constant, transformed once (e.g. re-laid out), converted to the
@@ -67,6 +79,46 @@ class BuildContext:
             raw = self.device.alloc(nbytes)
             self._scratch[slot] = (raw, nbytes)
         return self.device.view(raw, tuple(shape), dtype)
+
+
+class IndexFlags:
+    """One int32 per index step in device memory, zero while every index was inside its axis;
+    read once after each run (one small copy, no per-element host reads)."""
+
+    SLOTS = 1024
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.zeros = np.zeros(self.SLOTS, np.int32)
+        self.buffer = device.upload(self.zeros)  # a synchronous copy, unlike copy_in on CUDA
+        self.describe: list = []
+
+    def add(self, describe):
+        slot = min(len(self.describe), self.SLOTS - 1)  # past the last slot: they share it
+        self.describe.append(describe)
+        return self.buffer, slot
+
+    def reset(self) -> None:
+        """Clear the flags (after a driver's warm-up run of the steps on unset inputs, as
+        CUDA's graph capture does)."""
+        self.device.copy_in(self.buffer, self.zeros)
+        self.device.synchronize()
+
+    def check(self) -> None:
+        """ShapeError for the first flagged step (flags cleared first), else nothing."""
+        n = min(len(self.describe), self.SLOTS)
+        host = np.empty(self.SLOTS, np.int32)
+        self.device.copy_out(host, self.buffer)
+        bad = np.flatnonzero(host[:n])
+        if not bad.size:
+            return
+        self.reset()
+        slot = int(bad[0])
+        if slot == self.SLOTS - 1 and len(self.describe) > self.SLOTS:
+            raise ShapeError(f"an index op of this plan (one of its last "
+                             f"{len(self.describe) - slot} index steps) met an index outside "
+                             "its axis")
+        raise ShapeError(self.describe[slot](int(host[slot]) - 1))
 
 
 @dataclass
@@ -388,6 +440,8 @@ class Plan:
             else:
                 raise ShapeError(f"graph output {o!r} is never computed")
         self._run_steps = tuple(device.finalize([s.run for s in self.steps]))
+        if ctx.flags is not None:
+            ctx.flags.reset()
         self._output_shapes = tuple(tuple(shape) for _, _, shape in self.outputs)
         # the dtype each output is returned in: float32 for float tensors, else its own
         logical = [self._logical.get(o, np.asarray(values.get(o, 0.0)).dtype)
@@ -438,12 +492,16 @@ class Plan:
             for run in runs:
                 run()
             device.synchronize()
+            if self._ctx.flags is not None:
+                self._ctx.flags.check()
         else:
             for step in self.steps:
                 s = time.perf_counter()
                 step.run()
                 device.synchronize()
                 profile.append((step.node.name, step.node.op, time.perf_counter() - s))
+            if self._ctx.flags is not None:
+                self._ctx.flags.check()
         t2 = time.perf_counter()
         results, copied_out = [], 0
         if isinstance(outs, str):  # "device"
@@ -507,6 +565,8 @@ class Plan:
         for run in self._run_steps:
             run()
         device.synchronize()
+        if self._ctx.flags is not None:
+            self._ctx.flags.check()
         t2 = time.perf_counter()
         results = []
         for view, (_, const, shape) in zip(outs, self.outputs):
@@ -554,6 +614,7 @@ class Plan:
         device, perf_counter = self.device, time.perf_counter
         synchronize = None if type(device).synchronize is Device.synchronize else \
             device.synchronize  # nothing to wait for on a device that computes synchronously
+        flags = self._ctx.flags
 
         def run(stats, request_since):
             t0 = request_since  # the caller has just read the clock
@@ -565,6 +626,8 @@ class Plan:
                 step()
             if synchronize is not None:
                 synchronize()
+            if flags is not None:
+                flags.check()
             t2 = perf_counter()
             for dst, buf, const in copy_out:
                 if buf is None:
@@ -636,6 +699,8 @@ class Plan:
             subs = {roots[k]: x.reshape(-1).view(np.uint8)
                     for k, (a, x) in enumerate(zip(key, arrays_outs)) if a}
             runs = self._bindings[key] = tuple(self.device.finalize(self._steps_with(subs)))
+            if self._ctx.flags is not None:
+                self._ctx.flags.reset()
             if len(self._bindings) > IN_PLACE_BINDINGS:
                 self._bindings.popitem(last=False)
         self._last_bound = (tuple(arrays), None if outs is None else tuple(outs), runs, key)

@@ -451,10 +451,17 @@ def build_matmul(ctx, attrs, ins, out):
 def _check_indices(attrs, idx, size, axis, op):
     lo, hi = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
     if lo < -size or hi >= size:
-        from ..errors import ShapeError
-        bad = lo if lo < -size else hi
-        raise ShapeError(f"{op} node {attrs.get('node', '')!r}: index {bad} is outside "
-                         f"[-{size}, {size - 1}] for axis {axis} (size {size}) of its data")
+        _raise_index(attrs, idx, np.int64(size), lambda p: axis, op)
+
+
+def _raise_index(attrs, idx, sizes, axis_of, op):
+    from .. import checks
+    from ..errors import ShapeError
+    p = checks.first_bad_index(idx, sizes)
+    if p is not None:
+        raise ShapeError(checks.index_message(
+            op, attrs.get("node", ""), int(idx.reshape(-1)[p]), np.unravel_index(p, idx.shape),
+            axis_of(p), int(np.broadcast_to(sizes, idx.shape).reshape(-1)[p])))
 
 
 def build_gather(ctx, attrs, ins, out):
@@ -489,9 +496,7 @@ def build_gather_nd(ctx, attrs, ins, out):
 
     def run():
         if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
-            from ..errors import ShapeError
-            raise ShapeError(f"GatherND node {attrs.get('node', '')!r}: an index is outside "
-                             f"data {list(x.shape)} (first {q} axes)")
+            _raise_index(attrs, idx, sizes, lambda p: p % q, "GatherND")
         lin = (np.where(idx < 0, idx + sizes, idx) @ weights).reshape(-1)
         np.take(flat, lin, axis=0, out=out2)
     return run
@@ -524,9 +529,7 @@ def build_scatter_nd(ctx, attrs, ins, out):
 
     def run():
         if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
-            from ..errors import ShapeError
-            raise ShapeError(f"ScatterND node {attrs.get('node', '')!r}: an index is outside "
-                             f"data {list(x.shape)} (first {q} axes)")
+            _raise_index(attrs, idx, sizes, lambda p: p % q, "ScatterND")
         np.copyto(out, x)
         out[tuple(np.moveaxis(np.where(idx < 0, idx + sizes, idx), -1, 0))] = u
     return run
