@@ -251,3 +251,85 @@ def test_layernorm_written_out_is_fused(device, tmp_path):
     x = (np.random.default_rng(6).standard_normal((3, 5, 6)) * 3).astype(np.float32)
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(model(x), want[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ host steps (plan.HostSplit)
+
+def _branches(shape):
+    two = h.make_tensor("two", T.FLOAT, [], [2.0])
+    then = h.make_graph([h.make_node("Mul", ["x", "two"], ["ty"])], "then", [],
+                        [h.make_tensor_value_info("ty", T.FLOAT, shape)], [two])
+    other = h.make_graph([h.make_node("Neg", ["x"], ["ey"])], "else", [],
+                         [h.make_tensor_value_info("ey", T.FLOAT, shape)])
+    return {"then_branch": then, "else_branch": other}
+
+
+def _host_cases():
+    zero_f = h.make_tensor("z", T.FLOAT, [], [0.0])
+    yield "nonzero", _model(
+        [h.make_node("Greater", ["x", "z"], ["b"]), h.make_node("NonZero", ["b"], ["nz"]),
+         h.make_node("Transpose", ["nz"], ["t"]), h.make_node("GatherND", ["x", "t"], ["y"]),
+         h.make_node("Relu", ["y"], ["r"])],
+        [("x", T.FLOAT, [3, 4])], [("r", T.FLOAT, ["a"]), ("nz", T.INT64, [2, "a"])],
+        inits=[zero_f]), [{}]
+    yield "topk_k_input", _model(
+        [h.make_node("TopK", ["x", "k"], ["v", "i"], axis=1)],
+        [("x", T.FLOAT, [3, 4]), ("k", T.INT64, [1])],
+        [("v", T.FLOAT, [3, "k"]), ("i", T.INT64, [3, "k"])]), [
+        {"k": np.array([2], np.int64)}, {"k": np.array([3], np.int64)}]
+    yield "reshape_shape_input", _model(
+        [h.make_node("Reshape", ["x", "s"], ["y"]), h.make_node("Exp", ["y"], ["e"])],
+        [("x", T.FLOAT, [3, 4]), ("s", T.INT64, [2])], [("e", T.FLOAT, ["a", "b"])]), [
+        {"s": np.array([2, 6], np.int64)}, {"s": np.array([-1, 3], np.int64)}]
+    yield "range_of_data", _model(
+        [h.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+         h.make_node("Cast", ["mx"], ["c"], to=T.INT64),
+         h.make_node("Range", ["zero", "c", "one"], ["r"])],
+        [("x", T.FLOAT, [3, 4])], [("r", T.INT64, ["a"])],
+        inits=[h.make_tensor("zero", T.INT64, [], [0]), h.make_tensor("one", T.INT64, [], [1])]
+    ), [{}]
+    yield "if_on_data", _model(
+        [h.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         h.make_node("Greater", ["s", "z"], ["c"]),
+         h.make_node("If", ["c"], ["y"], **_branches([3, 4])),
+         h.make_node("Relu", ["y"], ["r"])],
+        [("x", T.FLOAT, [3, 4])], [("r", T.FLOAT, [3, 4])], inits=[zero_f]), [
+        {"sign": 1.0}, {"sign": -1.0}]
+    yield "if_on_shape", _model(
+        [h.make_node("Shape", ["x"], ["sh"]), h.make_node("Gather", ["sh", "zi"], ["n"]),
+         h.make_node("Equal", ["n", "three"], ["c"]),
+         h.make_node("If", ["c"], ["y"], **_branches(["N", 4]))],
+        [("x", T.FLOAT, ["N", 4])], [("y", T.FLOAT, ["N", 4])],
+        inits=[h.make_tensor("zi", T.INT64, [], [0]), h.make_tensor("three", T.INT64, [], [3])]
+    ), [{"rows": 3}, {"rows": 2}]
+    yield "if_constant", _model(
+        [h.make_node("If", ["c"], ["y"], **_branches([3, 4]))],
+        [("x", T.FLOAT, [3, 4])], [("y", T.FLOAT, [3, 4])],
+        inits=[h.make_tensor("c", T.BOOL, [], [False])]), [{}]
+
+
+@pytest.mark.parametrize("case", list(_host_cases()), ids=lambda c: c[0])
+def test_host_steps_match_onnxruntime(device, case):
+    """Nodes whose output shape or parameters follow from run-time values (NonZero; k, shape,
+    Range limits from the data; If on a run-time, shape-derived or constant condition) run:
+    the plan stops there, the host reads the values, the rest continues."""
+    _, m, calls = case
+    model = offload.load(m, device=device)
+    rng = np.random.default_rng(3)
+    for extra in calls:
+        x = rng.standard_normal((extra.get("rows", 3), 4)).astype(np.float32)
+        if "sign" in extra:
+            x = extra["sign"] * np.abs(x)
+        feeds = {"x": x * 3, **{k: v for k, v in extra.items() if isinstance(v, np.ndarray)}}
+        got = model(feeds)
+        got = got if isinstance(got, (list, tuple)) else [got]
+        for g, w in zip(got, _ort(m, feeds)):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_host_step_model_refuses_out_arrays_with_a_reason():
+    _, m, _ = next(c for c in _host_cases() if c[0] == "nonzero")
+    model = offload.load(m)
+    with pytest.raises(offload.ShapeError, match=r"NonZero node .* is a host step"):
+        model(np.ones((3, 4), np.float32), out=[np.empty(12, np.float32)] * 2)

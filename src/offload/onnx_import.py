@@ -368,6 +368,63 @@ def _log_softmax(n, a, ctx):
     return nodes + [G.Node("elementwise", [soft], [n.output[0]], {"fn": "log"})]
 
 
+def _nonzero(n, a, ctx):
+    return [G.Node("nonzero", [n.input[0]], [n.output[0]])]
+
+
+def _branch(g: onnx.GraphProto, ctx, label: str) -> tuple[list, list]:
+    """An If branch as (IR nodes, output names); its initializers and Constants join the
+    model's constants (ONNX names are unique across subgraphs)."""
+    for t in g.initializer:
+        ctx.constants[t.name] = _initializer(t, label)
+    nodes, unsupported = [], []
+    for i, n in enumerate(g.node):
+        name = n.name or f"{g.name or 'branch'}/{n.op_type}_{i}"
+        a = _attrs(n, label, name)
+        if n.op_type == "Constant":
+            value = next((a[k] for k in ("value", "value_float", "value_floats", "value_int",
+                                         "value_ints") if k in a), None)
+            if value is None:
+                unsupported.append(("Constant", name, "a Constant without a numeric value"))
+                continue
+            if not isinstance(value, np.ndarray):
+                dtype = np.float32 if "value_float" in a or "value_floats" in a else np.int64
+                value = np.array(value, dtype)
+            ctx.constants[n.output[0]] = value
+            continue
+        convert = CONVERTERS.get(n.op_type)
+        if convert is None or n.domain not in ("", "ai.onnx"):
+            unsupported.append((n.op_type, name, "inside an If branch"))
+            continue
+        checks.onnx_attributes(n, ctx.opset, label, name)
+        try:
+            converted = convert(n, a, ctx)
+        except _Unsupported as e:
+            unsupported.append((n.op_type, name, str(e)))
+            continue
+        for c in converted:
+            c.name, c.source_op = c.name or name, c.source_op or n.op_type
+        nodes.extend(converted)
+    if unsupported:
+        raise_unsupported(label, unsupported)
+    return nodes, [o.name for o in g.output]
+
+
+def _if(n, a, ctx):
+    """If: the chosen branch inline when the condition is a constant; else an ``if`` node that
+    the plan resolves when the condition follows from shapes, or runs as a host step."""
+    label = "If branch"
+    then, other = _branch(a["then_branch"], ctx, label), _branch(a["else_branch"], ctx, label)
+    if len(then[1]) != len(n.output) or len(other[1]) != len(n.output):
+        raise _Unsupported(f"branches with {len(then[1])} and {len(other[1])} outputs for "
+                           f"{len(n.output)} If outputs")
+    node = G.Node("if", [n.input[0]] + G.branch_reads([then, other]), list(n.output),
+                  {"then": then, "else": other})
+    if n.input[0] in ctx.constants:
+        return G.inline_branch(node, ctx.constants[n.input[0]])
+    return [node]
+
+
 def _simple(op, *names, **defaults):
     def convert(n, a, ctx):
         attrs = dict(defaults)
@@ -416,6 +473,7 @@ CONVERTERS = {
     "GatherND": _gather_nd, "CumSum": _cumsum, "ScatterND": _scatter_nd, "Trilu": _trilu, "TopK": _topk,
     "ArgMax": _argmax(1), "ArgMin": _argmax(0),
     "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
+    "NonZero": _nonzero, "If": _if,
 }
 
 
@@ -547,8 +605,8 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise ModelFormatError(f"{label}: {n.op_type} node {name!r}: malformed attributes "
                                    f"or inputs ({type(e).__name__}: {e})") from None
-        for c in converted:
-            c.name, c.source_op = name, n.op_type
+        for c in converted:  # (nodes of an inlined If branch keep their own)
+            c.name, c.source_op = c.name or name, c.source_op or n.op_type
         nodes.extend(converted)
     if unsupported:
         raise_unsupported(label, unsupported)

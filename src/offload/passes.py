@@ -20,8 +20,8 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
     limit = checks.memory_limit(memory_limit)
     # validated twice: with the constants of the file, then with those folding computed
     for rewrite in (validate, remove_identities, fold_constants, validate, fuse_layernorm,
-                    lower, fold_batchnorm, fuse_bias, fuse_residual, fuse_activation, eliminate_dead_nodes,
-                    check_host_ops, contiguous_constants):
+                    lower_branches, lower, fold_batchnorm, fuse_bias, fuse_residual,
+                    fuse_activation, eliminate_dead_nodes, contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes, limit=limit)
     graph.names = None  # _new_constant's counters; not needed after load
     return graph
@@ -52,9 +52,11 @@ def remove_identities(graph, **_):
     """Drop identity/dropout nodes by pointing their consumers at their input."""
     keep = []
     rename: dict[str, str] = {}
+    read_in_branches = {i for n in graph.nodes if n.op == "if" for i in n.inputs}
     for node in graph.nodes:
         node.inputs = [rename.get(i, i) for i in node.inputs]
-        if node.op == "identity" and node.outputs[0] not in graph.outputs:
+        if node.op == "identity" and node.outputs[0] not in graph.outputs and \
+                node.outputs[0] not in read_in_branches:
             rename[node.outputs[0]] = node.inputs[0]
             continue
         keep.append(node)
@@ -461,22 +463,19 @@ def eliminate_dead_nodes(graph, **_):
     return graph
 
 
-def check_host_ops(graph, label, **_):
-    """Host ops (gather, slice, cast to int…) must not depend on input values, only on shapes."""
-    data = {t.name for t in graph.inputs}
-    problems, failed = [], set()
+def lower_branches(graph, label, limit, **kw):
+    """The branches of each ``if`` node folded and lowered as the graph is (no fusions); the
+    node's inputs then list what the lowered branches read (new weight names included)."""
     for node in graph.nodes:
-        if node.op == "shape" or not any(i in data for i in node.inputs):
+        if node.op != "if":
             continue
-        data.update(node.outputs)
-        if any(i in failed for i in node.inputs):
-            failed.update(node.outputs)
-        elif node.op in G.HOST_OPS:
-            problems.append((node.source_op or node.op, node.name, "runs on input data; offload "
-                             "supports it only on constants and shapes"))
-            failed.update(node.outputs)
-    if problems:
-        G.raise_unsupported(label, problems)
+        for key in ("then", "else"):
+            nodes, outputs = node.attrs[key]
+            sub = G.Graph(list(nodes), [], list(outputs), graph.constants, graph.name)
+            for rewrite in (lower_branches, fold_constants, lower):
+                sub = rewrite(sub, label=label, limit=limit, **kw)
+            node.attrs[key] = (sub.nodes, list(outputs))
+        node.inputs = [node.inputs[0]] + G.branch_reads([node.attrs["then"], node.attrs["else"]])
     return graph
 
 

@@ -249,25 +249,38 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     dtypes: dict[str, np.dtype] = {t.name: np.dtype(t.dtype) for t in graph.inputs}
     entries = []
     unsupported, failed = [], set()
-    for node in graph.nodes:
+    pending, done = list(reversed(graph.nodes)), []  # a stack: an If's branch goes on top
+    while pending:
+        node = pending.pop()
+        done.append(node)
         if any(i in failed for i in node.inputs):
             failed.update(node.outputs)  # downstream of an op already reported
             continue
+        if node.op == "if" and node.inputs[0] in values:  # the condition is known: the branch
+            done.pop()
+            pending.extend(reversed(G.inline_branch(node, values[node.inputs[0]])))
+            continue
         if all(not i or i in values for i in node.inputs):
-            outs = checks.evaluate(node, [values.get(i) if i else None for i in node.inputs],
-                                   limit)
+            ins = [values.get(i) if i else None for i in node.inputs]
+            outs = host_evaluate(node, ins) if node.op in G.HOST_STEP_OPS else \
+                checks.evaluate(node, ins, limit)
             values.update(zip(node.outputs, (np.asarray(v) for v in outs)))
             continue
         if node.op == "shape":
             dims = np.array(shapes[node.inputs[0]], np.int64)
             values[node.outputs[0]] = dims[node.attrs.get("start", 0):node.attrs.get("end")]
             continue
-        G.check_params_known(node, values.__contains__)
+        unknown = [i for i in G.PARAM_INPUTS.get(node.op, ()) if i < len(node.inputs)
+                   and node.inputs[i] and node.inputs[i] not in values]
+        if node.op in G.HOST_STEP_OPS or node.op in G.HOST_OPS or unknown:
+            # values from the data decide shapes here: the plan stops, the host reads them
+            needs = [node.inputs[i] for i in unknown] if unknown and node.op not in \
+                G.HOST_STEP_OPS else [i for i in node.inputs if i and i not in values]
+            if node.op == "if":
+                needs = [node.inputs[0]]
+            raise HostSplit(node, done[:-1], [node] + pending[::-1], needs,
+                            "evaluate" if node.op == "nonzero" else "values")
         node = _plan_node(node, shapes, values, dtypes)
-        if node.op in G.HOST_OPS:
-            unsupported.append((node.op, node.name))
-            failed.update(node.outputs)
-            continue
         in_shapes = [shapes.get(i) if i in shapes else
                      (values[i].shape if i in values else None) for i in node.inputs]
         with checks.guard(node, "resolving its shape"):
@@ -296,13 +309,124 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     return Resolved(entries, shapes, values, dtypes)
 
 
+class HostSplit(ShapeError):
+    """Raised by ``resolve`` at the first node whose shapes or parameters depend on run-time
+    values (NonZero; axes/shapes/k/pads/repeats from the data; Range/ConstantOfShape of data;
+    If on a run-time condition): ``head`` are the nodes before it, ``rest`` it and those after,
+    ``needs`` the tensors whose values the host reads, ``kind`` "values" (they become
+    constants of the rest) or "evaluate" (the host runs ``node`` in NumPy). A Plan turns this
+    into a host step (StagedRun); to other callers it is a ShapeError naming the node."""
+
+    def __init__(self, node, head, rest, needs, kind):
+        super().__init__(f"{node.source_op or node.op} node {node.name!r}: its output shape "
+                         f"or parameters depend on the values of {needs} (a host step at run "
+                         "time)")
+        self.node, self.head, self.rest, self.needs, self.kind = node, head, rest, needs, kind
+
+
+def host_evaluate(node: G.Node, inputs: list) -> list:
+    """A host-step op in NumPy (the node's inputs are values)."""
+    if node.op == "nonzero":
+        x = np.asarray(inputs[0])
+        return [np.array(np.nonzero(x) if x.ndim else np.nonzero(x.reshape(1)), np.int64)]
+    raise UnsupportedOpError(f"no host evaluation for {node.op!r} (node {node.name!r})",
+                             [(node.op, node.name)])
+
+
+class StagedRun:
+    """A plan that stops at a host step: the ``head`` plan computes what the step needs, the
+    host reads those tensors (one copy each), runs the step in NumPy or takes the values as
+    constants, and the plan of the rest (compiled per set of shapes and read values, kept in a
+    small LRU) continues; the rest may stop again at a later host step."""
+
+    TAILS = 16
+
+    def __init__(self, graph, device, input_shapes, weights, precision, memory_limit,
+                 split: HostSplit):
+        self.graph, self.device, self.weights = graph, device, weights
+        self.precision, self.memory_limit, self.split = precision, memory_limit, split
+        produced = {o for n in split.head for o in n.outputs}
+        wanted = set(graph.outputs) | set(split.needs)
+        for n in split.rest:
+            wanted.update(i for i in n.inputs if i)
+        head_outs = [o for n in split.head for o in n.outputs if o in wanted and o]
+        self.head_outputs = list(dict.fromkeys(head_outs))
+        self.head = None
+        if self.head_outputs:
+            head_graph = G.Graph(split.head, graph.inputs, self.head_outputs, graph.constants,
+                                 graph.name)
+            self.head = Plan(head_graph, device, input_shapes, weights, precision,
+                             memory_limit)
+        self.input_names = [t.name for t in graph.inputs]
+        self.host_outputs = split.node.outputs if split.kind == "evaluate" else []
+        rest = split.rest[1:] if split.kind == "evaluate" else split.rest
+        self.rest_nodes = rest
+        used = set(graph.outputs)
+        for n in rest:
+            used.update(i for i in n.inputs if i)
+        self.rest_inputs = [t for t in graph.inputs if t.name in used]
+        self._tails: OrderedDict = OrderedDict()
+        del produced
+
+    def run(self, arrays, outs=None, stats=None, profile=None, request_since=None):
+        env = dict(zip(self.input_names, arrays))
+        consts = {}
+        if self.head is not None:
+            results = self.head.run(list(arrays), None, None, profile)
+            for name, value, (buf, _, _) in zip(self.head_outputs, results, self.head.outputs):
+                (consts if buf is None else env)[name] = value
+        split = self.split
+        read = {n: np.asarray(env[n]) if n in env else consts[n] for n in split.needs}
+        if split.kind == "evaluate":
+            if profile is not None:
+                t = time.perf_counter()
+            node = split.node
+            outs_host = host_evaluate(node, [read.get(i) if i in read else consts.get(i)
+                                             for i in node.inputs])
+            env.update(zip(node.outputs, outs_host))
+            if profile is not None:
+                profile.append((node.name, "host", time.perf_counter() - t))
+        else:
+            consts.update(read)
+        names = [t.name for t in self.rest_inputs]
+        dyn = [n for n in list(dict.fromkeys(self.head_outputs + self.host_outputs))
+               if n in env and n not in consts and n not in names and self._used(n)]
+        names += dyn
+        arrays_in = [env[n] for n in names]
+        key = (tuple(np.shape(a) for a in arrays_in),
+               tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in sorted(consts.items())))
+        tail = self._tails.get(key)
+        if tail is None:
+            infos = {t.name: t for t in self.rest_inputs}
+            inputs = [infos.get(n) or G.TensorInfo(n, tuple(np.shape(env[n])),
+                                                  np.asarray(env[n]).dtype) for n in names]
+            constants = dict(self.graph.constants)
+            constants.update(consts)
+            tail_graph = G.Graph(self.rest_nodes, inputs, self.graph.outputs, constants,
+                                 self.graph.name)
+            tail = Plan(tail_graph, self.device, tuple(np.shape(a) for a in arrays_in),
+                        self.weights, self.precision, self.memory_limit)
+            self._tails[key] = tail
+            if len(self._tails) > self.TAILS:
+                self._tails.popitem(last=False)
+        else:
+            self._tails.move_to_end(key)
+        return tail.run(arrays_in, outs, stats, profile, request_since, allow_in_place=False)
+
+    def _used(self, name):
+        return name in self.graph.outputs or any(name in n.inputs for n in self.rest_nodes)
+
+
 def batch_mixing_node(graph: G.Graph, sample_shapes: tuple) -> str | None:
     """The first node that mixes samples across the batch axis (axis 0 of every input), or None
     when every op treats each sample on its own, so that requests may be merged into one batch.
 
     Checked at an odd batch size no other axis is likely to have."""
     probe = 7919
-    resolved = resolve(graph, tuple((probe,) + tuple(s) for s in sample_shapes))
+    try:
+        resolved = resolve(graph, tuple((probe,) + tuple(s) for s in sample_shapes))
+    except HostSplit as split:  # a host step: not merged (its shapes come from the values)
+        return f"{split.node.source_op or split.node.op} node {split.node.name!r} (a host step)"
     for node, attrs, operands, out_shape in resolved.entries:
         op = node.op
         in_shape = resolved.shapes[operands[0]]
@@ -332,10 +456,18 @@ class Plan:
         self.reserved = 0  # bytes of activation, input and scratch blocks this plan allocated
         ctx = BuildContext(device, weights, precision)
         ctx.reserve = weakref.WeakMethod(self._reserve)  # no cycle: an evicted plan goes at once
+        self._staged = None
         try:
             r = resolve(graph, input_shapes, device.ops, self.memory_limit)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
+        except HostSplit as split:
+            self._staged = StagedRun(graph, device, input_shapes, weights, precision,
+                                     memory_limit, split)
+            self._ctx, self.steps, self.outputs = ctx, [], []
+            self._output_shapes = None
+            self._bindings = None
+            return
         lacking = sorted({np.dtype(d).name for d in r.dtypes.values()}
                          - set(device.capabilities.dtypes) - {"float32"})
         if lacking:
@@ -457,6 +589,11 @@ class Plan:
 
     @property
     def output_shapes(self) -> tuple:
+        if self._staged is not None:
+            node = self._staged.split.node
+            raise ShapeError(f"the output shapes of this model follow from values at run time "
+                             f"({node.source_op or node.op} node {node.name!r} is a host "
+                             "step): call it without out= and bind()")
         return self._output_shapes
 
     def run(self, arrays, outs=None, stats=None, profile=None, request_since=None,
@@ -466,6 +603,8 @@ class Plan:
         On a device that computes on host memory, 4 KiB-aligned C-contiguous float32 arrays
         (``offload.empty``) are read, and written as ``outs``, in place: 0 bytes copied (unless
         ``allow_in_place`` is False)."""
+        if self._staged is not None:
+            return self._staged.run(arrays, outs, stats, profile, request_since)
         device = self.device
         t0 = time.perf_counter()
         runs, in_place = self._run_steps, None

@@ -325,6 +325,12 @@ def build_reduce(ctx, attrs, ins, out):
     y = out.reshape(keep_shape)
     fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
           "prod": np.prod}[attrs["fn"]]
+    if attrs["fn"] in ("max", "min") and not x.size:  # over an empty set: ONNX's identity
+        dt = np.dtype(x.dtype)
+        big = True if dt.kind == "b" else np.iinfo(dt).max if dt.kind in "iu" else np.inf
+        low = False if dt.kind == "b" else np.iinfo(dt).min if dt.kind in "iu" else -np.inf
+        value = low if attrs["fn"] == "max" else big
+        return lambda: y.fill(value)
     return lambda: fn(x, axis=axes, keepdims=True, out=y)
 
 
