@@ -333,3 +333,65 @@ def test_a_host_step_model_refuses_out_arrays_with_a_reason():
     model = offload.load(m)
     with pytest.raises(offload.ShapeError, match=r"NonZero node .* is a host step"):
         model(np.ones((3, 4), np.float32), out=[np.empty(12, np.float32)] * 2)
+
+
+def test_opset_semantics_table_names_real_versions():
+    """Every version in onnx_import.OPSET_SEMANTICS is one where onnx's schema of that op
+    changes (so the table cannot drift from the standard)."""
+    import onnx.defs
+    from offload.onnx_import import OPSET_SEMANTICS
+    for op, changes in OPSET_SEMANTICS.items():
+        for version, _ in changes:
+            assert onnx.defs.get_schema(op, version, "").since_version == version, (op, version)
+
+
+def test_opset6_broadcast_at_an_axis(device):
+    """Add of opset 6 with broadcast=1 and an axis aligns B at that axis (not at the end)."""
+    g = h.make_graph([h.make_node("Add", ["a", "b"], ["y"], broadcast=1, axis=1, name="legacy")],
+                     "v6", [h.make_tensor_value_info("a", T.FLOAT, [2, 3, 4]),
+                            h.make_tensor_value_info("b", T.FLOAT, [3])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, 3, 4])],
+                     [h.make_tensor("b", T.FLOAT, [3], [1.0, 2.0, 3.0])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 6)])
+    m.ir_version = 3
+    a = np.zeros((2, 3, 4), np.float32)
+    y = offload.load(m, device=device)(a)
+    np.testing.assert_array_equal(y, a + np.array([1, 2, 3], np.float32)[:, None])
+
+
+def test_a_semantics_change_not_implemented_is_refused_naming_op_and_version():
+    """BatchNormalization of opset 7 with spatial=0 (per-element statistics) is refused with
+    op and version."""
+    c = [h.make_tensor(n, T.FLOAT, [3, 4], np.ones(12, np.float32)) for n in "sbmv"]
+    g = h.make_graph([h.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"],
+                                  spatial=0, name="bn")], "v7",
+                     [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4])] +
+                     [h.make_tensor_value_info(n, T.FLOAT, [3, 4]) for n in "sbmv"],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, 3, 4])], c)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 7)])
+    m.ir_version = 3
+    with pytest.raises(offload.UnsupportedOpError, match=r"BatchNormalization \(node 'bn'\): "
+                                                         r"BatchNormalization version 7 "
+                                                         r"\(opset 7\): spatial=0"):
+        offload.load(m)
+
+
+def test_load_path_layers_only_go_down():
+    """import (onnx_import) -> passes -> plan only goes down: the IR (graph.py), the checks,
+    the passes and the plan never import onnx_import (shape inference and the unsupported-op
+    report are the IR's), and the IR imports neither passes nor plan."""
+    import ast
+    from pathlib import Path
+    root = Path(offload.__file__).parent
+    below = {"graph": {"onnx_import", "passes", "plan"}, "checks": {"onnx_import", "passes"},
+             "passes": {"onnx_import", "plan"}, "plan": {"onnx_import", "passes"}}
+    for module, banned in below.items():
+        tree = ast.parse((root / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names.add((node.module or "").split(".")[-1])
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name.split(".")[-1] for a in node.names)
+        assert not names & banned, f"{module}.py imports {sorted(names & banned)}"

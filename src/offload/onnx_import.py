@@ -129,7 +129,12 @@ def _batchnorm(n, a, ctx):
 
 
 def _binary(op):
-    return lambda n, a, ctx: [G.Node(op, list(n.input[:2]), [n.output[0]])]
+    def convert(n, a, ctx):
+        attrs = {}
+        if ctx.opset < 7 and a.get("broadcast", 0) and "axis" in a:  # B aligned at axis
+            attrs["legacy_axis"] = int(a["axis"])
+        return [G.Node(op, list(n.input[:2]), [n.output[0]], attrs)]
+    return convert
 
 
 def _reduce(fn):
@@ -475,6 +480,92 @@ CONVERTERS = {
     "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
     "NonZero": _nonzero, "If": _if,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Opset semantics: the ops whose meaning changed between versions, each change as
+# (version it came in, what changed, how offload reads it). The converters above read these by
+# ``ctx.opset``; tests/test_types.py checks every version here against onnx's own schemas.
+# A change offload does not implement is in NOT_IMPLEMENTED and refused naming op and version.
+OPSET_SEMANTICS = {
+    "ReduceSum": ((13, "axes as an optional input (attribute before)"),),
+    **{op: ((18, "axes as an optional input (attribute before)"),)
+       for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd")},
+    "Split": ((13, "split sizes as an optional input (attribute before)"),
+              (18, "num_outputs attribute; without sizes the last part may be smaller "
+                   "(before: equal parts only)")),
+    "Pad": ((11, "pads and the constant value as inputs (attributes before)"),
+            (18, "axes as an optional input: pads name those axes only"),
+            (19, "mode 'wrap' (refused: only 'constant')")),
+    "Clip": ((11, "min and max as optional inputs (attributes before)"),),
+    "Squeeze": ((13, "axes as an optional input (attribute before)"),),
+    "Unsqueeze": ((13, "axes as an input (attribute before)"),),
+    "Softmax": ((13, "over one axis (before: the input coerced to 2-D at axis, softmax over "
+                     "the second part; default axis 1, not -1)"),),
+    "LogSoftmax": ((13, "as Softmax"),),
+    "TopK": ((10, "k as an input (attribute before)"),
+             (11, "largest and sorted attributes, negative axis")),
+    "Slice": ((10, "starts/ends/axes/steps as inputs (attributes before, no steps)"),),
+    "Dropout": ((7, "no is_test attribute: inference is the identity"),
+                (12, "ratio and training_mode as inputs")),
+    "BatchNormalization": ((7, "spatial attribute (spatial=0: per-element statistics, "
+                               "refused)"),
+                           (9, "spatial removed: per-channel statistics"),
+                           (14, "training_mode attribute (refused when set)")),
+    **{op: ((7, "NumPy broadcasting (before: a broadcast attribute, B aligned at the axis "
+                "attribute: passes.legacy_broadcast unsqueezes B)"),)
+       for op in ("Add", "Sub", "Mul", "Div")},
+    "Pow": ((7, "NumPy broadcasting"),),
+    "PRelu": ((7, "NumPy broadcasting of the slope (before: per-channel, refused by the "
+                  "shape checks)"),),
+    "Gemm": ((7, "C broadcast to [M, N] (before: a broadcast attribute)"),
+             (11, "C optional")),
+    "Shape": ((15, "start and end attributes"),),
+    "Reshape": ((5, "shape as an input"), (14, "allowzero attribute")),
+    "Max": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "Min": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "Sum": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "Mean": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "ArgMax": ((12, "select_last_index attribute (refused when 1)"),),
+    "ArgMin": ((12, "select_last_index attribute (refused when 1)"),),
+    "ScatterND": ((16, "reduction attribute (refused unless 'none')"),),
+    "GatherND": ((12, "batch_dims attribute (refused when > 0)"),),
+    "AveragePool": ((10, "ceil_mode"), (19, "dilations")),
+    "MaxPool": ((8, "an Indices output and storage_order (refused when used)"),
+                (10, "ceil_mode and dilations")),
+}
+# (op, last version, test on the attributes, what offload does not implement)
+NOT_IMPLEMENTED = [
+    ("BatchNormalization", 8, lambda a: a.get("spatial", 1) == 0,
+     "spatial=0 (per-element statistics)"),
+    ("BatchNormalization", 6, lambda a: a.get("is_test", 0) == 0 and "is_test" in a,
+     "is_test=0 (training mode)"),
+]
+
+
+def op_version(op_type: str, opset: int) -> int:
+    """The version of ``op_type`` in effect at ``opset`` (its schema's since_version)."""
+    try:
+        return onnx.defs.get_schema(op_type, opset, "").since_version
+    except Exception:  # noqa: BLE001 - an op unknown to onnx: the importer reports it
+        return opset
+
+
+def _by_version(op_type, convert):
+    rules = [r for r in NOT_IMPLEMENTED if r[0] == op_type]
+
+    def checked(n, a, ctx):
+        version = op_version(op_type, ctx.opset)
+        for _, last, test, what in rules:
+            if version <= last and test(a):
+                raise _Unsupported(f"{op_type} version {version} (opset {ctx.opset}): {what} "
+                                   "is not implemented")
+        return convert(n, a, ctx)
+    return checked
+
+
+for _op in {r[0] for r in NOT_IMPLEMENTED}:
+    CONVERTERS[_op] = _by_version(_op, CONVERTERS[_op])
 
 
 def read_model(source) -> tuple[onnx.ModelProto, str]:

@@ -19,11 +19,38 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
     ranks = {name: len(shape) for name, shape in shapes.items()}
     limit = checks.memory_limit(memory_limit)
     # validated twice: with the constants of the file, then with those folding computed
-    for rewrite in (validate, remove_identities, fold_constants, validate, fuse_layernorm,
+    for rewrite in (legacy_broadcast, validate, remove_identities, fold_constants, validate, fuse_layernorm,
                     lower_branches, lower, fold_batchnorm, fuse_bias, fuse_residual,
                     fuse_activation, eliminate_dead_nodes, contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes, limit=limit)
     graph.names = None  # _new_constant's counters; not needed after load
+    return graph
+
+
+def legacy_broadcast(graph, label, ranks, **_):
+    """Binary ops of opsets before 7 with ``broadcast=1, axis=k``: B is aligned with A from
+    axis k, so B gets trailing 1-axes (an unsqueeze) and NumPy broadcasting then agrees."""
+    out = []
+    for node in graph.nodes:
+        axis = node.attrs.pop("legacy_axis", None) if node.op in ("add", "sub", "mul",
+                                                                  "div") else None
+        if axis is not None:
+            a, b = node.inputs[:2]
+            rank_a = ranks.get(a)
+            rank_b = graph.constants[b].ndim if b in graph.constants else ranks.get(b)
+            if rank_a is None or rank_b is None:
+                G.raise_unsupported(label, [(node.source_op, node.name, "opset-6 broadcasting "
+                                             "at an axis with operands of unknown rank")])
+            axis = axis % max(rank_a, 1)
+            trailing = rank_a - axis - rank_b
+            if trailing > 0:
+                aligned = f"{b}/aligned_at_{axis}"
+                out.append(G.Node("unsqueeze", [b], [aligned],
+                                  {"axes": tuple(range(rank_b, rank_b + trailing))},
+                                  node.name, node.source_op))
+                node.inputs = [a, aligned]
+        out.append(node)
+    graph.nodes = out
     return graph
 
 

@@ -118,6 +118,8 @@ def gather6(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
 
 def build_reduce(ctx, attrs, ins, out):
     x, axes = ins[0], tuple(attrs["axes"])
+    if np.dtype(x.dtype) != np.dtype(ctx.storage):
+        return _reduce_through_float(ctx, attrs, x, out)
     if not axes:
         return gather6(ctx, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
                        x.shape)
@@ -134,6 +136,28 @@ def build_reduce(ctx, attrs, ins, out):
     r = math.prod(x.shape[a] for a in axes)
     rows = reduce_rows(ctx, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
     return _sequence(move, rows)
+
+
+def _reduce_through_float(ctx, attrs, x, out):
+    """ReduceMax/Min of bool data (ONNX 20): cast to float scratch, reduce, cast back (exact
+    for 0/1). Integer data: refused by name (float32 would round values past 2**24)."""
+    dt = np.dtype(x.dtype)
+    if dt.kind != "b":
+        raise UnsupportedOpError(f"{ctx.device.spec}: Reduce{attrs['fn'].capitalize()} of "
+                                 f"{dt.name} data (float and bool data on this device)",
+                                 [("reduce", attrs.get("node", ""))])
+    xf, yf = ctx.scratch(x.shape, slot=1), ctx.scratch(out.shape, slot=2)
+    xs, ys = _contiguous_strides(x.shape), _contiguous_strides(out.shape)
+    to_float = elementwise(ctx, "cast", [xf], x.shape, [(x, 0, xs)], (xf, 0, xs))
+    reduce = build_reduce(ctx, attrs, [xf], yf)
+    zero = _operand(ctx, _ZERO)
+    # y > 0: also right over an empty set (max -inf -> False, min +inf -> True, as ONNX)
+    back = elementwise(ctx, "greater", [out], out.shape,
+                       [(yf, 0, ys), (zero, 0, [0] * len(ys))], (out, 0, ys))
+    return _sequence(to_float, reduce, back)
+
+
+_ZERO = np.zeros((), np.float32)
 
 
 def build_pad(ctx, attrs, ins, out):
