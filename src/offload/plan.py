@@ -219,6 +219,16 @@ def _plan_node(node: G.Node, shapes: dict, values: dict, dtypes: dict) -> G.Node
             values[names[-1]] = values[name].reshape((-1,) + (1,) * (rank - 2))
         return G.Node("elementwise", [node.inputs[0]] + names, node.outputs, {"fn": "muladd"},
                       node.name, node.source_op)
+    if op == "elementwise" and node.attrs.get("fn") == "pow" and len(node.inputs) == 2:
+        e = values.get(node.inputs[1])
+        if e is not None and np.size(e) == 1 and float(np.asarray(e).reshape(-1)[0]) == 2.0 \
+                and node.inputs[0] not in values and \
+                dtypes.get(node.inputs[0], np.dtype(np.float32)).kind == "f":
+            out_shape = shapes.get(node.inputs[0])
+            if out_shape is not None and tuple(np.broadcast_shapes(out_shape, np.shape(e))) == \
+                    tuple(out_shape):  # x ** 2 as x * x: one pass, no pow
+                return G.Node("elementwise", [node.inputs[0], node.inputs[0]], node.outputs,
+                              {"fn": "mul"}, node.name, node.source_op)
     if op in ("add", "sub", "mul", "div") and any(
             dtypes.get(i, np.dtype(np.float32)).kind != "f" for i in node.inputs):
         return G.Node("elementwise", list(node.inputs), node.outputs, {"fn": op}, node.name,
@@ -306,7 +316,104 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     if unsupported:
         items = ", ".join(f"{op} (node {name!r})" for op, name in unsupported)
         raise UnsupportedOpError(f"cannot run {items} on run-time data", unsupported)
+    entries = _elide_expands(entries, shapes)
+    entries = _fuse_softmax_inputs(entries, shapes, values, graph.outputs, device_ops)
+    entries = _live_entries(entries, graph.outputs)
     return Resolved(entries, shapes, values, dtypes)
+
+
+_BROADCASTING = ("add", "sub", "mul", "div")  # (and elementwise rows)
+
+
+def _elide_expands(entries, shapes):
+    """An Expand (an elementwise copy to a larger shape) read by elementwise ops that would
+    broadcast its input to the same output shape anyway is read through: the consumer takes
+    the Expand's input (the copy is dropped by _live_entries when nothing else reads it)."""
+    expanded = {node.outputs[0]: operands[0] for node, attrs, operands, _ in entries
+                if node.op == "elementwise" and "shape" in node.attrs and operands}
+    if not expanded:
+        return entries
+    out = []
+    for node, attrs, operands, out_shape in entries:
+        if (node.op == "elementwise" and "shape" not in node.attrs) or node.op in _BROADCASTING:
+            ops = list(operands)
+            for k, name in enumerate(ops):
+                src = expanded.get(name)
+                if src is None or src not in shapes:
+                    continue
+                trial = [shapes[n] for j, n in enumerate(ops) if j != k] + [shapes[src]]
+                try:
+                    same = tuple(np.broadcast_shapes(*trial)) == tuple(out_shape)
+                except ValueError:
+                    same = False
+                if same:
+                    ops[k] = src
+            if ops != list(operands):
+                node = G.Node(node.op, ops, node.outputs, node.attrs, node.name, node.source_op)
+                operands = ops
+        out.append((node, attrs, operands, out_shape))
+    return out
+
+
+def _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops):
+    """softmax(x * s + bias) (attention: scores scaled by a constant, plus a mask or pair
+    bias) as one softmax step with ``scale`` and a ``bias`` operand, on the last axis, when
+    the scaled and biased tensors are read by nothing else."""
+    if device_ops is None or not getattr(device_ops.get("softmax"), "scale_bias", False):
+        return entries  # (a softmax builder that takes them says so: build_softmax.scale_bias)
+    readers: dict[str, int] = {}
+    for _, _, operands, _ in entries:
+        for n in operands:
+            readers[n] = readers.get(n, 0) + 1
+    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+    drop, out = set(), list(entries)
+
+    def single(name):
+        return readers.get(name, 0) == 1 and name not in outputs and name in by_out
+
+    for k, (node, attrs, operands, out_shape) in enumerate(entries):
+        if node.op != "softmax" or attrs["axis"] != len(out_shape) - 1 or "scale" in attrs:
+            continue
+        u = operands[0]
+        if not single(u):
+            continue
+        a_node, _, a_ops, a_shape = entries[by_out[u]]
+        if not (_is_fn(a_node, "add") and len(a_ops) == 2 and tuple(a_shape) == tuple(out_shape)):
+            continue
+        for t, bias in ((a_ops[0], a_ops[1]), (a_ops[1], a_ops[0])):
+            if t not in by_out or not single(t) or bias not in shapes:
+                continue
+            s_node, _, s_ops, s_shape = entries[by_out[t]]
+            if not ((_is_fn(s_node, "mul") or _is_fn(s_node, "div")) and len(s_ops) == 2
+                    and tuple(s_shape) == tuple(out_shape)):
+                continue
+            x, c = s_ops
+            cv = values.get(c) if c not in shapes else None
+            if cv is None or np.size(cv) != 1 or x not in shapes or \
+                    tuple(shapes[x]) != tuple(out_shape):
+                continue
+            c = float(np.asarray(cv).reshape(-1)[0])
+            scale = 1.0 / c if _is_fn(s_node, "div") else c
+            fused = dict(attrs, scale=scale, bias=True)
+            out[k] = (node, fused, [x, bias], out_shape)
+            drop.update((by_out[t], by_out[u]))
+            break
+    return [e for j, e in enumerate(out) if j not in drop]
+
+
+def _is_fn(node, fn):
+    return node.op == fn or (node.op == "elementwise" and node.attrs.get("fn") == fn)
+
+
+def _live_entries(entries, outputs):
+    """The entries whose outputs something reads (a graph output or a later entry)."""
+    needed, keep = set(outputs), []
+    for entry in reversed(entries):
+        node, _, operands, _ = entry
+        if node.outputs[0] in needed:
+            keep.append(entry)
+            needed.update(operands)
+    return keep[::-1]
 
 
 class HostSplit(ShapeError):

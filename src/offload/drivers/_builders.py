@@ -100,8 +100,22 @@ def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
     outer, r, inner = _outer_r_inner(x.shape, (axis,))
     total = outer * inner
-    return launch(ctx, "reduce.cl", "softmax_axis", total,
+    first = None
+    if "scale" in attrs:  # softmax(x * scale + bias) (plan fusion): a muladd into scratch
+        b = _operand(ctx, ins[1])
+        tmp = ctx.scratch(x.shape)
+        scale = ctx.weight(np.array(attrs["scale"], np.float32), "softmax_scale")
+        views = [(x, 0, _contiguous_strides(x.shape)), (scale, 0, [0] * x.ndim),
+                 (b, 0, _broadcast_view(b.shape, x.shape))]
+        first = elementwise(ctx, "muladd", [tmp], tmp.shape, views,
+                            (tmp, 0, _contiguous_strides(tmp.shape)))
+        x = tmp
+    soft = launch(ctx, "reduce.cl", "softmax_axis", total,
                   (x, out, i32(total), i32(r), i32(inner)), "softmax")
+    return soft if first is None else _sequence(first, soft)
+
+
+build_softmax.scale_bias = True  # the plan may fuse a constant scale and a bias add into it
 
 
 def gather6(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):

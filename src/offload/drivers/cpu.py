@@ -295,8 +295,13 @@ def build_activation(ctx, attrs, ins, out):
     return _sequence(functools.partial(np.copyto, out, x), epilogue(y2, attrs))
 
 
+SOFTMAX_BLOCK = 1 << 15  # elements per block of the fused softmax: stays in L2
+
+
 def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
+    if "scale" in attrs:  # softmax(x * scale + bias) over the last axis (plan fusion)
+        return _softmax_scaled(x, ins[1], F32(attrs["scale"]), out)
     if axis == x.ndim - 1:
         return NativeStep("softmax", x, out)
     red_shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
@@ -310,6 +315,41 @@ def build_softmax(ctx, attrs, ins, out):
         np.sum(out, axis=axis, keepdims=True, out=tmp)
         np.divide(out, tmp, out=out)
     return softmax
+
+
+def _softmax_scaled(x, bias, scale, out):
+    """softmax(x * scale + bias) over the last axis in blocks of rows that stay in cache: one
+    pass over memory instead of three (scale, add, softmax)."""
+    n = x.shape[-1]
+    x2, y2 = x.reshape(-1, n), out.reshape(-1, n)
+    b2 = np.broadcast_to(bias, x.shape).reshape(-1, n) if bias.shape == x.shape else None
+    rows = x2.shape[0]
+    block = max(1, SOFTMAX_BLOCK // max(n, 1))
+    tmp = np.empty((block, 1), F32)
+    spans = [(a, min(rows, a + block)) for a in range(0, rows, block)]
+
+    def run():
+        with np.errstate(under="ignore", invalid="ignore", over="ignore"):
+            if b2 is None:  # a bias broadcast over some axes: one full pass first
+                np.multiply(x, scale, out=out)
+                np.add(out, bias, out=out)
+                src, add = y2, None
+            else:
+                src, add = x2, b2
+            for a, e in spans:
+                y, t = y2[a:e], tmp[:e - a]
+                if add is not None:
+                    np.multiply(src[a:e], scale, out=y)
+                    y += add[a:e]
+                np.max(y, axis=1, keepdims=True, out=t)
+                y -= t
+                np.exp(y, out=y)
+                np.sum(y, axis=1, keepdims=True, out=t)
+                y /= t
+    return run
+
+
+build_softmax.scale_bias = True  # the plan may fuse a constant scale and a bias add into it
 
 
 def build_concat(ctx, attrs, ins, out):
