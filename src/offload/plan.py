@@ -318,6 +318,7 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
         raise UnsupportedOpError(f"cannot run {items} on run-time data", unsupported)
     entries = _elide_expands(entries, shapes)
     entries = _fuse_softmax_inputs(entries, shapes, values, graph.outputs, device_ops)
+    entries = _fuse_gelu(entries, shapes, values, graph.outputs, device_ops)
     entries = _live_entries(entries, graph.outputs)
     return Resolved(entries, shapes, values, dtypes)
 
@@ -397,6 +398,64 @@ def _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops):
             fused = dict(attrs, scale=scale, bias=True)
             out[k] = (node, fused, [x, bias], out_shape)
             drop.update((by_out[t], by_out[u]))
+            break
+    return [e for j, e in enumerate(out) if j not in drop]
+
+
+def _fuse_gelu(entries, shapes, values, outputs, device_ops):
+    """The written-out GELU of PyTorch's exports, x * (erf(x / sqrt 2) + 1) * 0.5 (Div, Erf,
+    Add, Mul, Mul; any operand order), as one elementwise gelu step."""
+    if device_ops is None or "elementwise" not in device_ops:
+        return entries
+    readers: dict[str, int] = {}
+    for _, _, operands, _ in entries:
+        for n in operands:
+            readers[n] = readers.get(n, 0) + 1
+    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+
+    def inner(name):  # the entry producing ``name`` when only one step reads it
+        if readers.get(name, 0) != 1 or name in outputs or name not in by_out:
+            return None
+        return entries[by_out[name]]
+
+    def const(name, want):
+        v = values.get(name) if name not in shapes else None
+        return v is not None and np.size(v) == 1 and \
+            abs(float(np.asarray(v).reshape(-1)[0]) - want) <= 1e-6 * abs(want)
+
+    def split(entry, fn, want):  # (the run-time operand, ok) of entry = fn(operand, want)
+        node, _, ops, _ = entry
+        if not _is_fn(node, fn) or len(ops) != 2:
+            return None
+        for a, b in ((ops[0], ops[1]), (ops[1], ops[0])):
+            if const(b, want) and (fn != "div" or b == ops[1]):
+                return a
+        return None
+
+    drop, out = set(), list(entries)
+    for k, entry in enumerate(entries):
+        node, attrs, ops, shape = entry
+        m = split(entry, "mul", 0.5)
+        e_mul = inner(m) if m else None
+        if e_mul is None or not _is_fn(e_mul[0], "mul") or len(e_mul[2]) != 2:
+            continue
+        for x, a in ((e_mul[2][0], e_mul[2][1]), (e_mul[2][1], e_mul[2][0])):
+            e_add = inner(a)
+            e = split(e_add, "add", 1.0) if e_add else None
+            e_erf = inner(e) if e else None
+            if e_erf is None or not _is_fn(e_erf[0], "erf"):
+                continue
+            e_div = inner(e_erf[2][0])
+            y = split(e_div, "div", math.sqrt(2.0)) if e_div else None
+            if y is None:
+                e_div2 = e_div
+                y = split(e_div2, "mul", 1 / math.sqrt(2.0)) if e_div2 else None
+            if y != x or x not in shapes or tuple(shapes[x]) != tuple(shape):
+                continue
+            gelu = G.Node("elementwise", [x], node.outputs, {"fn": "gelu"}, node.name,
+                          "Gelu")
+            out[k] = (gelu, {"fn": "gelu", "params": (), "node": node.name}, [x], shape)
+            drop.update(by_out[n] for n in (m, a, e, e_erf[2][0]))
             break
     return [e for j, e in enumerate(out) if j not in drop]
 
