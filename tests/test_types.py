@@ -395,3 +395,26 @@ def test_load_path_layers_only_go_down():
             elif isinstance(node, ast.Import):
                 names.update(a.name.split(".")[-1] for a in node.names)
         assert not names & banned, f"{module}.py imports {sorted(names & banned)}"
+
+
+@pytest.mark.parametrize("bias_shape", [[2, 3, 6, 6], [2, 1, 1, 6]], ids=["full", "broadcast"])
+def test_fused_attention_softmax_matches_onnxruntime(device, bias_shape):
+    """softmax(scores / c + bias) fused into one step: rows far below the others (their sum
+    underflows against a shared maximum) and fully masked rows (-inf: NaN, as onnxruntime)
+    come out as onnxruntime's."""
+    c = h.make_tensor("c", T.FLOAT, [], [4.0])
+    m = _model([h.make_node("Div", ["s", "c"], ["d"]), h.make_node("Add", ["d", "b"], ["a"]),
+                h.make_node("Softmax", ["a"], ["y"], axis=-1)],
+               [("s", T.FLOAT, [2, 3, 6, 6]), ("b", T.FLOAT, bias_shape)],
+               [("y", T.FLOAT, [2, 3, 6, 6])], inits=[c])
+    rng = np.random.default_rng(5)
+    s = (rng.standard_normal((2, 3, 6, 6)) * 3).astype(np.float32)
+    s[0, 0, :2] -= 2000.0
+    s[1, 2, 3] = -np.inf
+    feeds = {"s": s, "b": rng.standard_normal(bias_shape).astype(np.float32)}
+    model = offload.load(m, device=device)
+    got, want = model(feeds), _ort(m, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if device.kind in ("cpu", "opencl", "cuda", "cuda-emu"):
+        plan = model.plan((2, 3, 6, 6), tuple(bias_shape))
+        assert [s.node.op for s in plan.steps] == ["softmax"]

@@ -319,33 +319,40 @@ def build_softmax(ctx, attrs, ins, out):
 
 def _softmax_scaled(x, bias, scale, out):
     """softmax(x * scale + bias) over the last axis in blocks of rows that stay in cache: one
-    pass over memory instead of three (scale, add, softmax)."""
+    pass over memory instead of three (scale, add, softmax). Each block subtracts its own
+    maximum (one contiguous reduction instead of one per row); rows whose sum then falls below
+    1e-20 (far below the block's maximum) are redone with their own maximum."""
     n = x.shape[-1]
     x2, y2 = x.reshape(-1, n), out.reshape(-1, n)
-    b2 = np.broadcast_to(bias, x.shape).reshape(-1, n) if bias.shape == x.shape else None
+    b2 = bias.reshape(-1, n) if bias.shape == x.shape else None
     rows = x2.shape[0]
     block = max(1, SOFTMAX_BLOCK // max(n, 1))
     tmp = np.empty((block, 1), F32)
     spans = [(a, min(rows, a + block)) for a in range(0, rows, block)]
 
+    def redo(a, bad):
+        full = b2 if b2 is not None else np.broadcast_to(bias, x.shape).reshape(-1, n)
+        pre = x2[a + bad] * scale + full[a + bad]
+        pre -= pre.max(axis=1, keepdims=True)
+        np.exp(pre, out=pre)
+        y2[a + bad] = pre / pre.sum(axis=1, keepdims=True)
+
     def run():
-        with np.errstate(under="ignore", invalid="ignore", over="ignore"):
+        with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
             if b2 is None:  # a bias broadcast over some axes: one full pass first
                 np.multiply(x, scale, out=out)
                 np.add(out, bias, out=out)
-                src, add = y2, None
-            else:
-                src, add = x2, b2
             for a, e in spans:
                 y, t = y2[a:e], tmp[:e - a]
-                if add is not None:
-                    np.multiply(src[a:e], scale, out=y)
-                    y += add[a:e]
-                np.max(y, axis=1, keepdims=True, out=t)
-                y -= t
+                if b2 is not None:
+                    np.multiply(x2[a:e], scale, out=y)
+                    y += b2[a:e]
+                y -= y.max()
                 np.exp(y, out=y)
                 np.sum(y, axis=1, keepdims=True, out=t)
                 y /= t
+                if not t.min() >= 1e-20:  # (NaN too)
+                    redo(a, np.flatnonzero(~(t[:, 0] >= 1e-20)))
     return run
 
 
