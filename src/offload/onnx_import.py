@@ -336,34 +336,17 @@ def _argmax(largest):
 
 
 def _layernorm(n, a, ctx):
-    """LayerNormalization as reductions and elementwise rows (mean, centred variance)."""
+    """LayerNormalization: one ``layernorm`` node; passes.lower keeps it as the fused device op
+    when scale and bias are constants after folding (also behind the Identity nodes of shared
+    initializers that PyTorch's exporter writes), else writes it out as reductions and
+    elementwise rows."""
     if len(n.output) > 1 and any(o in ctx.used for o in n.output[1:] if o):
         raise _Unsupported("LayerNormalization with its Mean/InvStdDev outputs used")
     x, scale = n.input[0], n.input[1]
     bias = n.input[2] if len(n.input) > 2 else ""
     axis, eps = int(a.get("axis", -1)), float(a.get("epsilon", 1e-5))
-    if scale in ctx.constants and (not bias or bias in ctx.constants):
-        # constant scale/bias: the fused layernorm device op (one pass per row)
-        return [G.Node("layernorm", [x, scale] + ([bias] if bias else []), [n.output[0]],
-                       {"axis": axis, "epsilon": eps})]
-    t = {k: ctx.temp(k) for k in ("mean", "d", "d2", "var", "std", "norm", "scaled", "eps")}
-    ctx.constants[t["eps"]] = np.array(eps, np.float32)
-    red = {"fn": "mean", "keepdims": 1, "noop_with_empty_axes": 0, "from_axis": axis}
-    nodes = [G.Node("reduce", [x], [t["mean"]], dict(red)),
-             G.Node("elementwise", [x, t["mean"]], [t["d"]], {"fn": "sub"}),
-             G.Node("elementwise", [t["d"], t["d"]], [t["d2"]], {"fn": "mul"}),
-             G.Node("reduce", [t["d2"]], [t["var"]], dict(red)),
-             G.Node("elementwise", [t["var"], t["eps"]], [t["std"]], {"fn": "add"}),
-             G.Node("elementwise", [t["std"]], [t["norm"]], {"fn": "sqrt"}),
-             G.Node("elementwise", [t["d"], t["norm"]], [t["scaled"]], {"fn": "div"})]
-    out = n.output[0]
-    if bias:
-        prod = ctx.temp("prod")
-        nodes += [G.Node("elementwise", [t["scaled"], scale], [prod], {"fn": "mul"}),
-                  G.Node("elementwise", [prod, bias], [out], {"fn": "add"})]
-    else:
-        nodes.append(G.Node("elementwise", [t["scaled"], scale], [out], {"fn": "mul"}))
-    return nodes
+    return [G.Node("layernorm", [x, scale] + ([bias] if bias else []), [n.output[0]],
+                   {"axis": axis, "epsilon": eps})]
 
 
 def _log_softmax(n, a, ctx):

@@ -225,6 +225,8 @@ def lower(graph, label, **_):
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
                 "fn": "clip", "lo": float(const(lo).reshape(-1)[0]) if lo else -np.inf,
                 "hi": float(const(hi).reshape(-1)[0]) if hi else np.inf}, node.name))
+        elif node.op == "layernorm" and any(const(i) is None for i in node.inputs[1:]):
+            out.extend(_layernorm_written_out(graph, node))
         elif node.op == "batchnorm":
             if any(const(i) is None for i in node.inputs[1:5]):
                 problems.append(("BatchNormalization", node.name,
@@ -237,6 +239,35 @@ def lower(graph, label, **_):
         G.raise_unsupported(label, problems)
     graph.nodes = out
     return graph
+
+
+def _layernorm_written_out(graph, node):
+    """A layernorm with run-time scale or bias as reductions and elementwise rows (mean,
+    centred variance)."""
+    x, scale = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else ""
+    axis, eps = node.attrs["axis"], node.attrs["epsilon"]
+    t = {k: f"{node.outputs[0]}/{k}" for k in ("mean", "d", "d2", "var", "std", "norm",
+                                               "scaled", "prod")}
+    eps_name = _new_constant(graph, node.name + "/epsilon", np.array(eps, np.float32))
+    red = {"fn": "mean", "keepdims": 1, "noop_with_empty_axes": 0, "from_axis": axis}
+
+    def n(op, ins, out, attrs):
+        return G.Node(op, ins, [out], attrs, node.name, node.source_op)
+    nodes = [n("reduce", [x], t["mean"], dict(red)),
+             n("elementwise", [x, t["mean"]], t["d"], {"fn": "sub"}),
+             n("elementwise", [t["d"], t["d"]], t["d2"], {"fn": "mul"}),
+             n("reduce", [t["d2"]], t["var"], dict(red)),
+             n("elementwise", [t["var"], eps_name], t["std"], {"fn": "add"}),
+             n("elementwise", [t["std"]], t["norm"], {"fn": "sqrt"}),
+             n("elementwise", [t["d"], t["norm"]], t["scaled"], {"fn": "div"})]
+    out = node.outputs[0]
+    if bias:
+        nodes += [n("elementwise", [t["scaled"], scale], t["prod"], {"fn": "mul"}),
+                  n("elementwise", [t["prod"], bias], out, {"fn": "add"})]
+    else:
+        nodes.append(n("elementwise", [t["scaled"], scale], out, {"fn": "mul"}))
+    return nodes
 
 
 def _new_constant(graph, base: str, value: np.ndarray) -> str:
