@@ -357,7 +357,6 @@ class StagedRun:
                  split: HostSplit):
         self.graph, self.device, self.weights = graph, device, weights
         self.precision, self.memory_limit, self.split = precision, memory_limit, split
-        produced = {o for n in split.head for o in n.outputs}
         wanted = set(graph.outputs) | set(split.needs)
         for n in split.rest:
             wanted.update(i for i in n.inputs if i)
@@ -378,7 +377,6 @@ class StagedRun:
             used.update(i for i in n.inputs if i)
         self.rest_inputs = [t for t in graph.inputs if t.name in used]
         self._tails: OrderedDict = OrderedDict()
-        del produced
 
     def run(self, arrays, outs=None, stats=None, profile=None, request_since=None):
         env = dict(zip(self.input_names, arrays))
@@ -388,7 +386,7 @@ class StagedRun:
             for name, value, (buf, _, _) in zip(self.head_outputs, results, self.head.outputs):
                 (consts if buf is None else env)[name] = value
         split = self.split
-        read = {n: np.asarray(env[n]) if n in env else consts[n] for n in split.needs}
+        read = {n: self._host(env[n]) if n in env else consts[n] for n in split.needs}
         if split.kind == "evaluate":
             if profile is not None:
                 t = time.perf_counter()
@@ -424,6 +422,18 @@ class StagedRun:
         else:
             self._tails.move_to_end(key)
         return tail.run(arrays_in, outs, stats, profile, request_since, allow_in_place=False)
+
+    def _host(self, value):
+        """A tensor the host step reads, as a NumPy array (a device array: a typed error)."""
+        if isinstance(value, np.ndarray):
+            return value
+        try:
+            return np.asarray(value)
+        except (TypeError, ValueError, RuntimeError):
+            node = self.split.node
+            raise ShapeError(f"{node.source_op or node.op} node {node.name!r} is a host step "
+                             f"and reads {type(value).__name__} input values on the host: pass "
+                             "host (NumPy) arrays to this model") from None
 
     def _used(self, name):
         return name in self.graph.outputs or any(name in n.inputs for n in self.rest_nodes)
