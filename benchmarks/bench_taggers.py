@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--ort-one-thread", action="store_true",
+                   help="also time onnxruntime on one thread (offload's cpu device runs on one "
+                        "core with OPENBLAS_NUM_THREADS=1): a like-for-like column")
     args = p.parse_args(argv)
     devices = [d for d in args.devices.split(",") if d]
     rows = []
@@ -48,13 +51,18 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             path = TM.export(name, pathlib.Path(tmp) / f"{name}.onnx", "legacy")
             ort = bench.onnxruntime_contender(path)
-            contenders = [bench.offload_contender(path, d) for d in devices] + [ort]
+            contenders = [bench.offload_contender(path, d) for d in devices]
+            if args.ort_one_thread:
+                contenders.append(bench.onnxruntime_contender(path, 1, "onnxruntime 1 thread"))
+            contenders.append(ort)
             for batch in (int(b) for b in args.batches.split(",")):
                 feeds = TM.make_inputs(batch, PARTICLES, np.random.default_rng(batch))
                 x = tuple(feeds[k] for k in TM.INPUTS)
                 want = ort.fn(x)[0]
                 for c in contenders[:-1]:
-                    np.testing.assert_allclose(c.fn(x), want, rtol=1e-4, atol=1e-4,
+                    got = c.fn(x)
+                    got = got[0] if isinstance(got, list) else got  # (onnxruntime: a list)
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4,
                                                err_msg=f"{name} {c.name} batch {batch}")
                 m = bench.measure(contenders, x, repeats=args.repeats, min_time_s=args.min_time)
                 ref = m[ort.name].median_s

@@ -20,7 +20,7 @@ Public API::
     CASES: list[Case]
     case_ids() -> list[str]
     get_case(name) -> Case
-    UNSUPPORTED_CASE: Case              # Det node "bad_det", NonZero node "bad_nonzero"
+    UNSUPPORTED_CASE: Case              # Det node "bad_det", Hardmax node "bad_hardmax"
     write(case, folder) -> Path         # saves <folder>/<case.name>.onnx
 """
 
@@ -1019,15 +1019,16 @@ def _misc_cases() -> list[Case]:
 
 
 def _unsupported_case() -> Case:
-    """x -> Det ("bad_det") -> y;  NonZero(y) ("bad_nonzero") -> Cast -> nz.
+    """x -> Det ("bad_det") -> y;  Hardmax(y) ("bad_hardmax") -> Cast -> nz.
 
-    Runs in onnxruntime; the second output has a data-dependent shape [4, K].
+    Runs in onnxruntime; offload imports neither op (NonZero, used here before, now runs as a
+    host step).
     """
     return _build(
         "unsupported_ops",
         [
             _node("Det", ["x"], ["y"], name="bad_det"),
-            _node("NonZero", ["y"], ["nz_i64"], name="bad_nonzero"),
+            _node("Hardmax", ["y"], ["nz_i64"], name="bad_hardmax"),
             _node("Cast", ["nz_i64"], ["nz"], name="cast_nz", to=TensorProto.FLOAT),
         ],
         {"x": [3, 4, 4]},

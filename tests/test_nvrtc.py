@@ -110,3 +110,14 @@ def test_generated_elementwise_kernels_compile_with_nvrtc(nvrtc):
         assert cubin[:4] == b"\x7fELF", f"{storage}: NVRTC gave no cubin"
         missing = [n for n in names if n.encode() not in cubin]
         assert not missing, f"{storage}: kernels missing from the cubin: {missing}"
+
+
+@pytest.mark.parametrize("data,index", [("i64", None), ("int", "int"), ("u8", None),
+                                        (None, "int")])
+def test_index_kernels_compile_for_integer_data_and_int32_indices(nvrtc, data, index):
+    """index.cl as the shared builders compile it for int64/int32/bool data and int32
+    indices (-DDATA_T, -DINDEX_T)."""
+    defines = {k: v for k, v in (("DATA_T", data), ("INDEX_T", index)) if v}
+    options = emu_kernels.cupy_nvrtc_options(cuda.nvrtc_options(defines))
+    cubin = emu_kernels.nvrtc_compile(cuda.program_source("index.cl"), "index.cl", options)
+    assert cubin[:4] == b"\x7fELF"

@@ -28,9 +28,6 @@ REFUSALS = [
     (ModelFormatError, r"element type (U?INT(8|16|4|2)|UINT(32|64)|STRING|FLOAT8\w*|FLOAT4\w*|"
                        r"BFLOAT16|unknown)",
      "input dtypes beyond float32/16/64, int64, int32 and bool (tagger inputs are float)"),
-    (ShapeError, r"sets axes/shape/sizes and comes from the data",
-     "axes/shape/k/pads fed as run-time graph inputs (the node cases do; exported models carry "
-     "them as constants): offload fixes them when the plan is made"),
     (ShapeError, r"got object with shape", "sequence/optional-typed inputs"),
     (ModelFormatError, r"graph output '[^']*' has element type (0|4|16) \(undefined or not",
      "outputs of types beyond float32/16/64, int64, int32 and bool, or sequence/optional-typed"),
@@ -50,11 +47,11 @@ REFUSALS = [
     (UnsupportedOpError, r"select_last_index", "ArgMax/ArgMin select_last_index=1"),
     (UnsupportedOpError, r"Pad mode", "Pad modes reflect/edge/wrap"),
     (UnsupportedOpError, r"ScatterND reduction", "ScatterND reductions add/mul/max/min"),
-    (UnsupportedOpError, r"on input data; offload supports it only on constants and shapes",
-     "Range/ConstantOfShape on run-time values (data-dependent output shapes)"),
     (UnsupportedOpError, r"exceeds the kernels' 6", "rank > 6 on the kernel devices"),
-    (UnsupportedOpError, r"run-time indices of dtype int32|of int\d+ data|of bool data",
-     "kernel devices: int32 run-time indices, Gather/TopK of integer data"),
+    (UnsupportedOpError, r"Reduce\w+ of int\d+ data \(float and bool data on this device\)",
+     "kernel devices: reductions of integer data (through float32 they would round past 2**24)"),
+    (UnsupportedOpError, r"version \d+ \(opset \d+\): .* is not implemented",
+     "semantics of old op versions offload does not implement (onnx_import.NOT_IMPLEMENTED)"),
     (ShapeError, r"PRelu node .* do not broadcast",
      "PRelu's per-channel slope of opsets before 7 (legacy broadcasting)"),
     (UnsupportedOpError, r"unsupported op\(s\)", "ops offload does not import (listed by name)"),
@@ -141,8 +138,8 @@ def test_backend_case(case, device):
 
 
 def test_enough_cases_run():
-    """The count of cases that run and match on the cpu device (463 of the 952 collected when
-    written) must not silently shrink."""
+    """The count of cases that run and match on the cpu device (620 of the 957 collected with
+    the host steps; 463 before them) must not silently shrink."""
     ran = 0
     for case in CASES:
         if case[0] in BROKEN:
@@ -152,4 +149,4 @@ def test_enough_cases_run():
             ran += 1
         except OffloadError:
             pass
-    assert ran >= 463, f"only {ran} of {len(CASES)} ONNX backend cases run on cpu"
+    assert ran >= 620, f"only {ran} of {len(CASES)} ONNX backend cases run on cpu"

@@ -71,3 +71,19 @@ def test_mismatched_particle_axes_are_a_typed_error(exported):
     with pytest.raises(offload.ShapeError, match=r"node .*\[2, 7, 20\].*\[2, 1, 19\]|"
                                                  r"\[2, 1, 19\].*\[2, 7, 20\]|do not broadcast"):
         model(feeds)
+
+
+def test_attention_softmax_and_gelu_are_fused(device, exported):
+    """In the ParT-like tagger (legacy export) the plan fuses softmax(scores / c + bias) into
+    one softmax step and the written-out GELU (Div, Erf, Add, Mul, Mul) into one gelu step on
+    every device that runs it, and still matches onnxruntime."""
+    path, session = exported("part", "legacy")
+    model = offload.load(path, device=device)
+    feeds = TM.make_inputs(3, 20, np.random.default_rng(7))
+    np.testing.assert_allclose(model(feeds), session.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+    plan = model.plan(*[feeds[k].shape for k in TM.INPUTS])
+    fused_softmax = [s for s, (attrs, *_) in zip(plan.steps, plan._step_args)
+                     if s.node.op == "softmax" and "scale" in attrs]
+    gelu = [s for s in plan.steps if s.node.attrs.get("fn") == "gelu"]
+    erf = [s for s in plan.steps if s.node.attrs.get("fn") == "erf"]
+    assert len(fused_softmax) == 3 and len(gelu) >= 3 and not erf

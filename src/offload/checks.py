@@ -745,3 +745,20 @@ def onnx_attributes(node, opset: int, label: str, name: str) -> None:
             raise ModelFormatError(
                 f"{label}: {node.op_type} node {name!r}: attribute {attr.name} is "
                 f"{got}, expected {onnx.AttributeProto.AttributeType.Name(expected)}")
+
+
+def index_message(op, node, value, where, axis, size) -> str:
+    """The message of an index outside its axis, on every device: ``where`` is the index's
+    position in the indices tensor."""
+    at = f" at position {tuple(int(w) for w in where)} of the indices" if len(where) else ""
+    return (f"{op} node {node!r}: index {value}{at} is outside [-{size}, {size - 1}] for axis "
+            f"{axis} (size {size}) of its data")
+
+
+def first_bad_index(idx: np.ndarray, sizes) -> int | None:
+    """The flat position of the first index outside [-size, size) (``sizes`` broadcast over
+    idx), or None."""
+    bad = (idx < -sizes) | (idx >= sizes)
+    if not bad.any():
+        return None
+    return int(np.flatnonzero(bad)[0])

@@ -17,6 +17,11 @@ Host ops only ever see constants and are evaluated once (at load, or at plan tim
 depend on an input's shape): shape, cast, constant_of_shape, range, batchnorm inputs of
 folding, and every device op above when all its inputs are constants.
 
+Host steps (HOST_STEP_OPS: nonzero, if) and any node whose parameters (axes, shapes, k, pads,
+repeats) or host-op inputs come from run-time values split the plan there: the device runs up
+to it, the host reads the values it needs, and a plan of the rest is made for those values
+(plan.HostSplit, plan.StagedRun).
+
 Tensors are float32 (stored in the plan's precision), int64, int32 or bool (``infer_dtype``).
 """
 
@@ -38,6 +43,11 @@ DEVICE_OPS = frozenset({
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine", "trilu"})
 HOST_OPS = frozenset({"shape", "constant_of_shape", "range", "batchnorm"})
+# Host steps: ops whose output shape depends on values (nonzero), or that pick a subgraph by a
+# value (if: attrs "then"/"else" hold (nodes, output names) of each branch; its inputs are the
+# condition and every outer tensor the branches read). The plan runs them on the host between
+# two device segments (plan.HostSplit), or folds them when their inputs are known.
+HOST_STEP_OPS = frozenset({"nonzero", "if"})
 # Inputs that parameterise an op (axes, shapes, repeats, pads, k...): they must be known when
 # the plan is made (constants, or computed from input shapes), never values from the data.
 PARAM_INPUTS = {"reduce": (1,), "unsqueeze": (1,), "squeeze": (1,), "tile": (1,), "expand": (1,),
@@ -373,15 +383,28 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
     raise ShapeError(f"no shape rule for op {op!r} (node {node.name!r})")
 
 
-def check_params_known(node: Node, known) -> None:
-    """ShapeError naming the node and input when a parameter input is not known before the
-    run (``known``: a name -> bool test)."""
-    for i in PARAM_INPUTS.get(node.op, ()):
-        if i < len(node.inputs) and node.inputs[i] and not known(node.inputs[i]):
-            raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: its input "
-                             f"{node.inputs[i]!r} (#{i}) sets axes/shape/sizes and comes from "
-                             "the data; offload needs it before the run (a constant, or computed "
-                             "from input shapes only)")
+def inline_branch(node: Node, cond) -> list[Node]:
+    """The nodes an ``if`` node becomes once its condition is known: copies of the chosen
+    branch's nodes, then identities from the branch's outputs to the If's."""
+    nodes, outputs = node.attrs["then" if bool(np.asarray(cond).reshape(-1)[0]) else "else"]
+    out = [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.name, n.source_op)
+           for n in nodes]
+    out += [Node("identity", [b], [o], {}, node.name, node.source_op)
+            for b, o in zip(outputs, node.outputs) if o]
+    return out
+
+
+def branch_reads(branches) -> list[str]:
+    """The outer tensors the branches of an ``if`` read (names read, not produced inside),
+    nested Ifs included."""
+    reads = []
+    for nodes, outputs in branches:
+        made = set()
+        for n in nodes:
+            reads += [i for i in n.inputs if i and i not in made]
+            made.update(n.outputs)
+        reads += [o for o in outputs if o not in made]
+    return list(dict.fromkeys(reads))
 
 
 def trilu_mask(node: Node, x, values) -> np.ndarray:
@@ -450,7 +473,7 @@ def infer_dtype(node: Node, dtypes: list) -> np.dtype:
         return EW.result_dtype(node.attrs["fn"], dtypes, node.attrs)
     if op == "cast":
         return np.dtype(node.attrs["to"])
-    if op == "topk":
+    if op in ("topk", "nonzero"):
         return np.dtype(np.int64)
     if op == "shape":
         return np.dtype(np.int64)

@@ -129,7 +129,12 @@ def _batchnorm(n, a, ctx):
 
 
 def _binary(op):
-    return lambda n, a, ctx: [G.Node(op, list(n.input[:2]), [n.output[0]])]
+    def convert(n, a, ctx):
+        attrs = {}
+        if ctx.opset < 7 and a.get("broadcast", 0) and "axis" in a:  # B aligned at axis
+            attrs["legacy_axis"] = int(a["axis"])
+        return [G.Node(op, list(n.input[:2]), [n.output[0]], attrs)]
+    return convert
 
 
 def _reduce(fn):
@@ -331,34 +336,17 @@ def _argmax(largest):
 
 
 def _layernorm(n, a, ctx):
-    """LayerNormalization as reductions and elementwise rows (mean, centred variance)."""
+    """LayerNormalization: one ``layernorm`` node; passes.lower keeps it as the fused device op
+    when scale and bias are constants after folding (also behind the Identity nodes of shared
+    initializers that PyTorch's exporter writes), else writes it out as reductions and
+    elementwise rows."""
     if len(n.output) > 1 and any(o in ctx.used for o in n.output[1:] if o):
         raise _Unsupported("LayerNormalization with its Mean/InvStdDev outputs used")
     x, scale = n.input[0], n.input[1]
     bias = n.input[2] if len(n.input) > 2 else ""
     axis, eps = int(a.get("axis", -1)), float(a.get("epsilon", 1e-5))
-    if scale in ctx.constants and (not bias or bias in ctx.constants):
-        # constant scale/bias: the fused layernorm device op (one pass per row)
-        return [G.Node("layernorm", [x, scale] + ([bias] if bias else []), [n.output[0]],
-                       {"axis": axis, "epsilon": eps})]
-    t = {k: ctx.temp(k) for k in ("mean", "d", "d2", "var", "std", "norm", "scaled", "eps")}
-    ctx.constants[t["eps"]] = np.array(eps, np.float32)
-    red = {"fn": "mean", "keepdims": 1, "noop_with_empty_axes": 0, "from_axis": axis}
-    nodes = [G.Node("reduce", [x], [t["mean"]], dict(red)),
-             G.Node("elementwise", [x, t["mean"]], [t["d"]], {"fn": "sub"}),
-             G.Node("elementwise", [t["d"], t["d"]], [t["d2"]], {"fn": "mul"}),
-             G.Node("reduce", [t["d2"]], [t["var"]], dict(red)),
-             G.Node("elementwise", [t["var"], t["eps"]], [t["std"]], {"fn": "add"}),
-             G.Node("elementwise", [t["std"]], [t["norm"]], {"fn": "sqrt"}),
-             G.Node("elementwise", [t["d"], t["norm"]], [t["scaled"]], {"fn": "div"})]
-    out = n.output[0]
-    if bias:
-        prod = ctx.temp("prod")
-        nodes += [G.Node("elementwise", [t["scaled"], scale], [prod], {"fn": "mul"}),
-                  G.Node("elementwise", [prod, bias], [out], {"fn": "add"})]
-    else:
-        nodes.append(G.Node("elementwise", [t["scaled"], scale], [out], {"fn": "mul"}))
-    return nodes
+    return [G.Node("layernorm", [x, scale] + ([bias] if bias else []), [n.output[0]],
+                   {"axis": axis, "epsilon": eps})]
 
 
 def _log_softmax(n, a, ctx):
@@ -366,6 +354,63 @@ def _log_softmax(n, a, ctx):
     nodes = _softmax(n, a, ctx)
     nodes[-1].outputs = [soft]
     return nodes + [G.Node("elementwise", [soft], [n.output[0]], {"fn": "log"})]
+
+
+def _nonzero(n, a, ctx):
+    return [G.Node("nonzero", [n.input[0]], [n.output[0]])]
+
+
+def _branch(g: onnx.GraphProto, ctx, label: str) -> tuple[list, list]:
+    """An If branch as (IR nodes, output names); its initializers and Constants join the
+    model's constants (ONNX names are unique across subgraphs)."""
+    for t in g.initializer:
+        ctx.constants[t.name] = _initializer(t, label)
+    nodes, unsupported = [], []
+    for i, n in enumerate(g.node):
+        name = n.name or f"{g.name or 'branch'}/{n.op_type}_{i}"
+        a = _attrs(n, label, name)
+        if n.op_type == "Constant":
+            value = next((a[k] for k in ("value", "value_float", "value_floats", "value_int",
+                                         "value_ints") if k in a), None)
+            if value is None:
+                unsupported.append(("Constant", name, "a Constant without a numeric value"))
+                continue
+            if not isinstance(value, np.ndarray):
+                dtype = np.float32 if "value_float" in a or "value_floats" in a else np.int64
+                value = np.array(value, dtype)
+            ctx.constants[n.output[0]] = value
+            continue
+        convert = CONVERTERS.get(n.op_type)
+        if convert is None or n.domain not in ("", "ai.onnx"):
+            unsupported.append((n.op_type, name, "inside an If branch"))
+            continue
+        checks.onnx_attributes(n, ctx.opset, label, name)
+        try:
+            converted = convert(n, a, ctx)
+        except _Unsupported as e:
+            unsupported.append((n.op_type, name, str(e)))
+            continue
+        for c in converted:
+            c.name, c.source_op = c.name or name, c.source_op or n.op_type
+        nodes.extend(converted)
+    if unsupported:
+        raise_unsupported(label, unsupported)
+    return nodes, [o.name for o in g.output]
+
+
+def _if(n, a, ctx):
+    """If: the chosen branch inline when the condition is a constant; else an ``if`` node that
+    the plan resolves when the condition follows from shapes, or runs as a host step."""
+    label = "If branch"
+    then, other = _branch(a["then_branch"], ctx, label), _branch(a["else_branch"], ctx, label)
+    if len(then[1]) != len(n.output) or len(other[1]) != len(n.output):
+        raise _Unsupported(f"branches with {len(then[1])} and {len(other[1])} outputs for "
+                           f"{len(n.output)} If outputs")
+    node = G.Node("if", [n.input[0]] + G.branch_reads([then, other]), list(n.output),
+                  {"then": then, "else": other})
+    if n.input[0] in ctx.constants:
+        return G.inline_branch(node, ctx.constants[n.input[0]])
+    return [node]
 
 
 def _simple(op, *names, **defaults):
@@ -416,7 +461,94 @@ CONVERTERS = {
     "GatherND": _gather_nd, "CumSum": _cumsum, "ScatterND": _scatter_nd, "Trilu": _trilu, "TopK": _topk,
     "ArgMax": _argmax(1), "ArgMin": _argmax(0),
     "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
+    "NonZero": _nonzero, "If": _if,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Opset semantics: the ops whose meaning changed between versions, each change as
+# (version it came in, what changed, how offload reads it). The converters above read these by
+# ``ctx.opset``; tests/test_types.py checks every version here against onnx's own schemas.
+# A change offload does not implement is in NOT_IMPLEMENTED and refused naming op and version.
+OPSET_SEMANTICS = {
+    "ReduceSum": ((13, "axes as an optional input (attribute before)"),),
+    **{op: ((18, "axes as an optional input (attribute before)"),)
+       for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd")},
+    "Split": ((13, "split sizes as an optional input (attribute before)"),
+              (18, "num_outputs attribute; without sizes the last part may be smaller "
+                   "(before: equal parts only)")),
+    "Pad": ((11, "pads and the constant value as inputs (attributes before)"),
+            (18, "axes as an optional input: pads name those axes only"),
+            (19, "mode 'wrap' (refused: only 'constant')")),
+    "Clip": ((11, "min and max as optional inputs (attributes before)"),),
+    "Squeeze": ((13, "axes as an optional input (attribute before)"),),
+    "Unsqueeze": ((13, "axes as an input (attribute before)"),),
+    "Softmax": ((13, "over one axis (before: the input coerced to 2-D at axis, softmax over "
+                     "the second part; default axis 1, not -1)"),),
+    "LogSoftmax": ((13, "as Softmax"),),
+    "TopK": ((10, "k as an input (attribute before)"),
+             (11, "largest and sorted attributes, negative axis")),
+    "Slice": ((10, "starts/ends/axes/steps as inputs (attributes before, no steps)"),),
+    "Dropout": ((7, "no is_test attribute: inference is the identity"),
+                (12, "ratio and training_mode as inputs")),
+    "BatchNormalization": ((7, "spatial attribute (spatial=0: per-element statistics, "
+                               "refused)"),
+                           (9, "spatial removed: per-channel statistics"),
+                           (14, "training_mode attribute (refused when set)")),
+    **{op: ((7, "NumPy broadcasting (before: a broadcast attribute, B aligned at the axis "
+                "attribute: passes.legacy_broadcast unsqueezes B)"),)
+       for op in ("Add", "Sub", "Mul", "Div")},
+    "Pow": ((7, "NumPy broadcasting"),),
+    "PRelu": ((7, "NumPy broadcasting of the slope (before: per-channel, refused by the "
+                  "shape checks)"),),
+    "Gemm": ((7, "C broadcast to [M, N] (before: a broadcast attribute)"),
+             (11, "C optional")),
+    "Shape": ((15, "start and end attributes"),),
+    "Reshape": ((5, "shape as an input"), (14, "allowzero attribute")),
+    "Max": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "Min": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "Sum": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "Mean": ((8, "NumPy broadcasting (before: equal shapes)"),),
+    "ArgMax": ((12, "select_last_index attribute (refused when 1)"),),
+    "ArgMin": ((12, "select_last_index attribute (refused when 1)"),),
+    "ScatterND": ((16, "reduction attribute (refused unless 'none')"),),
+    "GatherND": ((12, "batch_dims attribute (refused when > 0)"),),
+    "AveragePool": ((10, "ceil_mode"), (19, "dilations")),
+    "MaxPool": ((8, "an Indices output and storage_order (refused when used)"),
+                (10, "ceil_mode and dilations")),
+}
+# (op, last version, test on the attributes, what offload does not implement)
+NOT_IMPLEMENTED = [
+    ("BatchNormalization", 8, lambda a: a.get("spatial", 1) == 0,
+     "spatial=0 (per-element statistics)"),
+    ("BatchNormalization", 6, lambda a: a.get("is_test", 0) == 0 and "is_test" in a,
+     "is_test=0 (training mode)"),
+]
+
+
+def op_version(op_type: str, opset: int) -> int:
+    """The version of ``op_type`` in effect at ``opset`` (its schema's since_version)."""
+    try:
+        return onnx.defs.get_schema(op_type, opset, "").since_version
+    except Exception:  # noqa: BLE001 - an op unknown to onnx: the importer reports it
+        return opset
+
+
+def _by_version(op_type, convert):
+    rules = [r for r in NOT_IMPLEMENTED if r[0] == op_type]
+
+    def checked(n, a, ctx):
+        version = op_version(op_type, ctx.opset)
+        for _, last, test, what in rules:
+            if version <= last and test(a):
+                raise _Unsupported(f"{op_type} version {version} (opset {ctx.opset}): {what} "
+                                   "is not implemented")
+        return convert(n, a, ctx)
+    return checked
+
+
+for _op in {r[0] for r in NOT_IMPLEMENTED}:
+    CONVERTERS[_op] = _by_version(_op, CONVERTERS[_op])
 
 
 def read_model(source) -> tuple[onnx.ModelProto, str]:
@@ -547,8 +679,8 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise ModelFormatError(f"{label}: {n.op_type} node {name!r}: malformed attributes "
                                    f"or inputs ({type(e).__name__}: {e})") from None
-        for c in converted:
-            c.name, c.source_op = name, n.op_type
+        for c in converted:  # (nodes of an inlined If branch keep their own)
+            c.name, c.source_op = c.name or name, c.source_op or n.op_type
         nodes.extend(converted)
     if unsupported:
         raise_unsupported(label, unsupported)

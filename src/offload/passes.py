@@ -19,11 +19,38 @@ def optimize(graph: G.Graph, label: str, shapes: dict[str, tuple],
     ranks = {name: len(shape) for name, shape in shapes.items()}
     limit = checks.memory_limit(memory_limit)
     # validated twice: with the constants of the file, then with those folding computed
-    for rewrite in (validate, remove_identities, fold_constants, validate, fuse_layernorm,
-                    lower, fold_batchnorm, fuse_bias, fuse_residual, fuse_activation, eliminate_dead_nodes,
-                    check_host_ops, contiguous_constants):
+    for rewrite in (legacy_broadcast, validate, remove_identities, fold_constants, validate, fuse_layernorm,
+                    lower_branches, lower, fold_batchnorm, fuse_bias, fuse_residual,
+                    fuse_activation, eliminate_dead_nodes, contiguous_constants):
         graph = rewrite(graph, label=label, ranks=ranks, shapes=shapes, limit=limit)
     graph.names = None  # _new_constant's counters; not needed after load
+    return graph
+
+
+def legacy_broadcast(graph, label, ranks, **_):
+    """Binary ops of opsets before 7 with ``broadcast=1, axis=k``: B is aligned with A from
+    axis k, so B gets trailing 1-axes (an unsqueeze) and NumPy broadcasting then agrees."""
+    out = []
+    for node in graph.nodes:
+        axis = node.attrs.pop("legacy_axis", None) if node.op in ("add", "sub", "mul",
+                                                                  "div") else None
+        if axis is not None:
+            a, b = node.inputs[:2]
+            rank_a = ranks.get(a)
+            rank_b = graph.constants[b].ndim if b in graph.constants else ranks.get(b)
+            if rank_a is None or rank_b is None:
+                G.raise_unsupported(label, [(node.source_op, node.name, "opset-6 broadcasting "
+                                             "at an axis with operands of unknown rank")])
+            axis = axis % max(rank_a, 1)
+            trailing = rank_a - axis - rank_b
+            if trailing > 0:
+                aligned = f"{b}/aligned_at_{axis}"
+                out.append(G.Node("unsqueeze", [b], [aligned],
+                                  {"axes": tuple(range(rank_b, rank_b + trailing))},
+                                  node.name, node.source_op))
+                node.inputs = [a, aligned]
+        out.append(node)
+    graph.nodes = out
     return graph
 
 
@@ -52,9 +79,11 @@ def remove_identities(graph, **_):
     """Drop identity/dropout nodes by pointing their consumers at their input."""
     keep = []
     rename: dict[str, str] = {}
+    read_in_branches = {i for n in graph.nodes if n.op == "if" for i in n.inputs}
     for node in graph.nodes:
         node.inputs = [rename.get(i, i) for i in node.inputs]
-        if node.op == "identity" and node.outputs[0] not in graph.outputs:
+        if node.op == "identity" and node.outputs[0] not in graph.outputs and \
+                node.outputs[0] not in read_in_branches:
             rename[node.outputs[0]] = node.inputs[0]
             continue
         keep.append(node)
@@ -196,6 +225,8 @@ def lower(graph, label, **_):
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
                 "fn": "clip", "lo": float(const(lo).reshape(-1)[0]) if lo else -np.inf,
                 "hi": float(const(hi).reshape(-1)[0]) if hi else np.inf}, node.name))
+        elif node.op == "layernorm" and any(const(i) is None for i in node.inputs[1:]):
+            out.extend(_layernorm_written_out(graph, node))
         elif node.op == "batchnorm":
             if any(const(i) is None for i in node.inputs[1:5]):
                 problems.append(("BatchNormalization", node.name,
@@ -208,6 +239,35 @@ def lower(graph, label, **_):
         G.raise_unsupported(label, problems)
     graph.nodes = out
     return graph
+
+
+def _layernorm_written_out(graph, node):
+    """A layernorm with run-time scale or bias as reductions and elementwise rows (mean,
+    centred variance)."""
+    x, scale = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else ""
+    axis, eps = node.attrs["axis"], node.attrs["epsilon"]
+    t = {k: f"{node.outputs[0]}/{k}" for k in ("mean", "d", "d2", "var", "std", "norm",
+                                               "scaled", "prod")}
+    eps_name = _new_constant(graph, node.name + "/epsilon", np.array(eps, np.float32))
+    red = {"fn": "mean", "keepdims": 1, "noop_with_empty_axes": 0, "from_axis": axis}
+
+    def n(op, ins, out, attrs):
+        return G.Node(op, ins, [out], attrs, node.name, node.source_op)
+    nodes = [n("reduce", [x], t["mean"], dict(red)),
+             n("elementwise", [x, t["mean"]], t["d"], {"fn": "sub"}),
+             n("elementwise", [t["d"], t["d"]], t["d2"], {"fn": "mul"}),
+             n("reduce", [t["d2"]], t["var"], dict(red)),
+             n("elementwise", [t["var"], eps_name], t["std"], {"fn": "add"}),
+             n("elementwise", [t["std"]], t["norm"], {"fn": "sqrt"}),
+             n("elementwise", [t["d"], t["norm"]], t["scaled"], {"fn": "div"})]
+    out = node.outputs[0]
+    if bias:
+        nodes += [n("elementwise", [t["scaled"], scale], t["prod"], {"fn": "mul"}),
+                  n("elementwise", [t["prod"], bias], out, {"fn": "add"})]
+    else:
+        nodes.append(n("elementwise", [t["scaled"], scale], out, {"fn": "mul"}))
+    return nodes
 
 
 def _new_constant(graph, base: str, value: np.ndarray) -> str:
@@ -461,22 +521,19 @@ def eliminate_dead_nodes(graph, **_):
     return graph
 
 
-def check_host_ops(graph, label, **_):
-    """Host ops (gather, slice, cast to int…) must not depend on input values, only on shapes."""
-    data = {t.name for t in graph.inputs}
-    problems, failed = [], set()
+def lower_branches(graph, label, limit, **kw):
+    """The branches of each ``if`` node folded and lowered as the graph is (no fusions); the
+    node's inputs then list what the lowered branches read (new weight names included)."""
     for node in graph.nodes:
-        if node.op == "shape" or not any(i in data for i in node.inputs):
+        if node.op != "if":
             continue
-        data.update(node.outputs)
-        if any(i in failed for i in node.inputs):
-            failed.update(node.outputs)
-        elif node.op in G.HOST_OPS:
-            problems.append((node.source_op or node.op, node.name, "runs on input data; offload "
-                             "supports it only on constants and shapes"))
-            failed.update(node.outputs)
-    if problems:
-        G.raise_unsupported(label, problems)
+        for key in ("then", "else"):
+            nodes, outputs = node.attrs[key]
+            sub = G.Graph(list(nodes), [], list(outputs), graph.constants, graph.name)
+            for rewrite in (lower_branches, fold_constants, lower):
+                sub = rewrite(sub, label=label, limit=limit, **kw)
+            node.attrs[key] = (sub.nodes, list(outputs))
+        node.inputs = [node.inputs[0]] + G.branch_reads([node.attrs["then"], node.attrs["else"]])
     return graph
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checks
+from . import fusions
 from . import graph as G
 from . import precision as P
 from . import reference
@@ -40,6 +41,18 @@ class BuildContext:
         self._weights = weights  # shared by every plan of one model on one device
         self._scratch: dict[int, tuple] = {}  # slot -> (raw block, nbytes)
         self.reserve = None  # the plan's byte counter (Plan._reserve), checked before allocating
+        self.flags: IndexFlags | None = None  # error flags of index kernels (index_flag)
+
+    def index_flag(self, describe):
+        """(int32 flag buffer, slot) for a kernel that checks its indices: it writes a nonzero
+        position + 1 into its slot on a bad index; after the run, ``describe(position)`` gives
+        the message of the ShapeError raised (see IndexFlags)."""
+        if self.flags is None:
+            reserve = self.reserve() if self.reserve is not None else None
+            if reserve is not None:
+                reserve(IndexFlags.SLOTS * 4, "index error flags")
+            self.flags = IndexFlags(self.device)
+        return self.flags.add(describe)
 
     def weight(self, array: np.ndarray, tag: str = "", transform=None):
         """A device copy of a constant, transformed once (e.g. re-laid out), converted to the
@@ -67,6 +80,46 @@ class BuildContext:
             raw = self.device.alloc(nbytes)
             self._scratch[slot] = (raw, nbytes)
         return self.device.view(raw, tuple(shape), dtype)
+
+
+class IndexFlags:
+    """One int32 per index step in device memory, zero while every index was inside its axis;
+    read once after each run (one small copy, no per-element host reads)."""
+
+    SLOTS = 1024
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.zeros = np.zeros(self.SLOTS, np.int32)
+        self.buffer = device.upload(self.zeros)  # a synchronous copy, unlike copy_in on CUDA
+        self.describe: list = []
+
+    def add(self, describe):
+        slot = min(len(self.describe), self.SLOTS - 1)  # past the last slot: they share it
+        self.describe.append(describe)
+        return self.buffer, slot
+
+    def reset(self) -> None:
+        """Clear the flags (after a driver's warm-up run of the steps on unset inputs, as
+        CUDA's graph capture does)."""
+        self.device.copy_in(self.buffer, self.zeros)
+        self.device.synchronize()
+
+    def check(self) -> None:
+        """ShapeError for the first flagged step (flags cleared first), else nothing."""
+        n = min(len(self.describe), self.SLOTS)
+        host = np.empty(self.SLOTS, np.int32)
+        self.device.copy_out(host, self.buffer)
+        bad = np.flatnonzero(host[:n])
+        if not bad.size:
+            return
+        self.reset()
+        slot = int(bad[0])
+        if slot == self.SLOTS - 1 and len(self.describe) > self.SLOTS:
+            raise ShapeError(f"an index op of this plan (one of its last "
+                             f"{len(self.describe) - slot} index steps) met an index outside "
+                             "its axis")
+        raise ShapeError(self.describe[slot](int(host[slot]) - 1))
 
 
 @dataclass
@@ -167,6 +220,16 @@ def _plan_node(node: G.Node, shapes: dict, values: dict, dtypes: dict) -> G.Node
             values[names[-1]] = values[name].reshape((-1,) + (1,) * (rank - 2))
         return G.Node("elementwise", [node.inputs[0]] + names, node.outputs, {"fn": "muladd"},
                       node.name, node.source_op)
+    if op == "elementwise" and node.attrs.get("fn") == "pow" and len(node.inputs) == 2:
+        e = values.get(node.inputs[1])
+        if e is not None and np.size(e) == 1 and float(np.asarray(e).reshape(-1)[0]) == 2.0 \
+                and node.inputs[0] not in values and \
+                dtypes.get(node.inputs[0], np.dtype(np.float32)).kind == "f":
+            out_shape = shapes.get(node.inputs[0])
+            if out_shape is not None and tuple(np.broadcast_shapes(out_shape, np.shape(e))) == \
+                    tuple(out_shape):  # x ** 2 as x * x: one pass, no pow
+                return G.Node("elementwise", [node.inputs[0], node.inputs[0]], node.outputs,
+                              {"fn": "mul"}, node.name, node.source_op)
     if op in ("add", "sub", "mul", "div") and any(
             dtypes.get(i, np.dtype(np.float32)).kind != "f" for i in node.inputs):
         return G.Node("elementwise", list(node.inputs), node.outputs, {"fn": op}, node.name,
@@ -197,25 +260,38 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     dtypes: dict[str, np.dtype] = {t.name: np.dtype(t.dtype) for t in graph.inputs}
     entries = []
     unsupported, failed = [], set()
-    for node in graph.nodes:
+    pending, done = list(reversed(graph.nodes)), []  # a stack: an If's branch goes on top
+    while pending:
+        node = pending.pop()
+        done.append(node)
         if any(i in failed for i in node.inputs):
             failed.update(node.outputs)  # downstream of an op already reported
             continue
+        if node.op == "if" and node.inputs[0] in values:  # the condition is known: the branch
+            done.pop()
+            pending.extend(reversed(G.inline_branch(node, values[node.inputs[0]])))
+            continue
         if all(not i or i in values for i in node.inputs):
-            outs = checks.evaluate(node, [values.get(i) if i else None for i in node.inputs],
-                                   limit)
+            ins = [values.get(i) if i else None for i in node.inputs]
+            outs = host_evaluate(node, ins) if node.op in G.HOST_STEP_OPS else \
+                checks.evaluate(node, ins, limit)
             values.update(zip(node.outputs, (np.asarray(v) for v in outs)))
             continue
         if node.op == "shape":
             dims = np.array(shapes[node.inputs[0]], np.int64)
             values[node.outputs[0]] = dims[node.attrs.get("start", 0):node.attrs.get("end")]
             continue
-        G.check_params_known(node, values.__contains__)
+        unknown = [i for i in G.PARAM_INPUTS.get(node.op, ()) if i < len(node.inputs)
+                   and node.inputs[i] and node.inputs[i] not in values]
+        if node.op in G.HOST_STEP_OPS or node.op in G.HOST_OPS or unknown:
+            # values from the data decide shapes here: the plan stops, the host reads them
+            needs = [node.inputs[i] for i in unknown] if unknown and node.op not in \
+                G.HOST_STEP_OPS else [i for i in node.inputs if i and i not in values]
+            if node.op == "if":
+                needs = [node.inputs[0]]
+            raise HostSplit(node, done[:-1], [node] + pending[::-1], needs,
+                            "evaluate" if node.op == "nonzero" else "values")
         node = _plan_node(node, shapes, values, dtypes)
-        if node.op in G.HOST_OPS:
-            unsupported.append((node.op, node.name))
-            failed.update(node.outputs)
-            continue
         in_shapes = [shapes.get(i) if i in shapes else
                      (values[i].shape if i in values else None) for i in node.inputs]
         with checks.guard(node, "resolving its shape"):
@@ -241,7 +317,126 @@ def resolve(graph: G.Graph, input_shapes: tuple, device_ops=None,
     if unsupported:
         items = ", ".join(f"{op} (node {name!r})" for op, name in unsupported)
         raise UnsupportedOpError(f"cannot run {items} on run-time data", unsupported)
+    entries = fusions.fuse(entries, shapes, values, graph.outputs, device_ops)
     return Resolved(entries, shapes, values, dtypes)
+
+
+class HostSplit(ShapeError):
+    """Raised by ``resolve`` at the first node whose shapes or parameters depend on run-time
+    values (NonZero; axes/shapes/k/pads/repeats from the data; Range/ConstantOfShape of data;
+    If on a run-time condition): ``head`` are the nodes before it, ``rest`` it and those after,
+    ``needs`` the tensors whose values the host reads, ``kind`` "values" (they become
+    constants of the rest) or "evaluate" (the host runs ``node`` in NumPy). A Plan turns this
+    into a host step (StagedRun); to other callers it is a ShapeError naming the node."""
+
+    def __init__(self, node, head, rest, needs, kind):
+        super().__init__(f"{node.source_op or node.op} node {node.name!r}: its output shape "
+                         f"or parameters depend on the values of {needs} (a host step at run "
+                         "time)")
+        self.node, self.head, self.rest, self.needs, self.kind = node, head, rest, needs, kind
+
+
+def host_evaluate(node: G.Node, inputs: list) -> list:
+    """A host-step op in NumPy (the node's inputs are values)."""
+    if node.op == "nonzero":
+        x = np.asarray(inputs[0])
+        return [np.array(np.nonzero(x) if x.ndim else np.nonzero(x.reshape(1)), np.int64)]
+    raise UnsupportedOpError(f"no host evaluation for {node.op!r} (node {node.name!r})",
+                             [(node.op, node.name)])
+
+
+class StagedRun:
+    """A plan that stops at a host step: the ``head`` plan computes what the step needs, the
+    host reads those tensors (one copy each), runs the step in NumPy or takes the values as
+    constants, and the plan of the rest (compiled per set of shapes and read values, kept in a
+    small LRU) continues; the rest may stop again at a later host step."""
+
+    TAILS = 16
+
+    def __init__(self, graph, device, input_shapes, weights, precision, memory_limit,
+                 split: HostSplit):
+        self.graph, self.device, self.weights = graph, device, weights
+        self.precision, self.memory_limit, self.split = precision, memory_limit, split
+        wanted = set(graph.outputs) | set(split.needs)
+        for n in split.rest:
+            wanted.update(i for i in n.inputs if i)
+        head_outs = [o for n in split.head for o in n.outputs if o in wanted and o]
+        self.head_outputs = list(dict.fromkeys(head_outs))
+        self.head = None
+        if self.head_outputs:
+            head_graph = G.Graph(split.head, graph.inputs, self.head_outputs, graph.constants,
+                                 graph.name)
+            self.head = Plan(head_graph, device, input_shapes, weights, precision,
+                             memory_limit)
+        self.input_names = [t.name for t in graph.inputs]
+        self.host_outputs = split.node.outputs if split.kind == "evaluate" else []
+        rest = split.rest[1:] if split.kind == "evaluate" else split.rest
+        self.rest_nodes = rest
+        used = set(graph.outputs)
+        for n in rest:
+            used.update(i for i in n.inputs if i)
+        self.rest_inputs = [t for t in graph.inputs if t.name in used]
+        self._tails: OrderedDict = OrderedDict()
+
+    def run(self, arrays, outs=None, stats=None, profile=None, request_since=None):
+        env = dict(zip(self.input_names, arrays))
+        consts = {}
+        if self.head is not None:
+            results = self.head.run(list(arrays), None, None, profile)
+            for name, value, (buf, _, _) in zip(self.head_outputs, results, self.head.outputs):
+                (consts if buf is None else env)[name] = value
+        split = self.split
+        read = {n: self._host(env[n]) if n in env else consts[n] for n in split.needs}
+        if split.kind == "evaluate":
+            if profile is not None:
+                t = time.perf_counter()
+            node = split.node
+            outs_host = host_evaluate(node, [read.get(i) if i in read else consts.get(i)
+                                             for i in node.inputs])
+            env.update(zip(node.outputs, outs_host))
+            if profile is not None:
+                profile.append((node.name, "host", time.perf_counter() - t))
+        else:
+            consts.update(read)
+        names = [t.name for t in self.rest_inputs]
+        dyn = [n for n in list(dict.fromkeys(self.head_outputs + self.host_outputs))
+               if n in env and n not in consts and n not in names and self._used(n)]
+        names += dyn
+        arrays_in = [env[n] for n in names]
+        key = (tuple(np.shape(a) for a in arrays_in),
+               tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in sorted(consts.items())))
+        tail = self._tails.get(key)
+        if tail is None:
+            infos = {t.name: t for t in self.rest_inputs}
+            inputs = [infos.get(n) or G.TensorInfo(n, tuple(np.shape(env[n])),
+                                                  np.asarray(env[n]).dtype) for n in names]
+            constants = dict(self.graph.constants)
+            constants.update(consts)
+            tail_graph = G.Graph(self.rest_nodes, inputs, self.graph.outputs, constants,
+                                 self.graph.name)
+            tail = Plan(tail_graph, self.device, tuple(np.shape(a) for a in arrays_in),
+                        self.weights, self.precision, self.memory_limit)
+            self._tails[key] = tail
+            if len(self._tails) > self.TAILS:
+                self._tails.popitem(last=False)
+        else:
+            self._tails.move_to_end(key)
+        return tail.run(arrays_in, outs, stats, profile, request_since, allow_in_place=False)
+
+    def _host(self, value):
+        """A tensor the host step reads, as a NumPy array (a device array: a typed error)."""
+        if isinstance(value, np.ndarray):
+            return value
+        try:
+            return np.asarray(value)
+        except (TypeError, ValueError, RuntimeError):
+            node = self.split.node
+            raise ShapeError(f"{node.source_op or node.op} node {node.name!r} is a host step "
+                             f"and reads {type(value).__name__} input values on the host: pass "
+                             "host (NumPy) arrays to this model") from None
+
+    def _used(self, name):
+        return name in self.graph.outputs or any(name in n.inputs for n in self.rest_nodes)
 
 
 def batch_mixing_node(graph: G.Graph, sample_shapes: tuple) -> str | None:
@@ -250,7 +445,10 @@ def batch_mixing_node(graph: G.Graph, sample_shapes: tuple) -> str | None:
 
     Checked at an odd batch size no other axis is likely to have."""
     probe = 7919
-    resolved = resolve(graph, tuple((probe,) + tuple(s) for s in sample_shapes))
+    try:
+        resolved = resolve(graph, tuple((probe,) + tuple(s) for s in sample_shapes))
+    except HostSplit as split:  # a host step: not merged (its shapes come from the values)
+        return f"{split.node.source_op or split.node.op} node {split.node.name!r} (a host step)"
     for node, attrs, operands, out_shape in resolved.entries:
         op = node.op
         in_shape = resolved.shapes[operands[0]]
@@ -280,10 +478,18 @@ class Plan:
         self.reserved = 0  # bytes of activation, input and scratch blocks this plan allocated
         ctx = BuildContext(device, weights, precision)
         ctx.reserve = weakref.WeakMethod(self._reserve)  # no cycle: an evicted plan goes at once
+        self._staged = None
         try:
             r = resolve(graph, input_shapes, device.ops, self.memory_limit)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"device {device.spec}: {e}", e.ops) from None
+        except HostSplit as split:
+            self._staged = StagedRun(graph, device, input_shapes, weights, precision,
+                                     memory_limit, split)
+            self._ctx, self.steps, self.outputs = ctx, [], []
+            self._output_shapes = None
+            self._bindings = None
+            return
         lacking = sorted({np.dtype(d).name for d in r.dtypes.values()}
                          - set(device.capabilities.dtypes) - {"float32"})
         if lacking:
@@ -388,6 +594,8 @@ class Plan:
             else:
                 raise ShapeError(f"graph output {o!r} is never computed")
         self._run_steps = tuple(device.finalize([s.run for s in self.steps]))
+        if ctx.flags is not None:
+            ctx.flags.reset()
         self._output_shapes = tuple(tuple(shape) for _, _, shape in self.outputs)
         # the dtype each output is returned in: float32 for float tensors, else its own
         logical = [self._logical.get(o, np.asarray(values.get(o, 0.0)).dtype)
@@ -403,6 +611,11 @@ class Plan:
 
     @property
     def output_shapes(self) -> tuple:
+        if self._staged is not None:
+            node = self._staged.split.node
+            raise ShapeError(f"the output shapes of this model follow from values at run time "
+                             f"({node.source_op or node.op} node {node.name!r} is a host "
+                             "step): call it without out= and bind()")
         return self._output_shapes
 
     def run(self, arrays, outs=None, stats=None, profile=None, request_since=None,
@@ -412,6 +625,8 @@ class Plan:
         On a device that computes on host memory, 4 KiB-aligned C-contiguous float32 arrays
         (``offload.empty``) are read, and written as ``outs``, in place: 0 bytes copied (unless
         ``allow_in_place`` is False)."""
+        if self._staged is not None:
+            return self._staged.run(arrays, outs, stats, profile, request_since)
         device = self.device
         t0 = time.perf_counter()
         runs, in_place = self._run_steps, None
@@ -438,12 +653,16 @@ class Plan:
             for run in runs:
                 run()
             device.synchronize()
+            if self._ctx.flags is not None:
+                self._ctx.flags.check()
         else:
             for step in self.steps:
                 s = time.perf_counter()
                 step.run()
                 device.synchronize()
                 profile.append((step.node.name, step.node.op, time.perf_counter() - s))
+            if self._ctx.flags is not None:
+                self._ctx.flags.check()
         t2 = time.perf_counter()
         results, copied_out = [], 0
         if isinstance(outs, str):  # "device"
@@ -507,6 +726,8 @@ class Plan:
         for run in self._run_steps:
             run()
         device.synchronize()
+        if self._ctx.flags is not None:
+            self._ctx.flags.check()
         t2 = time.perf_counter()
         results = []
         for view, (_, const, shape) in zip(outs, self.outputs):
@@ -554,6 +775,7 @@ class Plan:
         device, perf_counter = self.device, time.perf_counter
         synchronize = None if type(device).synchronize is Device.synchronize else \
             device.synchronize  # nothing to wait for on a device that computes synchronously
+        flags = self._ctx.flags
 
         def run(stats, request_since):
             t0 = request_since  # the caller has just read the clock
@@ -565,6 +787,8 @@ class Plan:
                 step()
             if synchronize is not None:
                 synchronize()
+            if flags is not None:
+                flags.check()
             t2 = perf_counter()
             for dst, buf, const in copy_out:
                 if buf is None:
@@ -636,6 +860,8 @@ class Plan:
             subs = {roots[k]: x.reshape(-1).view(np.uint8)
                     for k, (a, x) in enumerate(zip(key, arrays_outs)) if a}
             runs = self._bindings[key] = tuple(self.device.finalize(self._steps_with(subs)))
+            if self._ctx.flags is not None:
+                self._ctx.flags.reset()
             if len(self._bindings) > IN_PLACE_BINDINGS:
                 self._bindings.popitem(last=False)
         self._last_bound = (tuple(arrays), None if outs is None else tuple(outs), runs, key)

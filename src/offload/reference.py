@@ -286,7 +286,8 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         value = a.get("value", np.zeros(1, np.float32))
         return [np.full(tuple(int(d) for d in x), value.reshape(-1)[0], dtype=value.dtype)]
     if op == "range":
-        return [np.arange(x, inputs[1], inputs[2]).astype(np.result_type(x))]
+        start, limit, delta = (np.asarray(v).reshape(-1)[0] for v in inputs[:3])  # 1-element too
+        return [np.arange(start, limit, delta).astype(np.result_type(x))]
     if op == "matmul":
         if x.dtype.kind == "f":
             return [np.matmul(x.astype(np.float64), inputs[1]).astype(x.dtype)]

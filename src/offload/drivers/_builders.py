@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .. import checks
 from .. import elementwise as EW
 from ._kernels import (ACTIVATIONS, BINARY_OPS, MAX_RANK, REDUCTIONS, _broadcast_strides,
                        _collapse, _contiguous_strides, _operand, _outer_r_inner, _pad_rank,
@@ -29,11 +30,13 @@ from ..errors import UnsupportedOpError
 i32, f32 = np.int32, np.float32
 
 
-def launch(ctx, program, name, n, args, what, source=None):
-    """A 1-D launch of a kernel compiled for the plan's tensor storage (ctx.kernel_defines)."""
+def launch(ctx, program, name, n, args, what, source=None, defines=None):
+    """A 1-D launch of a kernel compiled for the plan's tensor storage (ctx.kernel_defines, or
+    ``defines`` that extend them)."""
     if n == 0:
         return lambda: None
-    return ctx.device.launch_1d(program, name, n, args, what, ctx.kernel_defines, source)
+    return ctx.device.launch_1d(program, name, n, args, what,
+                                ctx.kernel_defines if defines is None else defines, source)
 
 
 def epilogue_args(attrs, driver="opencl"):
@@ -97,8 +100,22 @@ def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
     outer, r, inner = _outer_r_inner(x.shape, (axis,))
     total = outer * inner
-    return launch(ctx, "reduce.cl", "softmax_axis", total,
+    first = None
+    if "scale" in attrs:  # softmax(x * scale + bias) (plan fusion): a muladd into scratch
+        b = _operand(ctx, ins[1])
+        tmp = ctx.scratch(x.shape)
+        scale = ctx.weight(np.array(attrs["scale"], np.float32), "softmax_scale")
+        views = [(x, 0, _contiguous_strides(x.shape)), (scale, 0, [0] * x.ndim),
+                 (b, 0, _broadcast_view(b.shape, x.shape))]
+        first = elementwise(ctx, "muladd", [tmp], tmp.shape, views,
+                            (tmp, 0, _contiguous_strides(tmp.shape)))
+        x = tmp
+    soft = launch(ctx, "reduce.cl", "softmax_axis", total,
                   (x, out, i32(total), i32(r), i32(inner)), "softmax")
+    return soft if first is None else _sequence(first, soft)
+
+
+build_softmax.scale_bias = True  # the plan may fuse a constant scale and a bias add into it
 
 
 def gather6(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
@@ -115,6 +132,8 @@ def gather6(ctx, x, y, out_shape, x_index_strides, lows, highs, value=0.0):
 
 def build_reduce(ctx, attrs, ins, out):
     x, axes = ins[0], tuple(attrs["axes"])
+    if np.dtype(x.dtype) != np.dtype(ctx.storage):
+        return _reduce_through_float(ctx, attrs, x, out)
     if not axes:
         return gather6(ctx, x, out, x.shape, _contiguous_strides(x.shape), [0] * x.ndim,
                        x.shape)
@@ -131,6 +150,28 @@ def build_reduce(ctx, attrs, ins, out):
     r = math.prod(x.shape[a] for a in axes)
     rows = reduce_rows(ctx, tmp, out, math.prod(t_shape) // max(r, 1), r, 1, attrs["fn"])
     return _sequence(move, rows)
+
+
+def _reduce_through_float(ctx, attrs, x, out):
+    """ReduceMax/Min of bool data (ONNX 20): cast to float scratch, reduce, cast back (exact
+    for 0/1). Integer data: refused by name (float32 would round values past 2**24)."""
+    dt = np.dtype(x.dtype)
+    if dt.kind != "b":
+        raise UnsupportedOpError(f"{ctx.device.spec}: Reduce{attrs['fn'].capitalize()} of "
+                                 f"{dt.name} data (float and bool data on this device)",
+                                 [("reduce", attrs.get("node", ""))])
+    xf, yf = ctx.scratch(x.shape, slot=1), ctx.scratch(out.shape, slot=2)
+    xs, ys = _contiguous_strides(x.shape), _contiguous_strides(out.shape)
+    to_float = elementwise(ctx, "cast", [xf], x.shape, [(x, 0, xs)], (xf, 0, xs))
+    reduce = build_reduce(ctx, attrs, [xf], yf)
+    zero = _operand(ctx, _ZERO)
+    # y > 0: also right over an empty set (max -inf -> False, min +inf -> True, as ONNX)
+    back = elementwise(ctx, "greater", [out], out.shape,
+                       [(yf, 0, ys), (zero, 0, [0] * len(ys))], (out, 0, ys))
+    return _sequence(to_float, reduce, back)
+
+
+_ZERO = np.zeros((), np.float32)
 
 
 def build_pad(ctx, attrs, ins, out):
@@ -238,89 +279,128 @@ SHARED = {
 
 # ------------------------------------------------------------------------------ indices
 
-def _float_data(ctx, x, op):
-    if np.dtype(x.dtype) != np.dtype(ctx.storage):
-        raise UnsupportedOpError(f"{ctx.device.spec}: {op} of {np.dtype(x.dtype).name} data "
-                                 "(float data only on this device)", [(op, "")])
+_DATA_T = {"int64": "i64", "int32": "int", "bool": "u8"}  # index.cl's DATA_T per dtype
+
+
+def _index_defines(ctx, x, idx=None, op=""):
+    """The defines compiling index.cl for this data (float storage, int64, int32 or bool) and
+    these indices (int64 or int32)."""
+    defines = dict(ctx.kernel_defines)
+    dt = np.dtype(x.dtype)
+    if dt != np.dtype(ctx.storage):
+        if dt.name not in _DATA_T:
+            raise UnsupportedOpError(f"{ctx.device.spec}: {op} of {dt.name} data (float "
+                                     "storage, int64, int32 and bool on this device)", [(op, "")])
+        defines["DATA_T"] = _DATA_T[dt.name]
+    if idx is not None and np.dtype(idx.dtype) == np.int32:
+        defines["INDEX_T"] = "int"
+    return defines
 
 
 def _indices(ctx, idx):
     if isinstance(idx, np.ndarray):
         return ctx.weight(idx, "int64", lambda a: a.astype(np.int64))
-    if np.dtype(idx.dtype) != np.int64:
+    if np.dtype(idx.dtype) not in (np.dtype(np.int64), np.dtype(np.int32)):
         raise UnsupportedOpError(f"{ctx.device.spec}: run-time indices of dtype "
-                                 f"{np.dtype(idx.dtype).name} (int64 only)", [("gather", "")])
+                                 f"{np.dtype(idx.dtype).name} (int64 and int32 only)",
+                                 [("gather", "")])
     return idx
+
+
+def _flag(ctx, attrs, op, idx, axis_size):
+    """(flag buffer, slot) for an index kernel: the kernel writes the flat position + 1 of an
+    index outside its axis; after the run the plan reads the flags and raises a ShapeError
+    naming the node, the index value and position and the axis size (``axis_size(position)``
+    -> (axis, size)). The index value is read back only then."""
+    device = ctx.device
+
+    def describe(position):
+        host = np.empty(idx.shape, np.dtype(idx.dtype))
+        device.copy_out(host, idx)
+        axis, size = axis_size(position)
+        return checks.index_message(op, attrs.get("node", ""), int(host.reshape(-1)[position]),
+                             np.unravel_index(position, idx.shape) if idx.shape else (),
+                             axis, size)
+    return ctx.index_flag(describe)
 
 
 def build_gather(ctx, attrs, ins, out):
     x, idx = _operand(ctx, ins[0]), _indices(ctx, ins[1])
-    _float_data(ctx, x, "Gather")
+    defines = _index_defines(ctx, x, idx, "Gather")
     axis = attrs["axis"]
     inner = math.prod(x.shape[axis + 1:])
     total = out.size
+    err, slot = _flag(ctx, attrs, "Gather", idx, lambda p: (axis, x.shape[axis]))
     return launch(ctx, "index.cl", "gather_axis", total,
                   (x, idx, out, i32(total), i32(x.shape[axis]), i32(max(idx.size, 1)),
-                   i32(inner)), "gather")
+                   i32(inner), err, i32(slot)), "gather", defines=defines)
 
 
 def build_gather_elements(ctx, attrs, ins, out):
     x, idx = _operand(ctx, ins[0]), _indices(ctx, ins[1])
-    _float_data(ctx, x, "GatherElements")
+    defines = _index_defines(ctx, x, idx, "GatherElements")
     axis, pad = attrs["axis"], MAX_RANK - x.ndim
     dims, strides = _pad_rank(list(out.shape), _contiguous_strides(x.shape))
     total = out.size
+    err, slot = _flag(ctx, attrs, "GatherElements", idx, lambda p: (axis, x.shape[axis]))
     return launch(ctx, "index.cl", "gather_elements6", total,
                   (x, idx, out, i32(total), i32(axis + pad), i32(x.shape[axis]),
-                   *map(i32, dims), *map(i32, strides)), "gather_elements")
+                   *map(i32, dims), *map(i32, strides), err, i32(slot)), "gather_elements",
+                  defines=defines)
 
 
 def build_topk(ctx, attrs, ins, out):
     x = _operand(ctx, ins[0])
-    _float_data(ctx, x, "TopK")
+    defines = _index_defines(ctx, x, None, "TopK")
     outer, r, inner = _outer_r_inner(x.shape, (attrs["axis"],))
     total = outer * inner
     return launch(ctx, "index.cl", "topk_indices", total,
                   (x, out, i32(total), i32(r), i32(attrs["k"]), i32(inner),
-                   i32(attrs.get("largest", 1))), "topk")
+                   i32(attrs.get("largest", 1))), "topk", defines=defines)
+
+
+def _nd_args(x, q):
+    sizes = list(x.shape[:q]) + [1] * (MAX_RANK - q)
+    weights = [math.prod(x.shape[j + 1:q]) for j in range(q)] + [0] * (MAX_RANK - q)
+    return sizes, weights
 
 
 def build_gather_nd(ctx, attrs, ins, out):
     x, idx = _operand(ctx, ins[0]), _indices(ctx, ins[1])
-    _float_data(ctx, x, "GatherND")
+    defines = _index_defines(ctx, x, idx, "GatherND")
     q = idx.shape[-1]
     inner = math.prod(x.shape[q:])
-    sizes = list(x.shape[:q]) + [1] * (MAX_RANK - q)
-    weights = [math.prod(x.shape[j + 1:q]) for j in range(q)] + [0] * (MAX_RANK - q)
+    sizes, weights = _nd_args(x, q)
     total = out.size
+    err, slot = _flag(ctx, attrs, "GatherND", idx, lambda p: (p % q, x.shape[p % q]))
     return launch(ctx, "index.cl", "gather_nd", total,
                   (x, idx, out, i32(total), i32(max(inner, 1)), i32(q), *map(i32, sizes),
-                   *map(i32, weights)), "gather_nd")
+                   *map(i32, weights), err, i32(slot)), "gather_nd", defines=defines)
 
 
 def build_cumsum(ctx, attrs, ins, out):
     x = _operand(ctx, ins[0])
-    _float_data(ctx, x, "CumSum")
+    defines = _index_defines(ctx, x, None, "CumSum")
     outer, r, inner = _outer_r_inner(x.shape, (attrs["axis"],))
     total = outer * inner
     return launch(ctx, "index.cl", "cumsum_axis", total,
                   (x, out, i32(total), i32(r), i32(inner), i32(attrs.get("exclusive", 0)),
-                   i32(attrs.get("reverse", 0))), "cumsum")
+                   i32(attrs.get("reverse", 0))), "cumsum", defines=defines)
 
 
 def build_scatter_nd(ctx, attrs, ins, out):
     x, idx, u = _operand(ctx, ins[0]), _indices(ctx, ins[1]), _operand(ctx, ins[2])
-    _float_data(ctx, x, "ScatterND")
+    defines = _index_defines(ctx, x, idx, "ScatterND")
     q = idx.shape[-1]
     inner = math.prod(x.shape[q:])
-    sizes = list(x.shape[:q]) + [1] * (MAX_RANK - q)
-    weights = [math.prod(x.shape[j + 1:q]) for j in range(q)] + [0] * (MAX_RANK - q)
+    sizes, weights = _nd_args(x, q)
     xs = _contiguous_strides(x.shape)
     copy = elementwise(ctx, "copy", [out], x.shape, [(x, 0, xs)], (out, 0, xs))
     total = u.size
+    err, slot = _flag(ctx, attrs, "ScatterND", idx, lambda p: (p % q, x.shape[p % q]))
     scatter = launch(ctx, "index.cl", "scatter_nd", total,
                      (idx, u, out, i32(total), i32(max(inner, 1)), i32(q), *map(i32, sizes),
-                      *map(i32, weights)), "scatter_nd")
+                      *map(i32, weights), err, i32(slot)), "scatter_nd", defines=defines)
     return _sequence(copy, scatter)
 
 

@@ -410,8 +410,13 @@ def build_activation(ctx, attrs, ins, out):
     return _sequence(functools.partial(np.copyto, out, x), epilogue(y2, attrs))
 
 
+SOFTMAX_BLOCK = 1 << 15  # elements per block of the fused softmax: stays in L2
+
+
 def build_softmax(ctx, attrs, ins, out):
     x, axis = ins[0], attrs["axis"]
+    if "scale" in attrs:  # softmax(x * scale + bias) over the last axis (plan fusion)
+        return _softmax_scaled(x, ins[1], F32(attrs["scale"]), out)
     if axis == x.ndim - 1:
         return NativeStep("softmax", x, out)
     red_shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
@@ -427,6 +432,48 @@ def build_softmax(ctx, attrs, ins, out):
     return softmax
 
 
+def _softmax_scaled(x, bias, scale, out):
+    """softmax(x * scale + bias) over the last axis in blocks of rows that stay in cache: one
+    pass over memory instead of three (scale, add, softmax). Each block subtracts its own
+    maximum (one contiguous reduction instead of one per row); rows whose sum then falls below
+    1e-20 (far below the block's maximum) are redone with their own maximum."""
+    n = x.shape[-1]
+    x2, y2 = x.reshape(-1, n), out.reshape(-1, n)
+    b2 = bias.reshape(-1, n) if bias.shape == x.shape else None
+    rows = x2.shape[0]
+    block = max(1, SOFTMAX_BLOCK // max(n, 1))
+    tmp = np.empty((block, 1), F32)
+    spans = [(a, min(rows, a + block)) for a in range(0, rows, block)]
+
+    def redo(a, bad):
+        full = b2 if b2 is not None else np.broadcast_to(bias, x.shape).reshape(-1, n)
+        pre = x2[a + bad] * scale + full[a + bad]
+        pre -= pre.max(axis=1, keepdims=True)
+        np.exp(pre, out=pre)
+        y2[a + bad] = pre / pre.sum(axis=1, keepdims=True)
+
+    def run():
+        with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
+            if b2 is None:  # a bias broadcast over some axes: one full pass first
+                np.multiply(x, scale, out=out)
+                np.add(out, bias, out=out)
+            for a, e in spans:
+                y, t = y2[a:e], tmp[:e - a]
+                if b2 is not None:
+                    np.multiply(x2[a:e], scale, out=y)
+                    y += b2[a:e]
+                y -= y.max()
+                np.exp(y, out=y)
+                np.sum(y, axis=1, keepdims=True, out=t)
+                y /= t
+                if not t.min() >= 1e-20:  # (NaN too)
+                    redo(a, np.flatnonzero(~(t[:, 0] >= 1e-20)))
+    return run
+
+
+build_softmax.scale_bias = True  # the plan may fuse a constant scale and a bias add into it
+
+
 def build_concat(ctx, attrs, ins, out):
     axis = attrs["axis"]
     return lambda: np.concatenate(ins, axis=axis, out=out)
@@ -440,6 +487,12 @@ def build_reduce(ctx, attrs, ins, out):
     y = out.reshape(keep_shape)
     fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min,
           "prod": np.prod}[attrs["fn"]]
+    if attrs["fn"] in ("max", "min") and not x.size:  # over an empty set: ONNX's identity
+        dt = np.dtype(x.dtype)
+        big = True if dt.kind == "b" else np.iinfo(dt).max if dt.kind in "iu" else np.inf
+        low = False if dt.kind == "b" else np.iinfo(dt).min if dt.kind in "iu" else -np.inf
+        value = low if attrs["fn"] == "max" else big
+        return lambda: y.fill(value)
     return lambda: fn(x, axis=axes, keepdims=True, out=y)
 
 
@@ -495,15 +548,25 @@ def build_erf(ctx, attrs, ins, out):
     t = np.empty(out.shape, F32)
     if fn == "erf":
         return lambda: _erf_into(x, out, t)
-    u = np.empty(out.shape, F32)
+    # 0.5 x (1 + erf(x / sqrt 2)) in blocks that stay in cache (the erf's passes then run
+    # from L2, not memory); the written-out GELU of PyTorch's exports is fused into this
+    xf, of = x.reshape(-1), out.reshape(-1)
+    block = min(xf.size, GELU_BLOCK) or 1
+    t, u = np.empty(block, F32), np.empty(block, F32)
+    spans = [(a, min(xf.size, a + block)) for a in range(0, xf.size, block)]
 
-    def gelu():  # 0.5 x (1 + erf(x / sqrt 2))
-        np.multiply(x, F32(0.7071067811865476), out=u)
-        _erf_into(u, out, t)
-        np.add(out, F32(1.0), out=out)
-        np.multiply(out, x, out=out)
-        np.multiply(out, F32(0.5), out=out)
+    def gelu():
+        for a, e in spans:
+            xs, ys, ts, us = xf[a:e], of[a:e], t[:e - a], u[:e - a]
+            np.multiply(xs, F32(0.7071067811865476), out=us)
+            _erf_into(us, ys, ts)
+            ys += F32(1.0)
+            ys *= xs
+            ys *= F32(0.5)
     return gelu
+
+
+GELU_BLOCK = 1 << 15  # elements per block of the cpu gelu
 
 
 def build_elementwise(ctx, attrs, ins, out):
@@ -566,10 +629,17 @@ def build_matmul(ctx, attrs, ins, out):
 def _check_indices(attrs, idx, size, axis, op):
     lo, hi = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
     if lo < -size or hi >= size:
-        from ..errors import ShapeError
-        bad = lo if lo < -size else hi
-        raise ShapeError(f"{op} node {attrs.get('node', '')!r}: index {bad} is outside "
-                         f"[-{size}, {size - 1}] for axis {axis} (size {size}) of its data")
+        _raise_index(attrs, idx, np.int64(size), lambda p: axis, op)
+
+
+def _raise_index(attrs, idx, sizes, axis_of, op):
+    from .. import checks
+    from ..errors import ShapeError
+    p = checks.first_bad_index(idx, sizes)
+    if p is not None:
+        raise ShapeError(checks.index_message(
+            op, attrs.get("node", ""), int(idx.reshape(-1)[p]), np.unravel_index(p, idx.shape),
+            axis_of(p), int(np.broadcast_to(sizes, idx.shape).reshape(-1)[p])))
 
 
 def build_gather(ctx, attrs, ins, out):
@@ -604,9 +674,7 @@ def build_gather_nd(ctx, attrs, ins, out):
 
     def run():
         if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
-            from ..errors import ShapeError
-            raise ShapeError(f"GatherND node {attrs.get('node', '')!r}: an index is outside "
-                             f"data {list(x.shape)} (first {q} axes)")
+            _raise_index(attrs, idx, sizes, lambda p: p % q, "GatherND")
         lin = (np.where(idx < 0, idx + sizes, idx) @ weights).reshape(-1)
         np.take(flat, lin, axis=0, out=out2)
     return run
@@ -639,9 +707,7 @@ def build_scatter_nd(ctx, attrs, ins, out):
 
     def run():
         if idx.size and ((idx < -sizes).any() or (idx >= sizes).any()):
-            from ..errors import ShapeError
-            raise ShapeError(f"ScatterND node {attrs.get('node', '')!r}: an index is outside "
-                             f"data {list(x.shape)} (first {q} axes)")
+            _raise_index(attrs, idx, sizes, lambda p: p % q, "ScatterND")
         np.copyto(out, x)
         out[tuple(np.moveaxis(np.where(idx < 0, idx + sizes, idx), -1, 0))] = u
     return run

@@ -1,0 +1,172 @@
+"""Plan-time rewrites of a resolved graph (plan.resolve's entries: node, attrs, data operands,
+out shape), once every shape is known: what only concrete shapes allow (an Expand that the
+consumer's broadcasting makes unnecessary) and fusions whose operands must be checked against
+shapes and constants (attention's scaled, biased softmax; the written-out GELU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import graph as G
+
+
+def fuse(entries, shapes, values, outputs, device_ops):
+    """Every rewrite in order, then the entries nothing reads are dropped."""
+    entries = _elide_expands(entries, shapes)
+    entries = _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops)
+    entries = _fuse_gelu(entries, shapes, values, outputs, device_ops)
+    return _live_entries(entries, outputs)
+
+
+_BROADCASTING = ("add", "sub", "mul", "div")  # (and elementwise rows)
+
+
+def _elide_expands(entries, shapes):
+    """An Expand (an elementwise copy to a larger shape) read by elementwise ops that would
+    broadcast its input to the same output shape anyway is read through: the consumer takes
+    the Expand's input (the copy is dropped by _live_entries when nothing else reads it)."""
+    expanded = {node.outputs[0]: operands[0] for node, attrs, operands, _ in entries
+                if node.op == "elementwise" and "shape" in node.attrs and operands}
+    if not expanded:
+        return entries
+    out = []
+    for node, attrs, operands, out_shape in entries:
+        if (node.op == "elementwise" and "shape" not in node.attrs) or node.op in _BROADCASTING:
+            ops = list(operands)
+            for k, name in enumerate(ops):
+                src = expanded.get(name)
+                if src is None or src not in shapes:
+                    continue
+                trial = [shapes[n] for j, n in enumerate(ops) if j != k] + [shapes[src]]
+                try:
+                    same = tuple(np.broadcast_shapes(*trial)) == tuple(out_shape)
+                except ValueError:
+                    same = False
+                if same:
+                    ops[k] = src
+            if ops != list(operands):
+                node = G.Node(node.op, ops, node.outputs, node.attrs, node.name, node.source_op)
+                operands = ops
+        out.append((node, attrs, operands, out_shape))
+    return out
+
+
+def _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops):
+    """softmax(x * s + bias) (attention: scores scaled by a constant, plus a mask or pair
+    bias) as one softmax step with ``scale`` and a ``bias`` operand, on the last axis, when
+    the scaled and biased tensors are read by nothing else."""
+    if device_ops is None or not getattr(device_ops.get("softmax"), "scale_bias", False):
+        return entries  # (a softmax builder that takes them says so: build_softmax.scale_bias)
+    readers: dict[str, int] = {}
+    for _, _, operands, _ in entries:
+        for n in operands:
+            readers[n] = readers.get(n, 0) + 1
+    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+    drop, out = set(), list(entries)
+
+    def single(name):
+        return readers.get(name, 0) == 1 and name not in outputs and name in by_out
+
+    for k, (node, attrs, operands, out_shape) in enumerate(entries):
+        if node.op != "softmax" or attrs["axis"] != len(out_shape) - 1 or "scale" in attrs:
+            continue
+        u = operands[0]
+        if not single(u):
+            continue
+        a_node, _, a_ops, a_shape = entries[by_out[u]]
+        if not (_is_fn(a_node, "add") and len(a_ops) == 2 and tuple(a_shape) == tuple(out_shape)):
+            continue
+        for t, bias in ((a_ops[0], a_ops[1]), (a_ops[1], a_ops[0])):
+            if t not in by_out or not single(t) or bias not in shapes:
+                continue
+            s_node, _, s_ops, s_shape = entries[by_out[t]]
+            if not ((_is_fn(s_node, "mul") or _is_fn(s_node, "div")) and len(s_ops) == 2
+                    and tuple(s_shape) == tuple(out_shape)):
+                continue
+            x, c = s_ops
+            cv = values.get(c) if c not in shapes else None
+            if cv is None or np.size(cv) != 1 or x not in shapes or \
+                    tuple(shapes[x]) != tuple(out_shape):
+                continue
+            c = float(np.asarray(cv).reshape(-1)[0])
+            scale = 1.0 / c if _is_fn(s_node, "div") else c
+            fused = dict(attrs, scale=scale, bias=True)
+            out[k] = (node, fused, [x, bias], out_shape)
+            drop.update((by_out[t], by_out[u]))
+            break
+    return [e for j, e in enumerate(out) if j not in drop]
+
+
+def _fuse_gelu(entries, shapes, values, outputs, device_ops):
+    """The written-out GELU of PyTorch's exports, x * (erf(x / sqrt 2) + 1) * 0.5 (Div, Erf,
+    Add, Mul, Mul; any operand order), as one elementwise gelu step."""
+    if device_ops is None or "elementwise" not in device_ops:
+        return entries
+    readers: dict[str, int] = {}
+    for _, _, operands, _ in entries:
+        for n in operands:
+            readers[n] = readers.get(n, 0) + 1
+    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+
+    def inner(name):  # the entry producing ``name`` when only one step reads it
+        if readers.get(name, 0) != 1 or name in outputs or name not in by_out:
+            return None
+        return entries[by_out[name]]
+
+    def const(name, want):
+        v = values.get(name) if name not in shapes else None
+        return v is not None and np.size(v) == 1 and \
+            abs(float(np.asarray(v).reshape(-1)[0]) - want) <= 1e-6 * abs(want)
+
+    def split(entry, fn, want):  # (the run-time operand, ok) of entry = fn(operand, want)
+        node, _, ops, _ = entry
+        if not _is_fn(node, fn) or len(ops) != 2:
+            return None
+        for a, b in ((ops[0], ops[1]), (ops[1], ops[0])):
+            if const(b, want) and (fn != "div" or b == ops[1]):
+                return a
+        return None
+
+    drop, out = set(), list(entries)
+    for k, entry in enumerate(entries):
+        node, attrs, ops, shape = entry
+        m = split(entry, "mul", 0.5)
+        e_mul = inner(m) if m else None
+        if e_mul is None or not _is_fn(e_mul[0], "mul") or len(e_mul[2]) != 2:
+            continue
+        for x, a in ((e_mul[2][0], e_mul[2][1]), (e_mul[2][1], e_mul[2][0])):
+            e_add = inner(a)
+            e = split(e_add, "add", 1.0) if e_add else None
+            e_erf = inner(e) if e else None
+            if e_erf is None or not _is_fn(e_erf[0], "erf"):
+                continue
+            e_div = inner(e_erf[2][0])
+            y = split(e_div, "div", math.sqrt(2.0)) if e_div else None
+            if y is None:
+                e_div2 = e_div
+                y = split(e_div2, "mul", 1 / math.sqrt(2.0)) if e_div2 else None
+            if y != x or x not in shapes or tuple(shapes[x]) != tuple(shape):
+                continue
+            gelu = G.Node("elementwise", [x], node.outputs, {"fn": "gelu"}, node.name,
+                          "Gelu")
+            out[k] = (gelu, {"fn": "gelu", "params": (), "node": node.name}, [x], shape)
+            drop.update(by_out[n] for n in (m, a, e, e_erf[2][0]))
+            break
+    return [e for j, e in enumerate(out) if j not in drop]
+
+
+def _is_fn(node, fn):
+    return node.op == fn or (node.op == "elementwise" and node.attrs.get("fn") == fn)
+
+
+def _live_entries(entries, outputs):
+    """The entries whose outputs something reads (a graph output or a later entry)."""
+    needed, keep = set(outputs), []
+    for entry in reversed(entries):
+        node, _, operands, _ = entry
+        if node.outputs[0] in needed:
+            keep.append(entry)
+            needed.update(operands)
+    return keep[::-1]
