@@ -12,6 +12,7 @@
 //   gather(out, parts) -> int: parts copied back to back into out, the rest zeroed (GIL released)
 //   unshared(list) -> int: index of the first item only the list refers to (arena reuse)
 //   dense, epilogue, softmax: fused float32 CPU kernels (cpu_kernels.cpp)
+//   rnn: the time loop of one LSTM/GRU layer (rnn_kernels.cpp)
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -521,6 +522,10 @@ std::int64_t gather(nb::handle out, nb::sequence parts, bool strict) {
 
 void register_cpu_kernels(nb::module_ &m);  // cpu_kernels.cpp
 
+// ---------------------------------------------------------------------------------------------
+// Recurrent layers: rnn(...) runs the time loop of one LSTM/GRU layer (rnn_kernels.cpp).
+void register_rnn_kernels(nb::module_ &m);
+
 NB_MODULE(_core, m) {
     m.doc() = "Native helpers for offload (aligned host buffers, pointers).";
 
@@ -606,4 +611,5 @@ NB_MODULE(_core, m) {
           "TypeError/ValueError, or with strict=False makes it return -1 with nothing written.");
 
     register_cpu_kernels(m);
+    register_rnn_kernels(m);
 }

@@ -557,7 +557,95 @@ def build_topk(ctx, attrs, ins, out):
     return run
 
 
+# ------------------------------------------------------------------------------ recurrent layers
+
+def rnn_weights(ctx, attrs, ins, what):
+    """The constants of an rnn node (W, R, B, P) by role, checked to be constants; and its
+    sizes (T, B, I, D, H, G). Shared with the kernel devices' builder (drivers/_builders.py)."""
+    from ..errors import UnsupportedOpError
+    roles = attrs["roles"]
+    get = {role: ins[k] for k, role in enumerate(roles)}
+    for role in ("w", "r", "b", "p"):
+        if role in get and not isinstance(get[role], np.ndarray):
+            raise UnsupportedOpError(f"{what}: {attrs['cell'].upper()} node "
+                                     f"{attrs.get('node', '')!r}: W, R, B and P must be "
+                                     "constants", [(attrs["cell"].upper(), attrs.get("node", ""))])
+    t, b, i = get["x"].shape
+    d, gh, _ = get["w"].shape
+    h = get["r"].shape[2]
+    return get, (t, b, i, d, h, gh // h)
+
+
+def rnn_packed_rt(r, cell):
+    """R [D, G*H, H] as R^T [D, H, NP] in segments padded to 16 columns (LSTM: one of 4H;
+    GRU: z, r | h), the layout _core.rnn reads."""
+    d, gh, h = r.shape
+    pad = lambda n: -(-n // 16) * 16  # noqa: E731
+    rt = np.ascontiguousarray(np.transpose(r, (0, 2, 1)), F32)
+    if cell == "lstm":
+        out = np.zeros((d, h, pad(4 * h)), F32)
+        out[:, :, :4 * h] = rt
+    else:
+        s1 = pad(2 * h)
+        out = np.zeros((d, h, s1 + pad(h)), F32)
+        out[:, :, :2 * h] = rt[:, :, :2 * h]
+        out[:, :, s1:s1 + h] = rt[:, :, 2 * h:]
+    return out
+
+
+def rnn_threads(work: int) -> int:
+    """Threads for one layer of ``work`` multiply-adds per step loop: the cores (or
+    OPENBLAS_NUM_THREADS, which the README suggests for one model per event thread), one for
+    small layers whose threads would cost more than they save."""
+    import os
+    if work < (1 << 22):
+        return 1
+    try:
+        return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS") or _cpu_count()))
+    except ValueError:
+        return _cpu_count()
+
+
+def build_rnn(ctx, attrs, ins, out):
+    """LSTM/GRU: the input projection of every step as one NumPy product, then _core.rnn."""
+    from .. import checks
+    get, (t, b, i, d, h, g) = rnn_weights(ctx, attrs, ins, "cpu")
+    cell = attrs["cell"]
+    x = get["x"]
+    wt = ctx.weight(get["w"], "rnn_wt",
+                    lambda a: np.transpose(a, (2, 0, 1)).reshape(i, d * g * h).astype(F32))
+    rt = ctx.weight(get["r"], "rnn_rt", lambda a: rnn_packed_rt(a, cell))
+    if "b" in get:
+        wb = ctx.weight(get["b"], "rnn_wb", lambda a: a[:, :g * h].astype(F32))
+        rb = ctx.weight(get["b"], "rnn_rb", lambda a: a[:, g * h:].astype(F32))
+    else:
+        wb = rb = np.zeros((d, g * h), F32)
+    p = ctx.weight(get["p"], "rnn_p", lambda a: a.astype(F32)) if "p" in get else None
+    state = [np.ascontiguousarray(get[k], F32) if isinstance(get.get(k), np.ndarray)
+             else get.get(k) for k in ("h0", "c0")]
+    lens = get.get("seq")
+    label = f"{cell.upper()} node {attrs.get('node', '')!r}"
+    xw = ctx.scratch((t, b, d * g * h))
+    x2, xw2 = x.reshape(t * b, i), xw.reshape(t * b, d * g * h)
+    code = {"forward": 0, "reverse": 1, "bidirectional": 2}[attrs["direction"]]
+    threads = rnn_threads(t * b * h * rt.shape[2] * d)
+    args = (0 if cell == "lstm" else 1, code, xw, rt, wb, rb, p)
+    tail = (state[0], state[1], out, float(attrs.get("clip", 0.0)),
+            bool(attrs.get("input_forget", 0)), bool(attrs.get("linear_before_reset", 0)),
+            threads)
+
+    def run():
+        seq = None
+        if lens is not None:
+            seq = np.ascontiguousarray(lens, np.int32)
+            checks.check_sequence_lens(label, lens, t)
+        np.matmul(x2, wt, out=xw2)
+        _core.rnn(*args, seq, *tail)
+    return run
+
+
 OPS = {
+    "rnn": build_rnn,
     "elementwise": build_elementwise,
     "slice": build_slice,
     "tile": build_tile,
