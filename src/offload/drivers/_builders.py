@@ -334,3 +334,107 @@ def build_layernorm(ctx, attrs, ins, out):
 
 
 SHARED.update(layernorm=build_layernorm, scatter_nd=build_scatter_nd, cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)
+
+
+# ------------------------------------------------------------------------------ recurrent layers
+
+def rnn_weights(ctx, attrs, ins, what):
+    """The operands of an rnn node by role (W, R, B and P checked to be constants) and its
+    sizes (T, B, I, D, H, G); shared with the cpu device."""
+    roles = attrs["roles"]
+    get = {role: ins[k] for k, role in enumerate(roles)}
+    for role in ("w", "r", "b", "p"):
+        if role in get and not isinstance(get[role], np.ndarray):
+            op = attrs["cell"].upper()
+            raise UnsupportedOpError(f"{what}: {op} node {attrs.get('node', '')!r}: W, R, B and "
+                                     "P must be constants", [(op, attrs.get("node", ""))])
+    t, b, i = get["x"].shape
+    d, gh, _ = get["w"].shape
+    h = get["r"].shape[2]
+    return get, (t, b, i, d, h, gh // h)
+
+
+def _host_lens(ctx, lens, label, t):
+    """A step checking run-time sequence lengths on the host (one small read before the layer:
+    a bad length is a ShapeError naming the node, not a read outside the tensors)."""
+    from .. import checks
+    host = np.empty(lens.shape, np.dtype(lens.dtype))
+    device = ctx.device
+
+    def check():
+        device.copy_out(host, lens)
+        checks.check_sequence_lens(label, host, t)
+    return check
+
+
+def build_rnn(ctx, attrs, ins, out):
+    """LSTM/GRU on the kernel devices: X @ W^T of every step as one batched product (the
+    driver's matmul), then per step the recurrent product h @ R^T (matmul) and one fused gate
+    kernel of rnn.cl; only enqueues, no synchronisation per step."""
+    spec = ctx.device.spec
+    get, (t, b, i, d, h, g) = rnn_weights(ctx, attrs, ins, spec)
+    cell, matmul = attrs["cell"], ctx.device.ops["matmul"]
+    lbr = cell == "gru" and attrs.get("linear_before_reset", 0)
+    dir_code = i32({"forward": 0, "reverse": 1, "bidirectional": 2}[attrs["direction"]])
+    clip = f32(attrs.get("clip", 0.0))
+    gh = g * h
+    x = _operand(ctx, get["x"])
+    wt = ctx.weight(get["w"], "rnn_wt", lambda a: np.transpose(a, (0, 2, 1)).astype(f32))
+    rt = ctx.weight(get["r"], "rnn_rt", lambda a: np.transpose(a, (0, 2, 1)).astype(f32))
+    bias = ctx.weight(get["b"] if "b" in get else np.zeros((d, 2 * gh), f32))
+    p = ctx.weight(get["p"]) if "p" in get else None
+    lens = get.get("seq")
+    if isinstance(lens, np.ndarray):
+        lens = ctx.weight(lens, "int32", lambda a: a.astype(np.int32))
+    h0 = _operand(ctx, get["h0"]) if "h0" in get else None
+    c0 = _operand(ctx, get["c0"]) if "c0" in get else None
+    total = d * b * h
+    xw = ctx.scratch((d, t * b, gh), slot=10)
+    hs = ctx.scratch((d, b, h), slot=11)
+    cs = ctx.scratch((d, b, h), slot=12) if cell == "lstm" else None
+    steps = []
+    if lens is not None and not isinstance(get["seq"], np.ndarray):
+        if np.dtype(lens.dtype) != np.int32:
+            raise UnsupportedOpError(f"{spec}: sequence_lens of dtype {np.dtype(lens.dtype).name} "
+                                     "(int32, as ONNX defines it)", [(cell.upper(), "")])
+        steps.append(_host_lens(ctx, lens, f"{cell.upper()} node {attrs.get('node', '')!r}", t))
+    if t * b:
+        steps.append(matmul(ctx, {}, [x.reshape(1, t * b, i), wt], xw))
+    steps.append(launch(ctx, "rnn.cl", "rnn_init", total, (h0, c0, hs, cs, i32(total)),
+                        "rnn init"))
+    shape = (i32(total), i32(t), i32(b), i32(h), i32(d), dir_code)
+    if cell == "lstm" or lbr:
+        gates = ctx.scratch((d, b, gh), slot=13)
+        product = matmul(ctx, {}, [hs, rt], gates)
+        for s in range(t):
+            if cell == "lstm":
+                gate = launch(ctx, "rnn.cl", "lstm_step", total,
+                              (xw, gates, bias, p, lens, hs, cs, out, *shape, i32(s), clip,
+                               i32(attrs.get("input_forget", 0))), "lstm step")
+            else:
+                gate = launch(ctx, "rnn.cl", "gru_step", total,
+                              (xw, gates, bias, lens, hs, out, *shape, i32(s), clip), "gru step")
+            steps += [product, gate]
+    else:  # GRU, linear_before_reset = 0: (r * h) @ R_h^T needs r first
+        rt_zr = ctx.weight(get["r"], "rnn_rt_zr",
+                           lambda a: np.transpose(a[:, :2 * h], (0, 2, 1)).astype(f32))
+        rt_h = ctx.weight(get["r"], "rnn_rt_h",
+                          lambda a: np.transpose(a[:, 2 * h:], (0, 2, 1)).astype(f32))
+        gates = ctx.scratch((d, b, 2 * h), slot=13)
+        zs, rh, ghs = (ctx.scratch((d, b, h), slot=k) for k in (14, 15, 16))
+        first, second = matmul(ctx, {}, [hs, rt_zr], gates), matmul(ctx, {}, [rh, rt_h], ghs)
+        for s in range(t):
+            steps += [first,
+                      launch(ctx, "rnn.cl", "gru_reset", total,
+                             (xw, gates, bias, lens, hs, zs, rh, out, *shape, i32(s), clip),
+                             "gru reset"),
+                      second,
+                      launch(ctx, "rnn.cl", "gru_update", total,
+                             (xw, ghs, bias, lens, zs, hs, out, *shape, i32(s), clip),
+                             "gru update")]
+    steps.append(launch(ctx, "rnn.cl", "rnn_final", total, (hs, cs, out, i32(total), i32(t)),
+                        "rnn final"))
+    return _sequence(*steps)
+
+
+SHARED["rnn"] = build_rnn

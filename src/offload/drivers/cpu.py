@@ -21,6 +21,7 @@ from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from .. import _core
 from ..fpga import fixed_point
 from ..hostmem import aligned_empty
+from ._builders import rnn_weights
 from ._kernels import _sequence
 
 F32 = np.float32
@@ -558,23 +559,6 @@ def build_topk(ctx, attrs, ins, out):
 
 
 # ------------------------------------------------------------------------------ recurrent layers
-
-def rnn_weights(ctx, attrs, ins, what):
-    """The constants of an rnn node (W, R, B, P) by role, checked to be constants; and its
-    sizes (T, B, I, D, H, G). Shared with the kernel devices' builder (drivers/_builders.py)."""
-    from ..errors import UnsupportedOpError
-    roles = attrs["roles"]
-    get = {role: ins[k] for k, role in enumerate(roles)}
-    for role in ("w", "r", "b", "p"):
-        if role in get and not isinstance(get[role], np.ndarray):
-            raise UnsupportedOpError(f"{what}: {attrs['cell'].upper()} node "
-                                     f"{attrs.get('node', '')!r}: W, R, B and P must be "
-                                     "constants", [(attrs["cell"].upper(), attrs.get("node", ""))])
-    t, b, i = get["x"].shape
-    d, gh, _ = get["w"].shape
-    h = get["r"].shape[2]
-    return get, (t, b, i, d, h, gh // h)
-
 
 def rnn_packed_rt(r, cell):
     """R [D, G*H, H] as R^T [D, H, NP] in segments padded to 16 columns (LSTM: one of 4H;
