@@ -44,7 +44,7 @@ REFUSALS = [
                          r"must be constants",
      "Conv weights / BatchNormalization statistics as run-time inputs"),
     (UnsupportedOpError, r"\d-D (Conv|MaxPool|AveragePool)|only 2-D windows",
-     "1-D and 3-D windows (1-D: the recurrent-taggers branch)"),
+     "3-D windows (1-D windows run as 2-D ones over [N, C, 1, L])"),
     (UnsupportedOpError, r"Indices output|storage_order|ceil_mode|auto_pad",
      "MaxPool's Indices output and storage order"),
     (UnsupportedOpError, r"select_last_index", "ArgMax/ArgMin select_last_index=1"),

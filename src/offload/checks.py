@@ -314,6 +314,11 @@ def _conv(c):
         c.fail(f"attribute group is {groups}; it must be >= 1")
     if w is not None and len(w) in (3, 5) and (x is None or len(x) == len(w)):
         # a valid ONNX Conv over 1 or 3 spatial axes that the importer did not lower to 2-D
+        if len(w) == 3:  # onnx_import lowers 1-D Convs whose weight or kernel_shape it sees
+            raise UnsupportedOpError(f"Conv node {c.node.name!r}: a 1-D Conv (weight {list(w)}) "
+                                     "without kernel_shape whose weight is not an initializer: "
+                                     "weights and bias must be constants of a convolution",
+                                     [("Conv", c.node.name)])
         raise UnsupportedOpError(f"Conv node {c.node.name!r}: {len(w) - 2}-D Conv (weight "
                                  f"{list(w)}); offload runs 2-D windows here",
                                  [("Conv", c.node.name)])

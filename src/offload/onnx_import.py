@@ -655,7 +655,7 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
     nodes, unsupported = [], []
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
-        if not n.output or not n.output[0]:
+        if not n.output or not (n.output[0] or (n.op_type in RNN_ROLES and any(n.output))):
             raise ModelFormatError(f"{label}: {n.op_type} node {name!r} has no output")
         if n.domain not in ("", "ai.onnx"):
             unsupported.append((n.op_type, name, f"custom domain {n.domain!r}"))

@@ -196,6 +196,12 @@ def lower(graph, label, **_):
             out.append(G.Node("activation", node.inputs[:1], node.outputs, {
                 "fn": "clip", "lo": float(const(lo).reshape(-1)[0]) if lo else -np.inf,
                 "hi": float(const(hi).reshape(-1)[0]) if hi else np.inf}, node.name))
+        elif node.op == "rnn":  # weights known at load are re-laid out once by the builders
+            weights = [name for role, name in zip(node.attrs["roles"], node.inputs)
+                       if role in ("w", "r", "b", "p")]
+            node.attrs = dict(node.attrs, constant_weights=all(const(i) is not None
+                                                               for i in weights))
+            out.append(node)
         elif node.op == "batchnorm":
             if any(const(i) is None for i in node.inputs[1:5]):
                 problems.append(("BatchNormalization", node.name,

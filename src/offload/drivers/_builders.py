@@ -338,20 +338,30 @@ SHARED.update(layernorm=build_layernorm, scatter_nd=build_scatter_nd, cumsum=bui
 
 # ------------------------------------------------------------------------------ recurrent layers
 
-def rnn_weights(ctx, attrs, ins, what):
-    """The operands of an rnn node by role (W, R, B and P checked to be constants) and its
-    sizes (T, B, I, D, H, G); shared with the cpu device."""
+def rnn_weights(attrs, ins):
+    """The operands of an rnn node by role and its sizes (T, B, I, D, H, G); shared with the
+    cpu device. ``attrs["constant_weights"]`` (passes.lower) says W, R, B and P are constants:
+    re-laid out once; else they are copied into that layout on every run."""
     roles = attrs["roles"]
     get = {role: ins[k] for k, role in enumerate(roles)}
-    for role in ("w", "r", "b", "p"):
-        if role in get and not isinstance(get[role], np.ndarray):
-            op = attrs["cell"].upper()
-            raise UnsupportedOpError(f"{what}: {op} node {attrs.get('node', '')!r}: W, R, B and "
-                                     "P must be constants", [(op, attrs.get("node", ""))])
     t, b, i = get["x"].shape
     d, gh, _ = get["w"].shape
     h = get["r"].shape[2]
     return get, (t, b, i, d, h, gh // h)
+
+
+def _weight_t(ctx, attrs, w, rows, tag, slot):
+    """W/R [D, N, K] rows ``rows`` as [D, K, len(rows)] (transposed): (buffer, refresh step or
+    None): a constant once, a run-time tensor copied on every run."""
+    d, n, k = w.shape
+    r0, r1 = rows
+    if attrs.get("constant_weights"):
+        return ctx.weight(w, tag, lambda a: np.transpose(a[:, r0:r1], (0, 2, 1)).astype(f32)), \
+            None
+    out = ctx.scratch((d, k, r1 - r0), slot=slot)
+    step = elementwise(ctx, "copy", [out], (d, k, r1 - r0), [(w, r0 * k, [n * k, 1, k])],
+                       (out, 0, _contiguous_strides((d, k, r1 - r0))))
+    return out, step
 
 
 def _host_lens(ctx, lens, label, t):
@@ -372,17 +382,16 @@ def build_rnn(ctx, attrs, ins, out):
     driver's matmul), then per step the recurrent product h @ R^T (matmul) and one fused gate
     kernel of rnn.cl; only enqueues, no synchronisation per step."""
     spec = ctx.device.spec
-    get, (t, b, i, d, h, g) = rnn_weights(ctx, attrs, ins, spec)
+    get, (t, b, i, d, h, g) = rnn_weights(attrs, ins)
     cell, matmul = attrs["cell"], ctx.device.ops["matmul"]
     lbr = cell == "gru" and attrs.get("linear_before_reset", 0)
     dir_code = i32({"forward": 0, "reverse": 1, "bidirectional": 2}[attrs["direction"]])
     clip = f32(attrs.get("clip", 0.0))
     gh = g * h
     x = _operand(ctx, get["x"])
-    wt = ctx.weight(get["w"], "rnn_wt", lambda a: np.transpose(a, (0, 2, 1)).astype(f32))
-    rt = ctx.weight(get["r"], "rnn_rt", lambda a: np.transpose(a, (0, 2, 1)).astype(f32))
-    bias = ctx.weight(get["b"] if "b" in get else np.zeros((d, 2 * gh), f32))
-    p = ctx.weight(get["p"]) if "p" in get else None
+    wt, refresh_w = _weight_t(ctx, attrs, get["w"], (0, gh), "rnn_wt", 17)
+    bias = _operand(ctx, get["b"] if "b" in get else np.zeros((d, 2 * gh), f32))
+    p = _operand(ctx, get["p"]) if "p" in get else None
     lens = get.get("seq")
     if isinstance(lens, np.ndarray):
         lens = ctx.weight(lens, "int32", lambda a: a.astype(np.int32))
@@ -392,7 +401,7 @@ def build_rnn(ctx, attrs, ins, out):
     xw = ctx.scratch((d, t * b, gh), slot=10)
     hs = ctx.scratch((d, b, h), slot=11)
     cs = ctx.scratch((d, b, h), slot=12) if cell == "lstm" else None
-    steps = []
+    steps = [refresh_w]
     if lens is not None and not isinstance(get["seq"], np.ndarray):
         if np.dtype(lens.dtype) != np.int32:
             raise UnsupportedOpError(f"{spec}: sequence_lens of dtype {np.dtype(lens.dtype).name} "
@@ -404,6 +413,8 @@ def build_rnn(ctx, attrs, ins, out):
                         "rnn init"))
     shape = (i32(total), i32(t), i32(b), i32(h), i32(d), dir_code)
     if cell == "lstm" or lbr:
+        rt, refresh_r = _weight_t(ctx, attrs, get["r"], (0, gh), "rnn_rt", 18)
+        steps.insert(0, refresh_r)
         gates = ctx.scratch((d, b, gh), slot=13)
         product = matmul(ctx, {}, [hs, rt], gates)
         for s in range(t):
@@ -416,10 +427,9 @@ def build_rnn(ctx, attrs, ins, out):
                               (xw, gates, bias, lens, hs, out, *shape, i32(s), clip), "gru step")
             steps += [product, gate]
     else:  # GRU, linear_before_reset = 0: (r * h) @ R_h^T needs r first
-        rt_zr = ctx.weight(get["r"], "rnn_rt_zr",
-                           lambda a: np.transpose(a[:, :2 * h], (0, 2, 1)).astype(f32))
-        rt_h = ctx.weight(get["r"], "rnn_rt_h",
-                          lambda a: np.transpose(a[:, 2 * h:], (0, 2, 1)).astype(f32))
+        rt_zr, refresh_zr = _weight_t(ctx, attrs, get["r"], (0, 2 * h), "rnn_rt_zr", 18)
+        rt_h, refresh_h = _weight_t(ctx, attrs, get["r"], (2 * h, 3 * h), "rnn_rt_h", 19)
+        steps[:0] = [refresh_zr, refresh_h]
         gates = ctx.scratch((d, b, 2 * h), slot=13)
         zs, rh, ghs = (ctx.scratch((d, b, h), slot=k) for k in (14, 15, 16))
         first, second = matmul(ctx, {}, [hs, rt_zr], gates), matmul(ctx, {}, [rh, rt_h], ghs)

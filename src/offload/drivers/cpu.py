@@ -593,18 +593,42 @@ def rnn_threads(work: int) -> int:
 def build_rnn(ctx, attrs, ins, out):
     """LSTM/GRU: the input projection of every step as one NumPy product, then _core.rnn."""
     from .. import checks
-    get, (t, b, i, d, h, g) = rnn_weights(ctx, attrs, ins, "cpu")
+    get, (t, b, i, d, h, g) = rnn_weights(attrs, ins)
     cell = attrs["cell"]
     x = get["x"]
-    wt = ctx.weight(get["w"], "rnn_wt",
-                    lambda a: np.transpose(a, (2, 0, 1)).reshape(i, d * g * h).astype(F32))
-    rt = ctx.weight(get["r"], "rnn_rt", lambda a: rnn_packed_rt(a, cell))
-    if "b" in get:
-        wb = ctx.weight(get["b"], "rnn_wb", lambda a: a[:, :g * h].astype(F32))
-        rb = ctx.weight(get["b"], "rnn_rb", lambda a: a[:, g * h:].astype(F32))
-    else:
-        wb = rb = np.zeros((d, g * h), F32)
-    p = ctx.weight(get["p"], "rnn_p", lambda a: a.astype(F32)) if "p" in get else None
+    b_in = get.get("b")
+    if attrs.get("constant_weights"):
+        wt = ctx.weight(get["w"], "rnn_wt",
+                        lambda a: np.transpose(a, (2, 0, 1)).reshape(i, d * g * h).astype(F32))
+        rt = ctx.weight(get["r"], "rnn_rt", lambda a: rnn_packed_rt(a, cell))
+        if b_in is not None:
+            wb = ctx.weight(b_in, "rnn_wb", lambda a: a[:, :g * h].astype(F32))
+            rb = ctx.weight(b_in, "rnn_rb", lambda a: a[:, g * h:].astype(F32))
+        else:
+            wb = rb = np.zeros((d, g * h), F32)
+        p = ctx.weight(get["p"], "rnn_p", lambda a: a.astype(F32)) if "p" in get else None
+        refresh = None
+    else:  # run-time weights: laid out again on every run
+        w, r, p_in = get["w"], get["r"], get.get("p")
+        wt = np.empty((i, d * g * h), F32)
+        rt = rnn_packed_rt(np.zeros(r.shape, F32), cell)
+        wb, rb = np.zeros((d, g * h), F32), np.zeros((d, g * h), F32)
+        p = np.empty(p_in.shape, F32) if p_in is not None else None
+        s1 = -(-2 * h // 16) * 16
+
+        def refresh():
+            np.copyto(wt.reshape(i, d, g * h), np.transpose(w, (2, 0, 1)))
+            rr = np.transpose(r, (0, 2, 1))
+            if cell == "lstm":
+                np.copyto(rt[:, :, :4 * h], rr)
+            else:
+                np.copyto(rt[:, :, :2 * h], rr[:, :, :2 * h])
+                np.copyto(rt[:, :, s1:s1 + h], rr[:, :, 2 * h:])
+            if b_in is not None:
+                np.copyto(wb, b_in[:, :g * h])
+                np.copyto(rb, b_in[:, g * h:])
+            if p is not None:
+                np.copyto(p, p_in)
     state = [np.ascontiguousarray(get[k], F32) if isinstance(get.get(k), np.ndarray)
              else get.get(k) for k in ("h0", "c0")]
     lens = get.get("seq")
@@ -623,6 +647,8 @@ def build_rnn(ctx, attrs, ins, out):
         if lens is not None:
             seq = np.ascontiguousarray(lens, np.int32)
             checks.check_sequence_lens(label, lens, t)
+        if refresh is not None:
+            refresh()
         np.matmul(x2, wt, out=xw2)
         _core.rnn(*args, seq, *tail)
     return run
