@@ -225,6 +225,11 @@ RNN_INLINE void run_block(const Layer &L, int d, i64 b0, int mr, float *h, float
         }
     }
     for (int i = 0; i < mr; ++i) {  // Y_h (and Y_c): the state after the last step
+        if (L.lens && L.lens[b0 + i] == 0) {  // no step: zeros, as onnxruntime
+            std::fill(y_row(L.T, i), y_row(L.T, i) + H, 0.f);
+            if (L.cell == kLSTM) std::fill(y_row(L.T + 1, i), y_row(L.T + 1, i) + H, 0.f);
+            continue;
+        }
         std::copy(h + i * H, h + (i + 1) * H, y_row(L.T, i));
         if (L.cell == kLSTM) std::copy(c + i * H, c + (i + 1) * H, y_row(L.T + 1, i));
     }
@@ -350,7 +355,7 @@ void register_rnn_kernels(nb::module_ &m) {
           "padded to 16 columns (LSTM: i, o, f, c; GRU: z, r | h), biases ``wb``/``rb`` [D, "
           "G*H], optional peepholes ``p`` [D, 3H], int32 ``lens`` [B] (each in [0, T]), "
           "``h0``/``c0`` [D, B, H]; writes ``out`` [T + 2 (GRU: + 1), D, B, H] = Y, Y_h (, "
-          "Y_c), zeros past each length. direction: 0 forward, 1 reverse, 2 both; clip 0: "
+          "Y_c), zeros past each length (Y_h, Y_c of a length-0 row: zeros). direction: 0 forward, 1 reverse, 2 both; clip 0: "
           "none. The batch is shared between up to ``threads`` threads; the GIL is released. "
           "Every shape is checked first (ValueError/TypeError).");
 }

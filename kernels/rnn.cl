@@ -23,14 +23,17 @@ KERNEL void rnn_init(GLOBAL const real* RESTRICT h0, GLOBAL const real* RESTRICT
     if (cs) ST(cs, i, c0 ? LD(c0, i) : 0.0f);
 }
 
-/* Y_h (row T) and Y_c (row T + 1, when cs is not null) from the final state. */
+/* Y_h (row T) and Y_c (row T + 1, when cs is not null) from the final state; zeros for a row
+ * of length 0 (as onnxruntime). */
 KERNEL void rnn_final(GLOBAL const real* RESTRICT hs, GLOBAL const real* RESTRICT cs,
-                      GLOBAL real* RESTRICT y, int total, int T)
+                      GLOBAL const int* RESTRICT lens, GLOBAL real* RESTRICT y, int total,
+                      int T, int B, int H)
 {
     int i = GID(0);
     if (i >= total) return;
-    ST(y, T * total + i, LD(hs, i));
-    if (cs) ST(y, (T + 1) * total + i, LD(cs, i));
+    int empty = lens && lens[(i / H) % B] == 0;
+    ST(y, T * total + i, empty ? 0.0f : LD(hs, i));
+    if (cs) ST(y, (T + 1) * total + i, empty ? 0.0f : LD(cs, i));
 }
 
 /* Where work-item i = (d, b, j) reads and writes at step s; 0 when the row is past its length

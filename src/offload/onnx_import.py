@@ -470,6 +470,8 @@ def _around_2d(node, n, ctx, weight=None):
 
 def _conv1d(n, a, ctx):
     attrs = _window1d(a, n)
+    if attrs["kernel"] is None:  # _is_1d saw the weight: an initializer
+        attrs["kernel"] = (1, int(np.shape(ctx.constants[n.input[1]])[2]))
     attrs.update(groups=int(a.get("group", 1)), activation="identity")
     node = G.Node("conv2d", list(n.input), [n.output[0]], attrs)
     return _around_2d(node, n, ctx, weight=n.input[1])
@@ -495,6 +497,7 @@ def _rnn(n, a, ctx):
     dirs = 2 if direction == "bidirectional" else 1
     acts = a.get("activations")
     if acts is not None:
+        acts = [v.decode() if isinstance(v, bytes) else str(v) for v in acts]
         want = RNN_DEFAULT_ACTIVATIONS[op] * dirs
         if tuple(str(v).lower() for v in acts) != want:
             raise _Unsupported(f"attribute activations {list(acts)} (only the defaults "

@@ -442,8 +442,8 @@ def build_rnn(ctx, attrs, ins, out):
                       launch(ctx, "rnn.cl", "gru_update", total,
                              (xw, ghs, bias, lens, zs, hs, out, *shape, i32(s), clip),
                              "gru update")]
-    steps.append(launch(ctx, "rnn.cl", "rnn_final", total, (hs, cs, out, i32(total), i32(t)),
-                        "rnn final"))
+    steps.append(launch(ctx, "rnn.cl", "rnn_final", total,
+                        (hs, cs, lens, out, i32(total), i32(t), i32(b), i32(h)), "rnn final"))
     return _sequence(*steps)
 
 
