@@ -224,7 +224,9 @@ def _export_torch(name, exporter):
                 _EXPORTED[name, exporter] = f.getvalue()
             else:
                 n = torch.export.Dim("N", min=1, max=4096)
-                shapes = tuple({(axis if k == "x" else 1): n} for k in names)
+                shapes = ({axis: n},)  # forward(x, *states)
+                if len(names) > 1:
+                    shapes += (tuple({1: n} for _ in names[1:]),)
                 program = torch.onnx.export(module, args, dynamo=True, input_names=names,
                                             output_names=outputs, dynamic_shapes=shapes,
                                             verbose=False)
