@@ -346,9 +346,13 @@ void rnn(int cell, int direction, In xw, In rt, In wb, In rb, std::optional<In> 
 }  // namespace
 
 void register_rnn_kernels(nb::module_ &m) {
-    m.def("rnn", &rnn, nb::arg("cell"), nb::arg("direction"), nb::arg("xw"), nb::arg("rt"),
-          nb::arg("wb"), nb::arg("rb"), nb::arg("p").none(), nb::arg("lens").none(),
-          nb::arg("h0").none(), nb::arg("c0").none(), nb::arg("out"), nb::arg("clip"),
+    // noconvert: an array of another dtype or layout is a TypeError, never a silent copy
+    // (a converted ``out`` would be written and thrown away)
+    m.def("rnn", &rnn, nb::arg("cell"), nb::arg("direction"), nb::arg("xw").noconvert(),
+          nb::arg("rt").noconvert(), nb::arg("wb").noconvert(), nb::arg("rb").noconvert(),
+          nb::arg("p").none().noconvert(), nb::arg("lens").none().noconvert(),
+          nb::arg("h0").none().noconvert(), nb::arg("c0").none().noconvert(),
+          nb::arg("out").noconvert(), nb::arg("clip"),
           nb::arg("input_forget"), nb::arg("linear_before_reset"), nb::arg("threads"),
           "One LSTM (cell 0) or GRU (cell 1) layer after its input projection: ``xw`` [T, B, "
           "D*G*H] = X @ W^T of every step (no bias), ``rt`` [D, H, NP] R^T packed in segments "
@@ -357,5 +361,6 @@ void register_rnn_kernels(nb::module_ &m) {
           "``h0``/``c0`` [D, B, H]; writes ``out`` [T + 2 (GRU: + 1), D, B, H] = Y, Y_h (, "
           "Y_c), zeros past each length (Y_h, Y_c of a length-0 row: zeros). direction: 0 forward, 1 reverse, 2 both; clip 0: "
           "none. The batch is shared between up to ``threads`` threads; the GIL is released. "
-          "Every shape is checked first (ValueError/TypeError).");
+          "Every shape is checked first (ValueError; a wrong dtype or a non-C-contiguous array: "
+          "TypeError).");
 }

@@ -7,8 +7,11 @@
  * row's sequence length write zeros into Y[s] and keep the state (as onnxruntime): a reverse
  * direction runs t = len - 1 - s. Bias `bias` [D, 2 * GH] is ONNX's B (W bias, then R bias);
  * `lens` (int) may be null (every row has T steps). The output `y` packs Y [T, D, B, H], Y_h
- * and (LSTM) Y_c as rows T and T + 1 (rnn_final). */
+ * and (LSTM) Y_c as rows T and T + 1 (rnn_final). Lengths are not checked on the host here
+ * (CUDA plans are captured graphs): one outside [0, T] gives NaN outputs for its row. */
 #include "common.h"
+
+#define NAN_F AS_FLOAT(0x7fc00000u)
 
 DEVICE_FN float sigm(float x) { return 1.0f / (1.0f + EXP(-x)); }
 DEVICE_FN float clipped(float x, float c) { return c > 0.0f ? FMIN(FMAX(x, -c), c) : x; }
@@ -31,21 +34,23 @@ KERNEL void rnn_final(GLOBAL const real* RESTRICT hs, GLOBAL const real* RESTRIC
 {
     int i = GID(0);
     if (i >= total) return;
-    int empty = lens && lens[(i / H) % B] == 0;
-    ST(y, T * total + i, empty ? 0.0f : LD(hs, i));
-    if (cs) ST(y, (T + 1) * total + i, empty ? 0.0f : LD(cs, i));
+    int len = lens ? lens[(i / H) % B] : T;
+    float h = len == 0 ? 0.0f : (len < 0 || len > T) ? NAN_F : LD(hs, i);
+    ST(y, T * total + i, h);
+    if (cs) ST(y, (T + 1) * total + i, len == 0 ? 0.0f : (len < 0 || len > T) ? NAN_F : LD(cs, i));
 }
 
 /* Where work-item i = (d, b, j) reads and writes at step s; 0 when the row is past its length
- * (Y[s] zeroed here). */
+ * (Y[s] zeroed here). A length outside [0, T] (the cpu device raises a typed error) makes the
+ * row's outputs NaN and reads nothing. */
 DEVICE_FN int rnn_place(int i, int s, GLOBAL const int* lens, GLOBAL real* y, int T, int B, int H,
                         int D, int dir, int* d_, int* b_, int* j_, int* t_)
 {
     int j = i % H, r = i / H, b = r % B, d = r / B;
     int len = lens ? lens[b] : T;
     *d_ = d; *b_ = b; *j_ = j;
-    if (s >= len) {
-        ST(y, ((s * D + d) * B + b) * H + j, 0.0f);
+    if (s >= len || len > T) {
+        ST(y, ((s * D + d) * B + b) * H + j, (len < 0 || len > T) ? NAN_F : 0.0f);
         return 0;
     }
     int reverse = dir == 1 || (dir == 2 && d == 1);
@@ -151,7 +156,7 @@ KERNEL void gru_update(GLOBAL const real* RESTRICT xw, GLOBAL const real* RESTRI
     if (i >= total) return;
     int j = i % H, r_ = i / H, b = r_ % B, d = r_ / B;
     int len = lens ? lens[b] : T;
-    if (s >= len) return;  /* Y[s] was zeroed by gru_reset */
+    if (s >= len || len > T) return;  /* Y[s] was written by gru_reset */
     int reverse = dir == 1 || (dir == 2 && d == 1);
     int t = reverse ? len - 1 - s : s;
     const int GH = 3 * H;

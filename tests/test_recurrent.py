@@ -461,20 +461,44 @@ def test_1d_auto_pad_matches_onnxruntime(auto_pad, device):
 # bad input
 
 @pytest.mark.parametrize("cell", ("lstm", "gru"))
-def test_sequence_lens_out_of_range_is_a_typed_error(cell, device):
-    data, _ = rnn_model(cell, INPUTS, HIDDEN, with_lens=True)
+def test_sequence_lens_out_of_range(cell, device):
+    """cpu: a ShapeError naming the node and the sizes. Kernel devices keep run-time lengths on
+    the device (CUDA plans are captured graphs, no host read per call): the rows with a bad
+    length are NaN, the others right, nothing is read outside the tensors."""
+    data, weights = rnn_model(cell, INPUTS, HIDDEN, with_lens=True)
     model = offload.load(data, device=device)
     feeds = rnn_feeds(cell, 3, INPUTS, HIDDEN, lens=True)
-    feeds["lens"] = np.array([7, 8, 2], np.int32)
-    with pytest.raises(offload.ShapeError, match=rf"{cell.upper()} node '{cell}_node'.*length 8"
-                                                 r".*time axis of X has 7 steps"):
-        model(feeds)
-    feeds["lens"] = np.array([7, -1, 2], np.int32)
-    with pytest.raises(offload.ShapeError, match=rf"{cell.upper()} node '{cell}_node'.*"
-                                                 r"negative length -1"):
-        model(feeds)
+    for lens, message in (([7, 8, 2], r"length 8 .*time axis of X has 7 steps"),
+                          ([7, -1, 2], r"a negative length -1")):
+        feeds["lens"] = np.array(lens, np.int32)
+        if device.kind == "cpu":
+            with pytest.raises(offload.ShapeError, match=rf"{cell.upper()} node '{cell}_node': "
+                                                         rf"sequence_lens has {message}"):
+                model(feeds)
+            continue
+        got = model(feeds)
+        good = dict(feeds, lens=np.array([7, 0, 2], np.int32))
+        want = reference(cell, good["x"], weights["w"], weights["r"], weights["b"],
+                         good["lens"])
+        for g, w in zip(got, want):
+            assert np.isnan(g[..., 1, :]).all()
+            np.testing.assert_allclose(g[..., [0, 2], :], w[..., [0, 2], :], **TOL)
     feeds["lens"] = np.array([7, 0, 2], np.int32)  # still usable afterwards
     model(feeds)
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_constant_sequence_lens_are_checked_at_load(cell):
+    data, _ = rnn_model(cell, INPUTS, HIDDEN)
+    model = onnx.load_from_string(data)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([3, 9], np.int32), "lens"))
+    node = model.graph.node[0]
+    while len(node.input) < 5:
+        node.input.append("")
+    node.input[4] = "lens"
+    with pytest.raises(offload.ShapeError, match=rf"{cell.upper()} node '{cell}_node': "
+                                                 r"sequence_lens has length 9 .* 7 steps"):
+        offload.load(model.SerializeToString())
 
 
 def _edited(cell, **changes):

@@ -364,23 +364,13 @@ def _weight_t(ctx, attrs, w, rows, tag, slot):
     return out, step
 
 
-def _host_lens(ctx, lens, label, t):
-    """A step checking run-time sequence lengths on the host (one small read before the layer:
-    a bad length is a ShapeError naming the node, not a read outside the tensors)."""
-    from .. import checks
-    host = np.empty(lens.shape, np.dtype(lens.dtype))
-    device = ctx.device
-
-    def check():
-        device.copy_out(host, lens)
-        checks.check_sequence_lens(label, host, t)
-    return check
-
-
 def build_rnn(ctx, attrs, ins, out):
     """LSTM/GRU on the kernel devices: X @ W^T of every step as one batched product (the
     driver's matmul), then per step the recurrent product h @ R^T (matmul) and one fused gate
-    kernel of rnn.cl; only enqueues, no synchronisation per step."""
+    kernel of rnn.cl; only enqueues, no synchronisation per step. Run-time sequence lengths
+    stay on the device (no host read: CUDA plans are captured graphs): one outside [0, T]
+    gives NaN outputs for its row (as index.cl's out-of-range indices), where the cpu device
+    raises a ShapeError; constant lengths are checked at load on every device."""
     spec = ctx.device.spec
     get, (t, b, i, d, h, g) = rnn_weights(attrs, ins)
     cell, matmul = attrs["cell"], ctx.device.ops["matmul"]
@@ -402,11 +392,9 @@ def build_rnn(ctx, attrs, ins, out):
     hs = ctx.scratch((d, b, h), slot=11)
     cs = ctx.scratch((d, b, h), slot=12) if cell == "lstm" else None
     steps = [refresh_w]
-    if lens is not None and not isinstance(get["seq"], np.ndarray):
-        if np.dtype(lens.dtype) != np.int32:
-            raise UnsupportedOpError(f"{spec}: sequence_lens of dtype {np.dtype(lens.dtype).name} "
-                                     "(int32, as ONNX defines it)", [(cell.upper(), "")])
-        steps.append(_host_lens(ctx, lens, f"{cell.upper()} node {attrs.get('node', '')!r}", t))
+    if lens is not None and np.dtype(lens.dtype) != np.int32:
+        raise UnsupportedOpError(f"{spec}: sequence_lens of dtype {np.dtype(lens.dtype).name} "
+                                 "(int32, as ONNX defines it)", [(cell.upper(), "")])
     if t * b:
         steps.append(matmul(ctx, {}, [x.reshape(1, t * b, i), wt], xw))
     steps.append(launch(ctx, "rnn.cl", "rnn_init", total, (h0, c0, hs, cs, i32(total)),
