@@ -626,7 +626,7 @@ def test_fuzz_core_seeded():
 def _rnn_case(cell, t=5, b=7, i=3, h=11, d=2, seed=0):
     """Random operands of _core.rnn for one layer (b not a multiple of the 6-row block, h not
     of the 8-lane vector)."""
-    from offload.drivers.cpu import rnn_packed_rt
+    from offload.drivers.cpu import rnn_packed_rt, rnn_packed_wt
     rng = np.random.default_rng(seed)
     g = 4 if cell == "lstm" else 3
     f = lambda *s: rng.uniform(-0.6, 0.6, s).astype(np.float32)  # noqa: E731
@@ -634,8 +634,8 @@ def _rnn_case(cell, t=5, b=7, i=3, h=11, d=2, seed=0):
                 rb=f(d, g * h), p=f(d, 3 * h) if cell == "lstm" else None, h0=f(d, b, h),
                 c0=f(d, b, h) if cell == "lstm" else None,
                 lens=rng.integers(0, t + 1, b).astype(np.int32))
-    case["xw"] = np.ascontiguousarray(
-        np.einsum("tbi,dgi->tbdg", case["x"], case["w"]).reshape(t, b, d * g * h), np.float32)
+    case["wtp"] = rnn_packed_wt(case["w"])
+    case["xw"] = np.zeros((t, b, d * case["wtp"].shape[1] * 16), np.float32)  # scratch
     case["rt"] = rnn_packed_rt(case["r"], cell)
     case["out"] = np.full((t + (2 if cell == "lstm" else 1), d, b, h), np.nan, np.float32)
     return case
@@ -644,7 +644,8 @@ def _rnn_case(cell, t=5, b=7, i=3, h=11, d=2, seed=0):
 def _rnn_call(cell, c, direction=2, clip=0.0, input_forget=False, lbr=False, threads=1,
               **override):
     c = dict(c, **override)
-    _core.rnn(0 if cell == "lstm" else 1, direction, c["xw"], c["rt"], c["wb"], c["rb"],
+    _core.rnn(0 if cell == "lstm" else 1, direction, c["x"], c["wtp"], c["xw"], c["rt"],
+              c["wb"], c["rb"],
               c["p"], c["lens"], c["h0"], c["c0"], c["out"], clip, input_forget, lbr, threads)
     return c["out"]
 
@@ -714,6 +715,8 @@ def test_rnn_checks_before_touching_memory():
     c = _rnn_case("lstm")
     bad = [
         (dict(xw=c["xw"][:, :, :-1].copy()), r"xw .* must have shape"),
+        (dict(x=c["x"][:, :, :-1].copy()), r"wtp .* must have shape"),
+        (dict(wtp=c["wtp"][:, :-1].copy()), r"wtp .* must have shape"),
         (dict(rt=c["rt"][:, :-1].copy()), r"rt .* must have shape"),
         (dict(wb=c["wb"][:1].copy()), r"wb must have shape"),
         (dict(p=c["p"][:, :5].copy()), r"p must have shape"),
@@ -723,18 +726,18 @@ def test_rnn_checks_before_touching_memory():
         (dict(lens=np.array([1, 2, 6, 0, 0, 0, 0], np.int32)), r"sequence_lens\[2\] = 6 is "
                                                               r"outside \[0, 5\]"),
         (dict(lens=np.array([1, -2, 0, 0, 0, 0, 0], np.int32)), r"outside \[0, 5\]"),
-        (dict(out=np.zeros((8, 2, 7, 11), np.float32)), r"xw .* must have shape"),
+        (dict(out=np.zeros((8, 2, 7, 11), np.float32)), r"x must have shape"),
         (dict(out=np.zeros((7, 1, 7, 11), np.float32)), r"out .* is not"),
     ]
     for override, message in bad:
         with pytest.raises(ValueError, match=message):
             _rnn_call("lstm", c, **override)
     with pytest.raises(ValueError, match="cell must be"):
-        _core.rnn(7, 2, c["xw"], c["rt"], c["wb"], c["rb"], None, None, None, None, c["out"],
-                  0.0, False, False, 1)
+        _core.rnn(7, 2, c["x"], c["wtp"], c["xw"], c["rt"], c["wb"], c["rb"], None, None,
+                  None, None, c["out"], 0.0, False, False, 1)
     with pytest.raises(ValueError, match="direction must be"):
-        _core.rnn(0, 3, c["xw"], c["rt"], c["wb"], c["rb"], None, None, None, None, c["out"],
-                  0.0, False, False, 1)
+        _core.rnn(0, 3, c["x"], c["wtp"], c["xw"], c["rt"], c["wb"], c["rb"], None, None,
+                  None, None, c["out"], 0.0, False, False, 1)
     with pytest.raises(ValueError, match="clip must be"):
         _rnn_call("lstm", c, clip=float("nan"))
     with pytest.raises(ValueError, match="peepholes p on a GRU"):
@@ -745,6 +748,10 @@ def test_rnn_checks_before_touching_memory():
     with pytest.raises(ValueError, match="out overlaps xw"):
         _rnn_call("lstm", c, out=shared[:c["out"].size].reshape(c["out"].shape),
                   xw=shared[:c["xw"].size].reshape(c["xw"].shape))
+    with pytest.raises(ValueError, match="out overlaps x "):
+        _rnn_call("lstm", c, x=c["out"].reshape(-1)[:c["x"].size].reshape(c["x"].shape))
+    with pytest.raises(ValueError, match="overlaps initial_h"):  # the scratch too
+        _rnn_call("lstm", c, h0=c["xw"].reshape(-1)[:c["h0"].size].reshape(c["h0"].shape))
     for override in (dict(out=c["out"].astype(np.float64)),  # never a converted copy
                      dict(out=np.zeros(c["out"].shape[::-1], np.float32).T),
                      dict(xw=c["xw"].astype(np.float64)),
