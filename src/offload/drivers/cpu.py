@@ -596,14 +596,14 @@ def rnn_packed_wt(w):
 
 
 def rnn_threads(work: int) -> int:
-    """Threads for one layer of ``work`` multiply-adds per step loop: the cores (or
-    OPENBLAS_NUM_THREADS, which the README suggests for one model per event thread), one for
-    small layers whose threads would cost more than they save."""
+    """Threads for one LSTM/GRU layer of ``work`` multiply-adds: ``OFFLOAD_RNN_THREADS`` if
+    set, else the cores; one for small layers whose threads would cost more than they save.
+    (Not OPENBLAS_NUM_THREADS: these threads do not busy-wait after the layer.)"""
     import os
     if work < (1 << 22):
         return 1
     try:
-        return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS") or _cpu_count()))
+        return max(1, int(os.environ.get("OFFLOAD_RNN_THREADS") or _cpu_count()))
     except ValueError:
         return _cpu_count()
 
