@@ -151,8 +151,8 @@ def test_backend_case(case, device, request):
 
 
 def test_enough_cases_run():
-    """The count of cases that run and match on the cpu device (463 of the 952 collected when
-    written) must not silently shrink."""
+    """The count of cases that run and match on the cpu device (489 of the 964 collected after
+    LSTM/GRU and 1-D windows) must not silently shrink."""
     ran = 0
     for case in CASES:
         if case[0] in BROKEN:
@@ -162,4 +162,4 @@ def test_enough_cases_run():
             ran += 1
         except OffloadError:
             pass
-    assert ran >= 463, f"only {ran} of {len(CASES)} ONNX backend cases run on cpu"
+    assert ran >= 489, f"only {ran} of {len(CASES)} ONNX backend cases run on cpu"
