@@ -725,8 +725,8 @@ def _dims_fit(got, want) -> bool:
 
 @rule("rnn")
 def _rnn(c):
-    from .graph import RNN_GATES, rnn_input
-    a, op = c.attrs, c.node.source_op or "rnn"
+    from .graph import RNN_GATES
+    a = c.attrs
     if a.get("cell") not in RNN_GATES:
         c.fail(f"unknown cell {a.get('cell')!r}")
     if a.get("direction") not in RNN_DIRECTIONS:
@@ -755,7 +755,7 @@ def _rnn(c):
             c.shape_fail(f"input {names[role]} must have rank {rank}, got shape {list(s)}")
     g = RNN_GATES[a["cell"]]
     d = 2 if a["direction"] == "bidirectional" else 1
-    w, r, x = dims["w"], dims["r"], dims["x"]
+    r, x = dims["r"], dims["x"]
     h = a.get("hidden")
     if h is not None and (not _is_int(h) or h <= 0):
         c.fail(f"attribute hidden_size must be a positive int, got {h!r}")
