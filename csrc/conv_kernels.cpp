@@ -23,6 +23,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -38,6 +39,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "pool.h"
 
 namespace nb = nanobind;
 
@@ -864,6 +867,14 @@ void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
 }
 
 }  // namespace
+
+namespace offload {
+void parallel_for(std::int64_t count, const std::function<void(std::int64_t)> &fn,
+                  bool parallel) {
+    pool().run(count, fn, parallel);
+}
+int pool_threads() { return pool().threads(); }
+}  // namespace offload
 
 void register_conv_kernels(nb::module_ &m) {
     m.def("set_num_threads", [](int n) {

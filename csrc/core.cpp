@@ -14,6 +14,7 @@
 //   dense, epilogue, softmax: fused float32 CPU kernels (cpu_kernels.cpp)
 //   conv_direct, conv_gemm, gemm_dense, set_num_threads, blas_load: convolutions, large
 //       products and the CPU device's thread pool (conv_kernels.cpp)
+//   rnn: the time loop of one LSTM/GRU layer (rnn_kernels.cpp)
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -525,6 +526,9 @@ void register_cpu_kernels(nb::module_ &m);  // cpu_kernels.cpp
 
 // --- conv kernels, large products and the CPU thread pool (conv_kernels.cpp) ---
 void register_conv_kernels(nb::module_ &m);
+// ---------------------------------------------------------------------------------------------
+// Recurrent layers: rnn(...) runs the time loop of one LSTM/GRU layer (rnn_kernels.cpp).
+void register_rnn_kernels(nb::module_ &m);
 
 NB_MODULE(_core, m) {
     m.doc() = "Native helpers for offload (aligned host buffers, pointers).";
@@ -614,4 +618,5 @@ NB_MODULE(_core, m) {
 
     // --- conv kernels, large products and the CPU thread pool (conv_kernels.cpp) ---
     register_conv_kernels(m);
+    register_rnn_kernels(m);
 }

@@ -294,7 +294,37 @@ def check_misc(r: Reader):
         pass
 
 
-CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc]
+def check_rnn(r: Reader):
+    """_core.rnn on a layer of fuzzed sizes, lengths (some outside [0, T]) and flags, one or
+    two operands replaced by a fuzzed one (wrong shape/dtype/layout, or a view of ``out``)."""
+    cell, direction = r.int(0, 1), r.int(0, 2)
+    d, g = (2 if direction == 2 else 1), (4 if cell == 0 else 3)
+    t, b, i, h = r.int(0, 5), r.int(0, 8), r.int(0, 4), r.int(1, 20)
+    pad = lambda n: -(-n // 16) * 16  # noqa: E731
+    np_ = pad(4 * h) if cell == 0 else pad(2 * h) + pad(h)
+    nx = pad(g * h)
+    f = lambda *shape: (np.arange(int(np.prod(shape)), dtype=np.float32) % 5 - 2) / 4  # noqa: E731
+    out = np.zeros((t + (2 if cell == 0 else 1), d, b, h), np.float32)
+    args = [f(t, b, i).reshape(t, b, i), f(d, nx // 16, i, 16).reshape(d, nx // 16, i, 16),
+            np.zeros((t, b, d * nx), np.float32), f(d, np_ // 16, h, 16).reshape(
+                d, np_ // 16, h, 16), f(d, g * h).reshape(d, g * h), f(d, g * h).reshape(d, g * h),
+            f(d, 3 * h).reshape(d, 3 * h) if cell == 0 and r.flag() else None,
+            np.array([r.int(-2, t + 2) for _ in range(b)], np.int32) if r.flag() else None,
+            f(d, b, h).reshape(d, b, h) if r.flag() else None,
+            f(d, b, h).reshape(d, b, h) if cell == 0 and r.flag() else None, out]
+    for _ in range(r.int(0, 2)):
+        args[r.int(0, len(args) - 1)] = operand(r, out)
+    try:
+        _core.rnn(cell, direction, *args, float(r.int(0, 3)) / 2, r.flag(), r.flag(),
+                  r.int(-1, 3))
+    except REFUSALS:
+        return
+    assert np.isfinite(args[-1]).all() if isinstance(args[-1], np.ndarray) and \
+        args[-1].dtype == np.float32 and args[-1] is out else True
+
+
+CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc,
+          check_rnn]
 
 
 def one_input(data: bytes) -> None:

@@ -854,3 +854,143 @@ def test_thread_pool_serves_many_callers_at_once():
         _core.set_num_threads(old[0])
         _core.set_parallel_macs(old[1])
     assert not errors
+# ---------------------------------------------------------------------------------------------
+# rnn: the LSTM/GRU time loop (csrc/rnn_kernels.cpp)
+
+def _rnn_case(cell, t=5, b=7, i=3, h=11, d=2, seed=0):
+    """Random operands of _core.rnn for one layer (b not a multiple of the 6-row block, h not
+    of the 8-lane vector)."""
+    from offload.drivers.cpu import rnn_packed_rt, rnn_packed_wt
+    rng = np.random.default_rng(seed)
+    g = 4 if cell == "lstm" else 3
+    f = lambda *s: rng.uniform(-0.6, 0.6, s).astype(np.float32)  # noqa: E731
+    case = dict(x=f(t, b, i), w=f(d, g * h, i), r=f(d, g * h, h), wb=f(d, g * h),
+                rb=f(d, g * h), p=f(d, 3 * h) if cell == "lstm" else None, h0=f(d, b, h),
+                c0=f(d, b, h) if cell == "lstm" else None,
+                lens=rng.integers(0, t + 1, b).astype(np.int32))
+    case["wtp"] = rnn_packed_wt(case["w"])
+    case["xw"] = np.zeros((t, b, d * case["wtp"].shape[1] * 16), np.float32)  # scratch
+    case["rt"] = rnn_packed_rt(case["r"], cell)
+    case["out"] = np.full((t + (2 if cell == "lstm" else 1), d, b, h), np.nan, np.float32)
+    return case
+
+
+def _rnn_call(cell, c, direction=2, clip=0.0, input_forget=False, lbr=False, threads=1,
+              **override):
+    c = dict(c, **override)
+    _core.rnn(0 if cell == "lstm" else 1, direction, c["x"], c["wtp"], c["xw"], c["rt"],
+              c["wb"], c["rb"],
+              c["p"], c["lens"], c["h0"], c["c0"], c["out"], clip, input_forget, lbr, threads)
+    return c["out"]
+
+
+def _rnn_numpy(cell, c, direction=2, clip=0.0, input_forget=False, lbr=False):
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    cut = (lambda v: np.clip(v, -clip, clip)) if clip else (lambda v: v)  # noqa: E731
+    x, w, r = (c[k].astype(np.float64) for k in ("x", "w", "r"))
+    t_len, batch, _ = x.shape
+    d_count, gh, h = r.shape
+    out = np.zeros(c["out"].shape)
+    for d in range(d_count):
+        rev = direction == 1 or d == 1
+        for b in range(batch):
+            n = int(c["lens"][b])
+            hp = c["h0"][d, b].astype(np.float64)
+            cp = c["c0"][d, b].astype(np.float64) if cell == "lstm" else None
+            for s in range(n):
+                t = n - 1 - s if rev else s
+                xg = w[d] @ x[t, b] + c["wb"][d]
+                hg = r[d] @ hp + c["rb"][d]
+                if cell == "lstm":
+                    p = c["p"][d]
+                    gi, go, gf, gc = np.split(xg + hg, 4)
+                    i = sig(cut(gi + p[:h] * cp))
+                    f = 1 - i if input_forget else sig(cut(gf + p[2 * h:] * cp))
+                    cp = f * cp + i * np.tanh(cut(gc))
+                    hp = sig(cut(go + p[h:2 * h] * cp)) * np.tanh(cp)
+                else:
+                    z = sig(cut(xg[:h] + hg[:h]))
+                    rr = sig(cut(xg[h:2 * h] + hg[h:2 * h]))
+                    if lbr:
+                        hc = np.tanh(cut(xg[2 * h:] + rr * hg[2 * h:]))
+                    else:
+                        hc = np.tanh(cut(xg[2 * h:] + r[d][2 * h:] @ (rr * hp)
+                                         + c["rb"][d][2 * h:]))
+                    hp = (1 - z) * hc + z * hp
+                out[t, d, b] = hp
+            out[t_len, d, b] = hp if n else 0
+            if cell == "lstm":
+                out[t_len + 1, d, b] = cp if n else 0
+    return out
+
+
+@pytest.mark.parametrize("cell,options", [
+    ("lstm", {}), ("lstm", dict(clip=0.4, input_forget=True)), ("lstm", dict(direction=1)),
+    ("gru", {}), ("gru", dict(lbr=True, clip=0.3)), ("gru", dict(direction=0))])
+def test_rnn_matches_numpy(cell, options):
+    c = _rnn_case(cell, d=1 if options.get("direction", 2) < 2 else 2)
+    got = _rnn_call(cell, c, **options)
+    np.testing.assert_allclose(got, _rnn_numpy(cell, c, **options), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_rnn_threads_and_optional_inputs(cell):
+    c = _rnn_case(cell, t=4, b=40, h=17)
+    one = _rnn_call(cell, c, threads=1).copy()
+    np.testing.assert_array_equal(_rnn_call(cell, c, threads=3), one)  # blocks are independent
+    bare = _rnn_call(cell, c, p=None, lens=None, h0=None, c0=None, threads=2)
+    zeros = {k: np.zeros_like(c[k]) for k in ("h0", "c0", "p") if c[k] is not None}
+    full = np.full_like(c["lens"], 4)
+    np.testing.assert_allclose(bare, _rnn_numpy(cell, dict(c, lens=full, **zeros)),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_rnn_checks_before_touching_memory():
+    c = _rnn_case("lstm")
+    bad = [
+        (dict(xw=c["xw"][:, :, :-1].copy()), r"xw .* must have shape"),
+        (dict(x=c["x"][:, :, :-1].copy()), r"wtp .* must have shape"),
+        (dict(wtp=c["wtp"][:, :-1].copy()), r"wtp .* must have shape"),
+        (dict(rt=c["rt"][:, :-1].copy()), r"rt .* must have shape"),
+        (dict(wb=c["wb"][:1].copy()), r"wb must have shape"),
+        (dict(p=c["p"][:, :5].copy()), r"p must have shape"),
+        (dict(h0=c["h0"][:, :3].copy()), r"initial_h must have shape"),
+        (dict(c0=c["c0"][:1].copy()), r"initial_c must have shape"),
+        (dict(lens=np.array([1, 2], np.int32)), r"sequence_lens must have shape"),
+        (dict(lens=np.array([1, 2, 6, 0, 0, 0, 0], np.int32)), r"sequence_lens\[2\] = 6 is "
+                                                              r"outside \[0, 5\]"),
+        (dict(lens=np.array([1, -2, 0, 0, 0, 0, 0], np.int32)), r"outside \[0, 5\]"),
+        (dict(out=np.zeros((8, 2, 7, 11), np.float32)), r"x must have shape"),
+        (dict(out=np.zeros((7, 1, 7, 11), np.float32)), r"out .* is not"),
+    ]
+    for override, message in bad:
+        with pytest.raises(ValueError, match=message):
+            _rnn_call("lstm", c, **override)
+    with pytest.raises(ValueError, match="cell must be"):
+        _core.rnn(7, 2, c["x"], c["wtp"], c["xw"], c["rt"], c["wb"], c["rb"], None, None,
+                  None, None, c["out"], 0.0, False, False, 1)
+    with pytest.raises(ValueError, match="direction must be"):
+        _core.rnn(0, 3, c["x"], c["wtp"], c["xw"], c["rt"], c["wb"], c["rb"], None, None,
+                  None, None, c["out"], 0.0, False, False, 1)
+    with pytest.raises(ValueError, match="clip must be"):
+        _rnn_call("lstm", c, clip=float("nan"))
+    with pytest.raises(ValueError, match="peepholes p on a GRU"):
+        g = _rnn_case("gru")
+        _rnn_call("gru", g, p=c["p"])
+    # overlapping output, wrong dtype, non-contiguous: refused
+    shared = np.zeros(max(c["out"].size, c["xw"].size), np.float32)
+    with pytest.raises(ValueError, match="out overlaps xw"):
+        _rnn_call("lstm", c, out=shared[:c["out"].size].reshape(c["out"].shape),
+                  xw=shared[:c["xw"].size].reshape(c["xw"].shape))
+    with pytest.raises(ValueError, match="out overlaps x "):
+        _rnn_call("lstm", c, x=c["out"].reshape(-1)[:c["x"].size].reshape(c["x"].shape))
+    with pytest.raises(ValueError, match="overlaps initial_h"):  # the scratch too
+        _rnn_call("lstm", c, h0=c["xw"].reshape(-1)[:c["h0"].size].reshape(c["h0"].shape))
+    for override in (dict(out=c["out"].astype(np.float64)),  # never a converted copy
+                     dict(out=np.zeros(c["out"].shape[::-1], np.float32).T),
+                     dict(xw=c["xw"].astype(np.float64)),
+                     dict(h0=np.asfortranarray(c["h0"])),
+                     dict(lens=c["lens"].astype(np.int64))):
+        with pytest.raises(TypeError):
+            _rnn_call("lstm", c, **override)
+    assert np.isnan(c["out"]).all()  # nothing was written by any refused call

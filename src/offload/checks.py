@@ -314,6 +314,11 @@ def _conv(c):
         c.fail(f"attribute group is {groups}; it must be >= 1")
     if w is not None and len(w) in (3, 5) and (x is None or len(x) == len(w)):
         # a valid ONNX Conv over 1 or 3 spatial axes that the importer did not lower to 2-D
+        if len(w) == 3:  # onnx_import lowers 1-D Convs whose weight or kernel_shape it sees
+            raise UnsupportedOpError(f"Conv node {c.node.name!r}: a 1-D Conv (weight {list(w)}) "
+                                     "without kernel_shape whose weight is not an initializer: "
+                                     "weights and bias must be constants of a convolution",
+                                     [("Conv", c.node.name)])
         raise UnsupportedOpError(f"Conv node {c.node.name!r}: {len(w) - 2}-D Conv (weight "
                                  f"{list(w)}); offload runs 2-D windows here",
                                  [("Conv", c.node.name)])
@@ -705,6 +710,91 @@ def _clip(c):
 def _shape(c):
     c.attr_int("start", 0)
     c.attr_int("end", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent layers (the rnn IR op: LSTM/GRU, see graph.rnn_dims)
+
+RNN_DIRECTIONS = ("forward", "reverse", "bidirectional")
+
+
+def _dims_fit(got, want) -> bool:
+    return len(got) == len(want) and all(
+        not (_known(g) and _known(w)) or int(g) == int(w) for g, w in zip(got, want))
+
+
+@rule("rnn")
+def _rnn(c):
+    from .graph import RNN_GATES
+    a = c.attrs
+    if a.get("cell") not in RNN_GATES:
+        c.fail(f"unknown cell {a.get('cell')!r}")
+    if a.get("direction") not in RNN_DIRECTIONS:
+        c.fail(f"attribute direction is {a.get('direction')!r}; ONNX allows "
+               f"{', '.join(RNN_DIRECTIONS)}")
+    if a.get("layout", 0) not in (0, 1):
+        c.fail(f"attribute layout is {a.get('layout')!r}; ONNX allows 0 and 1")
+    clip = a.get("clip", 0.0)
+    if not (isinstance(clip, float) and math.isfinite(clip) and clip >= 0):
+        c.fail(f"attribute clip must be a finite threshold >= 0, got {clip!r}")
+    for key in ("input_forget", "linear_before_reset"):
+        if a.get(key, 0) not in (0, 1):
+            c.fail(f"attribute {key} must be 0 or 1, got {a.get(key)!r}")
+    roles = tuple(a.get("roles", ()))
+    for role, name in (("x", "X"), ("w", "W"), ("r", "R")):
+        if role not in roles:
+            c.fail(f"input {name} is missing")
+    index = {role: k for k, role in enumerate(roles)}
+    dims = {role: c.dims(k) for role, k in index.items()}
+    names = {"x": "X", "w": "W", "r": "R", "b": "B", "seq": "sequence_lens", "h0": "initial_h",
+             "c0": "initial_c", "p": "P"}
+    for role, rank in (("x", 3), ("w", 3), ("r", 3), ("b", 2), ("seq", 1), ("h0", 3),
+                       ("c0", 3), ("p", 2)):
+        s = dims.get(role)
+        if s is not None and len(s) != rank:
+            c.shape_fail(f"input {names[role]} must have rank {rank}, got shape {list(s)}")
+    g = RNN_GATES[a["cell"]]
+    d = 2 if a["direction"] == "bidirectional" else 1
+    r, x = dims["r"], dims["x"]
+    h = a.get("hidden")
+    if h is not None and (not _is_int(h) or h <= 0):
+        c.fail(f"attribute hidden_size must be a positive int, got {h!r}")
+    if h is None:
+        h = r[2] if r is not None and _known(r[2]) else None
+    t = x[0] if x is not None else None
+    batch = x[1] if x is not None else None
+    inputs = x[2] if x is not None else None
+    want = {"w": (d, g * h if h else None, inputs), "r": (d, g * h if h else None, h),
+            "b": (d, 2 * g * h if h else None), "seq": (batch,), "h0": (d, batch, h),
+            "c0": (d, batch, h), "p": (d, 3 * h if h else None)}
+    for role in ("w", "r", "b", "p", "h0", "c0", "seq"):
+        s = dims.get(role)
+        if s is None:
+            continue
+        if not _dims_fit(s, want[role]):
+            shown = ["?" if v is None else v for v in want[role]]
+            c.fail(f"input {names[role]} has shape {list(s)}, expected {shown} for "
+                   f"hidden_size {h}, {d} direction(s) ({a['direction']}), {g} gates and X "
+                   f"{list(x) if x is not None else '?'}")
+    if "p" in roles and a["cell"] != "lstm":
+        c.fail("peephole weights P on a GRU")
+    lens = c.value(index["seq"]) if "seq" in index else None
+    if lens is not None:
+        check_sequence_lens(c.label, lens, t)
+
+
+def check_sequence_lens(label: str, lens, t) -> None:
+    """ShapeError naming the node when a sequence length is negative or longer than the time
+    axis (T); run-time lengths are checked with this before the layer runs."""
+    lens = np.asarray(lens).reshape(-1)
+    if lens.dtype.kind not in "iu":
+        raise ModelFormatError(f"{label}: sequence_lens must be integers, got {lens.dtype}")
+    if lens.size and int(lens.min()) < 0:
+        raise ShapeError(f"{label}: sequence_lens has a negative length {int(lens.min())} "
+                         f"(batch entry {int(lens.argmin())})")
+    if lens.size and _known(t) and int(lens.max()) > int(t):
+        raise ShapeError(f"{label}: sequence_lens has length {int(lens.max())} (batch entry "
+                         f"{int(lens.argmax())}) but the time axis of X has {int(t)} steps")
 
 
 # ---------------------------------------------------------------------------------------------

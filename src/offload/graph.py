@@ -7,7 +7,8 @@ IR ops run on devices (each device's op table implements them):
     conv2d, dense, maxpool, avgpool, global_avgpool, add, sub, mul, div, concat, activation,
     softmax, reduce, pad, transpose, elementwise (a row of offload.elementwise.TABLE, operands
     broadcast), slice, tile, matmul (two run-time operands, batch axes broadcast), gather,
-    gather_elements, topk (the indices; values are a gather_elements of them)
+    gather_elements, topk (the indices; values are a gather_elements of them),
+    rnn (LSTM/GRU, see rnn_dims)
 View ops share their input's memory (no kernel): reshape, flatten, squeeze, unsqueeze, identity.
 Plan-time ops are rewritten into device ops once the input shapes are known: expand (an
 elementwise copy), split_part (a slice), cast (an elementwise cast, or nothing),
@@ -38,7 +39,7 @@ DEVICE_OPS = frozenset({
     "conv2d", "dense", "maxpool", "avgpool", "global_avgpool", "add", "sub", "mul", "div",
     "concat", "activation", "softmax", "reduce", "pad", "transpose", "elementwise", "slice",
     "tile", "matmul", "gather", "gather_elements", "gather_nd", "topk", "cumsum",
-    "scatter_nd", "layernorm",
+    "scatter_nd", "layernorm", "rnn",
 })
 VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 PLAN_OPS = frozenset({"expand", "split_part", "cast", "channel_affine", "trilu"})
@@ -347,6 +348,9 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
         if op == "trilu" and len(x) < 2:
             raise ShapeError(f"Trilu node {node.name!r}: input {list(x)} has rank < 2")
         return tuple(x)
+    if op == "rnn":
+        d = rnn_dims(node, shapes)
+        return (d["T"] + d["extra"], d["D"], d["B"], d["H"])
     if op == "matmul":
         a_shape, b_shape = shapes[0], shapes[1]
         ka = a_shape[-1]
@@ -405,6 +409,32 @@ def branch_reads(branches) -> list[str]:
             made.update(n.outputs)
         reads += [o for o in outputs if o not in made]
     return list(dict.fromkeys(reads))
+
+
+# ---------------------------------------------------------------------------------------------
+# rnn: one LSTM or GRU layer in layout 0 (onnx_import makes layout 1 from transposes). Inputs are
+# the present ones of X [T, B, I], W [D, G*H, I], R [D, G*H, H], B [D, 2*G*H], sequence_lens [B],
+# initial_h [D, B, H], initial_c [D, B, H], P [D, 3*H] (LSTM), named by attrs["roles"]; G gates
+# (LSTM 4: i, o, f, c; GRU 3: z, r, h). The output packs Y (rows 0..T-1), Y_h (row T) and, for
+# LSTM, Y_c (row T + 1): [T + 1 (+1), D, B, H].
+
+RNN_GATES = {"lstm": 4, "gru": 3}
+
+
+def rnn_input(node: Node, role: str, items):
+    """The item of ``items`` (parallel to node.inputs) for input ``role``, or None."""
+    roles = node.attrs.get("roles", ())
+    return items[roles.index(role)] if role in roles and roles.index(role) < len(items) else None
+
+
+def rnn_dims(node: Node, shapes) -> dict:
+    """T, B, I, D, H, G (gates) and extra (rows after Y) of an rnn node from its shapes."""
+    a = node.attrs
+    x, r = rnn_input(node, "x", shapes), rnn_input(node, "r", shapes)
+    g = RNN_GATES[a["cell"]]
+    h = a.get("hidden", r[2] if r is not None and len(r) == 3 else None)
+    return {"T": x[0], "B": x[1], "I": x[2], "D": 2 if a["direction"] == "bidirectional" else 1,
+            "H": h, "G": g, "extra": 2 if a["cell"] == "lstm" else 1}
 
 
 def trilu_mask(node: Node, x, values) -> np.ndarray:

@@ -75,6 +75,8 @@ def _window(a: dict, nd_name: str, weight_kernel=None) -> dict:
 
 
 def _conv(n, a, ctx):
+    if _is_1d(n, a, ctx):
+        return _conv1d(n, a, ctx)
     attrs = _window(a, "Conv")
     attrs.update(groups=int(a.get("group", 1)), activation="identity")
     return [G.Node("conv2d", list(n.input), [n.output[0]], attrs)]
@@ -84,11 +86,13 @@ def _pool(kind):
     def convert(n, a, ctx):
         if len(n.output) > 1 and n.output[1] in ctx.used:
             raise _Unsupported("MaxPool with an Indices output that is used")
-        attrs = _window(a, n.op_type)
+        attrs = _window(a, n.op_type) if not _is_1d(n, a, ctx) else {}
         if kind == "avgpool":
             attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
         if a.get("storage_order", 0):
             raise _Unsupported("MaxPool with storage_order=1")
+        if _is_1d(n, a, ctx):
+            return _pool1d(kind, n, a, ctx)
         return [G.Node(kind, [n.input[0]], [n.output[0]], attrs)]
     return convert
 
@@ -549,6 +553,140 @@ def _by_version(op_type, convert):
 
 for _op in {r[0] for r in NOT_IMPLEMENTED}:
     CONVERTERS[_op] = _by_version(_op, CONVERTERS[_op])
+# 1-D windows and recurrent layers (DeepJet-class taggers)
+#
+# A 1-D Conv/MaxPool/AveragePool over [N, C, L] becomes the 2-D op over [N, C, 1, L] (kernel
+# (1, k)) between an unsqueeze and a squeeze of axis 2, so every device runs it with its 2-D
+# kernels. LSTM and GRU become one ``rnn`` IR op (layout 0: X [T, B, I]) whose one output packs
+# Y, Y_h (and Y_c) as [T + 1 (+1), D, B, H]; slices take the outputs the graph uses, and
+# transposes around it give layout 1.
+
+def _is_1d(n, a, ctx) -> bool:
+    kernel = a.get("kernel_shape")
+    if kernel is None and n.op_type == "Conv" and len(n.input) > 1:
+        w = ctx.constants.get(n.input[1])
+        return w is not None and np.ndim(w) == 3
+    return kernel is not None and len(kernel) == 1
+
+
+def _window1d(a, n) -> dict:
+    """The 2-D window attributes ([N, C, 1, L]) of a 1-D Conv/pool's attributes."""
+    def one(key, length, default):
+        v = tuple(int(x) for x in a.get(key, default))
+        if len(v) != length:
+            raise ValueError(f"attribute {key} has {len(v)} values for a 1-D window, "
+                             f"expected {length}")
+        return v
+    kernel = a.get("kernel_shape")
+    (s,), (d,) = one("strides", 1, (1,)), one("dilations", 1, (1,))
+    pb, pe = one("pads", 2, (0, 0))
+    return {"kernel": (1, int(kernel[0])) if kernel is not None else None,
+            "strides": (1, s), "pads": (0, pb, 0, pe), "dilations": (1, d),
+            "auto_pad": a.get("auto_pad", "NOTSET"), "ceil_mode": int(a.get("ceil_mode", 0))}
+
+
+def _around_2d(node, n, ctx, weight=None):
+    """[unsqueeze x (and the weight)] + node + [squeeze]: the 2-D op over [N, C, 1, L]."""
+    x4, y4 = ctx.temp("x2d"), ctx.temp("y2d")
+    nodes = [G.Node("unsqueeze", [n.input[0]], [x4], {"axes": (2,)})]
+    node.inputs[0], node.outputs = x4, [y4]
+    if weight is not None:
+        w4 = ctx.temp("w2d")
+        nodes.append(G.Node("unsqueeze", [weight], [w4], {"axes": (2,)}))
+        node.inputs[1] = w4
+    return nodes + [node, G.Node("squeeze", [y4], [n.output[0]], {"axes": (2,)})]
+
+
+def _conv1d(n, a, ctx):
+    attrs = _window1d(a, n)
+    if attrs["kernel"] is None:  # _is_1d saw the weight: an initializer
+        attrs["kernel"] = (1, int(np.shape(ctx.constants[n.input[1]])[2]))
+    attrs.update(groups=int(a.get("group", 1)), activation="identity")
+    node = G.Node("conv2d", list(n.input), [n.output[0]], attrs)
+    return _around_2d(node, n, ctx, weight=n.input[1])
+
+
+def _pool1d(kind, n, a, ctx):
+    attrs = _window1d(a, n)
+    if kind == "avgpool":
+        attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
+    return _around_2d(G.Node(kind, [n.input[0]], [n.output[0]], attrs), n, ctx)
+
+
+RNN_ROLES = {"LSTM": ("x", "w", "r", "b", "seq", "h0", "c0", "p"),
+             "GRU": ("x", "w", "r", "b", "seq", "h0")}
+RNN_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
+
+
+def _rnn(n, a, ctx):
+    """LSTM/GRU -> one ``rnn`` node (see graph.py) plus the slices of the outputs used."""
+    op = n.op_type
+    cell = op.lower()
+    direction = a.get("direction", "forward")
+    dirs = 2 if direction == "bidirectional" else 1
+    acts = a.get("activations")
+    if acts is not None:
+        acts = [v.decode() if isinstance(v, bytes) else str(v) for v in acts]
+        want = RNN_DEFAULT_ACTIVATIONS[op] * dirs
+        if tuple(str(v).lower() for v in acts) != want:
+            raise _Unsupported(f"attribute activations {list(acts)} (only the defaults "
+                               f"{list(RNN_DEFAULT_ACTIVATIONS[op])} per direction)")
+    for key in ("activation_alpha", "activation_beta"):
+        if a.get(key):
+            raise _Unsupported(f"attribute {key} {list(a[key])} (only the default activations, "
+                               "which take no parameters)")
+    layout = int(a.get("layout", 0))
+    roles, inputs = [], []
+    for role, name in zip(RNN_ROLES[op], n.input):
+        if name:
+            roles.append(role)
+            inputs.append(name)
+    if len(n.input) > len(RNN_ROLES[op]):
+        raise ValueError(f"{len(n.input)} inputs, at most {len(RNN_ROLES[op])}")
+    nodes = []
+    if layout == 1:  # batch-major X [B, T, I] and states [B, D, H]: moved to layout 0
+        for k, role in enumerate(roles):
+            if role in ("x", "h0", "c0"):
+                moved = ctx.temp(f"{role}_time_major")
+                nodes.append(G.Node("transpose", [inputs[k]], [moved], {"perm": (1, 0, 2)}))
+                inputs[k] = moved
+    attrs = {"cell": cell, "direction": direction, "roles": tuple(roles), "layout": layout,
+             "clip": float(a.get("clip", 0.0)) if "clip" in a else 0.0,
+             "input_forget": int(a.get("input_forget", 0)),
+             "linear_before_reset": int(a.get("linear_before_reset", 0))}
+    if "hidden_size" in a:
+        attrs["hidden"] = int(a["hidden_size"])
+    extra = 2 if cell == "lstm" else 1
+    packed = ctx.temp("rnn_state")
+    nodes.append(G.Node("rnn", inputs, [packed], attrs))
+
+    def const(value):
+        name = ctx.temp("rnn_slice")
+        ctx.constants[name] = np.array(value, np.int64)
+        return name
+
+    outputs = list(n.output) + [""] * 3
+    for k, out in enumerate(outputs[:1 + extra]):
+        if not out or out not in ctx.used:
+            continue
+        if k == 0:  # Y [T, D, B, H]: the first T rows
+            begin, end = 0, -extra
+        else:       # Y_h / Y_c [D, B, H]: one row after them
+            begin, end = k - 1 - extra, (k - extra if k < extra else np.iinfo(np.int64).max)
+        rows = ctx.temp("rnn_rows")
+        nodes.append(G.Node("slice", [packed, const([begin]), const([end]), const([0])],
+                            [rows if (k or layout == 1) else out]))
+        if k:
+            squeezed = ctx.temp("rnn_squeezed") if layout == 1 else out
+            nodes.append(G.Node("squeeze", [rows], [squeezed], {"axes": (0,)}))
+            if layout == 1:
+                nodes.append(G.Node("transpose", [squeezed], [out], {"perm": (1, 0, 2)}))
+        elif layout == 1:  # Y [B, T, D, H]
+            nodes.append(G.Node("transpose", [rows], [out], {"perm": (2, 0, 1, 3)}))
+    return nodes
+
+
+CONVERTERS.update({"LSTM": _rnn, "GRU": _rnn})
 
 
 def read_model(source) -> tuple[onnx.ModelProto, str]:
@@ -649,7 +787,7 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
     nodes, unsupported = [], []
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
-        if not n.output or not n.output[0]:
+        if not n.output or not (n.output[0] or (n.op_type in RNN_ROLES and any(n.output))):
             raise ModelFormatError(f"{label}: {n.op_type} node {name!r} has no output")
         if n.domain not in ("", "ai.onnx"):
             unsupported.append((n.op_type, name, f"custom domain {n.domain!r}"))

@@ -227,6 +227,12 @@ def lower(graph, label, **_):
                 "hi": float(const(hi).reshape(-1)[0]) if hi else np.inf}, node.name))
         elif node.op == "layernorm" and any(const(i) is None for i in node.inputs[1:]):
             out.extend(_layernorm_written_out(graph, node))
+        elif node.op == "rnn":  # weights known at load are re-laid out once by the builders
+            weights = [name for role, name in zip(node.attrs["roles"], node.inputs)
+                       if role in ("w", "r", "b", "p")]
+            node.attrs = dict(node.attrs, constant_weights=all(const(i) is not None
+                                                               for i in weights))
+            out.append(node)
         elif node.op == "batchnorm":
             if any(const(i) is None for i in node.inputs[1:5]):
                 problems.append(("BatchNormalization", node.name,
@@ -490,19 +496,25 @@ def fuse_residual(graph, shapes, **_):
 
 
 def fuse_activation(graph, **_):
-    """activation(conv/dense) -> the conv/dense's fused epilogue."""
+    """activation(conv/dense), also through a squeeze/unsqueeze between them (a 1-D conv
+    runs as a 2-D one between views) -> the conv/dense's fused epilogue."""
     uses, producers = graph.consumers(), graph.producers()
     out = []
     for node in graph.nodes:
         if node.op == "activation":
             prev = producers.get(node.inputs[0])
+            view = None  # a squeeze/unsqueeze between (a 1-D conv run as 2-D): seen through
+            if (prev is not None and prev.op in ("squeeze", "unsqueeze")
+                    and _sole_consumer(graph, node.inputs[0], uses) is node):
+                view, prev = prev, producers.get(prev.inputs[0])
+            last = view if view is not None else node
             if (prev is not None and prev.op in ("conv2d", "dense")
                     and prev.attrs.get("activation") == "identity"
-                    and _sole_consumer(graph, node.inputs[0], uses) is node):
+                    and _sole_consumer(graph, prev.outputs[0], uses) is last):
                 prev.attrs = dict(prev.attrs, activation=node.attrs["fn"],
                                   **{k: node.attrs[k] for k in ("alpha", "lo", "hi")
                                      if k in node.attrs})
-                prev.outputs = node.outputs
+                (view if view is not None else prev).outputs = node.outputs
                 continue
         out.append(node)
     graph.nodes = out

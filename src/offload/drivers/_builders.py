@@ -414,3 +414,105 @@ def build_layernorm(ctx, attrs, ins, out):
 
 
 SHARED.update(layernorm=build_layernorm, scatter_nd=build_scatter_nd, cumsum=build_cumsum, gather_nd=build_gather_nd, gather=build_gather, gather_elements=build_gather_elements, topk=build_topk)
+
+
+# ------------------------------------------------------------------------------ recurrent layers
+
+def rnn_weights(attrs, ins):
+    """The operands of an rnn node by role and its sizes (T, B, I, D, H, G); shared with the
+    cpu device. ``attrs["constant_weights"]`` (passes.lower) says W, R, B and P are constants:
+    re-laid out once; else they are copied into that layout on every run."""
+    roles = attrs["roles"]
+    get = {role: ins[k] for k, role in enumerate(roles)}
+    t, b, i = get["x"].shape
+    d, gh, _ = get["w"].shape
+    h = get["r"].shape[2]
+    return get, (t, b, i, d, h, gh // h)
+
+
+def _weight_t(ctx, attrs, w, rows, tag, slot):
+    """W/R [D, N, K] rows ``rows`` as [D, K, len(rows)] (transposed): (buffer, refresh step or
+    None): a constant once, a run-time tensor copied on every run."""
+    d, n, k = w.shape
+    r0, r1 = rows
+    if attrs.get("constant_weights"):
+        return ctx.weight(w, tag, lambda a: np.transpose(a[:, r0:r1], (0, 2, 1)).astype(f32)), \
+            None
+    out = ctx.scratch((d, k, r1 - r0), slot=slot)
+    step = elementwise(ctx, "copy", [out], (d, k, r1 - r0), [(w, r0 * k, [n * k, 1, k])],
+                       (out, 0, _contiguous_strides((d, k, r1 - r0))))
+    return out, step
+
+
+def build_rnn(ctx, attrs, ins, out):
+    """LSTM/GRU on the kernel devices: X @ W^T of every step as one batched product (the
+    driver's matmul), then per step the recurrent product h @ R^T (matmul) and one fused gate
+    kernel of rnn.cl; only enqueues, no synchronisation per step. Run-time sequence lengths
+    stay on the device (no host read: CUDA plans are captured graphs): one outside [0, T]
+    gives NaN outputs for its row (as index.cl's out-of-range indices), where the cpu device
+    raises a ShapeError; constant lengths are checked at load on every device."""
+    spec = ctx.device.spec
+    get, (t, b, i, d, h, g) = rnn_weights(attrs, ins)
+    cell, matmul = attrs["cell"], ctx.device.ops["matmul"]
+    lbr = cell == "gru" and attrs.get("linear_before_reset", 0)
+    dir_code = i32({"forward": 0, "reverse": 1, "bidirectional": 2}[attrs["direction"]])
+    clip = f32(attrs.get("clip", 0.0))
+    gh = g * h
+    x = _operand(ctx, get["x"])
+    wt, refresh_w = _weight_t(ctx, attrs, get["w"], (0, gh), "rnn_wt", 17)
+    bias = _operand(ctx, get["b"] if "b" in get else np.zeros((d, 2 * gh), f32))
+    p = _operand(ctx, get["p"]) if "p" in get else None
+    lens = get.get("seq")
+    if isinstance(lens, np.ndarray):
+        lens = ctx.weight(lens, "int32", lambda a: a.astype(np.int32))
+    h0 = _operand(ctx, get["h0"]) if "h0" in get else None
+    c0 = _operand(ctx, get["c0"]) if "c0" in get else None
+    total = d * b * h
+    xw = ctx.scratch((d, t * b, gh), slot=10)
+    hs = ctx.scratch((d, b, h), slot=11)
+    cs = ctx.scratch((d, b, h), slot=12) if cell == "lstm" else None
+    steps = [refresh_w]
+    if lens is not None and np.dtype(lens.dtype) != np.int32:
+        raise UnsupportedOpError(f"{spec}: sequence_lens of dtype {np.dtype(lens.dtype).name} "
+                                 "(int32, as ONNX defines it)", [(cell.upper(), "")])
+    if t * b:
+        steps.append(matmul(ctx, {}, [x.reshape(1, t * b, i), wt], xw))
+    steps.append(launch(ctx, "rnn.cl", "rnn_init", total, (h0, c0, hs, cs, i32(total)),
+                        "rnn init"))
+    shape = (i32(total), i32(t), i32(b), i32(h), i32(d), dir_code)
+    if cell == "lstm" or lbr:
+        rt, refresh_r = _weight_t(ctx, attrs, get["r"], (0, gh), "rnn_rt", 18)
+        steps.insert(0, refresh_r)
+        gates = ctx.scratch((d, b, gh), slot=13)
+        product = matmul(ctx, {}, [hs, rt], gates)
+        for s in range(t):
+            if cell == "lstm":
+                gate = launch(ctx, "rnn.cl", "lstm_step", total,
+                              (xw, gates, bias, p, lens, hs, cs, out, *shape, i32(s), clip,
+                               i32(attrs.get("input_forget", 0))), "lstm step")
+            else:
+                gate = launch(ctx, "rnn.cl", "gru_step", total,
+                              (xw, gates, bias, lens, hs, out, *shape, i32(s), clip), "gru step")
+            steps += [product, gate]
+    else:  # GRU, linear_before_reset = 0: (r * h) @ R_h^T needs r first
+        rt_zr, refresh_zr = _weight_t(ctx, attrs, get["r"], (0, 2 * h), "rnn_rt_zr", 18)
+        rt_h, refresh_h = _weight_t(ctx, attrs, get["r"], (2 * h, 3 * h), "rnn_rt_h", 19)
+        steps[:0] = [refresh_zr, refresh_h]
+        gates = ctx.scratch((d, b, 2 * h), slot=13)
+        zs, rh, ghs = (ctx.scratch((d, b, h), slot=k) for k in (14, 15, 16))
+        first, second = matmul(ctx, {}, [hs, rt_zr], gates), matmul(ctx, {}, [rh, rt_h], ghs)
+        for s in range(t):
+            steps += [first,
+                      launch(ctx, "rnn.cl", "gru_reset", total,
+                             (xw, gates, bias, lens, hs, zs, rh, out, *shape, i32(s), clip),
+                             "gru reset"),
+                      second,
+                      launch(ctx, "rnn.cl", "gru_update", total,
+                             (xw, ghs, bias, lens, zs, hs, out, *shape, i32(s), clip),
+                             "gru update")]
+    steps.append(launch(ctx, "rnn.cl", "rnn_final", total,
+                        (hs, cs, lens, out, i32(total), i32(t), i32(b), i32(h)), "rnn final"))
+    return _sequence(*steps)
+
+
+SHARED["rnn"] = build_rnn

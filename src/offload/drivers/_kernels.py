@@ -12,7 +12,7 @@ import numpy as np
 from .._resources import KERNEL_DIR
 from ..errors import UnsupportedOpError
 
-PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl", "index.cl")
+PROGRAMS = ("elementwise.cl", "gemm.cl", "conv.cl", "pool.cl", "reduce.cl", "index.cl", "rnn.cl")
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "clip": 5}
 BINARY_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3}
 REDUCTIONS = {"sum": 0, "mean": 1, "max": 2, "min": 3, "prod": 4}

@@ -24,6 +24,7 @@ from ..device import ALL_DTYPES, Capabilities, Device, DeviceInfo
 from .. import _core
 from ..fpga import fixed_point
 from ..hostmem import aligned_empty
+from ._builders import rnn_weights
 from ._kernels import _sequence
 
 F32 = np.float32
@@ -738,7 +739,107 @@ def build_topk(ctx, attrs, ins, out):
     return run
 
 
+# ------------------------------------------------------------------------------ recurrent layers
+
+def _panels(cols):
+    """[D, K, N] columns (N a multiple of 16) as [D, N / 16, K, 16]: panels of 16 columns,
+    each contiguous (the layout _core.rnn streams)."""
+    d, k, n = cols.shape
+    return np.ascontiguousarray(cols.reshape(d, k, n // 16, 16).transpose(0, 2, 1, 3), F32)
+
+
+def _pad16(n):
+    return -(-n // 16) * 16
+
+
+def rnn_packed_rt(r, cell):
+    """R [D, G*H, H] as R^T [D, H, NP] in gate segments padded to 16 columns (LSTM: one of 4H;
+    GRU: z, r | h), in panels (_panels)."""
+    d, gh, h = r.shape
+    rt = np.transpose(r, (0, 2, 1))
+    if cell == "lstm":
+        out = np.zeros((d, h, _pad16(4 * h)), F32)
+        out[:, :, :4 * h] = rt
+    else:
+        s1 = _pad16(2 * h)
+        out = np.zeros((d, h, s1 + _pad16(h)), F32)
+        out[:, :, :2 * h] = rt[:, :, :2 * h]
+        out[:, :, s1:s1 + h] = rt[:, :, 2 * h:]
+    return _panels(out)
+
+
+def rnn_packed_wt(w):
+    """W [D, G*H, I] as W^T [D, I, G*H padded to 16] in panels (_panels)."""
+    d, gh, i = w.shape
+    out = np.zeros((d, i, _pad16(gh)), F32)
+    out[:, :, :gh] = np.transpose(w, (0, 2, 1))
+    return _panels(out)
+
+
+def rnn_threads(work: int) -> int:
+    """Threads for one LSTM/GRU layer of ``work`` multiply-adds: the cpu device's pool
+    (set_num_threads / OFFLOAD_NUM_THREADS); one for small layers, whose threads would cost
+    more than they save."""
+    return 1 if work < (1 << 22) else get_num_threads()
+
+
+def build_rnn(ctx, attrs, ins, out):
+    """LSTM/GRU: one _core.rnn call (the input projection of every step, then the time loop),
+    weights packed once (run-time weights: on every run)."""
+    from .. import checks
+    get, (t, b, i, d, h, g) = rnn_weights(attrs, ins)
+    cell = attrs["cell"]
+    x = get["x"] if not isinstance(get["x"], np.ndarray) else np.ascontiguousarray(get["x"], F32)
+    b_in, p_in = get.get("b"), get.get("p")
+    split = lambda a: (a[:, :g * h].astype(F32), a[:, g * h:].astype(F32))  # noqa: E731
+    if attrs.get("constant_weights"):
+        wtp = ctx.weight(get["w"], "rnn_wtp", rnn_packed_wt)
+        rt = ctx.weight(get["r"], "rnn_rt", lambda a: rnn_packed_rt(a, cell))
+        if b_in is not None:
+            wb = ctx.weight(b_in, "rnn_wb", lambda a: split(a)[0])
+            rb = ctx.weight(b_in, "rnn_rb", lambda a: split(a)[1])
+        else:
+            wb = rb = np.zeros((d, g * h), F32)
+        p = ctx.weight(p_in, "rnn_p", lambda a: a.astype(F32)) if p_in is not None else None
+        refresh = None
+    else:  # run-time weights: packed again on every run
+        w, r = get["w"], get["r"]
+        wtp, rt = rnn_packed_wt(np.zeros(w.shape, F32)), rnn_packed_rt(r * 0, cell)
+        wb, rb = np.zeros((d, g * h), F32), np.zeros((d, g * h), F32)
+        p = np.empty(p_in.shape, F32) if p_in is not None else None
+
+        def refresh():
+            np.copyto(wtp, rnn_packed_wt(w))
+            np.copyto(rt, rnn_packed_rt(r, cell))
+            if b_in is not None:
+                np.copyto(wb, split(b_in)[0])
+                np.copyto(rb, split(b_in)[1])
+            if p is not None:
+                np.copyto(p, p_in)
+    state = [np.ascontiguousarray(get[k], F32) if isinstance(get.get(k), np.ndarray)
+             else get.get(k) for k in ("h0", "c0")]
+    lens = get.get("seq")
+    label = f"{cell.upper()} node {attrs.get('node', '')!r}"
+    xw = ctx.scratch((t, b, d * wtp.shape[1] * 16))
+    code = {"forward": 0, "reverse": 1, "bidirectional": 2}[attrs["direction"]]
+    threads = rnn_threads(t * b * d * (h * rt.shape[1] + i * wtp.shape[1]) * 16)
+    args = (0 if cell == "lstm" else 1, code, x, wtp, xw, rt, wb, rb, p)
+    tail = (state[0], state[1], out, float(attrs.get("clip", 0.0)),
+            bool(attrs.get("input_forget", 0)), bool(attrs.get("linear_before_reset", 0)),
+            threads)
+
+    def run():
+        seq = None
+        if lens is not None:
+            seq = np.ascontiguousarray(lens, np.int32)
+            checks.check_sequence_lens(label, lens, t)
+        if refresh is not None:
+            refresh()
+        _core.rnn(*args, seq, *tail)
+    return run
+
 OPS = {
+    "rnn": build_rnn,
     "elementwise": build_elementwise,
     "slice": build_slice,
     "tile": build_tile,
