@@ -374,14 +374,10 @@ def _branch(g: onnx.GraphProto, ctx, label: str) -> tuple[list, list]:
         name = n.name or f"{g.name or 'branch'}/{n.op_type}_{i}"
         a = _attrs(n, label, name)
         if n.op_type == "Constant":
-            value = next((a[k] for k in ("value", "value_float", "value_floats", "value_int",
-                                         "value_ints") if k in a), None)
+            value = _constant_value(a)
             if value is None:
                 unsupported.append(("Constant", name, "a Constant without a numeric value"))
                 continue
-            if not isinstance(value, np.ndarray):
-                dtype = np.float32 if "value_float" in a or "value_floats" in a else np.int64
-                value = np.array(value, dtype)
             ctx.constants[n.output[0]] = value
             continue
         convert = CONVERTERS.get(n.op_type)
@@ -689,6 +685,16 @@ def _rnn(n, a, ctx):
 CONVERTERS.update({"LSTM": _rnn, "GRU": _rnn})
 
 
+def _constant_value(a: dict):
+    """The array a Constant node's attributes hold, or None when it holds no numeric value."""
+    value = next((a[k] for k in ("value", "value_float", "value_floats", "value_int",
+                                 "value_ints") if k in a), None)
+    if value is not None and not isinstance(value, np.ndarray):
+        dtype = np.float32 if "value_float" in a or "value_floats" in a else np.int64
+        value = np.array(value, dtype)
+    return value
+
+
 def read_model(source) -> tuple[onnx.ModelProto, str]:
     """Read an ONNX model from a path, bytes or a ModelProto; returns (model, label for messages)."""
     if isinstance(source, onnx.ModelProto):
@@ -794,14 +800,10 @@ def to_graph(model: onnx.ModelProto, label: str) -> G.Graph:
             continue
         if n.op_type == "Constant":
             a = _attrs(n, label, name)
-            value = next((a[k] for k in ("value", "value_float", "value_floats", "value_int",
-                                         "value_ints") if k in a), None)
+            value = _constant_value(a)
             if value is None:
                 unsupported.append(("Constant", name, "a Constant without a numeric value"))
                 continue
-            if not isinstance(value, np.ndarray):
-                dtype = np.float32 if "value_float" in a or "value_floats" in a else np.int64
-                value = np.array(value, dtype)
             constants[n.output[0]] = value
             continue
         convert = CONVERTERS.get(n.op_type)
