@@ -130,6 +130,7 @@ class Pool {
 
     void loop(std::uint64_t seen) {
         in_pool_ = true;
+        offload::FlushDenormals ftz;  // a helper runs nothing but the kernels' items
         for (;;) {
             std::shared_ptr<Job> job;
             {
@@ -624,6 +625,7 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     const float *xd = x.data();
     const int threads = pool().threads();
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     if (g.n >= 2 * threads || !parallel) {
         // one image per task, padded into the task thread's scratch (stays in its cache)
         pool().run(g.n, [&](std::int64_t n) {
@@ -711,6 +713,7 @@ void conv_gemm(In x, In w2, std::optional<In> bias, std::optional<In> residual, 
     const bool parallel = macs >= g_parallel_macs;
     const int threads = pool().threads();
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     BlasSingleThread single;
     auto finish = [&](std::int64_t n, std::int64_t m0, std::int64_t m1) {
         for (std::int64_t mm = m0; mm < m1; ++mm) {
@@ -795,6 +798,7 @@ void gemm_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, 
     const std::int64_t parts = parallel ? 4 * threads : 1;
     const std::int64_t step = std::max<std::int64_t>(16, (rows + parts - 1) / parts);
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     BlasSingleThread single;
     pool().run((rows + step - 1) / step, [&](std::int64_t i) {
         const std::int64_t r0 = i * step, r1 = std::min(rows, r0 + step);
@@ -859,6 +863,7 @@ void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
     const bool parallel = planes * ohw * g.kh * g.kw >= g_parallel_macs.load();
     const std::int64_t step = std::max<std::int64_t>(1, (1 << 15) / std::max<std::int64_t>(1, ohw * g.kh * g.kw));
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     pool().run((planes + step - 1) / step, [&](std::int64_t i) {
         for (std::int64_t p = i * step; p < std::min(planes, (i + 1) * step); ++p)
             pool_plane(xd + p * hw, yd + p * ohw, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw,

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "pool.h"
+
 namespace nb = nanobind;
 
 namespace {
@@ -132,6 +134,7 @@ void dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y
     if (bias) check_apart("dense", "bias", y, *bias);
     if (residual) check_apart("dense", "residual", y, *residual);
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     dense_rows(x.data(), w.data(), bias ? bias->data() : nullptr,
                residual ? residual->data() : nullptr, y.data(), m, k, n, e);
 }
@@ -176,6 +179,7 @@ void epilogue(Out y, std::optional<In> bias, int bias_axis, std::optional<In> re
     if (bias) check_apart("epilogue", "bias", y, *bias);
     if (residual) check_apart("epilogue", "residual", y, *residual);
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     epilogue_rows(y.data(), bias ? bias->data() : nullptr, nbias, bias_axis,
                   residual ? residual->data() : nullptr, rows, cols, e);
 }
@@ -212,6 +216,7 @@ void softmax(In x, Out y) {
     const std::int64_t cols = x.shape(x.ndim() - 1);
     const std::int64_t rows = cols ? (std::int64_t) x.size() / cols : 0;
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     softmax_rows(x.data(), y.data(), rows, cols);
 }
 
@@ -234,6 +239,7 @@ void conv_epilogue(In prod, Out y, std::optional<In> bias, std::optional<In> res
     const float *r = residual ? residual->data() : nullptr;
     float *out = y.data();
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     for (std::int64_t s = 0; s < n; ++s)
         for (std::int64_t ch = 0; ch < m; ++ch) {
             float *o = out + (s * m + ch) * hw;
@@ -293,6 +299,7 @@ class Program {
     }
     void run() {  // called without the GIL: touches only raw data, never the handles' counts
         std::lock_guard<std::mutex> lock(mutex_);
+        offload::FlushDenormals ftz;
         for (const Op &op : ops_) {
             if (op.kind == kDense)
                 dense_rows(op.x.data(), op.w.data(), op.b.is_valid() ? op.b.data() : nullptr,

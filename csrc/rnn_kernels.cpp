@@ -405,6 +405,7 @@ void rnn(int cell, int direction, In x, In wtp, Out xw, In rt, In wb, In rb, std
     std::vector<float> zeros(NX, 0.f);
     const Projection P{x.data(), wtp.data(), zeros.data(), xw.data(), T * B, I, NX, D};
     nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
     // every step's input projection first (one product over T * B rows), then the time loop;
     // both shared out between the threads by blocks of rows
     in_threads(threads, (T * B + kMR - 1) / kMR,
