@@ -651,28 +651,28 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
 // ---------------------------------------------------------------------------------------------
 // Convolution as im2col + SGEMM per image (groups 1).
 
-// cols[(c*kh + i)*kw + j, oh*OW + ow] = x[c, oh*sh + i*dh - pt, ow*sw + j*dw - pl] (0 outside)
-// for rows [r0, r1) of cols.
-void im2col(const float *x, float *cols, const Geometry &g, std::int64_t r0, std::int64_t r1) {
-    const std::int64_t taps = g.kh * g.kw, ohw = g.oh * g.ow;
-    for (std::int64_t r = r0; r < r1; ++r) {
+// cols[(c*kh + i)*kw + j, (oy - oy0)*OW + ow] = x[c, oy*sh + i*dh - pt, ow*sw + j*dw - pl]
+// (0 outside) for the output rows [oy0, oy1): the columns of one slab of output positions.
+void im2col(const float *x, float *cols, const Geometry &g, std::int64_t oy0, std::int64_t oy1) {
+    const std::int64_t taps = g.kh * g.kw, ckk = g.c * taps, ld = (oy1 - oy0) * g.ow;
+    for (std::int64_t r = 0; r < ckk; ++r) {
         const std::int64_t ch = r / taps, i = (r % taps) / g.kw, t = r % g.kw;
         const float *xc = x + ch * g.h * g.w;
-        float *dst = cols + r * ohw;
-        for (std::int64_t oy = 0; oy < g.oh; ++oy) {
-            float *d = dst + oy * g.ow;
+        float *dst = cols + r * ld;
+        const std::int64_t off = t * g.dw - g.pl;  // ix = ox*sw + off
+        // valid ox: 0 <= ox*sw + off < W
+        std::int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
+        std::int64_t hi = g.w - off > 0 ? (g.w - off + g.sw - 1) / g.sw : 0;
+        lo = std::min(lo, g.ow);
+        hi = std::clamp(hi, lo, g.ow);
+        for (std::int64_t oy = oy0; oy < oy1; ++oy) {
+            float *d = dst + (oy - oy0) * g.ow;
             const std::int64_t iy = oy * g.sh + i * g.dh - g.pt;
             if (iy < 0 || iy >= g.h) {
                 std::fill(d, d + g.ow, 0.f);
                 continue;
             }
             const float *src = xc + iy * g.w;
-            const std::int64_t off = t * g.dw - g.pl;  // ix = ox*sw + off
-            // valid ox: 0 <= ox*sw + off < W
-            std::int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
-            std::int64_t hi = g.w - off > 0 ? (g.w - off + g.sw - 1) / g.sw : 0;
-            lo = std::min(lo, g.ow);
-            hi = std::clamp(hi, lo, g.ow);
             std::fill(d, d + lo, 0.f);
             if (g.sw == 1)
                 std::memcpy(d + lo, src + lo + off, (std::size_t) (hi - lo) * sizeof(float));
@@ -682,6 +682,10 @@ void im2col(const float *x, float *cols, const Geometry &g, std::int64_t r0, std
         }
     }
 }
+
+// The columns of one task (C*kh*kw rows by a slab of output positions) stay within this many
+// floats (1 MiB: the L2 cache of one core, with the weights' panel beside it).
+constexpr std::int64_t kSlabFloats = 1 << 18;
 
 void conv_gemm(In x, In w2, std::optional<In> bias, std::optional<In> residual, Out y,
                std::int64_t kh, std::int64_t kw, std::vector<std::int64_t> strides,
@@ -711,62 +715,45 @@ void conv_gemm(In x, In w2, std::optional<In> bias, std::optional<In> residual, 
     float *yd = y.data();
     const std::int64_t macs = g.n * m * ckk * ohw;
     const bool parallel = macs >= g_parallel_macs;
-    const int threads = pool().threads();
+    const std::int64_t threads = pool().threads();
+    // Tasks of (image, slab of output rows, block of output channels). Each builds the im2col
+    // columns of its slab in its own thread's scratch, where they stay in cache, and multiplies
+    // them: no image-sized column buffer, and each product packs only its own columns (a split
+    // by output channels alone packed every column once per block). Channel blocks only when
+    // images x slabs leave threads idle (late layers at batch 1: 7x7 positions, 512 channels).
+    const std::int64_t slab_rows = std::clamp<std::int64_t>(
+        kSlabFloats / std::max<std::int64_t>(1, ckk * g.ow), 1, g.oh);
+    const std::int64_t slabs = (g.oh + slab_rows - 1) / slab_rows, base = g.n * slabs;
+    std::int64_t mrows = m;
+    if (parallel && threads > 1 && base < 2 * threads) {
+        const std::int64_t want = (2 * threads + base - 1) / base;
+        mrows = std::max<std::int64_t>(16, ((m + want - 1) / want + 7) / 8 * 8);
+    }
+    const std::int64_t mblocks = (m + mrows - 1) / mrows;
     nb::gil_scoped_release release;
     offload::FlushDenormals ftz;
     BlasSingleThread single;
-    auto finish = [&](std::int64_t n, std::int64_t m0, std::int64_t m1) {
-        for (std::int64_t mm = m0; mm < m1; ++mm) {
-            const std::int64_t at = (n * m + mm) * ohw;
-            if (bd || rd || a.code != kIdentity)
-                finish_row(yd + at, ohw, bd ? bd[mm] : 0.f, rd ? rd + at : nullptr, a);
-        }
-    };
-    if (g.n >= threads || !parallel) {
-        // one image per task: its columns in the task thread's scratch
-        pool().run(g.n, [&](std::int64_t n) {
-            const float *cols = xd + n * chw;
-            if (!direct_cols) {
-                float *c = scratch((std::size_t) (ckk * ohw), 1);
-                im2col(xd + n * chw, c, g, 0, ckk);
-                cols = c;
-            }
-            sgemm(m, ohw, ckk, wd, ckk, cols, ohw, yd + n * m * ohw, ohw);
-            finish(n, 0, m);
-        }, parallel);
-        return;
-    }
-    // fewer images than threads: columns built in parallel, then the product split by rows
-    // (output channels) or, for few channels, by column blocks
-    float *cols_buf = direct_cols ? nullptr : scratch((std::size_t) (ckk * ohw), 1);
-    for (std::int64_t n = 0; n < g.n; ++n) {
-        const float *cols = xd + n * chw;
+    pool().run(base * mblocks, [&](std::int64_t i) {
+        const std::int64_t mb = i % mblocks, s = (i / mblocks) % slabs, n = i / (mblocks * slabs);
+        const std::int64_t oy0 = s * slab_rows, oy1 = std::min(g.oh, oy0 + slab_rows);
+        const std::int64_t p0 = oy0 * g.ow, width = (oy1 - oy0) * g.ow;
+        const std::int64_t m0 = mb * mrows, m1 = std::min(m, m0 + mrows);
+        const float *cols = xd + n * chw + p0;
+        std::int64_t ldb = ohw;
         if (!direct_cols) {
-            const std::int64_t step = std::max<std::int64_t>(1, ckk / (4 * threads));
-            pool().run((ckk + step - 1) / step, [&](std::int64_t i) {
-                im2col(xd + n * chw, cols_buf, g, i * step, std::min(ckk, (i + 1) * step));
-            }, true);
-            cols = cols_buf;
+            float *c = scratch((std::size_t) (ckk * width), 1);
+            im2col(xd + n * chw, c, g, oy0, oy1);
+            cols = c;
+            ldb = width;
         }
-        float *yn = yd + n * m * ohw;
-        if (m >= 16 * threads) {
-            const std::int64_t parts = 2 * threads;
-            const std::int64_t rows = ((m + parts - 1) / parts + 7) / 8 * 8;
-            pool().run((m + rows - 1) / rows, [&](std::int64_t i) {
-                const std::int64_t m0 = i * rows, m1 = std::min(m, m0 + rows);
-                sgemm(m1 - m0, ohw, ckk, wd + m0 * ckk, ckk, cols, ohw, yn + m0 * ohw, ohw);
-                finish(n, m0, m1);
-            }, true);
-        } else {
-            const std::int64_t parts = 2 * threads;
-            const std::int64_t width = ((ohw + parts - 1) / parts + 15) / 16 * 16;
-            pool().run((ohw + width - 1) / width, [&](std::int64_t i) {
-                const std::int64_t p0 = i * width, p1 = std::min(ohw, p0 + width);
-                sgemm(m, p1 - p0, ckk, wd, ckk, cols + p0, ohw, yn + p0, ohw);
-            }, true);
-            finish(n, 0, m);
-        }
-    }
+        float *yn = yd + n * m * ohw + p0;
+        sgemm(m1 - m0, width, ckk, wd + m0 * ckk, ckk, cols, ldb, yn + m0 * ohw, ohw);
+        if (bd || rd || a.code != kIdentity)
+            for (std::int64_t mm = m0; mm < m1; ++mm) {
+                const std::int64_t at = (n * m + mm) * ohw + p0;
+                finish_row(yd + at, width, bd ? bd[mm] : 0.f, rd ? rd + at : nullptr, a);
+            }
+    }, parallel);
 }
 
 // y[r, n] = act(x[r, k] @ w[k, n] + bias[n] + residual[r, n]), rows split over the pool.
