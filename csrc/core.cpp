@@ -529,6 +529,11 @@ void register_conv_kernels(nb::module_ &m);
 // ---------------------------------------------------------------------------------------------
 // Recurrent layers: rnn(...) runs the time loop of one LSTM/GRU layer (rnn_kernels.cpp).
 void register_rnn_kernels(nb::module_ &m);
+// Row kernels of the transformer taggers: GELU, softmax(x * scale + bias), layer norm
+// (row_kernels.cpp).
+void register_row_kernels(nb::module_ &m);
+// Index kernels of the graph taggers: top-k and reductions over trailing axes (index_kernels.cpp).
+void register_index_kernels(nb::module_ &m);
 
 NB_MODULE(_core, m) {
     m.doc() = "Native helpers for offload (aligned host buffers, pointers).";
@@ -619,4 +624,6 @@ NB_MODULE(_core, m) {
     // --- conv kernels, large products and the CPU thread pool (conv_kernels.cpp) ---
     register_conv_kernels(m);
     register_rnn_kernels(m);
+    register_row_kernels(m);
+    register_index_kernels(m);
 }
