@@ -323,8 +323,42 @@ def check_rnn(r: Reader):
         args[-1].dtype == np.float32 and args[-1] is out else True
 
 
+def check_rows(r: Reader):
+    """gelu / softmax_scaled / layernorm on fuzzed operands (or views of one another); where a
+    call is accepted on finite float32 data, its result against NumPy."""
+    which = r.byte() % 3
+    x = operand(r)
+    base = x if isinstance(x, np.ndarray) else None
+    out = operand(r, base)
+    other = operand(r, base) if r.flag() else None
+    flag, scale, div = r.flag(), float(r.int(-4, 4)) / 2, r.int(-1, 6)
+    x0 = np.array(x) if isinstance(x, np.ndarray) else None
+    try:
+        if which == 0:
+            _core.gelu(x, out, flag)
+        elif which == 1:
+            _core.softmax_scaled(x, other, scale, div, out)
+        else:
+            _core.layernorm(x, other if other is not None else operand(r, base), None, 0.125, out)
+    except REFUSALS:
+        return
+    if x0 is None or not x0.size or not np.isfinite(x0).all() or np.shares_memory(x, out) \
+            or which == 2 or (which == 1 and other is not None):
+        return
+    got, x64 = np.asarray(out).reshape(-1), x0.astype(np.float64).reshape(-1)
+    if which == 0:
+        from math import erf
+        e = np.array([erf(v / 2 ** 0.5 if flag else v) for v in x64])
+        want = 0.5 * x64 * (1 + e) if flag else e
+    else:
+        rows = x64.reshape(-1, x0.shape[-1]) * scale
+        e = np.exp(rows - rows.max(-1, keepdims=True))
+        want = (e / e.sum(-1, keepdims=True)).reshape(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc,
-          check_rnn]
+          check_rnn, check_rows]
 
 
 def one_input(data: bytes) -> None:

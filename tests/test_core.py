@@ -1023,3 +1023,106 @@ def test_rnn_checks_before_touching_memory():
         with pytest.raises(TypeError):
             _rnn_call("lstm", c, **override)
     assert np.isnan(c["out"]).all()  # nothing was written by any refused call
+
+
+# ---- row kernels of the transformer taggers (csrc/row_kernels.cpp)
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gelu_and_erf_match_the_definition(threads):
+    from math import erf
+    x = np.concatenate([np.linspace(-9, 9, 70001, dtype=np.float32),
+                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan], np.float32)])
+    old = _core.get_num_threads()
+    _core.set_num_threads(threads)
+    try:
+        g, e = np.empty_like(x), np.empty_like(x)
+        _core.gelu(x, g, True)
+        _core.gelu(x, e, False)
+    finally:
+        _core.set_num_threads(old)
+    x64 = x.astype(np.float64)
+    want_e = np.array([erf(v) if np.isfinite(v) else np.sign(v) if np.isinf(v) else np.nan
+                       for v in x64])
+    np.testing.assert_allclose(e, want_e, rtol=0, atol=5e-7)  # A&S 7.1.26: 1.5e-7 + rounding
+    want_g = 0.5 * x64[:-3] * (1 + np.array([erf(v / 2 ** 0.5) for v in x64[:-3]]))
+    np.testing.assert_allclose(g[:-3], want_g, rtol=1e-6, atol=5e-7)
+    # x/2 (1 + erf(x/sqrt 2)) as written: inf, -inf * 0 = NaN (the NumPy formula's too), NaN
+    assert g[-3] == np.inf and np.isnan(g[-2]) and np.isnan(g[-1]) and np.isnan(e[-1])
+    inplace = x.copy()
+    _core.gelu(inplace, inplace, True)
+    np.testing.assert_array_equal(inplace, g)
+
+
+def _softmax_np(z):
+    z = z.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("bias_shape,div", [(None, 1), ((3, 4, 5, 37), 1), ((3, 1, 1, 37), 20),
+                                            ((1, 4, 5, 37), 1), ((37,), 1)])
+def test_softmax_scaled_matches_numpy_for_each_bias_pattern(bias_shape, div):
+    x = _RNG.standard_normal((3, 4, 5, 37), dtype=np.float32) * 4
+    bias = None if bias_shape is None else _RNG.standard_normal(bias_shape, dtype=np.float32)
+    if bias is not None:
+        bias[..., -3:] = -1e9  # masked keys
+    out = np.empty_like(x)
+    _core.softmax_scaled(x, bias, 0.25, div, out)
+    want = _softmax_np(x * np.float32(0.25) + (0 if bias is None else bias))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_scaled_rows_fully_masked_nan_and_in_place():
+    x = np.zeros((4, 6), np.float32)
+    x[1, 2] = np.nan
+    bias = np.full((4, 6), -1e9, np.float32)  # every key masked: uniform, as onnxruntime
+    bias[2:] = 0
+    out = np.empty_like(x)
+    _core.softmax_scaled(x, bias, 1.0, 1, out)
+    np.testing.assert_allclose(out[0], 1 / 6, rtol=1e-6)
+    assert np.isnan(out[1]).all()
+    np.testing.assert_allclose(out[2:], 1 / 6, rtol=1e-6)
+    y = _RNG.standard_normal((5, 9), dtype=np.float32)
+    want = _softmax_np(y * 2)
+    _core.softmax_scaled(y, None, 2.0, 1, y)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-7)
+
+
+def test_layernorm_matches_numpy():
+    x = _RNG.standard_normal((333, 64), dtype=np.float32) * 3 + 1
+    g, b = (_RNG.standard_normal(64, dtype=np.float32) for _ in range(2))
+    out = np.empty_like(x)
+    x64 = x.astype(np.float64)
+    norm = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+    _core.layernorm(x, g, b, 1e-5, out)
+    np.testing.assert_allclose(out, norm * g + b, rtol=1e-4, atol=1e-5)
+    _core.layernorm(x, g, None, 1e-5, out)
+    np.testing.assert_allclose(out, norm * g, rtol=1e-4, atol=1e-5)
+
+
+def test_row_kernels_check_before_touching_memory():
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="same size"):
+        _core.gelu(x, np.empty(31, np.float32), True)
+    with pytest.raises(ValueError, match="overlaps"):
+        _core.gelu(x.reshape(-1)[:16], x.reshape(-1)[8:24], True)
+    with pytest.raises(TypeError):
+        _core.gelu(x.astype(np.float64), np.empty((4, 8)), True)
+    out = np.empty_like(x)
+    with pytest.raises(ValueError, match="end in the softmax axis"):
+        _core.softmax_scaled(x, np.ones((4, 7), np.float32), 1.0, 1, out)
+    with pytest.raises(ValueError, match="bias_div"):
+        _core.softmax_scaled(x, np.ones((2, 8), np.float32), 1.0, 3, out)
+    with pytest.raises(ValueError, match="bias_div"):
+        _core.softmax_scaled(x, np.ones((2, 8), np.float32), 1.0, 0, out)
+    with pytest.raises(ValueError, match="overlaps bias"):
+        _core.softmax_scaled(x, out, 1.0, 1, out)
+    with pytest.raises(ValueError, match="finite"):
+        _core.softmax_scaled(x, None, float("nan"), 1, out)
+    with pytest.raises(ValueError, match="scale has 7 values"):
+        _core.layernorm(x, np.ones(7, np.float32), None, 1e-5, out)
+    with pytest.raises(ValueError, match="bias has 9 values"):
+        _core.layernorm(x, np.ones(8, np.float32), np.ones(9, np.float32), 1e-5, out)
+    with pytest.raises(ValueError, match="epsilon"):
+        _core.layernorm(x, np.ones(8, np.float32), None, -1.0, out)
+    assert np.isnan(out).sum() >= 0  # never written: nothing to compare

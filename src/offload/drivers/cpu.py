@@ -452,12 +452,29 @@ def build_softmax(ctx, attrs, ins, out):
     return softmax
 
 
+def _bias_row_divisor(bias_shape, shape):
+    """For a bias broadcast over ``shape`` whose rows (all axes but the last) it repeats in a
+    pattern _core.softmax_scaled takes: row r of x adds bias row (r // div) % bias_rows. The
+    divisor ``div``, or None (the last axis broadcast, or full axes not in one run)."""
+    lead = len(shape) - 1
+    b = (1,) * (len(shape) - len(bias_shape)) + tuple(bias_shape)
+    if not lead or b[-1] != shape[-1] or any(d not in (1, s) for d, s in zip(b, shape)):
+        return None
+    full = [i for i in range(lead) if b[i] == shape[i] != 1]
+    if full and any(b[i] != shape[i] for i in range(full[0], full[-1] + 1)):
+        return None  # a broadcast axis between two full ones
+    return int(np.prod(shape[full[-1] + 1:lead])) if full else 1
+
+
 def _softmax_scaled(x, bias, scale, out):
     """softmax(x * scale + bias) over the last axis in blocks of rows that stay in cache: one
     pass over memory instead of three (scale, add, softmax). Each block subtracts its own
     maximum (one contiguous reduction instead of one per row); rows whose sum then falls below
     1e-20 (far below the block's maximum) are redone with their own maximum."""
     n = x.shape[-1]
+    div = _bias_row_divisor(bias.shape, x.shape)
+    if div and _c_float32(x, out, bias):  # one pass per row, on the pool
+        return functools.partial(_core.softmax_scaled, x, bias, scale, div, out)
     x2, y2 = x.reshape(-1, n), out.reshape(-1, n)
     b2 = bias.reshape(-1, n) if bias.shape == x.shape else None
     rows = x2.shape[0]
@@ -563,8 +580,15 @@ def _erf_into(x, out, t):
     np.copysign(out, x, out=out)
 
 
+def _c_float32(*arrays):
+    """Whether every array is C-contiguous float32 (what the native kernels take as they are)."""
+    return all(a.dtype == F32 and a.flags.c_contiguous for a in arrays)
+
+
 def build_erf(ctx, attrs, ins, out):
     x, fn = ins[0], attrs["fn"]
+    if _c_float32(x, out):  # one pass per block, on the pool
+        return functools.partial(_core.gelu, x, out, fn == "gelu")
     t = np.empty(out.shape, F32)
     if fn == "erf":
         return lambda: _erf_into(x, out, t)
@@ -705,6 +729,8 @@ def build_layernorm(ctx, attrs, ins, out):
     x2, y2 = ins[0].reshape(rows, size), out.reshape(rows, size)
     scale = ins[1].reshape(size)
     bias = ins[2].reshape(size) if len(ins) > 2 else None
+    if _c_float32(x2, y2, scale, *([bias] if bias is not None else [])):
+        return functools.partial(_core.layernorm, x2, scale, bias, float(eps), y2)
     mean, var = np.empty((rows, 1), F32), np.empty((rows, 1), F32)
 
     def run():
