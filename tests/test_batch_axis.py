@@ -1,4 +1,4 @@
-"""Where the batch axis goes (plan.batch_mixing_node): the real taggers, whose batch moves off
+"""Where the batch axis goes (batch_axis.batch_mixing_node): the real taggers, whose batch moves off
 axis 0 (ParT's attention heads, DeepJet's time-major LSTMs) or is flattened into a gather
 (ParticleNet's neighbours), are merged by the in-process batcher with each caller's results
 unchanged; graphs that really mix samples are still refused with the node named."""
@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import offload
-from offload import plan as PL
+from offload import batch_axis as PL
 from conftest import full_on
 
 torch = pytest.importorskip("torch", reason="PyTorch is a test dependency (pip install torch)")

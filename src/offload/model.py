@@ -16,12 +16,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import graph as G
+from .batch_axis import batch_mixing_node
 from .batching import Batcher, Batching
 from .device import Device
 from .errors import (ArgumentError, DeviceMemoryError, ModelFormatError, OffloadError,
                      ShapeError, UnsupportedOpError)
 from .precision import FIXED, check as check_precision
-from .plan import Plan, batch_mixing_node
+from .plan import Plan
 
 ACCEPTED_FLOATS = (np.float32, np.float64, np.float16)
 FALLBACKS = ("error", "cpu")
