@@ -12,6 +12,12 @@ from . import graph as G
 from .plan import HostSplit, resolve
 
 
+# Where the batch axis goes. batch_mixing_node follows the batch through a graph resolved at an
+# odd batch size: every run-time tensor holds it on one axis, as a place (axis, block): along
+# ``axis`` sample i owns the ``block`` positions from i * block (block 1: that axis is the batch;
+# more: a view flattened the batch with the axes after it, as ParticleNet's neighbour gather
+# does). An op with no rule, or whose rule finds no place for the batch, mixes samples.
+
 BATCH_PROBE = 7919  # a prime: no other axis (or product of axes) is likely to be a multiple of it
 
 

@@ -439,13 +439,6 @@ class StagedRun:
         return name in self.graph.outputs or any(name in n.inputs for n in self.rest_nodes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Where the batch axis goes. batch_mixing_node follows the batch through a graph resolved at an
-# odd batch size: every run-time tensor holds it on one axis, as a place (axis, block): along
-# ``axis`` sample i owns the ``block`` positions from i * block (block 1: that axis is the batch;
-# more: a view flattened the batch with the axes after it, as ParticleNet's neighbour gather
-# does). An op with no rule, or whose rule finds no place for the batch, mixes samples.
-
 class Plan:
     """``graph`` compiled for ``device`` at the given input shapes."""
 
