@@ -15,6 +15,7 @@
 //   conv_direct, conv_gemm, gemm_dense, set_num_threads, blas_load: convolutions, large
 //       products and the CPU device's thread pool (conv_kernels.cpp)
 //   rnn: the time loop of one LSTM/GRU layer (rnn_kernels.cpp)
+//   topk, reduce: top-k indices and sum/mean/max/min along one axis (index_kernels.cpp)
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>

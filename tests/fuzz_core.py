@@ -357,8 +357,36 @@ def check_rows(r: Reader):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def check_index(r: Reader):
+    """_core.topk / _core.reduce on x [outer, n, inner] of fuzzed sizes (ties, a NaN), k up to
+    n + 1, an unknown reduction, sometimes an operand replaced by a fuzzed one (wrong rank,
+    dtype, layout, or a view of ``out``); a result is checked against NumPy."""
+    outer, n, inner = r.int(0, 4), r.int(0, 40), r.int(0, 3)
+    x = (np.arange(outer * n * inner) * 7 % 5 - 2).astype(np.float32).reshape(outer, n, inner)
+    if x.size and r.flag():
+        x.reshape(-1)[r.int(0, x.size - 1)] = np.nan
+    topk, largest, fn = r.flag(), r.flag(), r.pick(["sum", "mean", "max", "min", "prod"])
+    out = (np.full((outer, r.int(0, n + 1), inner), -1, np.int64) if topk
+           else np.full((outer, inner), -1, np.float32))
+    args = [x, out]
+    if r.byte() % 4 == 0:
+        args[r.int(0, 1)] = operand(r, out)
+    try:
+        _core.topk(*args, largest) if topk else _core.reduce(*args, fn)
+    except REFUSALS:
+        return
+    if args[0] is not x or args[1] is not out:
+        return
+    if topk:
+        want = np.argsort(-x if largest else x, axis=1, kind="stable")[:, :out.shape[1]]
+        np.testing.assert_array_equal(out, want)
+    elif n:
+        np.testing.assert_allclose(out, getattr(np, fn)(x.astype(np.float64), axis=1),
+                                   rtol=1e-6, atol=1e-6)
+
+
 CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc,
-          check_rnn, check_rows]
+          check_rnn, check_rows, check_index]
 
 
 def one_input(data: bytes) -> None:

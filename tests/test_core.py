@@ -1126,3 +1126,147 @@ def test_row_kernels_check_before_touching_memory():
     with pytest.raises(ValueError, match="epsilon"):
         _core.layernorm(x, np.ones(8, np.float32), None, -1.0, out)
     assert np.isnan(out).sum() >= 0  # never written: nothing to compare
+
+
+# ---- index kernels of the graph taggers: topk, reduce (csrc/index_kernels.cpp) ----
+
+def _topk_want(x, k, largest):
+    """What build_topk's NumPy path gives: a stable argsort (NaN last, in index order)."""
+    return np.argsort(-x if largest else x, axis=1, kind="stable")[:, :k]
+
+
+def _awkward(shape, seed):
+    """float32 with many ties, NaNs, infinities, signed zeros and denormals."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, shape).astype(np.float32)
+    for value, share in ((np.nan, 0.1), (np.inf, 0.03), (-np.inf, 0.03), (-0.0, 0.05),
+                         (1e-40, 0.03), (-1e-40, 0.03)):
+        x[rng.random(shape) < share] = value
+    return x
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("shape,k", [((7, 50, 1), 9), ((5, 50, 1), 8), ((3, 20, 5), 4),
+                                     ((5, 12, 1), 12), ((4, 30, 2), 1), ((6, 40, 1), 16),
+                                     ((2, 70, 3), 17), ((2, 90, 1), 64), ((1, 1, 1), 1),
+                                     ((9, 3, 4), 3)])
+def test_topk_is_a_stable_argsort(shape, k, largest):
+    """Ties to the lower index, NaN after every number (NaNs by index), -0 == +0, denormals
+    kept apart from zero (integer keys: FTZ/DAZ cannot merge them); k <= 8, <= 16 (lanes) and
+    larger (insertion), lines along a strided axis (inner > 1)."""
+    for x in (_awkward(shape, sum(shape) + k),
+              np.random.default_rng(k).standard_normal(shape).astype(np.float32)):
+        out = np.full((shape[0], k, shape[2]), -1, np.int64)
+        _core.topk(x, out, largest)
+        np.testing.assert_array_equal(out, _topk_want(x, k, largest))
+
+
+def test_topk_every_k_and_degenerate_lines():
+    x = _awkward((6, 20, 1), 3)
+    x[0] = np.nan  # a line of NaNs only: index order
+    x[1] = 2.0     # all equal
+    for k in range(21):
+        for largest in (True, False):
+            out = np.full((6, k, 1), -1, np.int64)
+            _core.topk(x, out, largest)
+            np.testing.assert_array_equal(out, _topk_want(x, k, largest))
+    for shape, k in (((0, 5, 3), 2), ((3, 5, 0), 2), ((2, 0, 1), 0), ((2, 4, 1), 0)):
+        out = np.empty((shape[0], k, shape[2]), np.int64)
+        _core.topk(np.zeros(shape, np.float32), out, True)  # nothing to do, nothing refused
+
+
+@pytest.mark.parametrize("fn", ["sum", "mean", "max", "min"])
+@pytest.mark.parametrize("shape", [(2000, 8, 1), (37, 3, 1), (9, 100, 1), (4, 19, 1),
+                                   (21, 16, 1), (6, 5, 7), (3, 1, 2), (5, 40, 33), (0, 4, 1),
+                                   (4, 4, 0)])
+def test_reduce_matches_numpy(fn, shape):
+    rng = np.random.default_rng(len(fn) + sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    if x.size:
+        x[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.nan  # propagates
+        x[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.inf
+    out = np.full((shape[0], shape[2]), -7, np.float32)
+    _core.reduce(x, out, fn)
+    want = getattr(np, fn)(x.astype(np.float64), axis=1)
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=2e-6)  # NaN where NumPy has NaN
+
+
+def test_reduce_over_no_values_gives_the_identity():
+    out = np.empty((3, 2), np.float32)
+    for fn, want in (("sum", 0.0), ("mean", np.nan), ("max", -np.inf), ("min", np.inf)):
+        _core.reduce(np.zeros((3, 0, 2), np.float32), out, fn)
+        np.testing.assert_array_equal(out, want)
+        _core.reduce(np.zeros((3, 0, 1), np.float32), out.reshape(6, 1)[:3], fn)
+        np.testing.assert_array_equal(out.reshape(-1)[:3], want)
+
+
+def test_index_kernels_on_the_pool_match_one_thread():
+    """Above 1e5 elements the lines are shared out between the pool's threads."""
+    x = _awkward((3000, 50, 1), 5)
+    r = np.random.default_rng(6).standard_normal((20000, 8, 1)).astype(np.float32)
+    old = _core.get_num_threads()
+    try:
+        for threads in (1, 3):
+            _core.set_num_threads(threads)
+            out = np.empty((3000, 9, 1), np.int64)
+            _core.topk(x, out, True)
+            np.testing.assert_array_equal(out, _topk_want(x, 9, True))
+            mean = np.empty((20000, 1), np.float32)
+            _core.reduce(r, mean, "mean")
+            np.testing.assert_allclose(mean, r.mean(axis=1), rtol=1e-5, atol=1e-6)
+    finally:
+        _core.set_num_threads(old)
+
+
+def test_index_kernels_refuse_before_writing():
+    x = np.zeros((2, 5, 3), np.float32)
+    topk_bad = [
+        (np.zeros((2, 5), np.float32), np.zeros((2, 2, 3), np.int64), r"x must be \[outer, n, "
+                                                                      r"inner\], got \[2, 5\]"),
+        (x, np.zeros((2, 2), np.int64), r"out must be \[outer, k, inner\], got \[2, 2\]"),
+        (x, np.zeros((2, 2, 4), np.int64), r"out must be .* = \[2, k, 3\] for x \[2, 5, 3\], "
+                                           r"got \[2, 2, 4\]"),
+        (x, np.zeros((3, 2, 3), np.int64), r"\[2, k, 3\]"),
+        (x, np.zeros((2, 6, 3), np.int64), r"k = 6 .* larger than n = 5"),
+    ]
+    for xx, out, message in topk_bad:
+        out[...] = -1
+        with pytest.raises(ValueError, match=message):
+            _core.topk(xx, out, True)
+        assert (out == -1).all()
+    reduce_bad = [
+        (x, np.zeros((2, 3, 1), np.float32), "sum", r"out must be \[outer, inner\], got"),
+        (x, np.zeros((2, 5), np.float32), "sum", r"= \[2, 3\] for x \[2, 5, 3\], got \[2, 5\]"),
+        (x.reshape(2, 15), np.zeros((2, 1), np.float32), "sum", r"x must be"),
+        (x, np.zeros((2, 3), np.float32), "prod", r"fn must be 'sum', 'mean', 'max' or 'min', "
+                                                  r"got 'prod'"),
+    ]
+    for xx, out, fn, message in reduce_bad:
+        out[...] = -1
+        with pytest.raises(ValueError, match=message):
+            _core.reduce(xx, out, fn)
+        assert (out == -1).all()
+    # out over x's memory: refused, x untouched
+    both = np.arange(64, dtype=np.int64)
+    xs = both.view(np.float32)[:40].reshape(2, 20, 1)
+    before = xs.copy()
+    with pytest.raises(ValueError, match="topk: out overlaps x"):
+        _core.topk(xs, both[10:14].reshape(2, 2, 1), True)
+    flat = np.ones(80, np.float32)
+    with pytest.raises(ValueError, match="reduce: out overlaps x"):
+        _core.reduce(flat[:60].reshape(3, 20, 1), flat[58:61].reshape(3, 1), "max")
+    np.testing.assert_array_equal(xs, before)
+    assert (flat == 1).all()
+    # another dtype or layout: never a converted copy (TypeError, as every _core kernel)
+    for args in ((x.astype(np.float64), np.zeros((2, 2, 3), np.int64)),
+                 (x, np.zeros((2, 2, 3), np.int32)),
+                 (x, np.zeros((2, 3, 2), np.int64).transpose(0, 2, 1)),
+                 (np.zeros((2, 3, 5), np.float32).transpose(0, 2, 1), np.zeros((2, 2, 3),
+                                                                              np.int64))):
+        with pytest.raises(TypeError):
+            _core.topk(*args, True)
+    for args in ((x.astype(np.float16), np.zeros((2, 3), np.float32)),
+                 (x, np.zeros((2, 3), np.float64)),
+                 (x, np.zeros((3, 2), np.float32).T)):
+        with pytest.raises(TypeError):
+            _core.reduce(*args, "sum")

@@ -516,6 +516,22 @@ def build_concat(ctx, attrs, ins, out):
     return lambda: np.concatenate(ins, axis=axis, out=out)
 
 
+def _lines(x, axes):
+    """x [..., n, ...] as the view [outer, n, inner] over its consecutive ``axes`` (as
+    _core.topk and _core.reduce read it), or None (another dtype than float32, axes apart, not
+    C-contiguous)."""
+    if (x.dtype != F32 or not x.flags.c_contiguous
+            or tuple(axes) != tuple(range(axes[0], axes[-1] + 1))):
+        return None
+    s = x.shape
+    return x.reshape(math.prod(s[:axes[0]]), math.prod(s[axes[0]:axes[-1] + 1]),
+                     math.prod(s[axes[-1] + 1:]))
+
+
+NATIVE_REDUCE = ("sum", "mean", "max", "min")
+NATIVE_TOPK_K = 64  # a bounded insertion per line: above this, NumPy's sort
+
+
 def build_reduce(ctx, attrs, ins, out):
     x, axes = ins[0], attrs["axes"]
     if not axes:
@@ -530,6 +546,10 @@ def build_reduce(ctx, attrs, ins, out):
         low = False if dt.kind == "b" else np.iinfo(dt).min if dt.kind in "iu" else -np.inf
         value = low if attrs["fn"] == "max" else big
         return lambda: y.fill(value)
+    x3 = _lines(x, axes) if attrs["fn"] in NATIVE_REDUCE else None
+    if x3 is not None and out.dtype == F32 and out.flags.c_contiguous:
+        return functools.partial(_core.reduce, x3, out.reshape(x3.shape[0], x3.shape[2]),
+                                 attrs["fn"])
     return lambda: fn(x, axis=axes, keepdims=True, out=y)
 
 
@@ -775,6 +795,10 @@ def build_cumsum(ctx, attrs, ins, out):
 def build_topk(ctx, attrs, ins, out):
     x, axis, k = ins[0], attrs["axis"], attrs["k"]
     largest = attrs.get("largest", 1)
+    x3 = _lines(x, (axis,)) if k <= NATIVE_TOPK_K else None
+    if x3 is not None and out.dtype == np.int64 and out.flags.c_contiguous:
+        return functools.partial(_core.topk, x3, out.reshape(x3.shape[0], k, x3.shape[2]),
+                                 bool(largest))
     first = np.arange(k)
 
     def run():
