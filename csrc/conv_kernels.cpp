@@ -405,9 +405,13 @@ struct Geometry {
     std::int64_t wp() const { return w + pl + pr; }
 };
 
+// The convolution's geometry, checked against x and out; with ``pooled``, out holds the
+// convolution's output after a 2x2 stride-2 pool ([N, M, OH / 2, OW / 2]) and g.oh, g.ow are the
+// convolution's own output sizes.
 Geometry geometry(const char *fn, const In &x, const Out &y, std::int64_t m, std::int64_t c_w,
                   std::int64_t kh, std::int64_t kw, const std::vector<std::int64_t> &strides,
-                  const std::vector<std::int64_t> &pads, const std::vector<std::int64_t> &dil) {
+                  const std::vector<std::int64_t> &pads, const std::vector<std::int64_t> &dil,
+                  bool pooled = false) {
     const std::string f(fn);
     check(x.ndim() == 4 && y.ndim() == 4, f + ": expected 4-D x and out (NCHW), got x " +
                                               shape_of(x) + ", out " + shape_of(y));
@@ -429,11 +433,14 @@ Geometry geometry(const char *fn, const In &x, const Out &y, std::int64_t m, std
     const std::int64_t span_h = g.dh * (kh - 1) + 1, span_w = g.dw * (kw - 1) + 1;
     const std::int64_t want_oh = g.hp() >= span_h ? (g.hp() - span_h) / g.sh + 1 : 0;
     const std::int64_t want_ow = g.wp() >= span_w ? (g.wp() - span_w) / g.sw + 1 : 0;
-    check((std::int64_t) y.shape(0) == g.n && (std::int64_t) y.shape(1) == m && g.oh == want_oh &&
-              g.ow == want_ow,
+    const std::int64_t f_out = pooled ? 2 : 1;
+    check((std::int64_t) y.shape(0) == g.n && (std::int64_t) y.shape(1) == m &&
+              g.oh == want_oh / f_out && g.ow == want_ow / f_out,
           f + ": out must be [" + std::to_string(g.n) + ", " + std::to_string(m) + ", " +
-              std::to_string(want_oh) + ", " + std::to_string(want_ow) + "] for x " +
-              shape_of(x) + ", got " + shape_of(y));
+              std::to_string(want_oh / f_out) + ", " + std::to_string(want_ow / f_out) + "] for x " +
+              shape_of(x) + (pooled ? " (the convolution pooled 2x2)" : "") + ", got " + shape_of(y));
+    g.oh = want_oh;
+    g.ow = want_ow;
     check(product({g.n, g.c, g.hp(), g.wp()}) >= 0 && product({g.c, kh, kw, g.oh, g.ow}) >= 0 &&
               product({g.n, m, g.c, kh, kw, g.oh, g.ow}) >= 0,
           f + ": sizes too large");
@@ -458,6 +465,18 @@ void check_epilogue_args(const char *fn, const Out &y, std::int64_t m,
 // ow < OW are the convolution, the others (the right border columns) are dropped.
 
 constexpr int kMB = 8;  // output channels per pass (weights packed [ceil(M/8), C, kh, kw, 8])
+
+// o[i] = max (or mean) of the 2x2 window t0[2i], t0[2i+1], t1[2i], t1[2i+1]; NaN propagates.
+__attribute__((always_inline)) inline void pool_pairs(float *o, const float *t0, const float *t1,
+                                                      std::int64_t n, bool is_max) {
+    auto mx = [](float a, float b) { return (a > b || a != a) ? a : b; };
+    if (is_max)
+        for (std::int64_t i = 0; i < n; ++i)
+            o[i] = mx(mx(t0[2 * i], t0[2 * i + 1]), mx(t1[2 * i], t1[2 * i + 1]));
+    else
+        for (std::int64_t i = 0; i < n; ++i)
+            o[i] = (t0[2 * i] + t0[2 * i + 1] + t1[2 * i] + t1[2 * i + 1]) * 0.25f;
+}
 
 template <int VW, int NV, int MB>
 __attribute__((always_inline)) inline void direct_tile(
@@ -494,6 +513,7 @@ struct DirectJob {
     float *y;
     Geometry g;
     Act act;
+    int pool;               // 0, or a 2x2 stride-2 pool of the output: 1 max, 2 average
     std::vector<std::int64_t> offs;
 };
 
@@ -517,6 +537,21 @@ __attribute__((always_inline)) inline void direct_block(const DirectJob &j, cons
             direct_tile<VW, NV, MB>(xn, j.plane, wb + half * MB, g.c, taps, j.offs.data(), q,
                                     buf + half * MB * ld + (q - qs), ld);
     const std::int64_t m0 = mb * kMB, mcount = std::min<std::int64_t>(kMB, g.m - m0);
+    if (j.pool) {  // rows in pairs (r0 is even): bias and activation in place, then 2x2 windows
+        const std::int64_t poh = g.oh / 2, pow_ = g.ow / 2;
+        for (std::int64_t mm = 0; mm < mcount; ++mm) {
+            const std::int64_t m = m0 + mm;
+            const float add = j.bias ? j.bias[m] : 0.f;
+            for (std::int64_t row = r0; row + 1 < r1 && row / 2 < poh; row += 2) {
+                float *t0 = buf + mm * ld + (row * wp - qs), *t1 = t0 + wp;
+                store_row(t0, t0, 2 * pow_, add, nullptr, j.act);
+                store_row(t1, t1, 2 * pow_, add, nullptr, j.act);
+                pool_pairs(j.y + (n * g.m + m) * poh * pow_ + row / 2 * pow_, t0, t1, pow_,
+                           j.pool == 1);
+            }
+        }
+        return;
+    }
     for (std::int64_t mm = 0; mm < mcount; ++mm) {
         const std::int64_t m = m0 + mm;
         const float add = j.bias ? j.bias[m] : 0.f;
@@ -584,7 +619,7 @@ void pad_images(const float *x, float *xp, const Geometry &g, std::int64_t plane
 
 void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residual, Out y,
                  std::int64_t m, std::vector<std::int64_t> pads, std::vector<std::int64_t> dil,
-                 int act, float alpha, float lo, float hi) {
+                 int act, float alpha, float lo, float hi, int pooling) {
     const char *fn = "conv_direct";
     check(wpk.ndim() == 5 && wpk.shape(4) == (size_t) kMB,
           std::string(fn) + ": packed weights must be [ceil(M/8), C, kh, kw, 8], got " +
@@ -593,9 +628,13 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
           std::string(fn) + ": packed weights hold " + std::to_string(wpk.shape(0)) +
               " blocks of 8 output channels, M = " + std::to_string(m) + " needs " +
               std::to_string((m + kMB - 1) / kMB));
+    check(pooling >= 0 && pooling <= 2, std::string(fn) + ": pool must be 0 (none), 1 (max 2x2) "
+                                                          "or 2 (average 2x2), got " +
+                                                          std::to_string(pooling));
+    check(!pooling || !residual, std::string(fn) + ": a residual cannot be added before a fused pool");
     const Geometry g = geometry(fn, x, y, m, (std::int64_t) wpk.shape(1),
                                 (std::int64_t) wpk.shape(2), (std::int64_t) wpk.shape(3),
-                                {1, 1}, pads, dil);
+                                {1, 1}, pads, dil, pooling != 0);
     check_epilogue_args(fn, y, m, bias, residual);
     const Act a = make_act(fn, act, alpha, lo, hi);
     check_apart(fn, "x", y, x);
@@ -610,6 +649,7 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     j.residual = residual ? residual->data() : nullptr;
     j.y = y.data();
     j.act = a;
+    j.pool = pooling;
     for (std::int64_t i = 0; i < g.kh; ++i)
         for (std::int64_t t = 0; t < g.kw; ++t) j.offs.push_back(i * g.dh * g.wp() + t * g.dw);
     if (g.n == 0 || g.oh == 0 || g.ow == 0) return;
@@ -619,7 +659,8 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
     const bool parallel = macs >= g_parallel_macs;
     const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
-    const std::int64_t rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
+    std::int64_t rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
+    if (pooling) rows = std::max<std::int64_t>(2, rows / 2 * 2);  // whole pairs of rows per chunk
     const std::int64_t chunks = (g.oh + rows - 1) / rows;
     const std::int64_t image = g.c * j.plane;
     const float *xd = x.data();
@@ -893,8 +934,10 @@ void register_conv_kernels(nb::module_ &m) {
     m.def("conv_direct", &conv_direct, nb::arg("x"), nb::arg("w_packed"), nb::arg("bias").none(),
           nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("m"), nb::arg("pads"),
           nb::arg("dilations"), nb::arg("act"), nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"),
+          nb::arg("pool") = 0,
           "Stride-1 convolution, groups 1: out = act(conv(x, w) + bias + residual); weights "
-          "packed [ceil(M/8), C, kh, kw, 8] (zeros past M).");
+          "packed [ceil(M/8), C, kh, kw, 8] (zeros past M). pool 1 / 2: out is that after a "
+          "2x2 stride-2 max / average pool (no residual then).");
     m.def("conv_gemm", &conv_gemm, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
           nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("kh"), nb::arg("kw"),
           nb::arg("strides"), nb::arg("pads"), nb::arg("dilations"), nb::arg("act"),

@@ -16,7 +16,7 @@ RNG = np.random.default_rng(5)
 
 
 def conv_model(x_shape, m, k, strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), residual=False,
-               relu=True, pool=False):
+               relu=True, pool=False, pool2=None):
     c = x_shape[1]
     w = (RNG.standard_normal((m, c) + k) * 0.3).astype(np.float32)
     b = RNG.standard_normal(m).astype(np.float32)
@@ -34,6 +34,10 @@ def conv_model(x_shape, m, k, strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), res
         nodes.append(helper.make_node("MaxPool", [out], ["y1"], "pool", kernel_shape=[1, 2],
                                       strides=[1, 2]))
         out = "y1"
+    if pool2:  # "MaxPool" / "AveragePool", 2x2 stride 2: the cpu device fuses it into the conv
+        nodes.append(helper.make_node(pool2, [out], ["y2"], "pool2", kernel_shape=[2, 2],
+                                      strides=[2, 2]))
+        out = "y2"
     nodes.append(helper.make_node("Identity", [out], ["y"], "out"))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
     oh = (x_shape[2] + pads[0] + pads[2] - dil[0] * (k[0] - 1) - 1) // strides[0] + 1
@@ -43,8 +47,10 @@ def conv_model(x_shape, m, k, strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), res
                                                     [x_shape[0], m, oh, ow]))
     graph = helper.make_graph(nodes, "conv", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                             [x_shape[0], m, oh,
-                                                              ow // 2 if pool else ow])],
+                                                             [x_shape[0], m,
+                                                              oh // 2 if pool2 else oh,
+                                                              (ow // 2 if pool or pool2 else
+                                                               ow)])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -60,6 +66,13 @@ CASES = {  # x shape, out channels, kernel, extra
     "conv1x1_gemm": ((3, 24, 7, 7), 20, (1, 1), dict(residual=True)),
     "conv3x3_wide": ((2, 64, 9, 9), 40, (3, 3), dict(pads=(1, 1, 1, 1))),
     "conv_strided": ((2, 8, 13, 11), 10, (3, 3), dict(strides=(2, 2), pads=(1, 0, 1, 2))),
+    # a 2x2 stride-2 pool fused into the conv (odd sizes: the last row/column dropped)
+    "thin_maxpool": ((3, 1, 41, 39), 16, (3, 3), dict(pads=(1, 1, 1, 1), pool2="MaxPool")),
+    "thin_avgpool": ((2, 16, 20, 21), 32, (3, 3), dict(pads=(1, 1, 1, 1), relu=False,
+                                                        pool2="AveragePool")),
+    "wide_maxpool": ((2, 64, 9, 10), 40, (3, 3), dict(pads=(1, 1, 1, 1), pool2="MaxPool")),
+    "strided_avgpool": ((2, 8, 13, 11), 10, (3, 3), dict(strides=(2, 2), pads=(1, 0, 1, 2),
+                                                          pool2="AveragePool")),
 }
 
 
@@ -75,6 +88,16 @@ def test_conv_matches_onnxruntime(name, device):
                                 providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = offload.load(model.SerializeToString(), device=device.spec)(feeds)
     assert_close(got, want, "float32", f"{name} on {device.spec}")
+
+
+def test_a_2x2_pool_after_a_conv_is_fused_on_the_cpu_device():
+    from offload import bench
+    for name in ("thin_maxpool", "wide_maxpool"):
+        shape, m, k, extra = CASES[name]
+        model = offload.load(conv_model(shape, m, k, **extra).SerializeToString(), device="cpu")
+        ops = {row["op"] for row in bench.profile(model, RNG.standard_normal(shape).astype(
+            np.float32), runs=1)["by_op"]}
+        assert "maxpool" not in ops and "conv2d" in ops, (name, ops)
 
 
 @pytest.mark.parametrize("batch", [1, 7])

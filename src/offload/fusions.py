@@ -17,6 +17,7 @@ def fuse(entries, shapes, values, outputs, device_ops):
     entries = _elide_expands(entries, shapes)
     entries = _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops)
     entries = _fuse_gelu(entries, shapes, values, outputs, device_ops)
+    entries = _fuse_conv_pool(entries, outputs, device_ops)
     return _live_entries(entries, outputs)
 
 
@@ -159,6 +160,40 @@ def _fuse_gelu(entries, shapes, values, outputs, device_ops):
 
 def _is_fn(node, fn):
     return node.op == fn or (node.op == "elementwise" and node.attrs.get("fn") == fn)
+
+
+def _fuse_conv_pool(entries, outputs, device_ops):
+    """A convolution read only by a 2x2 stride-2 max or average pool without padding (the
+    jet-image CNNs' conv, ReLU, pool) as one conv step that writes the pooled output (attrs
+    ``pool``: "maxpool" or "avgpool"), on a device whose conv builder takes it
+    (build_conv2d.fused_pool): the full-size output is never written and read back."""
+    if device_ops is None or not getattr(device_ops.get("conv2d"), "fused_pool", False):
+        return entries
+    readers: dict[str, int] = {}
+    for _, _, operands, _ in entries:
+        for n in operands:
+            readers[n] = readers.get(n, 0) + 1
+    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+    out, drop = list(entries), set()
+    for k, (node, attrs, operands, out_shape) in enumerate(entries):
+        src = operands[0] if operands else None
+        if node.op not in ("maxpool", "avgpool") or src not in by_out or src in outputs \
+                or readers.get(src) != 1:
+            continue
+        c = by_out[src]
+        c_node, c_attrs, c_ops, c_shape = out[c]
+        n, m, h, w = c_shape
+        if (c_node.op != "conv2d" or "pool" in c_attrs or len(c_ops) > 3  # (a residual)
+                or "fixed" in c_attrs or "fixed" in attrs  # (fixed point: quant's own layers)
+                or tuple(attrs["kernel"]) != (2, 2) or tuple(attrs["strides"]) != (2, 2)
+                or tuple(attrs["dilations"]) != (1, 1) or any(attrs["pads"])
+                or tuple(out_shape) != (n, m, h // 2, w // 2)):
+            continue
+        fused = G.Node(c_node.op, c_node.inputs, node.outputs, c_node.attrs, c_node.name,
+                       c_node.source_op)
+        out[c] = (fused, dict(c_attrs, pool=node.op), c_ops, out_shape)
+        drop.add(k)
+    return [e for j, e in enumerate(out) if j not in drop]
 
 
 def _live_entries(entries, outputs):

@@ -144,7 +144,28 @@ def _windows(xp, kernel, strides, dilations, out_hw, batch_inner=False):
     return as_strided(xp, shape, strides, writeable=False)
 
 
+FUSED_POOLS = {None: 0, "maxpool": 1, "avgpool": 2}  # conv_direct's codes (fusions._fuse_conv_pool)
+
+
+def _build_conv_pooled(ctx, attrs, ins, out):
+    """A conv with a fused 2x2 stride-2 pool: in the direct kernel where it runs the conv, else
+    the conv into a buffer of its own and the native pool after it."""
+    x, w = ins[0], ins[1]
+    bias = ctx.weight(ins[2]) if len(ins) > 2 else None
+    native = _build_conv_native(ctx, attrs, x, w, bias, None, out)
+    if native is not None:
+        return native
+    hw = G.conv_output_hw(x.shape[2:], w.shape[2:], attrs["strides"], attrs["pads"],
+                          attrs["dilations"])
+    full = ctx.scratch((x.shape[0], w.shape[0]) + tuple(hw), F32, slot=3)
+    conv = build_conv2d(ctx, {k: v for k, v in attrs.items() if k != "pool"}, ins, full)
+    return _sequence(conv, functools.partial(_core.pool2d, full, out, attrs["pool"] == "maxpool",
+                                             [2, 2], [2, 2], [1, 1]))
+
+
 def build_conv2d(ctx, attrs, ins, out):
+    if attrs.get("pool"):
+        return _build_conv_pooled(ctx, attrs, ins, out)
     x, w = ins[0], ins[1]
     n, c, h, wd = x.shape
     m, cg, kh, kw = w.shape
@@ -310,8 +331,8 @@ def _build_conv_native(ctx, attrs, x, w, bias, residual, out):
             and (x.shape[2] > 1 or _core.simd() == "avx512")):
         wp = ctx.weight(w, "direct", _pack_direct)
         return functools.partial(_core.conv_direct, x, wp, bias, residual, out, m, list(pads),
-                                 list(dil), *act)
-    if not native_blas():
+                                 list(dil), *act, pool=FUSED_POOLS[attrs.get("pool")])
+    if attrs.get("pool") or not native_blas():
         return None
     w2 = ctx.weight(w, "gemm2d", lambda a: a.reshape(m, c * kh * kw))
     return functools.partial(_core.conv_gemm, x, w2, bias, residual, out, kh, kw, list(strides),
@@ -906,6 +927,8 @@ def build_rnn(ctx, attrs, ins, out):
             refresh()
         _core.rnn(*args, seq, *tail)
     return run
+
+build_conv2d.fused_pool = True  # the plan may fuse a following 2x2 pool into it (fusions.py)
 
 OPS = {
     "rnn": build_rnn,

@@ -47,6 +47,7 @@ back to raw integers exactly (:func:`offload.fpga.quant.quantize` of an exactly 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -347,8 +348,8 @@ def build_cpu(op: str, float_builder):
         if "fixed" in attrs:
             return fixed(ctx, attrs, ins, out)
         return float_builder(ctx, attrs, ins, out)
-    builder.__wrapped__ = float_builder
-    return builder
+    # (__wrapped__, and the float builder's flags such as build_conv2d.fused_pool)
+    return functools.update_wrapper(builder, float_builder)
 
 
 def bytes_per_value(t: quant.FixedType) -> int:
