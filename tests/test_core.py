@@ -762,6 +762,13 @@ def test_native_convolutions_refuse_what_does_not_fit():
     for case in bad:
         with pytest.raises((ValueError, TypeError)):
             _core.conv_direct(*case, 0, 0.0, 0.0, 0.0)
+    pooled = np.zeros((2, 5, 4, 4), np.float32)  # a fused 2x2 pool: out is the pooled shape
+    _core.conv_direct(x, wp, None, None, pooled, 5, [1, 1, 1, 1], [1, 1], 0, 0.0, 0.0, 0.0, 1)
+    for out_, residual, code, match in [(out, None, 1, "pooled 2x2"), (pooled, None, 3, "pool"),
+                                        (pooled, pooled, 2, "residual")]:
+        with pytest.raises(ValueError, match=match):
+            _core.conv_direct(x, wp, None, residual, out_, 5, [1, 1, 1, 1], [1, 1], 0, 0.0,
+                              0.0, 0.0, code)
     with pytest.raises(ValueError, match="activation code"):
         _core.conv_direct(x, wp, None, None, out, 5, [1, 1, 1, 1], [1, 1], 6, 0.0, 0.0, 0.0)
     flat = np.zeros(2 * 5 * 8 * 8 + 2 * 3 * 8 * 8, np.float32)
