@@ -1,12 +1,13 @@
 // LSTM/GRU layers for the NumPy CPU device (offload/drivers/cpu.py build_rnn).
 //
-// rnn() first computes the input projection of every time step (X @ W^T over all T * B rows,
-// one product), then runs, per direction and per block of batch rows, every time step: the
-// recurrent product h @ R^T and the fused gates (vectorised sigmoid/tanh), without returning to
-// Python. Both products are one register-blocked loop over weights packed in panels of 16
-// columns. Rows are independent, so blocks of rows are shared out between threads, with no
-// synchronisation per step. (Not NumPy's BLAS for the projection: OpenBLAS's worker threads
-// busy-wait after each call and took the cores from this loop's threads on 2 cores.)
+// rnn() runs, per direction and per block of batch rows, every time step: the input projection
+// x_t @ W^T and the recurrent product h @ R^T (for an LSTM one pass over both: W^T and R^T have
+// the same columns) and the fused gates (vectorised sigmoid/tanh), without returning to Python.
+// The products are one register-blocked loop over weights packed in panels of 16 columns, 8
+// lanes wide (AVX2, or the baseline) or 16 (AVX-512, picked at run time). Rows are independent,
+// so blocks of rows are shared out between threads, with no synchronisation per step. (The
+// projection was once one product over all T * B rows before the loop: its [T, B, 4H] result
+// went out to memory and back: a quarter of the time of DeepJet's 150-unit LSTM at batch 1024.)
 //
 // Everything is checked (shapes, dtypes, sequence lengths, overlaps) before memory is touched.
 
@@ -34,100 +35,129 @@ using Lens = nb::ndarray<const std::int32_t, nb::c_contig, nb::device::cpu>;
 using i64 = std::int64_t;
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define RNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define RNN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RNN_CLONES
 #endif
 #define RNN_INLINE inline __attribute__((always_inline))
+#define RNN_INLINE_LAMBDA __attribute__((always_inline))
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef std::int32_t v8i __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+typedef std::int32_t v16i __attribute__((vector_size(64)));
 
-constexpr int kMR = 6;   // batch rows per block (register block of the recurrent product)
-constexpr int kNR = 16;  // columns per register block; packed R^T segments are multiples of it
+constexpr int kNR = 16;  // columns per panel of packed weights; packed segments are multiples of it
 enum Cell : int { kLSTM = 0, kGRU = 1 };
 
-RNN_INLINE v8 load8(const float *p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
-RNN_INLINE void store8(float *p, v8 v) { std::memcpy(p, &v, sizeof v); }
-// n (1..8) floats; n == 8, the common case, is one vector move (no variable-size copy)
-RNN_INLINE v8 load_n(const float *p, int n) {
-    if (n == 8) return load8(p);
-    v8 v = {};
-    for (int k = 0; k < n; ++k) v[k] = p[k];
-    return v;
-}
-RNN_INLINE void store_n(float *p, v8 v, int n) {
-    if (n == 8) return store8(p, v);
-    for (int k = 0; k < n; ++k) p[k] = v[k];
-}
-RNN_INLINE v8 splat(float x) { return v8{} + x; }
+// The register block of the products for each vector width: MR batch rows (also the rows of a
+// block of the time loop) x NB panels of kNR columns. 8 lanes (AVX2): 6 x 1 panel = 12 of the
+// 16 ymm registers; 16 lanes (AVX-512): 12 x 2 panels = 24 of the 32 zmm registers, a panel's
+// row each (the two panels streamed side by side). More rows, fewer passes over R^T per step:
+// 12 x 2 was 4% faster than 8 x 3 and 6 x 4 on DeepJet's LSTM.
+template <typename V> struct Tile;
+template <> struct Tile<v8> { typedef v8i I; static constexpr int MR = 6, NB = 1; };
+template <> struct Tile<v16> { typedef v16i I; static constexpr int MR = 12, NB = 2; };
+template <typename V> constexpr int kLanes = sizeof(V) / sizeof(float);
+
+template <typename V> RNN_INLINE V load(const float *p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename V> RNN_INLINE void store(float *p, V v) { std::memcpy(p, &v, sizeof v); }
+template <typename V> RNN_INLINE V splat(float x) { return V{} + x; }
 
 // e^x for float32 lanes: 2^n * e^f, |f| <= ln2/2, degree-6 Taylor (relative error < 2e-7).
-RNN_INLINE v8 exp8(v8 x) {
-    x = x < splat(-87.0f) ? splat(-87.0f) : x;
-    x = x > splat(88.0f) ? splat(88.0f) : x;
-    const v8 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-    v8 n = (x * 1.44269504f + magic) - magic;
-    v8 f = x - n * 0.693359375f;
+template <typename V> RNN_INLINE V exp_v(V x) {
+    x = x < splat<V>(-87.0f) ? splat<V>(-87.0f) : x;
+    x = x > splat<V>(88.0f) ? splat<V>(88.0f) : x;
+    const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    V n = (x * 1.44269504f + magic) - magic;
+    V f = x - n * 0.693359375f;
     f = f - n * -2.12194440e-4f;
-    v8 p = splat(1.0f / 720);
+    V p = splat<V>(1.0f / 720);
     p = p * f + 1.0f / 120;
     p = p * f + 1.0f / 24;
     p = p * f + 1.0f / 6;
     p = p * f + 0.5f;
     p = p * f + 1.0f;
     p = p * f + 1.0f;
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    return p * (v8) bits;
+    typedef typename Tile<V>::I VI;
+    VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+    return p * (V) bits;
 }
-RNN_INLINE v8 sigmoid8(v8 x) { return 1.0f / (1.0f + exp8(-x)); }
-RNN_INLINE v8 tanh8(v8 x) { return 1.0f - 2.0f / (exp8(x + x) + 1.0f); }
-RNN_INLINE v8 clip8(v8 x, float c) {
+template <typename V> RNN_INLINE V sigmoid_v(V x) { return 1.0f / (1.0f + exp_v(-x)); }
+template <typename V> RNN_INLINE V tanh_v(V x) { return 1.0f - 2.0f / (exp_v(x + x) + 1.0f); }
+template <typename V> RNN_INLINE V clip_v(V x, float c) {
     if (c <= 0.f) return x;
-    x = x < splat(-c) ? splat(-c) : x;
-    return x > splat(c) ? splat(c) : x;
+    x = x < splat<V>(-c) ? splat<V>(-c) : x;
+    return x > splat<V>(c) ? splat<V>(c) : x;
 }
 
-// C[MR, ncols] = A[MR, K] @ B[K, ncols] with B packed in panels of kNR columns ([ncols / kNR,
-// K, kNR], each panel contiguous: streamed in order); ncols a multiple of kNR.
-// Every row starts from bias[ncols] (the biases of the gates, folded into the product).
-template <int MR>
-RNN_INLINE void gemm_block(const float *A, i64 lda, const float *B, i64 K, i64 ncols,
-                           const float *bias, float *C, i64 ldc) {
-    for (i64 j0 = 0; j0 < ncols; j0 += kNR) {
-        v8 acc[MR][2];
-        const v8 c0 = load8(bias + j0), c1 = load8(bias + j0 + 8);
-        for (int i = 0; i < MR; ++i) {
-            acc[i][0] = c0;
-            acc[i][1] = c1;
-        }
-        const float *b = B + j0 * K;
-        for (i64 k = 0; k < K; ++k, b += kNR) {
-            const v8 b0 = load8(b), b1 = load8(b + 8);
+// A product's operands: A [rows, k] (rows lda apart) and B [k, ncols] packed in panels of kNR
+// columns ([ncols / kNR, k, kNR], each panel contiguous: streamed in order).
+struct Operands {
+    const float *a;
+    i64 lda;
+    const float *b;
+    i64 k;
+};
+
+// C[MR, NB * kNR] (columns j0...) = x.a @ x.b + y.a @ y.b over NB panels side by side, every
+// row starting from bias (the biases of the gates, folded into the product). Two operands: the
+// LSTM's step input and state in one pass over C (y.k = 0: none).
+template <typename V, int MR, int NB>
+RNN_INLINE void gemm_tile(const Operands &x, const Operands &y, i64 j0, const float *bias,
+                          float *C, i64 ldc) {
+    constexpr int W = kLanes<V>, NV = NB * kNR / W;  // vectors in a row of the tile
+    // every loop but k's unrolled (the accumulators stay in registers; GCC would not unroll
+    // 8 x 3 by itself and kept them in memory)
+    V acc[MR][NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+        const V c = load<V>(bias + j0 + v * W);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) acc[i][v] = c;
+    }
+    auto product = [&](const Operands &o) RNN_INLINE_LAMBDA {
+        const float *A = o.a, *B = o.b + j0 * o.k;
+        const i64 K = o.k;
+        for (i64 k = 0; k < K; ++k, B += kNR) {
+            V b[NV];
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) b[v] = load<V>(B + v * W / kNR * K * kNR + v * W % kNR);
+#pragma GCC unroll 16
             for (int i = 0; i < MR; ++i) {
-                const float x = A[i * lda + k];
-                const v8 a = {x, x, x, x, x, x, x, x};  // one broadcast from memory
-                acc[i][0] += a * b0;
-                acc[i][1] += a * b1;
+                const float a = A[i * o.lda + k];  // one broadcast from memory
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
             }
         }
-        for (int i = 0; i < MR; ++i) {
-            store8(C + i * ldc + j0, acc[i][0]);
-            store8(C + i * ldc + j0 + 8, acc[i][1]);
-        }
-    }
+    };
+    product(x);
+    product(y);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) store(C + i * ldc + j0 + v * W, acc[i][v]);
 }
 
-RNN_INLINE void gemm_rows(int mr, const float *A, i64 lda, const float *B, i64 K, i64 ncols,
+// Columns [j0, ncols) by tiles of NB panels, the rest by tiles of NB / 2, ...
+template <typename V, int MR, int NB>
+RNN_INLINE void gemm_cols(const Operands &x, const Operands &y, i64 j0, i64 ncols,
                           const float *bias, float *C, i64 ldc) {
-    switch (mr) {
-    case 6: gemm_block<6>(A, lda, B, K, ncols, bias, C, ldc); break;
-    case 5: gemm_block<5>(A, lda, B, K, ncols, bias, C, ldc); break;
-    case 4: gemm_block<4>(A, lda, B, K, ncols, bias, C, ldc); break;
-    case 3: gemm_block<3>(A, lda, B, K, ncols, bias, C, ldc); break;
-    case 2: gemm_block<2>(A, lda, B, K, ncols, bias, C, ldc); break;
-    default: gemm_block<1>(A, lda, B, K, ncols, bias, C, ldc); break;
-    }
+    for (; j0 + NB * kNR <= ncols; j0 += NB * kNR) gemm_tile<V, MR, NB>(x, y, j0, bias, C, ldc);
+    if constexpr (NB > 1)
+        if (j0 < ncols) gemm_cols<V, MR, NB / 2>(x, y, j0, ncols, bias, C, ldc);
+}
+
+// C[mr, ncols] = bias + x.a @ x.b + y.a @ y.b, ncols a multiple of kNR, mr in [1, Tile<V>::MR].
+// Few rows (batch 1): more panels per tile, so that 8 accumulators hide the FMAs' latency
+// (one row x 2 panels waited on it: DeepJet's LSTM 10% slower at batch 1; 4 or 16 panels too).
+template <typename V, int MR = Tile<V>::MR>
+RNN_INLINE void gemm_rows(int mr, const Operands &x, const Operands &y, i64 ncols,
+                          const float *bias, float *C, i64 ldc) {
+    if constexpr (MR > 1)
+        if (mr < MR) return gemm_rows<V, MR - 1>(mr, x, y, ncols, bias, C, ldc);
+    constexpr int NB = std::max(Tile<V>::NB, 8 * kLanes<V> / kNR / MR);
+    gemm_cols<V, MR, NB>(x, y, 0, ncols, bias, C, ldc);
 }
 
 i64 pad16(i64 n) { return (n + kNR - 1) / kNR * kNR; }
@@ -136,150 +166,171 @@ struct Layer {
     int cell, D;
     bool reverse[2];
     i64 T, B, H, G, NP, seg1;  // seg1: start of the second packed segment (GRU's h gate)
-    i64 XS;                     // floats between rows of xw (D * NX)
-    const float *xw, *rt, *wb, *gb, *p, *h0, *c0;  // gb [D, NP]: the biases the products start from
+    i64 I, NX;                  // NX: columns of the packed W^T (G * H padded to 16)
+    // xb [D, NX], gb [D, NP]: the biases the products start from; p: peepholes (a vector of slack)
+    const float *x, *wtp, *xb, *rt, *gb, *p, *h0, *c0;
     const std::int32_t *lens;
     float *out;
     float clip;
     bool input_forget, lbr;
 };
 
+// A thread's buffers for a block: h, c, rh (r * h), z [MR, ldh] (rows padded to whole vectors:
+// the gates load and store whole vectors, the lanes past H are never used), g [MR, NP] and
+// xs [MR, NX] the products (and a vector of slack after them), xa [MR, I] the step's inputs.
+struct Buffers {
+    i64 ldh;
+    float *h, *c, *rh, *z, *g, *xs, *xa;
+};
+
 // One direction, one block of mr batch rows from b0, every time step.
-RNN_INLINE void run_block(const Layer &L, int d, i64 b0, int mr, float *h, float *c, float *g,
-                          float *rh) {
-    const i64 H = L.H, B = L.B, D = L.D, NP = L.NP, GH = L.G * H;
-    const float *rt = L.rt + d * H * NP, *wb = L.wb + d * GH, *gb = L.gb + d * NP;
-    const float *p = L.p ? L.p + d * 3 * H : nullptr;
+template <typename V>
+RNN_INLINE void run_block(const Layer &L, int d, i64 b0, int mr, const Buffers &bf) {
+    constexpr int W = kLanes<V>;
+    const i64 H = L.H, B = L.B, D = L.D, NP = L.NP, I = L.I, NX = L.NX, ldh = bf.ldh;
+    const float *rt = L.rt + d * H * NP, *gb = L.gb + d * NP, *wt = L.wtp + d * I * NX;
+    const float *xb = L.xb + d * NX, *p = L.p ? L.p + d * 3 * H : nullptr;
+    float *h = bf.h, *c = bf.c, *g = bf.g, *xs = bf.xs;
     for (int i = 0; i < mr; ++i) {
         const i64 row = (d * B + b0 + i) * H;
-        if (L.h0) std::copy(L.h0 + row, L.h0 + row + H, h + i * H);
-        else std::fill(h + i * H, h + (i + 1) * H, 0.f);
+        if (L.h0) std::copy(L.h0 + row, L.h0 + row + H, h + i * ldh);
+        else std::fill(h + i * ldh, h + i * ldh + H, 0.f);
         if (L.cell == kLSTM) {
-            if (L.c0) std::copy(L.c0 + row, L.c0 + row + H, c + i * H);
-            else std::fill(c + i * H, c + (i + 1) * H, 0.f);
+            if (L.c0) std::copy(L.c0 + row, L.c0 + row + H, c + i * ldh);
+            else std::fill(c + i * ldh, c + i * ldh + H, 0.f);
         }
     }
     i64 longest = 0;
     for (int i = 0; i < mr; ++i) longest = std::max<i64>(longest, L.lens ? L.lens[b0 + i] : L.T);
     const float clip = L.clip;
     auto y_row = [&](i64 t, int i) { return L.out + ((t * D + d) * B + b0 + i) * H; };
+    auto len_of = [&](int i) { return L.lens ? L.lens[b0 + i] : L.T; };
+    auto step_of = [&](int i, i64 s) { return L.reverse[d] ? len_of(i) - 1 - s : s; };
     for (i64 s = 0; s < L.T; ++s) {
         if (s >= longest) {  // every row of the block is past its length: zeros
             for (int i = 0; i < mr; ++i) std::fill(y_row(s, i), y_row(s, i) + H, 0.f);
             continue;
         }
-        const i64 first_cols = (L.cell == kGRU && !L.lbr) ? L.seg1 : NP;
-        gemm_rows(mr, h, H, rt, H, first_cols, gb, g, NP);
+        // the input projection of the step's rows (each at its own step: reversed rows end
+        // at their own lengths), then the recurrent product
+        for (int i = 0; i < mr; ++i)
+            if (s < len_of(i))
+                std::copy_n(L.x + (step_of(i, s) * B + b0 + i) * I, I, bf.xa + i * I);
+        const Operands xin{bf.xa, I, wt, I}, hin{h, ldh, rt, H}, none{};
+        if (L.cell == kLSTM) {  // W^T and R^T: the same columns
+            gemm_rows<V>(mr, xin, hin, NP, gb, g, NP);
+        } else {
+            gemm_rows<V>(mr, xin, none, NX, xb, xs, NX);
+            gemm_rows<V>(mr, hin, none, L.lbr ? NP : L.seg1, gb, g, NP);
+        }
         for (int i = 0; i < mr; ++i) {
-            const i64 len = L.lens ? L.lens[b0 + i] : L.T;
-            float *hi = h + i * H, *ci = c + i * H, *gi = g + i * NP;
-            if (s >= len) {
+            float *hi = h + i * ldh, *ci = c + i * ldh, *gi = g + i * NP;
+            const float *x = xs + i * NX;
+            if (s >= len_of(i)) {
                 std::fill(y_row(s, i), y_row(s, i) + H, 0.f);
-                if (rh) std::fill(rh + i * H, rh + (i + 1) * H, 0.f);
+                if (bf.rh) std::fill(bf.rh + i * ldh, bf.rh + (i + 1) * ldh, 0.f);
                 continue;
             }
-            const i64 t = L.reverse[d] ? len - 1 - s : s;
-            const float *x = L.xw + (t * B + b0 + i) * L.XS + d * (L.XS / D);
-            float *y = y_row(t, i);
-            for (i64 j = 0; j < H; j += 8) {
-                const int n = (int) std::min<i64>(8, H - j);
-                auto in = [&](const float *base, i64 gate) { return load_n(base + gate * H + j, n); };
+            // whole vectors: the loads past a gate's H columns read the next gate's (or the
+            // slack), and what they give lands in the padding of h, c, rh and z
+            for (i64 j = 0; j < H; j += W) {
+                auto in = [&](const float *base, i64 gate) RNN_INLINE_LAMBDA {
+                    return load<V>(base + gate * H + j);
+                };
                 if (L.cell == kLSTM) {
-                    const v8 cp = load_n(ci + j, n);
-                    v8 ig = in(x, 0) + in(gi, 0);
-                    v8 og = in(x, 1) + in(gi, 1);
-                    v8 fg = in(x, 2) + in(gi, 2);
-                    v8 cg = in(x, 3) + in(gi, 3);
+                    const V cp = load<V>(ci + j);
+                    V ig = in(gi, 0), og = in(gi, 1), fg = in(gi, 2), cg = in(gi, 3);
                     if (p) {
                         ig += in(p, 0) * cp;
                         fg += in(p, 2) * cp;
                     }
-                    ig = sigmoid8(clip8(ig, clip));
-                    fg = L.input_forget ? 1.0f - ig : sigmoid8(clip8(fg, clip));
-                    cg = tanh8(clip8(cg, clip));
-                    const v8 cn = fg * cp + ig * cg;
+                    ig = sigmoid_v(clip_v(ig, clip));
+                    fg = L.input_forget ? 1.0f - ig : sigmoid_v(clip_v(fg, clip));
+                    cg = tanh_v(clip_v(cg, clip));
+                    const V cn = fg * cp + ig * cg;
                     if (p) og += in(p, 1) * cn;
-                    og = sigmoid8(clip8(og, clip));
-                    const v8 hn = og * tanh8(cn);
-                    store_n(ci + j, cn, n);
-                    store_n(hi + j, hn, n);
-                    store_n(y + j, hn, n);
+                    og = sigmoid_v(clip_v(og, clip));
+                    store(ci + j, cn);
+                    store(hi + j, og * tanh_v(cn));
                 } else {
-                    const v8 hp = load_n(hi + j, n);
-                    const v8 z = sigmoid8(clip8(in(x, 0) + in(gi, 0), clip));
-                    const v8 r = sigmoid8(clip8(in(x, 1) + in(gi, 1), clip));
+                    const V hp = load<V>(hi + j);
+                    const V z = sigmoid_v(clip_v(in(x, 0) + in(gi, 0), clip));
+                    const V r = sigmoid_v(clip_v(in(x, 1) + in(gi, 1), clip));
                     if (!L.lbr) {  // the h gate needs (r * h) @ Rh^T first: keep z, r * h
-                        store_n(gi + j, z, n);
-                        store_n(rh + i * H + j, r * hp, n);
+                        store(bf.z + i * ldh + j, z);
+                        store(bf.rh + i * ldh + j, r * hp);
                         continue;
                     }
-                    const v8 gh = load_n(gi + L.seg1 + j, n);  // h @ Rh^T + Rbh
-                    const v8 hc = tanh8(clip8(in(x, 2) + in(wb, 2) + r * gh, clip));
-                    const v8 hn = (1.0f - z) * hc + z * hp;
-                    store_n(hi + j, hn, n);
-                    store_n(y + j, hn, n);
+                    const V gh = load<V>(gi + L.seg1 + j);  // h @ Rh^T + Rbh
+                    const V hc = tanh_v(clip_v(in(x, 2) + r * gh, clip));  // x: + Wbh
+                    store(hi + j, (1.0f - z) * hc + z * hp);
                 }
             }
+            if (L.cell == kLSTM || L.lbr) std::copy_n(hi, H, y_row(step_of(i, s), i));
         }
         if (L.cell != kGRU || L.lbr) continue;
-        gemm_rows(mr, rh, H, rt + L.seg1 * H, H, NP - L.seg1, gb + L.seg1, g + L.seg1, NP);
+        gemm_rows<V>(mr, Operands{bf.rh, ldh, rt + L.seg1 * H, H}, Operands{}, NP - L.seg1,
+                     gb + L.seg1, g + L.seg1, NP);
         for (int i = 0; i < mr; ++i) {
-            const i64 len = L.lens ? L.lens[b0 + i] : L.T;
-            if (s >= len) continue;
-            const i64 t = L.reverse[d] ? len - 1 - s : s;
-            const float *x = L.xw + (t * B + b0 + i) * L.XS + d * (L.XS / D);
-            float *hi = h + i * H, *gi = g + i * NP, *y = y_row(t, i);
-            for (i64 j = 0; j < H; j += 8) {
-                const int n = (int) std::min<i64>(8, H - j);
-                const v8 z = load_n(gi + j, n), hp = load_n(hi + j, n);
-                const v8 pre = load_n(x + 2 * H + j, n) + load_n(gi + L.seg1 + j, n);
-                const v8 hn = (1.0f - z) * tanh8(clip8(pre, clip)) + z * hp;
-                store_n(hi + j, hn, n);
-                store_n(y + j, hn, n);
+            if (s >= len_of(i)) continue;
+            const float *x = xs + i * NX, *gi = g + i * NP, *zi = bf.z + i * ldh;
+            float *hi = h + i * ldh;
+            for (i64 j = 0; j < H; j += W) {
+                const V z = load<V>(zi + j), hp = load<V>(hi + j);
+                const V pre = load<V>(x + 2 * H + j) + load<V>(gi + L.seg1 + j);
+                store(hi + j, (1.0f - z) * tanh_v(clip_v(pre, clip)) + z * hp);
             }
+            std::copy_n(hi, H, y_row(step_of(i, s), i));
         }
     }
     for (int i = 0; i < mr; ++i) {  // Y_h (and Y_c): the state after the last step
-        if (L.lens && L.lens[b0 + i] == 0) {  // no step: zeros, as onnxruntime
+        if (len_of(i) == 0) {  // no step: zeros, as onnxruntime
             std::fill(y_row(L.T, i), y_row(L.T, i) + H, 0.f);
             if (L.cell == kLSTM) std::fill(y_row(L.T + 1, i), y_row(L.T + 1, i) + H, 0.f);
             continue;
         }
-        std::copy(h + i * H, h + (i + 1) * H, y_row(L.T, i));
-        if (L.cell == kLSTM) std::copy(c + i * H, c + (i + 1) * H, y_row(L.T + 1, i));
+        std::copy_n(h + i * ldh, H, y_row(L.T, i));
+        if (L.cell == kLSTM) std::copy_n(c + i * ldh, H, y_row(L.T + 1, i));
     }
 }
 
-// Blocks [blk0, blk1) of every direction; buffers of its own (one thread).
-RNN_CLONES
-void run_blocks(const Layer &L, i64 blk0, i64 blk1) {
-    std::vector<float> h(kMR * L.H), c(kMR * L.H), g(kMR * L.NP), rh(kMR * L.H);
-    const bool need_rh = L.cell == kGRU && !L.lbr;
+// Blocks [blk0, blk1) (of Tile<V>::MR rows) of every direction; buffers of its own (one thread).
+template <typename V> RNN_INLINE void run_blocks(const Layer &L, i64 blk0, i64 blk1) {
+    constexpr int MR = Tile<V>::MR, W = kLanes<V>;
+    const i64 ldh = (L.H + W - 1) / W * W;
+    std::vector<float> h(MR * ldh), c(MR * ldh), rh(MR * ldh), z(MR * ldh), g(MR * L.NP + W),
+        xs(MR * L.NX + W), xa(MR * L.I);
+    const bool gru = L.cell == kGRU && !L.lbr;  // the two-product GRU
+    const Buffers bf{ldh, h.data(), c.data(), gru ? rh.data() : nullptr, z.data(), g.data(),
+                     xs.data(), xa.data()};
     for (int d = 0; d < L.D; ++d)
         for (i64 blk = blk0; blk < blk1; ++blk) {
-            const i64 b0 = blk * kMR;
-            const int mr = (int) std::min<i64>(kMR, L.B - b0);
-            run_block(L, d, b0, mr, h.data(), c.data(), g.data(), need_rh ? rh.data() : nullptr);
+            const i64 b0 = blk * MR;
+            run_block<V>(L, d, b0, (int) std::min<i64>(MR, L.B - b0), bf);
         }
 }
 
-// The input projection xw[r, d * NX:(d + 1) * NX] = x[r] @ W_d^T of rows [blk0, blk1) * kMR
-// of x [rows, I] (wtp: W^T in panels of 16 columns, [D, NX / 16, I, 16]).
-struct Projection {
-    const float *x, *wtp, *zeros;
-    float *xw;
-    i64 rows, I, NX, D;
+// The loop once per instruction set: 16 lanes where the CPU has AVX-512 (kernel() picks),
+// else 8 (AVX2 or the baseline, one clone each).
+__attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2")))
+void run_blocks_avx512(const Layer &L, i64 blk0, i64 blk1) { run_blocks<v16>(L, blk0, blk1); }
+RNN_CLONES void run_blocks_v8(const Layer &L, i64 blk0, i64 blk1) { run_blocks<v8>(L, blk0, blk1); }
+
+struct Kernel {
+    void (*run)(const Layer &, i64, i64);
+    int rows;  // batch rows per block
 };
 
-RNN_CLONES
-void project_blocks(const Projection &P, i64 blk0, i64 blk1) {
-    for (i64 blk = blk0; blk < blk1; ++blk) {
-        const i64 r0 = blk * kMR;
-        const int mr = (int) std::min<i64>(kMR, P.rows - r0);
-        for (i64 d = 0; d < P.D; ++d)
-            gemm_rows(mr, P.x + r0 * P.I, P.I, P.wtp + d * P.NX * P.I, P.I, P.NX, P.zeros,
-                      P.xw + r0 * P.D * P.NX + d * P.NX, P.D * P.NX);
-    }
+// wide false: the 8-lane kernel even on AVX-512 (the tests run both)
+Kernel kernel(bool wide) {
+    static const bool avx512 = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+    }();
+    if (wide && avx512) return {run_blocks_avx512, Tile<v16>::MR};
+    return {run_blocks_v8, Tile<v8>::MR};
 }
 
 // fn(first block, end block) over ``blocks`` blocks shared out between up to n threads of the
@@ -326,9 +377,9 @@ template <typename A> void check_apart(const Out &out, const A &in, const char *
 }
 
 // See the module docstring of offload._core (core.cpp) and drivers/cpu.py build_rnn.
-void rnn(int cell, int direction, In x, In wtp, Out xw, In rt, In wb, In rb, std::optional<In> p,
+void rnn(int cell, int direction, In x, In wtp, In rt, In wb, In rb, std::optional<In> p,
          std::optional<Lens> lens, std::optional<In> h0, std::optional<In> c0, Out out, float clip,
-         bool input_forget, bool linear_before_reset, int threads) {
+         bool input_forget, bool linear_before_reset, int threads, bool wide) {
     check(cell == kLSTM || cell == kGRU, "cell must be 0 (LSTM) or 1 (GRU), got " + std::to_string(cell));
     check(direction >= 0 && direction <= 2,
           "direction must be 0 (forward), 1 (reverse) or 2 (bidirectional), got " + std::to_string(direction));
@@ -346,7 +397,6 @@ void rnn(int cell, int direction, In x, In wtp, Out xw, In rt, In wb, In rb, std
     const i64 I = x.shape(2), NX = pad16(G * H);
     check_shape(x, {T, B, I}, "x");
     check_shape(wtp, {D, NX / kNR, I, kNR}, "wtp (W^T in panels of 16 columns)");
-    check_shape(xw, {T, B, D * NX}, "xw (the scratch of the input projection)");
     check_shape(rt, {D, NP / kNR, H, kNR}, "rt (R^T packed in panels of 16 columns)");
     check_shape(wb, {D, G * H}, "wb");
     check_shape(rb, {D, G * H}, "rb");
@@ -367,16 +417,6 @@ void rnn(int cell, int direction, In x, In wtp, Out xw, In rt, In wb, In rb, std
                       " is outside [0, " + std::to_string(T) + "]");
         check_apart(out, *lens, "sequence_lens");
     }
-    check_apart(out, xw, "xw");
-    check_apart(xw, x, "x");
-    check_apart(xw, wtp, "wtp");
-    check_apart(xw, rt, "rt");
-    check_apart(xw, wb, "wb");
-    check_apart(xw, rb, "rb");
-    if (p) check_apart(xw, *p, "p");
-    if (h0) check_apart(xw, *h0, "initial_h");
-    if (c0) check_apart(xw, *c0, "initial_c");
-    if (lens) check_apart(xw, *lens, "sequence_lens");
     check_apart(out, x, "x");
     check_apart(out, wtp, "wtp");
     check_apart(out, rt, "rt");
@@ -397,20 +437,27 @@ void rnn(int cell, int direction, In x, In wtp, Out xw, In rt, In wb, In rb, std
             for (i64 n = 0; n < H; ++n)
                 o[seg1 + n] = r[2 * H + n] + (linear_before_reset ? 0.f : w[2 * H + n]);
     }
-    Layer L{cell, D, {direction == 1, direction == 2}, T, B, H, G, NP, seg1, D * NX,
-            xw.data(), rt.data(), wb.data(), gb.data(), p ? p->data() : nullptr,
+    // the input projection starts from zeros, but for the h gate of a linear_before_reset
+    // GRU (its W bias, outside r * (...)); the peepholes get a vector of slack (whole-vector
+    // loads)
+    std::vector<float> xb(D * NX, 0.f), ps;
+    if (cell == kGRU && linear_before_reset)
+        for (int d = 0; d < D; ++d)
+            std::copy_n(wb.data() + d * G * H + 2 * H, H, xb.data() + d * NX + 2 * H);
+    if (p) {
+        ps.assign(D * 3 * H + 16, 0.f);
+        std::copy_n(p->data(), D * 3 * H, ps.data());
+    }
+    Layer L{cell, D, {direction == 1, direction == 2}, T, B, H, G, NP, seg1, I, NX,
+            x.data(), wtp.data(), xb.data(), rt.data(), gb.data(), p ? ps.data() : nullptr,
             h0 ? h0->data() : nullptr, c0 ? c0->data() : nullptr,
             lens ? lens->data() : nullptr, out.data(), clip, input_forget, linear_before_reset};
     if (B == 0) return;
-    std::vector<float> zeros(NX, 0.f);
-    const Projection P{x.data(), wtp.data(), zeros.data(), xw.data(), T * B, I, NX, D};
     nb::gil_scoped_release release;
     offload::FlushDenormals ftz;
-    // every step's input projection first (one product over T * B rows), then the time loop;
-    // both shared out between the threads by blocks of rows
-    in_threads(threads, (T * B + kMR - 1) / kMR,
-               [&P](i64 a, i64 b) { project_blocks(P, a, b); });
-    in_threads(threads, (B + kMR - 1) / kMR, [&L](i64 a, i64 b) { run_blocks(L, a, b); });
+    // blocks of rows shared out between the threads
+    const Kernel k = kernel(wide);
+    in_threads(threads, (B + k.rows - 1) / k.rows, [&](i64 a, i64 b) { k.run(L, a, b); });
 }
 
 }  // namespace
@@ -419,22 +466,23 @@ void register_rnn_kernels(nb::module_ &m) {
     // noconvert: an array of another dtype or layout is a TypeError, never a silent copy
     // (a converted ``out`` would be written and thrown away)
     m.def("rnn", &rnn, nb::arg("cell"), nb::arg("direction"), nb::arg("x").noconvert(),
-          nb::arg("wtp").noconvert(), nb::arg("xw").noconvert(),
+          nb::arg("wtp").noconvert(),
           nb::arg("rt").noconvert(), nb::arg("wb").noconvert(), nb::arg("rb").noconvert(),
           nb::arg("p").none().noconvert(), nb::arg("lens").none().noconvert(),
           nb::arg("h0").none().noconvert(), nb::arg("c0").none().noconvert(),
           nb::arg("out").noconvert(), nb::arg("clip"),
           nb::arg("input_forget"), nb::arg("linear_before_reset"), nb::arg("threads"),
-          "One LSTM (cell 0) or GRU (cell 1) layer over ``x`` [T, B, I]: first the input "
-          "projection of every step into the scratch ``xw`` [T, B, D * NX] (NX = G*H padded "
-          "to 16) with ``wtp`` [D, NX / 16, I, 16] (W^T in panels of 16 columns), then the "
-          "time loop; ``rt`` [D, NP / 16, H, 16] R^T in panels "
+          nb::arg("wide") = true,
+          "One LSTM (cell 0) or GRU (cell 1) layer over ``x`` [T, B, I]: ``wtp`` [D, NX / 16, "
+          "I, 16] W^T in panels of 16 columns (NX = G*H padded to 16), "
+          "``rt`` [D, NP / 16, H, 16] R^T in panels "
           "of 16 columns, its gate segments padded to 16 columns (LSTM: i, o, f, c; GRU: z, r "
           "| h), biases ``wb``/``rb`` [D, "
           "G*H], optional peepholes ``p`` [D, 3H], int32 ``lens`` [B] (each in [0, T]), "
           "``h0``/``c0`` [D, B, H]; writes ``out`` [T + 2 (GRU: + 1), D, B, H] = Y, Y_h (, "
           "Y_c), zeros past each length (Y_h, Y_c of a length-0 row: zeros). direction: 0 forward, 1 reverse, 2 both; clip 0: "
           "none. The batch is shared between up to ``threads`` threads; the GIL is released. "
+          "``wide`` False: the 8-lane kernel even where the CPU has AVX-512 (for tests). "
           "Every shape is checked first (ValueError; a wrong dtype or a non-C-contiguous array: "
           "TypeError).");
 }

@@ -306,8 +306,8 @@ def check_rnn(r: Reader):
     f = lambda *shape: (np.arange(int(np.prod(shape)), dtype=np.float32) % 5 - 2) / 4  # noqa: E731
     out = np.zeros((t + (2 if cell == 0 else 1), d, b, h), np.float32)
     args = [f(t, b, i).reshape(t, b, i), f(d, nx // 16, i, 16).reshape(d, nx // 16, i, 16),
-            np.zeros((t, b, d * nx), np.float32), f(d, np_ // 16, h, 16).reshape(
-                d, np_ // 16, h, 16), f(d, g * h).reshape(d, g * h), f(d, g * h).reshape(d, g * h),
+            f(d, np_ // 16, h, 16).reshape(d, np_ // 16, h, 16), f(d, g * h).reshape(d, g * h),
+            f(d, g * h).reshape(d, g * h),
             f(d, 3 * h).reshape(d, 3 * h) if cell == 0 and r.flag() else None,
             np.array([r.int(-2, t + 2) for _ in range(b)], np.int32) if r.flag() else None,
             f(d, b, h).reshape(d, b, h) if r.flag() else None,
@@ -316,7 +316,7 @@ def check_rnn(r: Reader):
         args[r.int(0, len(args) - 1)] = operand(r, out)
     try:
         _core.rnn(cell, direction, *args, float(r.int(0, 3)) / 2, r.flag(), r.flag(),
-                  r.int(-1, 3))
+                  r.int(-1, 3), r.flag())
     except REFUSALS:
         return
     assert np.isfinite(args[-1]).all() if isinstance(args[-1], np.ndarray) and \

@@ -894,8 +894,8 @@ def test_thread_pool_serves_many_callers_at_once():
 # rnn: the LSTM/GRU time loop (csrc/rnn_kernels.cpp)
 
 def _rnn_case(cell, t=5, b=7, i=3, h=11, d=2, seed=0):
-    """Random operands of _core.rnn for one layer (b not a multiple of the 6-row block, h not
-    of the 8-lane vector)."""
+    """Random operands of _core.rnn for one layer (b not a multiple of the 6- or 12-row
+    block, h not of the 8- or 16-lane vector)."""
     from offload.drivers.cpu import rnn_packed_rt, rnn_packed_wt
     rng = np.random.default_rng(seed)
     g = 4 if cell == "lstm" else 3
@@ -905,18 +905,17 @@ def _rnn_case(cell, t=5, b=7, i=3, h=11, d=2, seed=0):
                 c0=f(d, b, h) if cell == "lstm" else None,
                 lens=rng.integers(0, t + 1, b).astype(np.int32))
     case["wtp"] = rnn_packed_wt(case["w"])
-    case["xw"] = np.zeros((t, b, d * case["wtp"].shape[1] * 16), np.float32)  # scratch
     case["rt"] = rnn_packed_rt(case["r"], cell)
     case["out"] = np.full((t + (2 if cell == "lstm" else 1), d, b, h), np.nan, np.float32)
     return case
 
 
 def _rnn_call(cell, c, direction=2, clip=0.0, input_forget=False, lbr=False, threads=1,
-              **override):
+              wide=True, **override):
     c = dict(c, **override)
-    _core.rnn(0 if cell == "lstm" else 1, direction, c["x"], c["wtp"], c["xw"], c["rt"],
-              c["wb"], c["rb"],
-              c["p"], c["lens"], c["h0"], c["c0"], c["out"], clip, input_forget, lbr, threads)
+    _core.rnn(0 if cell == "lstm" else 1, direction, c["x"], c["wtp"], c["rt"], c["wb"],
+              c["rb"], c["p"], c["lens"], c["h0"], c["c0"], c["out"], clip, input_forget, lbr,
+              threads, wide)
     return c["out"]
 
 
@@ -963,18 +962,23 @@ def _rnn_numpy(cell, c, direction=2, clip=0.0, input_forget=False, lbr=False):
 @pytest.mark.parametrize("cell,options", [
     ("lstm", {}), ("lstm", dict(clip=0.4, input_forget=True)), ("lstm", dict(direction=1)),
     ("gru", {}), ("gru", dict(lbr=True, clip=0.3)), ("gru", dict(direction=0))])
-def test_rnn_matches_numpy(cell, options):
-    c = _rnn_case(cell, d=1 if options.get("direction", 2) < 2 else 2)
-    got = _rnn_call(cell, c, **options)
+@pytest.mark.parametrize("wide", (True, False))  # 16 lanes where the CPU has AVX-512; 8
+# h: not whole vectors (8, 16), or more than one; b: not whole blocks (6, 12 rows), or one more
+@pytest.mark.parametrize("h,b", ((11, 7), (33, 13)))
+def test_rnn_matches_numpy(cell, options, wide, h, b):
+    c = _rnn_case(cell, b=b, h=h, d=1 if options.get("direction", 2) < 2 else 2)
+    got = _rnn_call(cell, c, wide=wide, **options)
     np.testing.assert_allclose(got, _rnn_numpy(cell, c, **options), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("cell", ("lstm", "gru"))
-def test_rnn_threads_and_optional_inputs(cell):
+@pytest.mark.parametrize("wide", (True, False))
+def test_rnn_threads_and_optional_inputs(cell, wide):
     c = _rnn_case(cell, t=4, b=40, h=17)
-    one = _rnn_call(cell, c, threads=1).copy()
-    np.testing.assert_array_equal(_rnn_call(cell, c, threads=3), one)  # blocks are independent
-    bare = _rnn_call(cell, c, p=None, lens=None, h0=None, c0=None, threads=2)
+    one = _rnn_call(cell, c, threads=1, wide=wide).copy()
+    three = _rnn_call(cell, c, threads=3, wide=wide)
+    np.testing.assert_array_equal(three, one)  # blocks are independent
+    bare = _rnn_call(cell, c, p=None, lens=None, h0=None, c0=None, threads=2, wide=wide)
     zeros = {k: np.zeros_like(c[k]) for k in ("h0", "c0", "p") if c[k] is not None}
     full = np.full_like(c["lens"], 4)
     np.testing.assert_allclose(bare, _rnn_numpy(cell, dict(c, lens=full, **zeros)),
@@ -984,7 +988,6 @@ def test_rnn_threads_and_optional_inputs(cell):
 def test_rnn_checks_before_touching_memory():
     c = _rnn_case("lstm")
     bad = [
-        (dict(xw=c["xw"][:, :, :-1].copy()), r"xw .* must have shape"),
         (dict(x=c["x"][:, :, :-1].copy()), r"wtp .* must have shape"),
         (dict(wtp=c["wtp"][:, :-1].copy()), r"wtp .* must have shape"),
         (dict(rt=c["rt"][:, :-1].copy()), r"rt .* must have shape"),
@@ -1003,10 +1006,10 @@ def test_rnn_checks_before_touching_memory():
         with pytest.raises(ValueError, match=message):
             _rnn_call("lstm", c, **override)
     with pytest.raises(ValueError, match="cell must be"):
-        _core.rnn(7, 2, c["x"], c["wtp"], c["xw"], c["rt"], c["wb"], c["rb"], None, None,
+        _core.rnn(7, 2, c["x"], c["wtp"], c["rt"], c["wb"], c["rb"], None, None,
                   None, None, c["out"], 0.0, False, False, 1)
     with pytest.raises(ValueError, match="direction must be"):
-        _core.rnn(0, 3, c["x"], c["wtp"], c["xw"], c["rt"], c["wb"], c["rb"], None, None,
+        _core.rnn(0, 3, c["x"], c["wtp"], c["rt"], c["wb"], c["rb"], None, None,
                   None, None, c["out"], 0.0, False, False, 1)
     with pytest.raises(ValueError, match="clip must be"):
         _rnn_call("lstm", c, clip=float("nan"))
@@ -1014,17 +1017,13 @@ def test_rnn_checks_before_touching_memory():
         g = _rnn_case("gru")
         _rnn_call("gru", g, p=c["p"])
     # overlapping output, wrong dtype, non-contiguous: refused
-    shared = np.zeros(max(c["out"].size, c["xw"].size), np.float32)
-    with pytest.raises(ValueError, match="out overlaps xw"):
-        _rnn_call("lstm", c, out=shared[:c["out"].size].reshape(c["out"].shape),
-                  xw=shared[:c["xw"].size].reshape(c["xw"].shape))
     with pytest.raises(ValueError, match="out overlaps x "):
         _rnn_call("lstm", c, x=c["out"].reshape(-1)[:c["x"].size].reshape(c["x"].shape))
-    with pytest.raises(ValueError, match="overlaps initial_h"):  # the scratch too
-        _rnn_call("lstm", c, h0=c["xw"].reshape(-1)[:c["h0"].size].reshape(c["h0"].shape))
+    with pytest.raises(ValueError, match="out overlaps initial_h"):
+        _rnn_call("lstm", c, h0=c["out"].reshape(-1)[:c["h0"].size].reshape(c["h0"].shape))
     for override in (dict(out=c["out"].astype(np.float64)),  # never a converted copy
                      dict(out=np.zeros(c["out"].shape[::-1], np.float32).T),
-                     dict(xw=c["xw"].astype(np.float64)),
+                     dict(rt=c["rt"].astype(np.float64)),
                      dict(h0=np.asfortranarray(c["h0"])),
                      dict(lens=c["lens"].astype(np.int64))):
         with pytest.raises(TypeError):

@@ -874,7 +874,7 @@ def rnn_threads(work: int) -> int:
 
 
 def build_rnn(ctx, attrs, ins, out):
-    """LSTM/GRU: one _core.rnn call (the input projection of every step, then the time loop),
+    """LSTM/GRU: one _core.rnn call (the time loop, each step's input projection in it),
     weights packed once (run-time weights: on every run)."""
     from .. import checks
     get, (t, b, i, d, h, g) = rnn_weights(attrs, ins)
@@ -910,10 +910,9 @@ def build_rnn(ctx, attrs, ins, out):
              else get.get(k) for k in ("h0", "c0")]
     lens = get.get("seq")
     label = f"{cell.upper()} node {attrs.get('node', '')!r}"
-    xw = ctx.scratch((t, b, d * wtp.shape[1] * 16))
     code = {"forward": 0, "reverse": 1, "bidirectional": 2}[attrs["direction"]]
     threads = rnn_threads(t * b * d * (h * rt.shape[1] + i * wtp.shape[1]) * 16)
-    args = (0 if cell == "lstm" else 1, code, x, wtp, xw, rt, wb, rb, p)
+    args = (0 if cell == "lstm" else 1, code, x, wtp, rt, wb, rb, p)
     tail = (state[0], state[1], out, float(attrs.get("clip", 0.0)),
             bool(attrs.get("input_forget", 0)), bool(attrs.get("linear_before_reset", 0)),
             threads)
