@@ -670,6 +670,13 @@ def build_elementwise(ctx, attrs, ins, out):
             with np.errstate(all="ignore"):
                 ufunc(*ins, out=out)
         return run
+    if fn == "muladd" and kinds == {np.dtype(F32)} and not np.shares_memory(out, ins[2]):
+        a, b, c = ins  # (a BatchNormalization left as a per-channel scale and shift)
+
+        def muladd():  # into out: no temporaries (each a fresh, page-faulted block when large)
+            np.multiply(a, b, out=out)
+            np.add(out, c, out=out)
+        return muladd
     if fn == "where":
         cond, a, b = ins
         return lambda: np.copyto(out, np.where(cond, a, b))
