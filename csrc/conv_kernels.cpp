@@ -899,6 +899,39 @@ void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
     }, parallel);
 }
 
+// out[i] = a[i] @ b[i or 0] for i in [0, B): a [B, M, K], b [B or 1, K, N], out [B, M, N]
+// (attention's batched products of two run-time tensors), products shared out over the pool.
+void matmul_batched(In a, In b, Out y) {
+    const char *fn = "matmul_batched";
+    check(blas_ready(), "matmul_batched: no BLAS loaded (blas_load() found no SGEMM)");
+    check(a.ndim() == 3 && b.ndim() == 3 && y.ndim() == 3,
+          "matmul_batched: expected a [B, M, K], b [B or 1, K, N], out [B, M, N], got a " +
+              shape_of(a) + ", b " + shape_of(b) + ", out " + shape_of(y));
+    const std::int64_t nb_ = (std::int64_t) a.shape(0), m = a.shape(1), k = a.shape(2),
+                       n = b.shape(2), bb = b.shape(0);
+    check((std::int64_t) b.shape(1) == k && (bb == nb_ || bb == 1) &&
+              (std::int64_t) y.shape(0) == nb_ && (std::int64_t) y.shape(1) == m &&
+              (std::int64_t) y.shape(2) == n,
+          "matmul_batched: a " + shape_of(a) + " @ b " + shape_of(b) + " does not fit out " +
+              shape_of(y));
+    check(product({nb_, m, k, n}) >= 0, "matmul_batched: sizes too large");
+    check_apart(fn, "a", y, a);
+    check_apart(fn, "b", y, b);
+    if (nb_ == 0 || m == 0 || n == 0) return;
+    const float *ad = a.data(), *bd = b.data();
+    float *yd = y.data();
+    const std::int64_t per = std::max<std::int64_t>(1, (1 << 16) / std::max<std::int64_t>(1, m * k * n));
+    const bool parallel = nb_ * m * k * n >= g_parallel_macs;
+    nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
+    BlasSingleThread single;
+    pool().run((nb_ + per - 1) / per, [&](std::int64_t t) {
+        for (std::int64_t i = t * per; i < std::min(nb_, (t + 1) * per); ++i)
+            sgemm(m, n, k, ad + i * m * k, k, bd + (bb == 1 ? 0 : i) * k * n, n,
+                  yd + i * m * n, n);
+    }, parallel);
+}
+
 }  // namespace
 
 namespace offload {
@@ -946,6 +979,8 @@ void register_conv_kernels(nb::module_ &m) {
     m.def("pool2d", &pool2d, nb::arg("x"), nb::arg("out").noconvert(), nb::arg("is_max"),
           nb::arg("kernel"), nb::arg("strides"), nb::arg("dilations"),
           "Max or average pooling without padding (every window inside x), NCHW float32.");
+    m.def("matmul_batched", &matmul_batched, nb::arg("a"), nb::arg("b"), nb::arg("out").noconvert(),
+          "out[i] = a[i] @ b[i] (or b[0]) for a [B, M, K], b [B or 1, K, N], on the pool.");
     m.def("gemm_dense", &gemm_dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
           nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"), nb::arg("alpha"),
           nb::arg("lo"), nb::arg("hi"), "out = act(x @ w + bias + residual) on the pool.");

@@ -1276,3 +1276,28 @@ def test_index_kernels_refuse_before_writing():
                  (x, np.zeros((3, 2), np.float32).T)):
         with pytest.raises(TypeError):
             _core.reduce(*args, "sum")
+
+
+@pytest.mark.skipif(not _NATIVE_BLAS, reason="NumPy's BLAS is not an OpenBLAS offload can call")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_batched_matches_numpy_and_checks_shapes(threads):
+    a = _RNG.standard_normal((13, 5, 7), dtype=np.float32)
+    b = _RNG.standard_normal((13, 7, 3), dtype=np.float32)
+    old = _core.get_num_threads(), _core.get_parallel_macs()
+    _core.set_num_threads(threads)
+    _core.set_parallel_macs(0)
+    try:
+        out = np.full((13, 5, 3), np.nan, np.float32)
+        _core.matmul_batched(a, b, out)
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+        _core.matmul_batched(a, b[:1], out)  # one b for every item
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b[:1], rtol=1e-5, atol=1e-5)
+    finally:
+        _core.set_num_threads(old[0])
+        _core.set_parallel_macs(old[1])
+    for bad_a, bad_b, bad_out in [(a, b[:2], out), (a, b[:, :6], out), (a, b, out[:12]),
+                                  (a[0], b, out), (a, b, out[:, :, :2].copy())]:
+        with pytest.raises(ValueError):
+            _core.matmul_batched(bad_a, bad_b, bad_out)
+    with pytest.raises(ValueError, match="overlaps"):
+        _core.matmul_batched(out.reshape(13, 5, 3)[:, :, :3], b[:, :3, :3].copy(), out)

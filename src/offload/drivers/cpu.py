@@ -714,7 +714,19 @@ def build_tile(ctx, attrs, ins, out):
 
 
 def build_matmul(ctx, attrs, ins, out):
+    """MatMul of two run-time tensors: batched products on the pool where a carries every batch
+    axis of the output and b all of them or none (attention: [N, H, P, d] @ [N, H, d, P]);
+    else NumPy's matmul."""
     a, b = ins
+    if a.ndim >= 3 and b.ndim >= 2 and out.ndim == a.ndim and _c_float32(a, b, out) \
+            and native_blas():
+        batch = out.shape[:-2]
+        b_batch = (1,) * (out.ndim - b.ndim) + b.shape[:-2]
+        if a.shape[:-2] == batch and (b_batch == batch or math.prod(b_batch) == 1):
+            bn = math.prod(batch)
+            return functools.partial(_core.matmul_batched, a.reshape(bn, *a.shape[-2:]),
+                                     b.reshape(-1, *b.shape[-2:]),
+                                     out.reshape(bn, *out.shape[-2:]))
     return lambda: np.matmul(a, b, out=out)
 
 
