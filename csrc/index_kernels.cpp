@@ -11,6 +11,9 @@
 //   reduce: out [outer, inner] = sum, mean, max or min over n; NaN propagates (NumPy's
 //           max/min); inner == 1: rows summed in float64 (short rows 8 at a time), inner > 1:
 //           float32 accumulated in out, as NumPy does.
+//   copy_view: out = src for two strided views of one shape and dtype (the layout moves:
+//           transpose, slice, tile, expand, concatenation into a part of out), axes merged
+//           where both are contiguous across them, rows of the last axis shared out.
 // Lines are shared out between the CPU device's pool (pool.h) from kParallel elements on.
 //
 // Every entry point checks shapes, dtypes and overlaps before touching memory.
@@ -346,6 +349,122 @@ void reduce(In x, Out out, const std::string &fn) {
               [&](i64 a, i64 b) { reduce_columns(xd, od, n, inner, op, a, b); });
 }
 
+// ---- copy_view
+
+using View = nb::ndarray<nb::ro, nb::device::cpu>;
+using Target = nb::ndarray<nb::device::cpu>;
+
+// [lowest, highest) byte address a strided view touches (empty: lo == hi).
+template <typename A> std::pair<std::uintptr_t, std::uintptr_t> extent(const A &a) {
+    const auto base = reinterpret_cast<std::uintptr_t>(a.data());
+    const i64 item = a.itemsize();
+    i64 lo = 0, hi = 0;
+    for (size_t d = 0; d < a.ndim(); ++d) {
+        if (a.shape(d) == 0) return {base, base};
+        const i64 span = ((i64) a.shape(d) - 1) * a.stride(d) * item;
+        (span < 0 ? lo : hi) += span;
+    }
+    return {base + lo, base + hi + item};
+}
+
+template <typename T>
+void copy_rows(const char *src, char *dst, const std::vector<i64> &shape,
+               const std::vector<i64> &ss, const std::vector<i64> &ds, i64 r0, i64 r1) {
+    const size_t nd = shape.size();
+    const i64 len = shape[nd - 1], s_in = ss[nd - 1], d_in = ds[nd - 1];
+    std::vector<i64> idx(nd, 0);  // the row index r0 unravelled over the outer axes
+    i64 so = 0, dof = 0;
+    for (i64 r = r0, d = (i64) nd - 2; d >= 0; --d) {
+        idx[d] = r % shape[d];
+        r /= shape[d];
+        so += idx[d] * ss[d];
+        dof += idx[d] * ds[d];
+    }
+    for (i64 r = r0; r < r1; ++r) {
+        const T *s = reinterpret_cast<const T *>(src) + so;
+        T *o = reinterpret_cast<T *>(dst) + dof;
+        if (s_in == 1 && d_in == 1)
+            std::memcpy(o, s, (size_t) len * sizeof(T));
+        else
+            for (i64 j = 0; j < len; ++j) o[j * d_in] = s[j * s_in];
+        for (i64 d = (i64) nd - 2; d >= 0; --d) {  // next row
+            so += ss[d];
+            dof += ds[d];
+            if (++idx[d] < shape[d]) break;
+            so -= shape[d] * ss[d];
+            dof -= shape[d] * ds[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+// out = src (element by element; both any strides, one shape and dtype, apart in memory).
+void copy_view(View src, Target out) {
+    const char *fn = "copy_view";
+    check(src.ndim() == out.ndim() && src.ndim() <= 32,
+          std::string(fn) + ": src " + shape_of(src) + " and out " + shape_of(out) +
+              " must have the same rank (at most 32)");
+    for (size_t d = 0; d < src.ndim(); ++d)
+        check(src.shape(d) == out.shape(d),
+              std::string(fn) + ": src " + shape_of(src) + " and out " + shape_of(out) +
+                  " must have the same shape");
+    check(src.dtype() == out.dtype(), std::string(fn) + ": src and out must have the same dtype");
+    const i64 item = out.itemsize();
+    check(item == 1 || item == 2 || item == 4 || item == 8,
+          std::string(fn) + ": elements of 1, 2, 4 or 8 bytes, got " + std::to_string(item));
+    if (out.size() == 0) return;
+    // merged axes (size-1 axes dropped; an axis folded into the next where both arrays step
+    // over it as one run), element strides
+    std::vector<i64> shape, ss, ds;
+    for (size_t d = 0; d < out.ndim(); ++d) {
+        const i64 n = out.shape(d);
+        if (n == 1) continue;
+        check(out.stride(d) != 0, std::string(fn) + ": out repeats elements (a zero stride)");
+        shape.push_back(n);
+        ss.push_back(src.stride(d));
+        ds.push_back(out.stride(d));
+    }
+    for (size_t d = shape.size(); d-- > 1;)
+        if (ss[d - 1] == ss[d] * shape[d] && ds[d - 1] == ds[d] * shape[d]) {
+            shape[d - 1] *= shape[d];
+            ss[d - 1] = ss[d];
+            ds[d - 1] = ds[d];
+            shape.erase(shape.begin() + d);
+            ss.erase(ss.begin() + d);
+            ds.erase(ds.begin() + d);
+        }
+    if (shape.empty()) shape = {1}, ss = {1}, ds = {1};
+    // out must not write one element twice: its distinct steps must nest (sorted by stride)
+    {
+        std::vector<std::pair<i64, i64>> steps;
+        for (size_t d = 0; d < shape.size(); ++d) steps.push_back({std::abs(ds[d]), shape[d]});
+        std::sort(steps.begin(), steps.end());
+        i64 span = 1;
+        for (auto &[stride, n] : steps) {
+            check(stride >= span, std::string(fn) + ": out's elements overlap one another");
+            span = stride * n;
+        }
+    }
+    auto [s0, s1] = extent(src);
+    auto [o0, o1] = extent(out);
+    check(s1 <= o0 || o1 <= s0,
+          std::string(fn) + ": out overlaps src (it would be read after being written)");
+    const char *sd = reinterpret_cast<const char *>(src.data());
+    char *od = reinterpret_cast<char *>(out.data());
+    const i64 len = shape.back(), rows = (i64) out.size() / len;
+    const i64 per = std::max<i64>(1, kTask / len);
+    nb::gil_scoped_release release;
+    offload::parallel_for((rows + per - 1) / per, [&](std::int64_t t) {
+        const i64 r0 = t * per, r1 = std::min(rows, r0 + per);
+        switch (item) {
+        case 1: copy_rows<std::uint8_t>(sd, od, shape, ss, ds, r0, r1); break;
+        case 2: copy_rows<std::uint16_t>(sd, od, shape, ss, ds, r0, r1); break;
+        case 4: copy_rows<std::uint32_t>(sd, od, shape, ss, ds, r0, r1); break;
+        default: copy_rows<std::uint64_t>(sd, od, shape, ss, ds, r0, r1); break;
+        }
+    }, (i64) out.size() >= kParallel);
+}
+
 }  // namespace
 
 void register_index_kernels(nb::module_ &m) {
@@ -359,4 +478,8 @@ void register_index_kernels(nb::module_ &m) {
           "out [outer, inner] = fn ('sum', 'mean', 'max', 'min') of x [outer, n, inner] float32 "
           "over n; NaN propagates; over n = 0: 0, NaN, -inf, +inf. The GIL is released. Shapes "
           "and overlaps are checked first (ValueError; a wrong dtype or layout: TypeError).");
+    m.def("copy_view", &copy_view, nb::arg("src"), nb::arg("out"),
+          "out = src, element by element, for two strided views of one shape and dtype (1, 2, 4 "
+          "or 8-byte elements) that do not overlap; rows shared out over the pool, the GIL "
+          "released.");
 }

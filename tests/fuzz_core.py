@@ -385,8 +385,24 @@ def check_index(r: Reader):
                                    rtol=1e-6, atol=1e-6)
 
 
+def check_copy_view(r: Reader):
+    """_core.copy_view between fuzzed operands (any dtype, strides, transposes, read-only,
+    views of one another); where it is accepted, out equals the source as NumPy reads it."""
+    out = operand(r)
+    src = operand(r, out if isinstance(out, np.ndarray) else None)
+    if isinstance(src, np.ndarray) and src.ndim > 1 and r.flag():
+        src = src.T
+    before = np.array(src) if isinstance(src, np.ndarray) else None
+    try:
+        _core.copy_view(src, out)
+    except REFUSALS:
+        return
+    if before is not None:  # (a buffer-protocol source is taken as it is, too)
+        np.testing.assert_array_equal(np.asarray(out), before)
+
+
 CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc,
-          check_rnn, check_rows, check_index]
+          check_rnn, check_rows, check_index, check_copy_view]
 
 
 def one_input(data: bytes) -> None:

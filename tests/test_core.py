@@ -1301,3 +1301,50 @@ def test_matmul_batched_matches_numpy_and_checks_shapes(threads):
             _core.matmul_batched(bad_a, bad_b, bad_out)
     with pytest.raises(ValueError, match="overlaps"):
         _core.matmul_batched(out.reshape(13, 5, 3)[:, :, :3], b[:, :3, :3].copy(), out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_copy_view_copies_any_strided_view(threads):
+    rng = np.random.default_rng(3)
+    old = _core.get_num_threads()
+    _core.set_num_threads(threads)
+    try:
+        for trial in range(400):
+            nd = int(rng.integers(1, 5))
+            shape = tuple(int(v) for v in rng.integers(1, 7, nd))
+            dt = [np.float32, np.int64, np.bool_, np.float16][trial % 4]
+            big = (rng.standard_normal([s * 2 for s in shape]) * 10).astype(dt)
+            steps = [int(rng.choice([1, 2, -1])) for _ in shape]
+            src = big[tuple(slice(None, None, st) for st in steps)]
+            src = src[tuple(slice(0, s) for s in shape)].transpose(rng.permutation(nd))
+            host = np.zeros([s * 2 for s in src.shape], dt)
+            out = host[tuple(slice(0, s) for s in src.shape)] if trial % 2 else \
+                np.zeros(src.shape, dt)
+            _core.copy_view(src, out)
+            np.testing.assert_array_equal(out, src)
+        x = rng.standard_normal((3, 1, 5)).astype(np.float32)  # a broadcast source
+        big = np.zeros((3, 400, 5), np.float32)
+        _core.copy_view(np.broadcast_to(x, big.shape), big)
+        np.testing.assert_array_equal(big, np.broadcast_to(x, big.shape))
+    finally:
+        _core.set_num_threads(old)
+
+
+def test_copy_view_refuses_overlaps_and_mismatches():
+    o = np.zeros((3, 4, 5), np.float32)
+    for src, out, match in [(o, o, "overlaps src"), (o[:, :2], o[:, 1:3], "overlaps src"),
+                            (o[:, :, :4], np.zeros((3, 4, 5), np.float32), "same shape"),
+                            (o.astype(np.float64), np.zeros_like(o), "same dtype"),
+                            (o, np.zeros((3, 4), np.float32), "same rank"),
+                            (o.astype(np.complex128), np.zeros((3, 4, 5), np.complex128),
+                             "1, 2, 4 or 8 bytes")]:
+        with pytest.raises(ValueError, match=match):
+            _core.copy_view(src, out)
+    with pytest.raises(ValueError, match="repeats elements"):
+        _core.copy_view(np.zeros((3, 4), np.float32), np.lib.stride_tricks.as_strided(
+            np.zeros(4, np.float32), (3, 4), (0, 4)))
+    with pytest.raises(ValueError, match="overlap one another"):
+        _core.copy_view(np.zeros((3, 4), np.float32), np.lib.stride_tricks.as_strided(
+            np.zeros(8, np.float32), (3, 4), (8, 4)))
+    with pytest.raises((ValueError, TypeError)):  # read-only out
+        _core.copy_view(np.zeros(3, np.float32), np.broadcast_to(np.zeros(1, np.float32), (3,)))

@@ -532,9 +532,25 @@ def _softmax_scaled(x, bias, scale, out):
 build_softmax.scale_bias = True  # the plan may fuse a constant scale and a bias add into it
 
 
+def copy_into(out, src):
+    """A step writing ``src`` (broadcast to ``out``'s shape; any strides: a transposed, sliced,
+    tiled or expanded view) into ``out``: one native strided copy on the pool
+    (_core.copy_view), or NumPy's copyto for what it does not take."""
+    view = np.broadcast_to(src, out.shape)
+    if view.dtype == out.dtype and view.dtype.itemsize in (1, 2, 4, 8) and \
+            not np.may_share_memory(view, out):
+        return functools.partial(_core.copy_view, view, out)
+    return functools.partial(np.copyto, out, src)
+
+
 def build_concat(ctx, attrs, ins, out):
-    axis = attrs["axis"]
-    return lambda: np.concatenate(ins, axis=axis, out=out)
+    axis, at, parts = attrs["axis"], 0, []
+    for x in ins:  # each input into its part of out
+        part = out[(slice(None),) * axis + (slice(at, at + x.shape[axis]),)]
+        at += x.shape[axis]
+        if part.size:
+            parts.append(copy_into(part, x))
+    return _sequence(*parts)
 
 
 def _lines(x, axes):
@@ -588,8 +604,7 @@ def build_pad(ctx, attrs, ins, out):
 
 
 def build_transpose(ctx, attrs, ins, out):
-    xt = ins[0].transpose(attrs["perm"])
-    return lambda: np.copyto(out, xt)
+    return copy_into(out, ins[0].transpose(attrs["perm"]))
 
 
 # elementwise rows with a NumPy ufunc writing into the output (float operands of one dtype)
@@ -660,9 +675,8 @@ def build_elementwise(ctx, attrs, ins, out):
     fn = attrs["fn"]
     ufunc = UFUNCS.get(fn)
     kinds = {np.asarray(x).dtype for x in ins}
-    if fn == "copy":
-        x = ins[0]
-        return lambda: np.copyto(out, x)
+    if fn == "copy":  # (and Expand: the copy broadcast to a larger shape)
+        return copy_into(out, ins[0])
     if fn in ("erf", "gelu") and kinds == {np.dtype(F32)} and out.shape == ins[0].shape:
         return build_erf(ctx, attrs, ins, out)
     if ufunc is not None and kinds == {np.dtype(F32)}:
@@ -702,15 +716,14 @@ def build_slice(ctx, attrs, ins, out):
     base = sum(s * st for s, st in zip(attrs["starts"], x.strides)) // x.itemsize
     strides = tuple(st * step for st, step in zip(x.strides, attrs["steps"]))
     view = as_strided(x.reshape(-1)[base:], out.shape, strides, writeable=False)
-    return lambda: np.copyto(out, view)
+    return copy_into(out, view)
 
 
 def build_tile(ctx, attrs, ins, out):
     x, reps = ins[0], attrs["repeats"]
     dims = tuple(d for r, s in zip(reps, x.shape) for d in (r, s))
     src = as_strided(x, dims, tuple(v for s in x.strides for v in (0, s)), writeable=False)
-    dst = out.reshape(dims)
-    return lambda: np.copyto(dst, src)
+    return copy_into(out.reshape(dims), src)
 
 
 def build_matmul(ctx, attrs, ins, out):
