@@ -23,6 +23,8 @@
 #include <nanobind/stl/string.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -349,7 +351,7 @@ void reduce(In x, Out out, const std::string &fn) {
               [&](i64 a, i64 b) { reduce_columns(xd, od, n, inner, op, a, b); });
 }
 
-// ---- copy_view
+// ---- copy_view, binary_view: strided views walked row by row
 
 using View = nb::ndarray<nb::ro, nb::device::cpu>;
 using Target = nb::ndarray<nb::device::cpu>;
@@ -367,102 +369,183 @@ template <typename A> std::pair<std::uintptr_t, std::uintptr_t> extent(const A &
     return {base + lo, base + hi + item};
 }
 
-template <typename T>
-void copy_rows(const char *src, char *dst, const std::vector<i64> &shape,
-               const std::vector<i64> &ss, const std::vector<i64> &ds, i64 r0, i64 r1) {
-    const size_t nd = shape.size();
-    const i64 len = shape[nd - 1], s_in = ss[nd - 1], d_in = ds[nd - 1];
-    std::vector<i64> idx(nd, 0);  // the row index r0 unravelled over the outer axes
-    i64 so = 0, dof = 0;
-    for (i64 r = r0, d = (i64) nd - 2; d >= 0; --d) {
-        idx[d] = r % shape[d];
-        r /= shape[d];
-        so += idx[d] * ss[d];
-        dof += idx[d] * ds[d];
-    }
-    for (i64 r = r0; r < r1; ++r) {
-        const T *s = reinterpret_cast<const T *>(src) + so;
-        T *o = reinterpret_cast<T *>(dst) + dof;
-        if (s_in == 1 && d_in == 1)
-            std::memcpy(o, s, (size_t) len * sizeof(T));
-        else
-            for (i64 j = 0; j < len; ++j) o[j * d_in] = s[j * s_in];
-        for (i64 d = (i64) nd - 2; d >= 0; --d) {  // next row
-            so += ss[d];
-            dof += ds[d];
-            if (++idx[d] < shape[d]) break;
-            so -= shape[d] * ss[d];
-            dof -= shape[d] * ds[d];
-            idx[d] = 0;
-        }
-    }
-}
+// out and its sources (each of out's shape, any element strides: 0 for a broadcast axis) as
+// few axes as possible: size-1 axes dropped, an axis folded into the next where every operand
+// steps over both as one run. Checked: one shape, out writes no element twice, no source
+// overlaps out.
+struct Walk {
+    std::vector<i64> shape;
+    std::vector<std::vector<i64>> strides;  // [operand][axis]; operand 0 is out
+    i64 rows = 0, len = 0;                  // rows of the last axis, and its length
 
-// out = src (element by element; both any strides, one shape and dtype, apart in memory).
-void copy_view(View src, Target out) {
-    const char *fn = "copy_view";
-    check(src.ndim() == out.ndim() && src.ndim() <= 32,
-          std::string(fn) + ": src " + shape_of(src) + " and out " + shape_of(out) +
-              " must have the same rank (at most 32)");
-    for (size_t d = 0; d < src.ndim(); ++d)
-        check(src.shape(d) == out.shape(d),
-              std::string(fn) + ": src " + shape_of(src) + " and out " + shape_of(out) +
-                  " must have the same shape");
-    check(src.dtype() == out.dtype(), std::string(fn) + ": src and out must have the same dtype");
-    const i64 item = out.itemsize();
-    check(item == 1 || item == 2 || item == 4 || item == 8,
-          std::string(fn) + ": elements of 1, 2, 4 or 8 bytes, got " + std::to_string(item));
-    if (out.size() == 0) return;
-    // merged axes (size-1 axes dropped; an axis folded into the next where both arrays step
-    // over it as one run), element strides
-    std::vector<i64> shape, ss, ds;
-    for (size_t d = 0; d < out.ndim(); ++d) {
-        const i64 n = out.shape(d);
-        if (n == 1) continue;
-        check(out.stride(d) != 0, std::string(fn) + ": out repeats elements (a zero stride)");
-        shape.push_back(n);
-        ss.push_back(src.stride(d));
-        ds.push_back(out.stride(d));
-    }
-    for (size_t d = shape.size(); d-- > 1;)
-        if (ss[d - 1] == ss[d] * shape[d] && ds[d - 1] == ds[d] * shape[d]) {
-            shape[d - 1] *= shape[d];
-            ss[d - 1] = ss[d];
-            ds[d - 1] = ds[d];
-            shape.erase(shape.begin() + d);
-            ss.erase(ss.begin() + d);
-            ds.erase(ds.begin() + d);
+    Walk(const char *fn, const Target &out, std::initializer_list<const View *> srcs) {
+        std::vector<const View *> in(srcs);
+        for (const View *v : in) {
+            check(v->ndim() == out.ndim(), std::string(fn) + ": operands " + shape_of(*v) +
+                                               " and out " + shape_of(out) + " must have one rank");
+            for (size_t d = 0; d < out.ndim(); ++d)
+                check(v->shape(d) == out.shape(d), std::string(fn) + ": operand " + shape_of(*v) +
+                                                       " and out " + shape_of(out) +
+                                                       " must have the same shape");
         }
-    if (shape.empty()) shape = {1}, ss = {1}, ds = {1};
-    // out must not write one element twice: its distinct steps must nest (sorted by stride)
-    {
-        std::vector<std::pair<i64, i64>> steps;
-        for (size_t d = 0; d < shape.size(); ++d) steps.push_back({std::abs(ds[d]), shape[d]});
+        check(out.ndim() <= 32, std::string(fn) + ": at most 32 axes");
+        strides.resize(in.size() + 1);
+        for (size_t d = 0; d < out.ndim(); ++d) {
+            if (out.shape(d) == 1) continue;
+            check(out.stride(d) != 0, std::string(fn) + ": out repeats elements (a zero stride)");
+            shape.push_back(out.shape(d));
+            strides[0].push_back(out.stride(d));
+            for (size_t k = 0; k < in.size(); ++k) strides[k + 1].push_back(in[k]->stride(d));
+        }
+        for (size_t d = shape.size(); d-- > 1;) {
+            bool run = true;
+            for (auto &st : strides) run = run && st[d - 1] == st[d] * shape[d];
+            if (!run) continue;
+            shape[d - 1] *= shape[d];
+            shape.erase(shape.begin() + d);
+            for (auto &st : strides) {
+                st[d - 1] = st[d];
+                st.erase(st.begin() + d);
+            }
+        }
+        if (shape.empty()) {
+            shape = {1};
+            for (auto &st : strides) st = {1};
+        }
+        std::vector<std::pair<i64, i64>> steps;  // out's steps must nest: no element twice
+        for (size_t d = 0; d < shape.size(); ++d) steps.push_back({std::abs(strides[0][d]), shape[d]});
         std::sort(steps.begin(), steps.end());
         i64 span = 1;
         for (auto &[stride, n] : steps) {
             check(stride >= span, std::string(fn) + ": out's elements overlap one another");
             span = stride * n;
         }
+        const auto [o0, o1] = extent(out);
+        for (const View *v : in) {
+            const auto [s0, s1] = extent(*v);
+            check(s1 <= o0 || o1 <= s0 || s0 == s1,
+                  std::string(fn) + ": out overlaps an operand (it would be read after being written)");
+        }
+        len = shape.back();
+        rows = len ? (i64) out.size() / len : 0;
     }
-    auto [s0, s1] = extent(src);
-    auto [o0, o1] = extent(out);
-    check(s1 <= o0 || o1 <= s0,
-          std::string(fn) + ": out overlaps src (it would be read after being written)");
+
+    // row(pointers, inner strides) for rows [r0, r1); pointers in elements of T
+    template <typename T, size_t N, typename Row>
+    void rows_of(const std::array<char *, N> &base, i64 r0, i64 r1, Row row) const {
+        const size_t nd = shape.size();
+        std::vector<i64> idx(nd, 0);
+        std::array<i64, N> off{}, inner{};
+        for (size_t k = 0; k < N; ++k) inner[k] = strides[k][nd - 1];
+        for (i64 r = r0, d = (i64) nd - 2; d >= 0; --d) {
+            idx[d] = r % shape[d];
+            r /= shape[d];
+            for (size_t k = 0; k < N; ++k) off[k] += idx[d] * strides[k][d];
+        }
+        for (i64 r = r0; r < r1; ++r) {
+            std::array<T *, N> ptr;
+            for (size_t k = 0; k < N; ++k) ptr[k] = reinterpret_cast<T *>(base[k]) + off[k];
+            row(ptr, inner);
+            for (i64 d = (i64) nd - 2; d >= 0; --d) {  // next row
+                for (size_t k = 0; k < N; ++k) off[k] += strides[k][d];
+                if (++idx[d] < shape[d]) break;
+                for (size_t k = 0; k < N; ++k) off[k] -= shape[d] * strides[k][d];
+                idx[d] = 0;
+            }
+        }
+    }
+
+    template <typename Fn> void in_tasks(i64 elements, Fn fn) const {
+        const i64 per = std::max<i64>(1, kTask / std::max<i64>(1, len));
+        offload::parallel_for((rows + per - 1) / per, [&](std::int64_t t) {
+            fn(t * per, std::min(rows, (t + 1) * per));
+        }, elements >= kParallel);
+    }
+};
+
+template <typename T>
+void copy_rows(const Walk &w, const char *src, char *dst, i64 r0, i64 r1) {
+    const i64 len = w.len;
+    w.rows_of<T, 2>({dst, const_cast<char *>(src)}, r0, r1, [len](auto p, auto s) {
+        if (s[0] == 1 && s[1] == 1)
+            std::memcpy(p[0], p[1], (size_t) len * sizeof(T));
+        else
+            for (i64 j = 0; j < len; ++j) p[0][j * s[0]] = p[1][j * s[1]];
+    });
+}
+
+// out = src (element by element; both any strides, one shape and dtype, apart in memory).
+void copy_view(View src, Target out) {
+    const char *fn = "copy_view";
+    check(src.dtype() == out.dtype(), std::string(fn) + ": src and out must have the same dtype");
+    const i64 item = out.itemsize();
+    check(item == 1 || item == 2 || item == 4 || item == 8,
+          std::string(fn) + ": elements of 1, 2, 4 or 8 bytes, got " + std::to_string(item));
+    const Walk w(fn, out, {&src});
+    if (out.size() == 0) return;
     const char *sd = reinterpret_cast<const char *>(src.data());
     char *od = reinterpret_cast<char *>(out.data());
-    const i64 len = shape.back(), rows = (i64) out.size() / len;
-    const i64 per = std::max<i64>(1, kTask / len);
     nb::gil_scoped_release release;
-    offload::parallel_for((rows + per - 1) / per, [&](std::int64_t t) {
-        const i64 r0 = t * per, r1 = std::min(rows, r0 + per);
+    w.in_tasks((i64) out.size(), [&](i64 r0, i64 r1) {
         switch (item) {
-        case 1: copy_rows<std::uint8_t>(sd, od, shape, ss, ds, r0, r1); break;
-        case 2: copy_rows<std::uint16_t>(sd, od, shape, ss, ds, r0, r1); break;
-        case 4: copy_rows<std::uint32_t>(sd, od, shape, ss, ds, r0, r1); break;
-        default: copy_rows<std::uint64_t>(sd, od, shape, ss, ds, r0, r1); break;
+        case 1: copy_rows<std::uint8_t>(w, sd, od, r0, r1); break;
+        case 2: copy_rows<std::uint16_t>(w, sd, od, r0, r1); break;
+        case 4: copy_rows<std::uint32_t>(w, sd, od, r0, r1); break;
+        default: copy_rows<std::uint64_t>(w, sd, od, r0, r1); break;
         }
-    }, (i64) out.size() >= kParallel);
+    });
+}
+
+enum Binary : int { kAdd, kSub, kMul, kDiv, kMaximum, kMinimum };
+
+template <int OP> INDEX_CLONES void binary_row(float *o, const float *a, const float *b, i64 n,
+                                               i64 so, i64 sa, i64 sb) {
+    auto f = [](float x, float y) {
+        if constexpr (OP == kAdd) return x + y;
+        else if constexpr (OP == kSub) return x - y;
+        else if constexpr (OP == kMul) return x * y;
+        else if constexpr (OP == kDiv) return x / y;
+        else if constexpr (OP == kMaximum) return (x > y || x != x) ? x : y;  // NaN as NumPy
+        else return (x < y || x != x) ? x : y;
+    };
+    if (so == 1 && sa == 1 && sb == 1)
+        for (i64 j = 0; j < n; ++j) o[j] = f(a[j], b[j]);
+    else if (so == 1 && sa == 1 && sb == 0)
+        for (i64 j = 0; j < n; ++j) o[j] = f(a[j], b[0]);
+    else if (so == 1 && sa == 0 && sb == 1)
+        for (i64 j = 0; j < n; ++j) o[j] = f(a[0], b[j]);
+    else
+        for (i64 j = 0; j < n; ++j) o[j * so] = f(a[j * sa], b[j * sb]);
+}
+
+// out = a OP b for float32 views of out's shape (broadcast axes: stride 0), apart from out.
+void binary_view(View a, View b, Target out, int op) {
+    const char *fn = "binary_view";
+    check(op >= kAdd && op <= kMinimum, std::string(fn) + ": op must be 0..5 (add, sub, mul, div, "
+                                                          "maximum, minimum), got " + std::to_string(op));
+    const auto f32 = nb::dtype<float>();
+    check(a.dtype() == f32 && b.dtype() == f32 && out.dtype() == f32,
+          std::string(fn) + ": float32 operands and out");
+    const Walk w(fn, out, {&a, &b});
+    if (out.size() == 0) return;
+    std::array<char *, 3> base{reinterpret_cast<char *>(out.data()),
+                               const_cast<char *>(reinterpret_cast<const char *>(a.data())),
+                               const_cast<char *>(reinterpret_cast<const char *>(b.data()))};
+    const i64 len = w.len;
+    nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
+    w.in_tasks((i64) out.size(), [&](i64 r0, i64 r1) {
+        w.rows_of<float, 3>(base, r0, r1, [&](auto p, auto s) {
+            switch (op) {
+            case kAdd: binary_row<kAdd>(p[0], p[1], p[2], len, s[0], s[1], s[2]); break;
+            case kSub: binary_row<kSub>(p[0], p[1], p[2], len, s[0], s[1], s[2]); break;
+            case kMul: binary_row<kMul>(p[0], p[1], p[2], len, s[0], s[1], s[2]); break;
+            case kDiv: binary_row<kDiv>(p[0], p[1], p[2], len, s[0], s[1], s[2]); break;
+            case kMaximum: binary_row<kMaximum>(p[0], p[1], p[2], len, s[0], s[1], s[2]); break;
+            default: binary_row<kMinimum>(p[0], p[1], p[2], len, s[0], s[1], s[2]); break;
+            }
+        });
+    });
 }
 
 }  // namespace
@@ -482,4 +565,7 @@ void register_index_kernels(nb::module_ &m) {
           "out = src, element by element, for two strided views of one shape and dtype (1, 2, 4 "
           "or 8-byte elements) that do not overlap; rows shared out over the pool, the GIL "
           "released.");
+    m.def("binary_view", &binary_view, nb::arg("a"), nb::arg("b"), nb::arg("out"), nb::arg("op"),
+          "out = a op b (0 add, 1 sub, 2 mul, 3 div, 4 maximum, 5 minimum) for float32 views of "
+          "out's shape (a broadcast axis: stride 0) apart from out; rows over the pool.");
 }

@@ -393,6 +393,18 @@ def check_copy_view(r: Reader):
     if isinstance(src, np.ndarray) and src.ndim > 1 and r.flag():
         src = src.T
     before = np.array(src) if isinstance(src, np.ndarray) else None
+    if r.flag():  # binary_view: src op (a second operand, or src again)
+        other = operand(r, out if isinstance(out, np.ndarray) else None) if r.flag() else src
+        op = r.int(-1, 6)
+        snap = np.array(other) if isinstance(other, np.ndarray) else None
+        try:
+            _core.binary_view(src, other, out, op)
+        except REFUSALS:
+            return
+        ufunc = [np.add, np.subtract, np.multiply, np.divide, np.maximum, np.minimum][op]
+        if before is not None and snap is not None:
+            np.testing.assert_array_equal(np.asarray(out), ufunc(before, snap))
+        return
     try:
         _core.copy_view(src, out)
     except REFUSALS:

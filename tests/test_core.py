@@ -1332,10 +1332,10 @@ def test_copy_view_copies_any_strided_view(threads):
 
 def test_copy_view_refuses_overlaps_and_mismatches():
     o = np.zeros((3, 4, 5), np.float32)
-    for src, out, match in [(o, o, "overlaps src"), (o[:, :2], o[:, 1:3], "overlaps src"),
+    for src, out, match in [(o, o, "overlaps an operand"), (o[:, :2], o[:, 1:3], "overlaps an"),
                             (o[:, :, :4], np.zeros((3, 4, 5), np.float32), "same shape"),
                             (o.astype(np.float64), np.zeros_like(o), "same dtype"),
-                            (o, np.zeros((3, 4), np.float32), "same rank"),
+                            (o, np.zeros((3, 4), np.float32), "same rank|one rank"),
                             (o.astype(np.complex128), np.zeros((3, 4, 5), np.complex128),
                              "1, 2, 4 or 8 bytes")]:
         with pytest.raises(ValueError, match=match):
@@ -1348,3 +1348,38 @@ def test_copy_view_refuses_overlaps_and_mismatches():
             np.zeros(8, np.float32), (3, 4), (8, 4)))
     with pytest.raises((ValueError, TypeError)):  # read-only out
         _core.copy_view(np.zeros(3, np.float32), np.broadcast_to(np.zeros(1, np.float32), (3,)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_binary_view_matches_numpy_with_broadcasting(threads):
+    rng = np.random.default_rng(4)
+    ops = [np.add, np.subtract, np.multiply, np.divide, np.maximum, np.minimum]
+    old = _core.get_num_threads()
+    _core.set_num_threads(threads)
+    try:
+        for trial in range(120):
+            shape = tuple(int(v) for v in rng.integers(1, 40, int(rng.integers(1, 5))))
+            a = rng.standard_normal(shape).astype(np.float32)
+            b = rng.standard_normal(tuple(1 if rng.random() < 0.4 else d for d in shape))
+            b = b.astype(np.float32)
+            if trial % 3 == 0:
+                a = a.T.copy().T  # strided (Fortran order)
+            a.reshape(-1)[::17] = np.nan
+            out = np.empty(shape, np.float32)
+            code = trial % 6
+            _core.binary_view(a, np.broadcast_to(b, shape), out, code)
+            with np.errstate(all="ignore"):
+                np.testing.assert_array_equal(out, ops[code](a, b))
+    finally:
+        _core.set_num_threads(old)
+
+
+def test_binary_view_refuses_what_does_not_fit():
+    a = np.zeros((4, 5), np.float32)
+    out = np.zeros((4, 5), np.float32)
+    for args, match in [((a, a, out, 6), "op must be"), ((a.astype(np.int64), a, out, 0), "float32"),
+                        ((a, a[:, :4], out, 0), "same shape"), ((a, out, out, 0), "overlaps"),
+                        ((a, a, np.lib.stride_tricks.as_strided(out, (4, 5), (0, 4)), 0),
+                         "repeats elements")]:
+        with pytest.raises(ValueError, match=match):
+            _core.binary_view(*args)

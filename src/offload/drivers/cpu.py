@@ -435,13 +435,7 @@ def build_global_avgpool(ctx, attrs, ins, out):
 
 def build_binary(fn):
     def build(ctx, attrs, ins, out):
-        a, b = ins
-        if fn is np.divide:
-            def divide():
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    np.divide(a, b, out=out)
-            return divide
-        return lambda: fn(a, b, out=out)
+        return binary_into(fn, out, *ins)
     return build
 
 
@@ -532,15 +526,39 @@ def _softmax_scaled(x, bias, scale, out):
 build_softmax.scale_bias = True  # the plan may fuse a constant scale and a bias add into it
 
 
+NATIVE_VIEW_MIN = 1 << 14  # elements: below this NumPy's own loop is as fast as a native call
+
+
 def copy_into(out, src):
     """A step writing ``src`` (broadcast to ``out``'s shape; any strides: a transposed, sliced,
     tiled or expanded view) into ``out``: one native strided copy on the pool
-    (_core.copy_view), or NumPy's copyto for what it does not take."""
+    (_core.copy_view), or NumPy's copyto for small or overlapping arrays."""
     view = np.broadcast_to(src, out.shape)
-    if view.dtype == out.dtype and view.dtype.itemsize in (1, 2, 4, 8) and \
-            not np.may_share_memory(view, out):
+    if out.size >= NATIVE_VIEW_MIN and view.dtype == out.dtype and \
+            view.dtype.itemsize in (1, 2, 4, 8) and not np.may_share_memory(view, out):
         return functools.partial(_core.copy_view, view, out)
     return functools.partial(np.copyto, out, src)
+
+
+BINARY_CODES = {np.add: 0, np.subtract: 1, np.multiply: 2, np.divide: 3, np.maximum: 4,
+                np.minimum: 5}  # _core.binary_view's ops
+
+
+def binary_into(ufunc, out, a, b):
+    """A step ``out = ufunc(a, b)`` with broadcasting: for large float32 arrays one native pass
+    on the pool (_core.binary_view), else the ufunc itself (errors ignored: inf and NaN as
+    IEEE says)."""
+    code = BINARY_CODES.get(ufunc)
+    if code is not None and out.size >= NATIVE_VIEW_MIN and \
+            {np.asarray(a).dtype, np.asarray(b).dtype, out.dtype} == {np.dtype(F32)}:
+        va, vb = np.broadcast_to(a, out.shape), np.broadcast_to(b, out.shape)
+        if not (np.may_share_memory(va, out) or np.may_share_memory(vb, out)):
+            return functools.partial(_core.binary_view, va, vb, out, code)
+
+    def run():
+        with np.errstate(all="ignore"):
+            ufunc(a, b, out=out)
+    return run
 
 
 def build_concat(ctx, attrs, ins, out):
@@ -679,6 +697,8 @@ def build_elementwise(ctx, attrs, ins, out):
         return copy_into(out, ins[0])
     if fn in ("erf", "gelu") and kinds == {np.dtype(F32)} and out.shape == ins[0].shape:
         return build_erf(ctx, attrs, ins, out)
+    if ufunc in BINARY_CODES and len(ins) == 2 and kinds == {np.dtype(F32)}:
+        return binary_into(ufunc, out, *ins)
     if ufunc is not None and kinds == {np.dtype(F32)}:
         def run():
             with np.errstate(all="ignore"):
