@@ -506,8 +506,8 @@ std::int64_t gather(nb::handle out, nb::sequence parts, bool strict) {
 
     auto run = [&] {
         char *dst = static_cast<char *>(o.view.buf);
-        for (const Buffer &p : held) {
-            std::memcpy(dst, p.view.buf, (std::size_t) p.view.len);
+        for (const Buffer &p : held) {  // memmove: a part may be a view into out itself
+            std::memmove(dst, p.view.buf, (std::size_t) p.view.len);
             dst += p.view.len;
         }
         std::memset(dst, 0, (std::size_t) o.view.len - total);
