@@ -63,7 +63,8 @@ void check_apart(const char *fn, const char *what, const A &out, const B &in, bo
 // e^x in float32 (2^n * e^f, |f| <= ln2/2, degree-6 Taylor: relative error < 2e-7); inputs
 // below -87 give ~0 and NaN stays NaN. Branch-free, so loops of it vectorise.
 ROW_INLINE float exp_poly(float x) {
-    const bool nan = x != x;
+    const float in = x;
+    x = x != x ? 0.f : x;  // (NaN converted to an integer below would be undefined)
     x = x < -87.f ? -87.f : x;
     x = x > 88.f ? 88.f : x;
     const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -77,10 +78,10 @@ ROW_INLINE float exp_poly(float x) {
     p = p * f + 0.5f;
     p = p * f + 1.f;
     p = p * f + 1.f;
-    const std::int32_t bits = ((std::int32_t) n + 127) << 23;
+    const std::uint32_t bits = (std::uint32_t) ((std::int32_t) n + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    return nan ? x : p * scale;
+    return in != in ? in : p * scale;
 }
 
 // erf(x): Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula the NumPy path uses.
