@@ -108,15 +108,6 @@ def _jsonable(value):
     return value
 
 
-def _target(out: pathlib.Path, stamp: str) -> pathlib.Path:
-    base = out / f"cpu-{stamp}"
-    k = 2
-    while base.with_suffix(".json").exists() or base.with_suffix(".md").exists():
-        base = out / f"cpu-{stamp}-{k}"
-        k += 1
-    return base
-
-
 def _markdown(doc: dict) -> str:
     m = doc["machine"]
     blas = m.get("blas") or {}
@@ -264,7 +255,7 @@ def main(argv=None) -> int:
     if doc["geomean_ratio"]:
         print(f"\ngeometric mean offload/onnxruntime: {doc['geomean_ratio']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    base = _target(args.out, now.strftime("%Y%m%d-%H%M"))
+    base = bench.results_base(args.out, "cpu", now)
     base.with_suffix(".json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
     base.with_suffix(".md").write_text(_markdown(doc) + "\n")
     print(f"\nwrote {base}.json and {base}.md")

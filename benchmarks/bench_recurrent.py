@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                    if k in os.environ}}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"recurrent-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}"
+    base = bench.results_base(out, "recurrent")
     base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     mach = doc["machine"]
     lines = ["# Recurrent tagger: DeepJet-sized (1-D convs + LSTMs 150/50/50), beside "

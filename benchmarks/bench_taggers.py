@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                    if k in os.environ}}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"taggers-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}"
+    base = bench.results_base(out, "taggers")
     base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     mach = doc["machine"]
     lines = ["# Taggers: ParticleNet-like and ParT-like, P = 50, beside onnxruntime", "",

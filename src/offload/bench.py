@@ -31,7 +31,7 @@ __all__ = [
     "Case", "Contender", "Measurement", "contention", "cpu_counters", "format_profile",
     "format_suite", "format_table", "machine_info", "make_input", "measure", "model_path",
     "offload_contender", "onnxruntime_contender", "onnxruntime_missing_reason", "profile",
-    "run_suite",
+    "results_base", "run_suite",
 ]
 
 
@@ -225,6 +225,21 @@ def measure(contenders: Sequence[Contender], x, repeats: int = 5, min_time_s: fl
 
 
 # -- profiling -----------------------------------------------------------------------------------
+def results_base(out, name: str, when=None):
+    """``out/<name>-<YYYYmmdd-HHMM>`` (UTC) for a benchmark's .md/.json, with -2, -3, ... added
+    where a run of the same minute already wrote one (never overwritten)."""
+    import datetime
+    import pathlib
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    out = pathlib.Path(out)
+    base = out / f"{name}-{when:%Y%m%d-%H%M}"
+    k = 2
+    while base.with_suffix(".json").exists() or base.with_suffix(".md").exists():
+        base = out / f"{name}-{when:%Y%m%d-%H%M}-{k}"
+        k += 1
+    return base
+
+
 def profile(model, x, runs: int = 20) -> dict:
     """Per-op time of ``model`` on ``x`` from ``model.run(x, profile=list)``, over ``runs`` runs.
 
