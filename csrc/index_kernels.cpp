@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "pool.h"
 
 namespace nb = nanobind;
@@ -53,15 +54,8 @@ constexpr i64 kTask = 1 << 15;     // elements per item of the pool
 
 enum Op : int { kSum, kMean, kMax, kMin };
 
-void check(bool ok, const std::string &what) {
-    if (!ok) throw nb::value_error(what.c_str());
-}
-
-template <typename A> std::string shape_of(const A &a) {
-    std::string s = "[";
-    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
+using offload::check;
+using offload::shape_of;
 
 template <typename A, typename B> void check_apart(const char *fn, const A &out, const B &x) {
     auto o0 = reinterpret_cast<std::uintptr_t>(out.data());

@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 
+#include "checks.h"
 #include "pool.h"
 
 namespace nb = nanobind;
@@ -37,15 +38,8 @@ using i64 = std::int64_t;
 constexpr i64 kParallelElements = 1 << 16;  // less work than this runs on the calling thread
 constexpr i64 kBlock = 1 << 12;             // elements per task of the elementwise kernels
 
-void check(bool ok, const std::string &what) {
-    if (!ok) throw nb::value_error(what.c_str());
-}
-
-template <typename A> std::string shape_of(const A &a) {
-    std::string s = "[";
-    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
+using offload::check;
+using offload::shape_of;
 
 // ``out`` must not overlap ``in`` (it would be read after being written), except as the very
 // same array where the kernel allows in place.

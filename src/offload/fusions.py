@@ -60,11 +60,7 @@ def _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops):
     the scaled and biased tensors are read by nothing else."""
     if device_ops is None or not getattr(device_ops.get("softmax"), "scale_bias", False):
         return entries  # (a softmax builder that takes them says so: build_softmax.scale_bias)
-    readers: dict[str, int] = {}
-    for _, _, operands, _ in entries:
-        for n in operands:
-            readers[n] = readers.get(n, 0) + 1
-    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+    readers, by_out = _readers_and_producers(entries)
     drop, out = set(), list(entries)
 
     def single(name):
@@ -105,11 +101,7 @@ def _fuse_gelu(entries, shapes, values, outputs, device_ops):
     Add, Mul, Mul; any operand order), as one elementwise gelu step."""
     if device_ops is None or "elementwise" not in device_ops:
         return entries
-    readers: dict[str, int] = {}
-    for _, _, operands, _ in entries:
-        for n in operands:
-            readers[n] = readers.get(n, 0) + 1
-    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+    readers, by_out = _readers_and_producers(entries)
 
     def inner(name):  # the entry producing ``name`` when only one step reads it
         if readers.get(name, 0) != 1 or name in outputs or name not in by_out:
@@ -169,11 +161,7 @@ def _fuse_conv_pool(entries, outputs, device_ops):
     (build_conv2d.fused_pool): the full-size output is never written and read back."""
     if device_ops is None or not getattr(device_ops.get("conv2d"), "fused_pool", False):
         return entries
-    readers: dict[str, int] = {}
-    for _, _, operands, _ in entries:
-        for n in operands:
-            readers[n] = readers.get(n, 0) + 1
-    by_out = {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
+    readers, by_out = _readers_and_producers(entries)
     out, drop = list(entries), set()
     for k, (node, attrs, operands, out_shape) in enumerate(entries):
         src = operands[0] if operands else None
@@ -194,6 +182,15 @@ def _fuse_conv_pool(entries, outputs, device_ops):
         out[c] = (fused, dict(c_attrs, pool=node.op), c_ops, out_shape)
         drop.add(k)
     return [e for j, e in enumerate(out) if j not in drop]
+
+
+def _readers_and_producers(entries):
+    """How many entries read each tensor, and the index of the entry producing each one."""
+    readers: dict[str, int] = {}
+    for _, _, operands, _ in entries:
+        for n in operands:
+            readers[n] = readers.get(n, 0) + 1
+    return readers, {node.outputs[0]: k for k, (node, _, _, _) in enumerate(entries)}
 
 
 def _live_entries(entries, outputs):
