@@ -549,8 +549,8 @@ BINARY_CODES = {np.add: 0, np.subtract: 1, np.multiply: 2, np.divide: 3, np.maxi
 
 def binary_into(ufunc, out, a, b):
     """A step ``out = ufunc(a, b)`` with broadcasting: for large float32 arrays one native pass
-    on the pool (_core.binary_view), else the ufunc itself (errors ignored: inf and NaN as
-    IEEE says)."""
+    on the pool (_core.binary_view), else the ufunc itself (a division by zero gives inf or NaN
+    without a warning)."""
     code = BINARY_CODES.get(ufunc)
     if code is not None and out.size >= NATIVE_VIEW_MIN and \
             {np.asarray(a).dtype, np.asarray(b).dtype, out.dtype} == {np.dtype(F32)}:
@@ -558,10 +558,13 @@ def binary_into(ufunc, out, a, b):
         if not (np.may_share_memory(va, out) or np.may_share_memory(vb, out)):
             return functools.partial(_core.binary_view, va, vb, out, code)
 
-    def run():
-        with np.errstate(all="ignore"):
-            ufunc(a, b, out=out)
-    return run
+    if ufunc is not np.divide:  # (no errstate: it costs about a microsecond per call)
+        return functools.partial(ufunc, a, b, out=out)
+
+    def divide():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(a, b, out=out)
+    return divide
 
 
 def build_concat(ctx, attrs, ins, out):
@@ -700,7 +703,8 @@ def build_elementwise(ctx, attrs, ins, out):
         return copy_into(out, ins[0])
     if fn in ("erf", "gelu") and kinds == {np.dtype(F32)} and out.shape == ins[0].shape:
         return build_erf(ctx, attrs, ins, out)
-    if ufunc in BINARY_CODES and len(ins) == 2 and kinds == {np.dtype(F32)}:
+    if ufunc in BINARY_CODES and len(ins) == 2 and kinds == {np.dtype(F32)} \
+            and out.size >= NATIVE_VIEW_MIN:
         return binary_into(ufunc, out, *ins)
     if ufunc is not None and kinds == {np.dtype(F32)}:
         def run():
