@@ -40,6 +40,7 @@
 #include <thread>
 #include <vector>
 
+#include "gemm.h"
 #include "pool.h"
 
 namespace nb = nanobind;
@@ -899,6 +900,92 @@ void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
     }, parallel);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dense layers with constant weights: the packed-panel product of gemm.h (the LSTM's), rows in
+// register blocks, the bias folded into the product and the residual and activation applied to
+// each block while it is in cache. Narrow layers (the HEP MLPs, ParT's projections: 16 to ~512
+// columns) are where OpenBLAS's per-call packing and the separate epilogue pass lose.
+
+struct DenseJob {
+    const float *x, *wp, *bias, *residual;  // bias: npad values (zeros past n)
+    float *y;
+    std::int64_t k, n, npad;
+    Act act;
+};
+
+template <typename V>
+__attribute__((always_inline)) inline void dense_rows_packed(const DenseJob &j, std::int64_t r0,
+                                                             std::int64_t r1) {
+    using namespace offload::gemm;
+    constexpr int MR = Tile<V>::MR;
+    float *tile = scratch((std::size_t) (MR * j.npad), 0);
+    for (std::int64_t r = r0; r < r1; r += MR) {
+        const int mr = (int) std::min<std::int64_t>(MR, r1 - r);
+        gemm_rows<V>(mr, Operands{j.x + r * j.k, j.k, j.wp, j.k}, Operands{nullptr, 0, nullptr, 0},
+                     j.npad, j.bias, tile, j.npad);
+        for (int i = 0; i < mr; ++i) {
+            float *o = j.y + (r + i) * j.n;
+            std::memcpy(o, tile + i * j.npad, (std::size_t) j.n * sizeof(float));
+            if (j.residual || j.act.code != kIdentity)
+                finish_row(o, j.n, 0.f, j.residual ? j.residual + (r + i) * j.n : nullptr, j.act);
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2")))
+void dense_packed_avx512(const DenseJob &j, std::int64_t r0, std::int64_t r1) {
+    dense_rows_packed<offload::gemm::v16>(j, r0, r1);
+}
+CONV_CLONES void dense_packed_v8(const DenseJob &j, std::int64_t r0, std::int64_t r1) {
+    dense_rows_packed<offload::gemm::v8>(j, r0, r1);
+}
+
+// y[r, :] = act(x[r, :] @ w + bias + residual[r, :]) with w packed [npad / 16, k, 16] (the
+// columns of w in panels of 16, zeros past n).
+void dense_packed(In x, In wp, std::optional<In> bias, std::optional<In> residual, Out y, int act,
+                  float alpha, float lo, float hi) {
+    const char *fn = "dense_packed";
+    using offload::gemm::kNR;
+    check(x.ndim() == 2 && y.ndim() == 2 && wp.ndim() == 3 && wp.shape(2) == (size_t) kNR,
+          "dense_packed: expected x [rows, k], w packed [npad / 16, k, 16], out [rows, n]; got x " +
+              shape_of(x) + ", w " + shape_of(wp) + ", out " + shape_of(y));
+    const std::int64_t rows = x.shape(0), k = x.shape(1), n = y.shape(1);
+    const std::int64_t npad = (std::int64_t) wp.shape(0) * kNR;
+    check((std::int64_t) wp.shape(1) == k && (std::int64_t) y.shape(0) == rows && n <= npad &&
+              npad - n < kNR,
+          "dense_packed: x " + shape_of(x) + " @ w packed " + shape_of(wp) + " does not fit out " +
+              shape_of(y));
+    check(!bias || (std::int64_t) bias->size() == n,
+          "dense_packed: bias must have " + std::to_string(n) + " values");
+    check(!residual || residual->size() == y.size(), "dense_packed: residual must be [rows, n]");
+    check(product({rows, k, npad}) >= 0, "dense_packed: sizes too large");
+    const Act a = make_act(fn, act, alpha, lo, hi);
+    check_apart(fn, "x", y, x);
+    check_apart(fn, "w", y, wp);
+    if (bias) check_apart(fn, "bias", y, *bias);
+    if (residual) check_apart(fn, "residual", y, *residual, true);
+    if (rows == 0 || n == 0) return;
+    std::vector<float> b(npad, 0.f);
+    if (bias) std::copy(bias->data(), bias->data() + n, b.begin());
+    const DenseJob j{x.data(), wp.data(), b.data(), residual ? residual->data() : nullptr, y.data(),
+                     k, n, npad, a};
+    static const bool avx512 = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+    }();
+    auto *run = avx512 ? dense_packed_avx512 : dense_packed_v8;
+    const bool parallel = rows * k * n >= g_parallel_macs;
+    const std::int64_t parts = parallel ? 4 * pool().threads() : 1;
+    const std::int64_t step = std::max<std::int64_t>(24, ((rows + parts - 1) / parts + 23) / 24 * 24);
+    nb::gil_scoped_release release;
+    offload::FlushDenormals ftz;
+    pool().run((rows + step - 1) / step, [&](std::int64_t i) {
+        run(j, i * step, std::min(rows, (i + 1) * step));
+    }, parallel);
+}
+
 // out[i] = a[i] @ b[i or 0] for i in [0, B): a [B, M, K], b [B or 1, K, N], out [B, M, N]
 // (attention's batched products of two run-time tensors), products shared out over the pool.
 void matmul_batched(In a, In b, Out y) {
@@ -979,6 +1066,11 @@ void register_conv_kernels(nb::module_ &m) {
     m.def("pool2d", &pool2d, nb::arg("x"), nb::arg("out").noconvert(), nb::arg("is_max"),
           nb::arg("kernel"), nb::arg("strides"), nb::arg("dilations"),
           "Max or average pooling without padding (every window inside x), NCHW float32.");
+    m.def("dense_packed", &dense_packed, nb::arg("x"), nb::arg("w_packed"), nb::arg("bias").none(),
+          nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("act"), nb::arg("alpha"),
+          nb::arg("lo"), nb::arg("hi"),
+          "out = act(x @ w + bias + residual), w packed [ceil(n / 16), k, 16] (zeros past n); "
+          "register-blocked rows on the pool.");
     m.def("matmul_batched", &matmul_batched, nb::arg("a"), nb::arg("b"), nb::arg("out").noconvert(),
           "out[i] = a[i] @ b[i] (or b[0]) for a [B, M, K], b [B or 1, K, N], on the pool.");
     m.def("gemm_dense", &gemm_dense, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),

@@ -1383,3 +1383,47 @@ def test_binary_view_refuses_what_does_not_fit():
                          "repeats elements")]:
         with pytest.raises(ValueError, match=match):
             _core.binary_view(*args)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_packed_matches_numpy(threads):
+    from offload.drivers.cpu import pack_columns
+    rng = np.random.default_rng(6)
+    old = _core.get_num_threads(), _core.get_parallel_macs()
+    _core.set_num_threads(threads)
+    _core.set_parallel_macs(0)
+    try:
+        for rows, k, n in [(1, 5, 3), (13, 16, 64), (37, 47, 200), (100, 3, 17), (25, 64, 16)]:
+            x = rng.standard_normal((rows, k)).astype(np.float32)
+            w = rng.standard_normal((k, n)).astype(np.float32)
+            b = rng.standard_normal(n).astype(np.float32)
+            r = rng.standard_normal((rows, n)).astype(np.float32)
+            wp = pack_columns(w)
+            for bias, residual, act in [(b, None, 1), (None, r, 0), (b, r, 4)]:
+                out = np.full((rows, n), np.nan, np.float32)
+                _core.dense_packed(x, wp, bias, residual, out, act, 0.0, 0.0, 0.0)
+                want = x.astype(np.float64) @ w + (0 if bias is None else b) + \
+                    (0 if residual is None else r)
+                want = np.maximum(want, 0) if act == 1 else np.tanh(want) if act == 4 else want
+                np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    finally:
+        _core.set_num_threads(old[0])
+        _core.set_parallel_macs(old[1])
+
+
+def test_dense_packed_checks_before_touching_memory():
+    from offload.drivers.cpu import pack_columns
+    x = np.ones((4, 8), np.float32)
+    wp = pack_columns(np.ones((8, 20), np.float32))  # [2, 8, 16]
+    out = np.zeros((4, 20), np.float32)
+    for args, match in [((x[:, :7].copy(), wp, None, None, out), "does not fit"),
+                        ((x, wp, None, None, np.zeros((4, 33), np.float32)), "does not fit"),
+                        ((x, wp, None, None, np.zeros((4, 16), np.float32)), "does not fit"),
+                        ((x, wp, np.ones(19, np.float32), None, out), "bias must have 20"),
+                        ((x, wp, None, np.ones((4, 19), np.float32), out), "residual"),
+                        ((x, wp[:, :, :8].copy(), None, None, out), "expected x"),
+                        ((out.reshape(-1)[:32].reshape(4, 8), wp, None, None, out), "overlaps")]:
+        with pytest.raises(ValueError, match=match):
+            _core.dense_packed(*args, 0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="activation"):
+        _core.dense_packed(x, wp, None, None, out, 9, 0.0, 0.0, 0.0)

@@ -108,6 +108,10 @@ def build_dense(ctx, attrs, ins, out):
     residual = ins[3].reshape(-1, n) if len(ins) > 3 else None
     if x2.shape[0] * k * n <= SMALL_DENSE_MACS:
         return NativeStep("dense", x2, w, bias, residual, y2, *_activation_args(attrs))
+    if _c_float32(x2, y2, w):  # the packed-panel product (gemm.h), bias/activation fused
+        wp = ctx.weight(ins[1], "panels", pack_columns)
+        return functools.partial(_core.dense_packed, x2, wp, bias, residual, y2,
+                                 *_activation_args(attrs))
     if native_blas() and x2.shape[0] * k * n >= _core.get_parallel_macs():
         return functools.partial(_core.gemm_dense, x2, w, bias, residual, y2,
                                  *_activation_args(attrs))
@@ -889,6 +893,15 @@ def build_topk(ctx, attrs, ins, out):
 
 
 # ------------------------------------------------------------------------------ recurrent layers
+
+def pack_columns(w):
+    """w [k, n] as [ceil(n / 16), k, 16]: its columns in panels of 16 (zeros past n), each
+    contiguous, as _core.dense_packed streams them."""
+    k, n = w.shape
+    cols = np.zeros((1, k, _pad16(n)), F32)
+    cols[0, :, :n] = w
+    return _panels(cols)[0]
+
 
 def _panels(cols):
     """[D, K, N] columns (N a multiple of 16) as [D, N / 16, K, 16]: panels of 16 columns,
