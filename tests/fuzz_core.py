@@ -326,11 +326,20 @@ def check_rnn(r: Reader):
 def check_rows(r: Reader):
     """gelu / softmax_scaled / layernorm on fuzzed operands (or views of one another); where a
     call is accepted on finite float32 data, its result against NumPy."""
-    which = r.byte() % 3
+    which = r.byte() % 4
     x = operand(r)
     base = x if isinstance(x, np.ndarray) else None
     out = operand(r, base)
     other = operand(r, base) if r.flag() else None
+    if which == 3:  # dense_packed on fuzzed operands (a packed w of 16-column panels, or not)
+        w = np.ones((r.int(0, 3), r.int(0, 9), 16 if r.flag() else r.int(0, 17)), np.float32)
+        try:
+            _core.dense_packed(x, w if r.flag() else operand(r, base), other,
+                               operand(r, base) if r.flag() else None, out, r.int(-1, 6), 0.5,
+                               -1.0, 1.0)
+        except REFUSALS:
+            pass
+        return
     flag, scale, div = r.flag(), float(r.int(-4, 4)) / 2, r.int(-1, 6)
     x0 = np.array(x) if isinstance(x, np.ndarray) else None
     try:
