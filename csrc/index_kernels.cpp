@@ -463,6 +463,8 @@ void copy_rows(const Walk &w, const char *src, char *dst, i64 r0, i64 r1) {
     w.rows_of<T, 2>({dst, const_cast<char *>(src)}, r0, r1, [len](auto p, auto s) {
         if (s[0] == 1 && s[1] == 1)
             std::memcpy(p[0], p[1], (size_t) len * sizeof(T));
+        else if (s[0] == 1 && s[1] == 0)  // a broadcast axis (an expanded or tiled source)
+            std::fill(p[0], p[0] + len, p[1][0]);
         else
             for (i64 j = 0; j < len; ++j) p[0][j * s[0]] = p[1][j * s[1]];
     });

@@ -87,3 +87,15 @@ def test_attention_softmax_and_gelu_are_fused(device, exported):
     gelu = [s for s in plan.steps if s.node.attrs.get("fn") == "gelu"]
     erf = [s for s in plan.steps if s.node.attrs.get("fn") == "erf"]
     assert len(fused_softmax) == 3 and len(gelu) >= 3 and not erf
+
+
+def test_particlenet_centre_features_are_read_through_on_cpu(exported):
+    """ParticleNet's centre features, tiled over the k neighbours ([N, C, P, 1] -> [N, C, P, k]),
+    are not materialised on the cpu device: Sub broadcasts the untiled tensor and Concat copies
+    it broadcast into its part (fusions._elide_expands); the tagger still matches."""
+    path, session = exported("particlenet", "legacy")
+    model = offload.load(path, device="cpu")
+    feeds = TM.make_inputs(3, 20, np.random.default_rng(8))
+    np.testing.assert_allclose(model(feeds), session.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+    plan = model.plan(*[feeds[k].shape for k in TM.INPUTS])
+    assert not [s for s in plan.steps if s.node.op == "tile"]

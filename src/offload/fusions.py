@@ -14,7 +14,7 @@ from . import graph as G
 
 def fuse(entries, shapes, values, outputs, device_ops):
     """Every rewrite in order, then the entries nothing reads are dropped."""
-    entries = _elide_expands(entries, shapes)
+    entries = _elide_expands(entries, shapes, device_ops)
     entries = _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops)
     entries = _fuse_gelu(entries, shapes, values, outputs, device_ops)
     entries = _fuse_conv_pool(entries, outputs, device_ops)
@@ -24,25 +24,51 @@ def fuse(entries, shapes, values, outputs, device_ops):
 _BROADCASTING = ("add", "sub", "mul", "div")  # (and elementwise rows)
 
 
-def _elide_expands(entries, shapes):
-    """An Expand (an elementwise copy to a larger shape) read by elementwise ops that would
-    broadcast its input to the same output shape anyway is read through: the consumer takes
-    the Expand's input (the copy is dropped by _live_entries when nothing else reads it)."""
-    expanded = {node.outputs[0]: operands[0] for node, attrs, operands, _ in entries
-                if node.op == "elementwise" and "shape" in node.attrs and operands}
+def _broadcast_source(node, attrs, operands, shapes):
+    """The input that an Expand, or a Tile repeating only size-1 axes, copies to a larger shape
+    by broadcasting; else None."""
+    if not operands or operands[0] not in shapes:
+        return None
+    if node.op == "elementwise" and "shape" in node.attrs:
+        return operands[0]
+    if node.op == "tile" and all(r == 1 or d == 1 for r, d in
+                                 zip(attrs.get("repeats", ()), shapes[operands[0]])):
+        return operands[0]
+    return None
+
+
+def _elide_expands(entries, shapes, device_ops):
+    """An Expand (an elementwise copy to a larger shape; also a Tile of size-1 axes) read by
+    elementwise ops that would broadcast its input to the same output shape anyway is read
+    through: the consumer takes the Expand's input (the copy is dropped by _live_entries when
+    nothing else reads it). So is one read by a concat whose builder broadcasts its inputs
+    (build_concat.broadcasts: ParticleNet's tiled centre features), along another axis."""
+    expanded = {node.outputs[0]: src for node, attrs, operands, _ in entries
+                if (src := _broadcast_source(node, attrs, operands, shapes)) is not None}
     if not expanded:
         return entries
+    concat_broadcasts = device_ops is not None and \
+        getattr(device_ops.get("concat"), "broadcasts", False)
     out = []
     for node, attrs, operands, out_shape in entries:
-        if (node.op == "elementwise" and "shape" not in node.attrs) or node.op in _BROADCASTING:
+        elementwise = (node.op == "elementwise" and "shape" not in node.attrs) or \
+            node.op in _BROADCASTING
+        if elementwise or (node.op == "concat" and concat_broadcasts):
             ops = list(operands)
             for k, name in enumerate(ops):
                 src = expanded.get(name)
-                if src is None or src not in shapes:
+                if src is None or src not in shapes or name not in shapes:
                     continue
-                trial = [shapes[n] for j, n in enumerate(ops) if j != k] + [shapes[src]]
+                if elementwise:
+                    trial = [shapes[n] for j, n in enumerate(ops) if j != k] + [shapes[src]]
+                    want = tuple(out_shape)
+                else:  # the part of the concat: the input's own shape, its concat axis kept
+                    trial, want = [shapes[src], shapes[name]], tuple(shapes[name])
+                    axis = attrs["axis"] % len(want)
+                    if len(shapes[src]) != len(want) or shapes[src][axis] != want[axis]:
+                        continue
                 try:
-                    same = tuple(np.broadcast_shapes(*trial)) == tuple(out_shape)
+                    same = tuple(np.broadcast_shapes(*trial)) == want
                 except ValueError:
                     same = False
                 if same:

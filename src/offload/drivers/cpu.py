@@ -573,12 +573,15 @@ def binary_into(ufunc, out, a, b):
 
 def build_concat(ctx, attrs, ins, out):
     axis, at, parts = attrs["axis"], 0, []
-    for x in ins:  # each input into its part of out
+    for x in ins:  # each input into its part of out (broadcast along the other axes)
         part = out[(slice(None),) * axis + (slice(at, at + x.shape[axis]),)]
         at += x.shape[axis]
         if part.size:
             parts.append(copy_into(part, x))
     return _sequence(*parts)
+
+
+build_concat.broadcasts = True  # the plan may hand it an Expand's input (fusions._elide_expands)
 
 
 def _lines(x, axes):
