@@ -436,3 +436,27 @@ def test_cli_bench_clients_that_cannot_all_start_do_not_hang():
     """, timeout=120)
     # the client threads or the batcher's, whichever the capped address space refuses first
     _one_line_error(result, "could not start")
+
+
+def test_gemm_c_broadcasts_into_the_product_only():
+    """Gemm's C is unidirectionally broadcastable to [M, N]: a [4, 1] C is a per-row term for a
+    batch of 4 (as onnxruntime computes it) and a ShapeError naming the node for a batch of 1
+    (NumPy's two-way broadcasting made that a [4, 4] output)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.ones((16, 4), np.float32)
+    c = np.arange(4, dtype=np.float32).reshape(4, 1)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], "fc")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    m = offload.load(model.SerializeToString())
+    np.testing.assert_allclose(m(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(offload.ShapeError, match="Gemm node 'fc'.*does not broadcast"):
+        m(x[:1])

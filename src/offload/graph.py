@@ -243,6 +243,17 @@ def pad_amounts(node: Node, rank: int, pads_value, axes_value):
     return begin, end
 
 
+def broadcast_into_first(node: Node, out: tuple, shapes: list) -> tuple:
+    """``out``, checked to be the first operand's shape where the node says its other operands
+    broadcast into it only (attrs into_first: Gemm's C, unidirectionally broadcastable to
+    [M, N], where NumPy's two-way broadcasting would grow the product)."""
+    if (node.attrs.get("into_first") or node.op == "gemm") and tuple(out) != tuple(shapes[0]):
+        raise ShapeError(f"{node.source_op or node.op} node {node.name!r}: "
+                         f"{[list(s) for s in shapes[1:]]} does not broadcast to "
+                         f"{list(shapes[0])} (the product's shape)")
+    return tuple(out)
+
+
 def infer_shape(node: Node, shapes: list, values: list) -> tuple:
     """Output shape of a device or view op, given concrete input shapes and constant values."""
     op, a = node.op, node.attrs
@@ -273,7 +284,7 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
     if op == "global_avgpool":
         return tuple(x[:2]) + (1,) * (len(x) - 2)
     if op in ("add", "sub", "mul", "div"):
-        return broadcast_shapes(shapes[0], shapes[1], node)
+        return broadcast_into_first(node, broadcast_shapes(shapes[0], shapes[1], node), shapes)
     if op in ("activation", "softmax", "identity"):
         if op == "softmax":
             normalize_axis(a["axis"], len(x), node)
@@ -324,7 +335,7 @@ def infer_shape(node: Node, shapes: list, values: list) -> tuple:
         for s in shapes[1:] if op == "elementwise" else [tuple(int(v) for v in
                                                              np.asarray(values[1]).reshape(-1))]:
             out = broadcast_shapes(out, s, node)
-        return out
+        return broadcast_into_first(node, out, shapes)
     if op == "slice":
         return slice_params(node, x, values)[2]
     if op == "split_part":

@@ -317,17 +317,20 @@ def _lower_gemm(graph, node, problems):
         cname = ""
     dense_out = y if not cname else node.name + "/gemm"
     nodes.append(G.Node("dense", inputs, [dense_out], {"activation": "identity"}, node.name))
-    if cname:  # a C that is not a bias row: add it after the product
+    if cname:  # a C that is not a bias row: added after the product, broadcast to its shape
+        # only (ONNX: C unidirectionally broadcastable to [M, N]; numpy's two-way broadcasting
+        # would turn a [64, 1] C and a batch of 1 into a [64, 64] output)
+        into = {"into_first": True}
         if c is not None:
             nodes.append(G.Node("add", [dense_out, _new_constant(graph, node.name + "/C",
-                                (c * beta).astype(np.float32))], [y], {}, node.name))
+                                (c * beta).astype(np.float32))], [y], into, node.name, "Gemm"))
         elif beta == 1.0:
-            nodes.append(G.Node("add", [dense_out, cname], [y], {}, node.name))
+            nodes.append(G.Node("add", [dense_out, cname], [y], into, node.name, "Gemm"))
         else:
             scaled = node.name + "/betaC"
             beta_name = _new_constant(graph, node.name + "/beta", np.float32(beta))
             nodes += [G.Node("mul", [cname, beta_name], [scaled], {}, node.name),
-                      G.Node("add", [dense_out, scaled], [y], {}, node.name)]
+                      G.Node("add", [dense_out, scaled], [y], into, node.name, "Gemm")]
     return nodes
 
 
@@ -360,8 +363,8 @@ def _gemm_runtime(graph, node):
                 graph, node.name + "/beta", np.array(beta, np.float32))], [temp("beta_c")],
                 {"fn": "mul"}, node.name, node.source_op))
             c = temp("beta_c")
-        nodes.append(G.Node("elementwise", [prod, c], node.outputs, {"fn": "add"}, node.name,
-                            node.source_op))
+        nodes.append(G.Node("elementwise", [prod, c], node.outputs,
+                            {"fn": "add", "into_first": True}, node.name, node.source_op))
     return nodes
 
 

@@ -163,8 +163,8 @@ def _build_conv_pooled(ctx, attrs, ins, out):
                           attrs["dilations"])
     full = ctx.scratch((x.shape[0], w.shape[0]) + tuple(hw), F32, slot=3)
     conv = build_conv2d(ctx, {k: v for k, v in attrs.items() if k != "pool"}, ins, full)
-    return _sequence(conv, functools.partial(_core.pool2d, full, out, attrs["pool"] == "maxpool",
-                                             [2, 2], [2, 2], [1, 1]))
+    window = dict(kernel=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0), dilations=(1, 1))
+    return _sequence(conv, build_pool(attrs["pool"])(ctx, window, [full], out))
 
 
 def build_conv2d(ctx, attrs, ins, out):
@@ -330,6 +330,8 @@ def _build_conv_native(ctx, attrs, x, w, bias, residual, out):
         return None
     m, c, kh, kw = w.shape
     strides, pads, dil = attrs["strides"], attrs["pads"], attrs["dilations"]
+    if max(kh, kw, *strides, *dil, *pads) > NATIVE_WINDOW_MAX:  # the kernels' limits
+        return None
     act = _activation_args(attrs)
     if (tuple(strides) == (1, 1) and kh * kw > 1 and c * kh * kw <= DIRECT_MAX_REDUCTION
             and (x.shape[2] > 1 or _core.simd() == "avx512")):
@@ -363,6 +365,9 @@ def _build_depthwise(ctx, attrs, ins, out, bias, residual, y_rows):
     return _sequence(fill, conv, epilogue(y_rows, attrs, bias, 0, residual))
 
 
+NATIVE_WINDOW_MAX = 1 << 20  # _core.pool2d's largest kernel size, stride and dilation
+
+
 def build_pool(kind):
     def build(ctx, attrs, ins, out):
         x = ins[0]
@@ -370,7 +375,10 @@ def build_pool(kind):
         _, _, oh, ow = out.shape
         (kh, kw), strides, dil = attrs["kernel"], attrs["strides"], attrs["dilations"]
         t, l, b, r = attrs["pads"]
-        if (not any((t, l, b, r)) and x.dtype == F32 and out.dtype == F32
+        # the native pool's limits (kernel, strides, dilations up to 2**20): NumPy beyond them
+        native_ok = x.dtype == F32 and out.dtype == F32 and \
+            max(kh, kw, *strides, *dil) <= NATIVE_WINDOW_MAX
+        if (not any((t, l, b, r)) and native_ok
                 and oh == (h - dil[0] * (kh - 1) - 1) // strides[0] + 1
                 and ow == (w - dil[1] * (kw - 1) - 1) // strides[1] + 1):
             return functools.partial(_core.pool2d, x, out, kind == "maxpool", [kh, kw],
@@ -380,7 +388,7 @@ def build_pool(kind):
         # the padded rows/columns the windows read, exactly (ceil_mode: past the pads)
         hn = (oh - 1) * strides[0] + dil[0] * (kh - 1) + 1
         wn = (ow - 1) * strides[1] + dil[1] * (kw - 1) + 1
-        if x.dtype == F32 and out.dtype == F32 and min(h, hn - t) > 0 and min(w, wn - l) > 0:
+        if native_ok and min(h, hn - t) > 0 and min(w, wn - l) > 0:
             # padded windows: a padded copy (border written once), then the native pool on it;
             # averages rescaled from 1 / (kh * kw) to the divisor count_include_pad says
             xp = np.full((n, c, hn, wn), value, F32)
