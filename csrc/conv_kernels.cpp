@@ -588,9 +588,7 @@ struct DirectKernel { direct_fn fn; int width; const char *name; };
 const DirectKernel &direct_kernel() {
     static const DirectKernel k = [] {
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
-            __builtin_cpu_supports("fma"))
+        if (offload::gemm::has_avx512())
             return DirectKernel{direct_avx512, 32, "avx512"};
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
             return DirectKernel{direct_avx2, 24, "avx2"};
@@ -969,13 +967,7 @@ void dense_packed(In x, In wp, std::optional<In> bias, std::optional<In> residua
     if (bias) std::copy(bias->data(), bias->data() + n, b.begin());
     const DenseJob j{x.data(), wp.data(), b.data(), residual ? residual->data() : nullptr, y.data(),
                      k, n, npad, a};
-    static const bool avx512 = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
-               __builtin_cpu_supports("fma");
-    }();
-    auto *run = avx512 ? dense_packed_avx512 : dense_packed_v8;
+    auto *run = offload::gemm::has_avx512() ? dense_packed_avx512 : dense_packed_v8;
     const bool parallel = rows * k * n >= g_parallel_macs;
     const std::int64_t parts = parallel ? 4 * pool().threads() : 1;
     const std::int64_t step = std::max<std::int64_t>(24, ((rows + parts - 1) / parts + 23) / 24 * 24);

@@ -108,5 +108,17 @@ GEMM_INLINE void gemm_rows(int mr, const Operands &x, const Operands &y, i64 nco
 
 inline i64 pad16(i64 n) { return (n + kNR - 1) / kNR * kNR; }
 
+// Whether this CPU runs the 16-lane (AVX-512) kernels: the features their target attribute
+// ("avx512f,avx512vl,avx512dq,fma,avx2") compiles for. Checked once.
+inline bool has_avx512() {
+    static const bool yes = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+    }();
+    return yes;
+}
+
 
 }  // namespace offload::gemm

@@ -234,13 +234,7 @@ struct Kernel {
 
 // wide false: the 8-lane kernel even on AVX-512 (the tests run both)
 Kernel kernel(bool wide) {
-    static const bool avx512 = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
-               __builtin_cpu_supports("fma");
-    }();
-    if (wide && avx512) return {run_blocks_avx512, Tile<v16>::MR};
+    if (wide && has_avx512()) return {run_blocks_avx512, Tile<v16>::MR};
     return {run_blocks_v8, Tile<v8>::MR};
 }
 

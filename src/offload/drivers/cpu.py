@@ -942,11 +942,8 @@ def rnn_packed_rt(r, cell):
 
 
 def rnn_packed_wt(w):
-    """W [D, G*H, I] as W^T [D, I, G*H padded to 16] in panels (_panels)."""
-    d, gh, i = w.shape
-    out = np.zeros((d, i, _pad16(gh)), F32)
-    out[:, :, :gh] = np.transpose(w, (0, 2, 1))
-    return _panels(out)
+    """W [D, G*H, I] as W^T [D, I, G*H padded to 16] in panels, per direction (pack_columns)."""
+    return np.stack([pack_columns(wd.T) for wd in w])
 
 
 def rnn_threads(work: int) -> int:
