@@ -187,7 +187,7 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
     opt = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
     if a.get("into_first"):  # folded at load too: Gemm's C broadcasts into the product only
         shapes = [np.shape(v) for v in inputs if v is not None]
-        G.broadcast_into_first(node, np.broadcast_shapes(*shapes), shapes)
+        G.broadcast_into_first(node, G.broadcast_shapes(shapes[0], shapes[1], node), shapes)
     if op == "conv2d":
         return [conv2d(x, inputs[1], opt(2), a, opt(3))]
     if op == "dense":
@@ -301,7 +301,7 @@ def evaluate(node: G.Node, inputs: list) -> list[np.ndarray]:
         y = a.get("alpha", 1.0) * (A.astype(np.float64) @ B)
         if opt(2) is not None:
             shapes = [y.shape, np.shape(inputs[2])]
-            G.broadcast_into_first(node, np.broadcast_shapes(*shapes), shapes)
+            G.broadcast_into_first(node, G.broadcast_shapes(shapes[0], shapes[1], node), shapes)
             y = y + a.get("beta", 1.0) * inputs[2]
         return [y.astype(x.dtype)]
     if op == "clip":
