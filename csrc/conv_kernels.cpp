@@ -21,6 +21,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <dlfcn.h>
+#include <immintrin.h>
 #include <pthread.h>
 
 
@@ -597,6 +598,208 @@ const DirectKernel &direct_kernel() {
     return k;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Direct convolution with the output channels in the vectors (AVX-512; weights packed
+// [ceil(M/16), C, kh, kw, 16], panels of 16 output channels over the reduction k = (c, i, j)).
+// A tile is P consecutive positions q of the flattened padded image x NB panels:
+// t[q][m] = sum_k xp[q + koff[k]] * w[k][m], each input value broadcast from memory (a load, not
+// a shuffle: the shuffle port is the second FMA port) into one or two weight vectors, 24-28
+// accumulators. Bias and a vectorisable activation are applied in the registers; the tile's
+// valid positions are then transposed 16x16 in registers into the NCHW output, 2x2-pooled on
+// the way when a pool is fused, with the residual added before the activation when there is one.
+
+namespace oc {
+
+using i64 = std::int64_t;
+constexpr int kLanes = 16;
+
+struct Job {
+    Geometry g;
+    i64 plane, k, panels;
+    const float *w;
+    std::vector<float> bias;  // panels * 16 values, zeros past M
+    std::vector<i64> koff;    // ch * plane + i * dh * Wp + j * dw for k = (ch, i, j)
+    const float *residual;
+    float *y;
+    Act act;
+    int pool;
+    bool act_in_tile;  // no residual and a vectorised activation: applied in the tile
+    bool act_vector;   // the activation has a vector form (else finish_row on the output)
+};
+
+#define OC_TARGET __attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2")))
+
+OC_TARGET __attribute__((always_inline)) inline __m512 act16(__m512 v, const Act &a) {
+    switch (a.code) {
+    case kRelu:  // max_ps returns its second operand when one is NaN: NaN propagates
+        return _mm512_max_ps(_mm512_setzero_ps(), v);
+    case kLeakyRelu:
+        return _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v,
+                                  _mm512_set1_ps(a.alpha));
+    case kClip:
+        return _mm512_min_ps(_mm512_set1_ps(a.hi), _mm512_max_ps(_mm512_set1_ps(a.lo), v));
+    default:
+        return v;
+    }
+}
+
+template <int P, int NB>
+OC_TARGET __attribute__((always_inline)) inline void tile(const Job &j, const float *x,
+                                                          const float *w, const float *bias,
+                                                          float *t) {
+    __m512 acc[P][NB];
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+        for (int n = 0; n < NB; ++n) acc[p][n] = _mm512_setzero_ps();
+    const i64 K = j.k, *koff = j.koff.data();
+    for (i64 k = 0; k < K; ++k) {
+        const float *s = x + koff[k];
+        asm("" : "+r"(s));  // one base register for the P loads (GCC kept P bases, spilled)
+        __m512 wv[NB];
+#pragma GCC unroll 2
+        for (int n = 0; n < NB; ++n) wv[n] = _mm512_loadu_ps(w + (n * K + k) * kLanes);
+#pragma GCC unroll 32
+        for (int p = 0; p < P; ++p) {
+            const __m512 b = _mm512_set1_ps(s[p]);
+#pragma GCC unroll 2
+            for (int n = 0; n < NB; ++n) acc[p][n] = _mm512_fmadd_ps(b, wv[n], acc[p][n]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int n = 0; n < NB; ++n) {
+        const __m512 bv = _mm512_loadu_ps(bias + n * kLanes);
+#pragma GCC unroll 32
+        for (int p = 0; p < P; ++p) {
+            __m512 v = _mm512_add_ps(acc[p][n], bv);
+            if (j.act_in_tile) v = act16(v, j.act);
+            _mm512_storeu_ps(t + p * 2 * kLanes + n * kLanes, v);
+        }
+    }
+}
+
+// max(x, y), NaN if either is (max_ps alone returns y when either is NaN)
+OC_TARGET __attribute__((always_inline)) inline __m512 max_nan(__m512 x, __m512 y) {
+    return _mm512_mask_mov_ps(_mm512_max_ps(x, y), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+// r[i][l] -> r[l][i]
+OC_TARGET __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
+        t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+        r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
+    }
+}
+
+// Output rows [r0, r1) of image n for panels [p0, p0 + NB): tiles into the thread's buffer
+// ([positions][32]), then the valid (or pooled) positions 16 at a time into the output.
+template <int P, int NB>
+OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
+    const Geometry &g = j.g;
+    const i64 wp = g.wp(), qs = r0 * wp, qe = (r1 - 1) * wp + g.ow;
+    float *t = scratch((std::size_t) ((qe - qs + P) * 2 * kLanes), 1);
+    const float *w = j.w + p0 * j.k * kLanes, *bias = j.bias.data() + p0 * kLanes;
+    for (i64 q = qs; q < qe; q += P) tile<P, NB>(j, xn + q, w, bias, t + (q - qs) * 2 * kLanes);
+    if (j.pool && !j.act_vector)  // the activation before the pool
+        for (i64 q = 0; q < qe - qs; ++q) finish_row(t + q * 2 * kLanes, NB * kLanes, 0.f, nullptr, j.act);
+
+    // the output positions of this chunk are contiguous in each output plane
+    const bool pooled = j.pool != 0;
+    const i64 ow = pooled ? g.ow / 2 : g.ow, oh = pooled ? g.oh / 2 : g.oh;
+    const i64 row0 = pooled ? r0 / 2 : r0, row1 = std::min(oh, pooled ? r1 / 2 : r1);
+    if (row1 <= row0) return;
+    const i64 count = (row1 - row0) * ow, plane_out = oh * ow, at0 = row0 * ow;
+    const __m512 quarter = _mm512_set1_ps(0.25f);
+    for (i64 i0 = 0; i0 < count; i0 += 16) {
+        const int valid = (int) std::min<i64>(16, count - i0);
+        const __mmask16 mask = (__mmask16) ((1u << valid) - 1);
+        i64 src[16];  // the tile row of each position (the pool's top-left one)
+        for (int i = 0; i < 16; ++i) {
+            const i64 pos = i0 + std::min(i, valid - 1), row = row0 + pos / ow, col = pos % ow;
+            src[i] = pooled ? 2 * row * wp + 2 * col - qs : row * wp + col - qs;
+        }
+#pragma GCC unroll 2
+        for (int nb = 0; nb < NB; ++nb) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) {
+                const float *a = t + src[i] * 2 * kLanes + nb * kLanes;
+                if (!pooled) {
+                    r[i] = _mm512_loadu_ps(a);
+                    continue;
+                }
+                const float *b = a + wp * 2 * kLanes;
+                const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 2 * kLanes),
+                             b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 2 * kLanes);
+                if (j.pool == 1) {
+                    r[i] = max_nan(max_nan(a0, a1), max_nan(b0, b1));
+                } else {
+                    r[i] = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a0, a1),
+                                                       _mm512_add_ps(b0, b1)), quarter);
+                }
+            }
+            transpose16(r);
+            const i64 m0 = (p0 + nb) * kLanes;
+            const int channels = (int) std::min<i64>(kLanes, g.m - m0);
+            for (int mm = 0; mm < channels; ++mm) {
+                const i64 at = (n * g.m + m0 + mm) * plane_out + at0 + i0;
+                __m512 v = r[mm];
+                if (!j.act_in_tile) {
+                    if (j.residual)
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, j.residual + at));
+                    if (j.act_vector) v = act16(v, j.act);
+                }
+                _mm512_mask_storeu_ps(j.y + at, mask, v);
+                if (!j.act_vector && !pooled) finish_row(j.y + at, valid, 0.f, nullptr, j.act);
+            }
+        }
+    }
+}
+
+using block_fn = void (*)(const Job &, const float *, i64, i64, i64, i64);
+
+// The tile width for a chunk of `positions`: the fewest positions computed (the last tile's
+// overrun), the widest tile among equals. Two panels: 8 to 14 positions (16 to 28 of the 32
+// registers accumulate); one panel: 16 to 28.
+OC_TARGET void run(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
+    static constexpr block_fn two[] = {block<14, 2>, block<13, 2>, block<12, 2>, block<11, 2>,
+                                       block<10, 2>, block<9, 2>, block<8, 2>};
+    static constexpr int two_p[] = {14, 13, 12, 11, 10, 9, 8};
+    static constexpr block_fn one[] = {block<28, 1>, block<24, 1>, block<20, 1>, block<16, 1>};
+    static constexpr int one_p[] = {28, 24, 20, 16};
+    const bool pair = j.panels - p0 >= 2;
+    const int *widths = pair ? two_p : one_p;
+    const int count = pair ? 7 : 4;
+    const i64 positions = (r1 - 1) * j.g.wp() + j.g.ow - r0 * j.g.wp();
+    int best = 0;
+    i64 least = -1;
+    for (int i = 0; i < count; ++i) {
+        const i64 computed = (positions + widths[i] - 1) / widths[i] * widths[i];
+        if (least < 0 || computed < least) least = computed, best = i;
+    }
+    (pair ? two : one)[best](j, xn, n, p0, r0, r1);
+}
+
+}  // namespace oc
+
 // xp[n, c] = the image with its zero border, for images [n0, n1).
 void pad_images(const float *x, float *xp, const Geometry &g, std::int64_t plane,
                 std::int64_t n0, std::int64_t n1) {
@@ -620,13 +823,16 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
                  std::int64_t m, std::vector<std::int64_t> pads, std::vector<std::int64_t> dil,
                  int act, float alpha, float lo, float hi, int pooling) {
     const char *fn = "conv_direct";
-    check(wpk.ndim() == 5 && wpk.shape(4) == (size_t) kMB,
-          std::string(fn) + ": packed weights must be [ceil(M/8), C, kh, kw, 8], got " +
-              shape_of(wpk));
-    check(m >= 1 && (std::int64_t) wpk.shape(0) == (m + kMB - 1) / kMB,
+    const std::int64_t lanes = wpk.ndim() == 5 ? (std::int64_t) wpk.shape(4) : 0;
+    check(lanes == kMB || lanes == oc::kLanes,
+          std::string(fn) + ": packed weights must be [ceil(M/8), C, kh, kw, 8] or [ceil(M/16), "
+                            "C, kh, kw, 16], got " + shape_of(wpk));
+    check(lanes == kMB || offload::gemm::has_avx512(),
+          std::string(fn) + ": weights packed in 16 lanes need AVX-512, which this CPU lacks");
+    check(m >= 1 && (std::int64_t) wpk.shape(0) == (m + lanes - 1) / lanes,
           std::string(fn) + ": packed weights hold " + std::to_string(wpk.shape(0)) +
-              " blocks of 8 output channels, M = " + std::to_string(m) + " needs " +
-              std::to_string((m + kMB - 1) / kMB));
+              " blocks of " + std::to_string(lanes) + " output channels, M = " +
+              std::to_string(m) + " needs " + std::to_string((m + lanes - 1) / lanes));
     check(pooling >= 0 && pooling <= 2, std::string(fn) + ": pool must be 0 (none), 1 (max 2x2) "
                                                           "or 2 (average 2x2), got " +
                                                           std::to_string(pooling));
@@ -640,28 +846,54 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     check_apart(fn, "w", y, wpk);
 
     const DirectKernel &k = direct_kernel();
+    const bool in_lanes = lanes == oc::kLanes;
     DirectJob j;
-    j.g = g;
-    j.plane = g.hp() * g.wp();
-    j.w = wpk.data();
+    oc::Job o;
+    j.g = o.g = g;
+    j.plane = o.plane = g.hp() * g.wp();
+    j.w = o.w = wpk.data();
     j.bias = bias ? bias->data() : nullptr;
-    j.residual = residual ? residual->data() : nullptr;
-    j.y = y.data();
-    j.act = a;
-    j.pool = pooling;
+    j.residual = o.residual = residual ? residual->data() : nullptr;
+    j.y = o.y = y.data();
+    j.act = o.act = a;
+    j.pool = o.pool = pooling;
     for (std::int64_t i = 0; i < g.kh; ++i)
         for (std::int64_t t = 0; t < g.kw; ++t) j.offs.push_back(i * g.dh * g.wp() + t * g.dw);
+    if (in_lanes) {
+        o.panels = (m + oc::kLanes - 1) / oc::kLanes;
+        o.k = g.c * g.kh * g.kw;
+        o.bias.assign((std::size_t) (o.panels * oc::kLanes), 0.f);
+        if (bias) std::copy(bias->data(), bias->data() + m, o.bias.begin());
+        o.koff.reserve((std::size_t) o.k);
+        for (std::int64_t ch = 0; ch < g.c; ++ch)
+            for (std::int64_t off : j.offs) o.koff.push_back(ch * o.plane + off);
+        o.act_vector = a.code != kSigmoid && a.code != kTanh;
+        o.act_in_tile = o.act_vector && !residual;
+    }
     if (g.n == 0 || g.oh == 0 || g.ow == 0) return;
     // the last tile reads up to a tile width and the largest tap offset past the last plane
     const std::int64_t slack = k.width + j.offs.back() + 16;
-    const std::int64_t blocks = (m + kMB - 1) / kMB;
+    // channel blocks: 8 channels (positions in the vectors), or two panels of 16
+    const std::int64_t blocks = in_lanes ? (o.panels + 1) / 2 : (m + kMB - 1) / kMB;
     const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
     const bool parallel = macs >= g_parallel_macs;
-    const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
-    std::int64_t rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
+    std::int64_t rows;
+    if (in_lanes) {  // a tile buffer of at most ~512 positions x 32 channels (64 KiB)
+        rows = std::clamp<std::int64_t>(512 / g.wp(), 1, g.oh);
+    } else {
+        const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
+        rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
+    }
     if (pooling) rows = std::max<std::int64_t>(2, rows / 2 * 2);  // whole pairs of rows per chunk
     const std::int64_t chunks = (g.oh + rows - 1) / rows;
     const std::int64_t image = g.c * j.plane;
+    auto compute = [&](const float *xn, std::int64_t n, std::int64_t mb, std::int64_t ch) {
+        const std::int64_t r0 = ch * rows, r1 = std::min(g.oh, (ch + 1) * rows);
+        if (in_lanes)
+            oc::run(o, xn, n, 2 * mb, r0, r1);
+        else
+            k.fn(j, xn, n, mb, r0, r1);
+    };
     const float *xd = x.data();
     const int threads = pool().threads();
     nb::gil_scoped_release release;
@@ -673,8 +905,7 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
             std::fill(xp + image, xp + image + slack, 0.f);
             pad_images(xd + n * g.c * g.h * g.w, xp, g, j.plane, 0, 1);
             for (std::int64_t mb = 0; mb < blocks; ++mb)
-                for (std::int64_t ch = 0; ch < chunks; ++ch)
-                    k.fn(j, xp, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
+                for (std::int64_t ch = 0; ch < chunks; ++ch) compute(xp, n, mb, ch);
         }, parallel);
         return;
     }
@@ -684,7 +915,7 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     pool().run(g.n, [&](std::int64_t n) { pad_images(xd, xp, g, j.plane, n, n + 1); }, parallel);
     pool().run(g.n * blocks * chunks, [&](std::int64_t i) {
         const std::int64_t ch = i % chunks, mb = (i / chunks) % blocks, n = i / (chunks * blocks);
-        k.fn(j, xp + n * image, n, mb, ch * rows, std::min(g.oh, (ch + 1) * rows));
+        compute(xp + n * image, n, mb, ch);
     }, parallel);
 }
 

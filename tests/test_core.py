@@ -698,7 +698,13 @@ def _conv_ref(x, w, b, r, strides, pads, dil, act):
     return _act_ref(y, act).astype(np.float32)
 
 
+# conv_direct's weight layouts: 8 lanes (positions in the vectors) everywhere, 16 (output
+# channels in the vectors) where the CPU has AVX-512
+_DIRECT_LANES = (8, 16) if _core.simd() == "avx512" else (8,)
+
 _CONV_SHAPES = [  # n, c, h, w, m, kh, kw, strides, pads, dilations
+    (2, 5, 9, 11, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),     # 3 panels of 16: a pair + one
+    (1, 3, 6, 70, 17, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),     # 1x1 direct, 2 panels, M odd
     (1, 1, 40, 40, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),    # thin first layer
     (3, 16, 9, 11, 9, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),     # M not a multiple of 8
     (2, 5, 7, 9, 13, 2, 3, (1, 1), (0, 1, 2, 0), (2, 1)),      # asymmetric pads, dilation
@@ -726,11 +732,11 @@ def test_native_convolutions_match_the_definition(shape, threads):
             want0 = _conv_ref(x, wt, bias, None, strides, pads, dil, (0, 0, 0, 0))
             res = _RNG.standard_normal(want0.shape, dtype=np.float32) if k % 3 == 0 else None
             want = _conv_ref(x, wt, bias, res, strides, pads, dil, act)
-            if strides == (1, 1):
+            for lanes in _DIRECT_LANES if strides == (1, 1) else ():
                 got = np.full(want.shape, np.nan, np.float32)
-                _core.conv_direct(x, _cpu._pack_direct(wt), bias, res, got, m, list(pads),
-                                  list(dil), *act)
-                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+                _core.conv_direct(x, _cpu._pack_direct(wt, lanes), bias, res, got, m,
+                                  list(pads), list(dil), *act)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{lanes}")
             if _NATIVE_BLAS:
                 got = np.full(want.shape, np.nan, np.float32)
                 _core.conv_gemm(x, wt.reshape(m, -1), bias, res, got, kh, kw, list(strides),
@@ -739,6 +745,32 @@ def test_native_convolutions_match_the_definition(shape, threads):
     finally:
         _core.set_num_threads(old[0])
         _core.set_parallel_macs(old[1])
+
+
+@pytest.mark.parametrize("lanes", _DIRECT_LANES)
+@pytest.mark.parametrize("pooling", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 1, 41, 39, 16), (3, 16, 20, 21, 32), (2, 7, 9, 10, 40),
+                                   (1, 4, 1, 33, 20)])
+def test_conv_direct_fused_pool_matches_conv_then_pool(shape, pooling, lanes):
+    n, c, h, w, m = shape
+    k = (3, 3) if h > 1 else (1, 3)
+    pads = [1, 1, 1, 1] if h > 1 else [0, 1, 0, 1]
+    x = _RNG.standard_normal((n, c, h, w), dtype=np.float32)
+    wt = _RNG.standard_normal((m, c) + k, dtype=np.float32)
+    b = _RNG.standard_normal(m, dtype=np.float32)
+    x[0, 0, 0, :3] = np.nan  # NaN propagates through the max
+    for act in _ACTS:
+        full = _conv_ref(x, wt, b, None, (1, 1), pads, (1, 1), act)
+        oh, ow = full.shape[2] // 2, full.shape[3] // 2
+        win = full[:, :, :2 * oh, :2 * ow].reshape(n, m, oh, 2, ow, 2)
+        if pooling == 1:
+            want = win.max(axis=(3, 5))  # NaN where the window has one
+        else:
+            want = win.mean(axis=(3, 5))
+        got = np.full((n, m, oh, ow), -7.0, np.float32)
+        _core.conv_direct(x, _cpu._pack_direct(wt, lanes), b, None, got, m, pads, [1, 1], *act,
+                          pooling)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{act}")
 
 
 def test_native_convolutions_refuse_what_does_not_fit():
@@ -758,6 +790,8 @@ def test_native_convolutions_refuse_what_does_not_fit():
         (np.zeros((2, 4, 8, 8), np.float32), wp, None, None, out, 5, [1, 1, 1, 1], [1, 1]),
         (x, wp[:, :, :, :, :4].copy(), None, None, out, 5, [1, 1, 1, 1], [1, 1]),  # layout
         (x[0], wp, None, None, out, 5, [1, 1, 1, 1], [1, 1]),       # 3-D x
+        (x, _cpu._pack_direct(np.zeros((5, 3, 3, 3), np.float32), 16)[:, :, :, :, :12].copy(),
+         None, None, out, 5, [1, 1, 1, 1], [1, 1]),                 # 12 lanes
     ]
     for case in bad:
         with pytest.raises((ValueError, TypeError)):
