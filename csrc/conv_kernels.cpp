@@ -6,8 +6,9 @@
 // by threadpoolctl in Python) single-threaded from the pool's threads, with OpenBLAS's own
 // threads held at one while any offload product runs, so that its spinning pool is never used.
 //
-//   conv_direct: stride-1 convolutions computed on the padded input grid, vectorised over output
-//       positions, a block of 8 output channels per pass (thin layers, 1-D convolutions).
+//   conv_direct: convolutions computed on the padded input grid: stride 1 vectorised over output
+//       positions, a block of 8 output channels per pass (AVX2 and older: thin layers, 1-D
+//       convolutions); on AVX-512 with the output channels in the vectors (also strides 2 wide).
 //   conv_gemm: im2col (skipped for 1x1 stride-1 unpadded) + SGEMM per image.
 //   gemm_dense: y = act(x @ w + bias + residual) split by rows over the pool.
 // Each applies the bias/residual/activation epilogue on the tile it just wrote.
@@ -643,7 +644,7 @@ OC_TARGET __attribute__((always_inline)) inline __m512 act16(__m512 v, const Act
     }
 }
 
-template <int P, int NB>
+template <int P, int NB, int SW>
 OC_TARGET __attribute__((always_inline)) inline void tile(const Job &j, const float *x,
                                                           const float *w, const float *bias,
                                                           float *t) {
@@ -661,7 +662,7 @@ OC_TARGET __attribute__((always_inline)) inline void tile(const Job &j, const fl
         for (int n = 0; n < NB; ++n) wv[n] = _mm512_loadu_ps(w + (n * K + k) * kLanes);
 #pragma GCC unroll 32
         for (int p = 0; p < P; ++p) {
-            const __m512 b = _mm512_set1_ps(s[p]);
+            const __m512 b = _mm512_set1_ps(s[p * SW]);
 #pragma GCC unroll 2
             for (int n = 0; n < NB; ++n) acc[p][n] = _mm512_fmadd_ps(b, wv[n], acc[p][n]);
         }
@@ -712,15 +713,29 @@ OC_TARGET __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 
 // Output rows [r0, r1) of image n for panels [p0, p0 + NB): tiles into the thread's buffer
 // ([positions][32]), then the valid (or pooled) positions 16 at a time into the output.
-template <int P, int NB>
+// Stride 1: the tiles run along the flattened padded image (over the border columns, whose
+// results are dropped), the tile buffer's row of output (row, col) is (row - r0) * Wp + col.
+// Otherwise each output row is tiled on its own: (row - r0) * pitch + col, pitch = OW rounded
+// up to whole tiles.
+template <int P, int NB, int SW>
 OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
     const Geometry &g = j.g;
-    const i64 wp = g.wp(), qs = r0 * wp, qe = (r1 - 1) * wp + g.ow;
-    float *t = scratch((std::size_t) ((qe - qs + P) * 2 * kLanes), 1);
+    const i64 wp = g.wp();
+    const bool flat = SW == 1 && g.sh == 1;
+    const i64 pitch = flat ? wp : (g.ow + P - 1) / P * P;
+    const i64 rows_t = flat ? (r1 - 1 - r0) * wp + g.ow : (r1 - r0) * pitch;  // tile rows used
+    float *t = scratch((std::size_t) ((rows_t + P) * 2 * kLanes), 1);
     const float *w = j.w + p0 * j.k * kLanes, *bias = j.bias.data() + p0 * kLanes;
-    for (i64 q = qs; q < qe; q += P) tile<P, NB>(j, xn + q, w, bias, t + (q - qs) * 2 * kLanes);
+    if (flat)
+        for (i64 q = 0; q < rows_t; q += P)
+            tile<P, NB, SW>(j, xn + r0 * wp + q, w, bias, t + q * 2 * kLanes);
+    else
+        for (i64 row = r0; row < r1; ++row)
+            for (i64 col = 0; col < g.ow; col += P)
+                tile<P, NB, SW>(j, xn + row * g.sh * wp + col * SW, w, bias,
+                                t + ((row - r0) * pitch + col) * 2 * kLanes);
     if (j.pool && !j.act_vector)  // the activation before the pool
-        for (i64 q = 0; q < qe - qs; ++q) finish_row(t + q * 2 * kLanes, NB * kLanes, 0.f, nullptr, j.act);
+        for (i64 q = 0; q < rows_t; ++q) finish_row(t + q * 2 * kLanes, NB * kLanes, 0.f, nullptr, j.act);
 
     // the output positions of this chunk are contiguous in each output plane
     const bool pooled = j.pool != 0;
@@ -735,7 +750,7 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
         i64 src[16];  // the tile row of each position (the pool's top-left one)
         for (int i = 0; i < 16; ++i) {
             const i64 pos = i0 + std::min(i, valid - 1), row = row0 + pos / ow, col = pos % ow;
-            src[i] = pooled ? 2 * row * wp + 2 * col - qs : row * wp + col - qs;
+            src[i] = pooled ? (2 * row - r0) * pitch + 2 * col : (row - r0) * pitch + col;
         }
 #pragma GCC unroll 2
         for (int nb = 0; nb < NB; ++nb) {
@@ -746,7 +761,7 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
                     r[i] = _mm512_loadu_ps(a);
                     continue;
                 }
-                const float *b = a + wp * 2 * kLanes;
+                const float *b = a + pitch * 2 * kLanes;
                 const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 2 * kLanes),
                              b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 2 * kLanes);
                 if (j.pool == 1) {
@@ -776,26 +791,37 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
 
 using block_fn = void (*)(const Job &, const float *, i64, i64, i64, i64);
 
-// The tile width for a chunk of `positions`: the fewest positions computed (the last tile's
-// overrun), the widest tile among equals. Two panels: 8 to 14 positions (16 to 28 of the 32
-// registers accumulate); one panel: 16 to 28.
-OC_TARGET void run(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
-    static constexpr block_fn two[] = {block<14, 2>, block<13, 2>, block<12, 2>, block<11, 2>,
-                                       block<10, 2>, block<9, 2>, block<8, 2>};
+// The tile width for a chunk: the fewest positions computed (the last tile's overrun, per
+// output row when tiles run row by row), the widest tile among equals. Two panels: 8 to 14
+// positions (16 to 28 of the 32 registers accumulate); one panel: 16 to 28.
+template <int SW>
+OC_TARGET void run_stride(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
+    static constexpr block_fn two[] = {block<14, 2, SW>, block<13, 2, SW>, block<12, 2, SW>,
+                                       block<11, 2, SW>, block<10, 2, SW>, block<9, 2, SW>,
+                                       block<8, 2, SW>};
     static constexpr int two_p[] = {14, 13, 12, 11, 10, 9, 8};
-    static constexpr block_fn one[] = {block<28, 1>, block<24, 1>, block<20, 1>, block<16, 1>};
+    static constexpr block_fn one[] = {block<28, 1, SW>, block<24, 1, SW>, block<20, 1, SW>,
+                                       block<16, 1, SW>};
     static constexpr int one_p[] = {28, 24, 20, 16};
     const bool pair = j.panels - p0 >= 2;
     const int *widths = pair ? two_p : one_p;
     const int count = pair ? 7 : 4;
-    const i64 positions = (r1 - 1) * j.g.wp() + j.g.ow - r0 * j.g.wp();
+    const bool flat = SW == 1 && j.g.sh == 1;
+    const i64 run = flat ? (r1 - 1 - r0) * j.g.wp() + j.g.ow : j.g.ow;
     int best = 0;
     i64 least = -1;
     for (int i = 0; i < count; ++i) {
-        const i64 computed = (positions + widths[i] - 1) / widths[i] * widths[i];
+        const i64 computed = (run + widths[i] - 1) / widths[i] * widths[i];
         if (least < 0 || computed < least) least = computed, best = i;
     }
     (pair ? two : one)[best](j, xn, n, p0, r0, r1);
+}
+
+OC_TARGET void run(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
+    if (j.g.sw == 1)
+        run_stride<1>(j, xn, n, p0, r0, r1);
+    else
+        run_stride<2>(j, xn, n, p0, r0, r1);
 }
 
 }  // namespace oc
@@ -821,7 +847,8 @@ void pad_images(const float *x, float *xp, const Geometry &g, std::int64_t plane
 
 void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residual, Out y,
                  std::int64_t m, std::vector<std::int64_t> pads, std::vector<std::int64_t> dil,
-                 int act, float alpha, float lo, float hi, int pooling) {
+                 int act, float alpha, float lo, float hi, int pooling,
+                 std::vector<std::int64_t> strides) {
     const char *fn = "conv_direct";
     const std::int64_t lanes = wpk.ndim() == 5 ? (std::int64_t) wpk.shape(4) : 0;
     check(lanes == kMB || lanes == oc::kLanes,
@@ -837,9 +864,15 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
                                                           "or 2 (average 2x2), got " +
                                                           std::to_string(pooling));
     check(!pooling || !residual, std::string(fn) + ": a residual cannot be added before a fused pool");
+    check(strides.size() == 2 && strides[0] >= 1 && strides[0] <= (1 << 20) &&
+              (strides[1] == 1 || strides[1] == 2),
+          std::string(fn) + ": strides must be [1 to 2**20, 1 or 2]");
+    check(lanes == oc::kLanes || (strides[0] == 1 && strides[1] == 1),
+          std::string(fn) + ": weights packed in 8 lanes take stride 1 only, got strides [" +
+              std::to_string(strides[0]) + ", " + std::to_string(strides[1]) + "]");
     const Geometry g = geometry(fn, x, y, m, (std::int64_t) wpk.shape(1),
                                 (std::int64_t) wpk.shape(2), (std::int64_t) wpk.shape(3),
-                                {1, 1}, pads, dil, pooling != 0);
+                                strides, pads, dil, pooling != 0);
     check_epilogue_args(fn, y, m, bias, residual);
     const Act a = make_act(fn, act, alpha, lo, hi);
     check_apart(fn, "x", y, x);
@@ -872,7 +905,7 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     }
     if (g.n == 0 || g.oh == 0 || g.ow == 0) return;
     // the last tile reads up to a tile width and the largest tap offset past the last plane
-    const std::int64_t slack = k.width + j.offs.back() + 16;
+    const std::int64_t slack = std::max<std::int64_t>(k.width, 2 * 28) + j.offs.back() + 16;
     // channel blocks: 8 channels (positions in the vectors), or two panels of 16
     const std::int64_t blocks = in_lanes ? (o.panels + 1) / 2 : (m + kMB - 1) / kMB;
     const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
@@ -1277,9 +1310,10 @@ void register_conv_kernels(nb::module_ &m) {
     m.def("conv_direct", &conv_direct, nb::arg("x"), nb::arg("w_packed"), nb::arg("bias").none(),
           nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("m"), nb::arg("pads"),
           nb::arg("dilations"), nb::arg("act"), nb::arg("alpha"), nb::arg("lo"), nb::arg("hi"),
-          nb::arg("pool") = 0,
-          "Stride-1 convolution, groups 1: out = act(conv(x, w) + bias + residual); weights "
-          "packed [ceil(M/8), C, kh, kw, 8] (zeros past M). pool 1 / 2: out is that after a "
+          nb::arg("pool") = 0, nb::arg("strides") = std::vector<std::int64_t>{1, 1},
+          "Direct convolution, groups 1: out = act(conv(x, w) + bias + residual); weights "
+          "packed [ceil(M/8), C, kh, kw, 8] (stride 1) or, with AVX-512, [ceil(M/16), C, kh, "
+          "kw, 16] (strides [any, 1 or 2]), zeros past M. pool 1 / 2: out is that after a "
           "2x2 stride-2 max / average pool (no residual then).");
     m.def("conv_gemm", &conv_gemm, nb::arg("x"), nb::arg("w"), nb::arg("bias").none(),
           nb::arg("residual").none(), nb::arg("out").noconvert(), nb::arg("kh"), nb::arg("kw"),

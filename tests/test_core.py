@@ -702,7 +702,18 @@ def _conv_ref(x, w, b, r, strides, pads, dil, act):
 # channels in the vectors) where the CPU has AVX-512
 _DIRECT_LANES = (8, 16) if _core.simd() == "avx512" else (8,)
 
+
+
+def _direct_lanes_for(strides):
+    """The layouts whose kernel takes these strides (16 lanes: the second one 1 or 2)."""
+    return [lanes for lanes in _DIRECT_LANES
+            if strides == (1, 1) or (lanes == 16 and strides[1] <= 2)]
+
+
 _CONV_SHAPES = [  # n, c, h, w, m, kh, kw, strides, pads, dilations
+    (1, 3, 23, 22, 20, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1)),    # ResNet's stem, stride 2
+    (2, 9, 9, 8, 33, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1)),      # 1x1 stride 2 (downsample)
+    (2, 6, 10, 9, 18, 3, 2, (3, 1), (1, 0, 2, 1), (1, 2)),     # strides 3 x 1, dilated
     (2, 5, 9, 11, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),     # 3 panels of 16: a pair + one
     (1, 3, 6, 70, 17, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),     # 1x1 direct, 2 panels, M odd
     (1, 1, 40, 40, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),    # thin first layer
@@ -732,10 +743,10 @@ def test_native_convolutions_match_the_definition(shape, threads):
             want0 = _conv_ref(x, wt, bias, None, strides, pads, dil, (0, 0, 0, 0))
             res = _RNG.standard_normal(want0.shape, dtype=np.float32) if k % 3 == 0 else None
             want = _conv_ref(x, wt, bias, res, strides, pads, dil, act)
-            for lanes in _DIRECT_LANES if strides == (1, 1) else ():
+            for lanes in _direct_lanes_for(strides):
                 got = np.full(want.shape, np.nan, np.float32)
                 _core.conv_direct(x, _cpu._pack_direct(wt, lanes), bias, res, got, m,
-                                  list(pads), list(dil), *act)
+                                  list(pads), list(dil), *act, strides=list(strides))
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{lanes}")
             if _NATIVE_BLAS:
                 got = np.full(want.shape, np.nan, np.float32)
@@ -790,12 +801,17 @@ def test_native_convolutions_refuse_what_does_not_fit():
         (np.zeros((2, 4, 8, 8), np.float32), wp, None, None, out, 5, [1, 1, 1, 1], [1, 1]),
         (x, wp[:, :, :, :, :4].copy(), None, None, out, 5, [1, 1, 1, 1], [1, 1]),  # layout
         (x[0], wp, None, None, out, 5, [1, 1, 1, 1], [1, 1]),       # 3-D x
+        (x, wp, None, None, np.zeros((2, 5, 4, 4), np.float32), 5, [1, 1, 1, 1], [1, 1], 0,
+         0.0, 0.0, 0.0, 0, [2, 2]),                                 # 8 lanes: stride 1 only
+        (x, _cpu._pack_direct(np.zeros((5, 3, 3, 3), np.float32), 16), None, None,
+         np.zeros((2, 5, 8, 3), np.float32), 5, [1, 1, 1, 1], [1, 3], 0, 0.0, 0.0, 0.0, 0,
+         [1, 3]),                                                   # a stride of 3 wide
         (x, _cpu._pack_direct(np.zeros((5, 3, 3, 3), np.float32), 16)[:, :, :, :, :12].copy(),
          None, None, out, 5, [1, 1, 1, 1], [1, 1]),                 # 12 lanes
     ]
     for case in bad:
         with pytest.raises((ValueError, TypeError)):
-            _core.conv_direct(*case, 0, 0.0, 0.0, 0.0)
+            _core.conv_direct(*case, *((0, 0.0, 0.0, 0.0) if len(case) == 8 else ()))
     pooled = np.zeros((2, 5, 4, 4), np.float32)  # a fused 2x2 pool: out is the pooled shape
     _core.conv_direct(x, wp, None, None, pooled, 5, [1, 1, 1, 1], [1, 1], 0, 0.0, 0.0, 0.0, 1)
     for out_, residual, code, match in [(out, None, 1, "pooled 2x2"), (pooled, None, 3, "pool"),

@@ -247,18 +247,23 @@ def build_conv2d(ctx, attrs, ins, out):
 # measured faster there (9.7 against 11.5 ms).
 DIRECT_MAX_REDUCTION = 384
 # With AVX-512 the direct kernel holds the output channels in the vectors (_direct_lanes: 16), a
-# tile of 8-14 positions x 32 channels in registers, each input value broadcast from memory; it
-# beat im2col + OpenBLAS on every stride-1 convolution with taps measured (ResNet-50's 3x3 layers
-# 0.63-0.91x its time on one core, jet_cnn's and the 1-D ResNet's layers 0.4-0.8x), and 1x1
-# convolutions on small images (0.76-0.97x at 7x7 and 14x14; 1.1-1.45x at 28x28 and 56x56).
+# tile of 8-14 positions x 32 channels in registers, each input value broadcast from memory; on
+# one core it beat im2col + OpenBLAS on every convolution with taps measured, strides 1 and 2
+# (ResNet-50's 3x3 layers 0.63-0.91x its time, its 7x7 stride-2 stem 0.62x, jet_cnn's and the
+# 1-D ResNet's layers 0.4-0.8x), and stride-1 1x1 convolutions on small images (0.76-0.97x at
+# 7x7 and 14x14; 1.1-1.45x at 28x28 and 56x56, where each input channel's plane is a separate
+# stream: SGEMM's packed panels win there, as for the stride-2 1x1 downsamples: 1.0-1.9x).
 DIRECT_1X1_MAX_POSITIONS = 256
 
 
-def _direct_wins(x_shape, taps, reduction, out_shape) -> bool:
-    """Whether a stride-1 groups-1 convolution takes conv_direct rather than SGEMM."""
+def _direct_wins(x_shape, taps, reduction, strides, out_shape) -> bool:
+    """Whether a groups-1 convolution takes conv_direct rather than SGEMM."""
     if _direct_lanes() == 16:
-        return taps > 1 or out_shape[2] * out_shape[3] <= DIRECT_1X1_MAX_POSITIONS
-    return taps > 1 and reduction <= DIRECT_MAX_REDUCTION and x_shape[2] > 1
+        if taps > 1:
+            return strides[1] <= 2
+        return strides == (1, 1) and out_shape[2] * out_shape[3] <= DIRECT_1X1_MAX_POSITIONS
+    return (strides == (1, 1) and taps > 1 and reduction <= DIRECT_MAX_REDUCTION
+            and x_shape[2] > 1)
 _threads = {"n": None, "blas": None, "limit": None}
 
 
@@ -353,11 +358,12 @@ def _build_conv_native(ctx, attrs, x, w, bias, residual, out):
     if max(kh, kw, *strides, *dil, *pads) > NATIVE_WINDOW_MAX:  # the kernels' limits
         return None
     act = _activation_args(attrs)
-    if tuple(strides) == (1, 1) and _direct_wins(x.shape, kh * kw, c * kh * kw, out.shape):
+    if _direct_wins(x.shape, kh * kw, c * kh * kw, tuple(strides), out.shape):
         lanes = _direct_lanes()
         wp = ctx.weight(w, f"direct{lanes}", functools.partial(_pack_direct, lanes=lanes))
         return functools.partial(_core.conv_direct, x, wp, bias, residual, out, m, list(pads),
-                                 list(dil), *act, pool=FUSED_POOLS[attrs.get("pool")])
+                                 list(dil), *act, pool=FUSED_POOLS[attrs.get("pool")],
+                                 strides=list(strides))
     if attrs.get("pool") or not native_blas():
         return None
     w2 = ctx.weight(w, "gemm2d", lambda a: a.reshape(m, c * kh * kw))
