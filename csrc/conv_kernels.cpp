@@ -713,15 +713,14 @@ OC_TARGET __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 
 // Output rows [r0, r1) of image n for panels [p0, p0 + NB): tiles into the thread's buffer
 // ([positions][32]), then the valid (or pooled) positions 16 at a time into the output.
-// Stride 1: the tiles run along the flattened padded image (over the border columns, whose
-// results are dropped), the tile buffer's row of output (row, col) is (row - r0) * Wp + col.
-// Otherwise each output row is tiled on its own: (row - r0) * pitch + col, pitch = OW rounded
-// up to whole tiles.
+// Flat (stride 1 only): the tiles run along the flattened padded image (over the border
+// columns, whose results are dropped), the tile buffer's row of output (row, col) is
+// (row - r0) * Wp + col. Otherwise each output row is tiled on its own: (row - r0) * pitch +
+// col, pitch = OW rounded up to whole tiles.
 template <int P, int NB, int SW>
-OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
+OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1, bool flat) {
     const Geometry &g = j.g;
     const i64 wp = g.wp();
-    const bool flat = SW == 1 && g.sh == 1;
     const i64 pitch = flat ? wp : (g.ow + P - 1) / P * P;
     const i64 rows_t = flat ? (r1 - 1 - r0) * wp + g.ow : (r1 - r0) * pitch;  // tile rows used
     float *t = scratch((std::size_t) ((rows_t + P) * 2 * kLanes), 1);
@@ -791,32 +790,40 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
     }
 }
 
-using block_fn = void (*)(const Job &, const float *, i64, i64, i64, i64);
+using block_fn = void (*)(const Job &, const float *, i64, i64, i64, i64, bool);
 
-// The tile width for a chunk: the fewest positions computed (the last tile's overrun, per
-// output row when tiles run row by row), the widest tile among equals. Two panels: 8 to 14
-// positions (16 to 28 of the 32 registers accumulate); one panel: 16 to 28.
+// The tiling of a chunk that costs the least: along the flattened image or row by row, and the
+// tile width (each tile's overrun is computed and dropped); the widest tile among equals. Two panels: 4 to 14 positions (8 to 28 accumulators: 8 cover the FMA latency, and the
+// loads stay below the FMAs: 2 + P per 2P); one panel: 12 to 28.
 template <int SW>
 OC_TARGET void run_stride(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
-    static constexpr block_fn two[] = {block<14, 2, SW>, block<13, 2, SW>, block<12, 2, SW>,
-                                       block<11, 2, SW>, block<10, 2, SW>, block<9, 2, SW>,
-                                       block<8, 2, SW>};
-    static constexpr int two_p[] = {14, 13, 12, 11, 10, 9, 8};
+    static constexpr block_fn two[] = {
+        block<14, 2, SW>, block<13, 2, SW>, block<12, 2, SW>, block<11, 2, SW>, block<10, 2, SW>,
+        block<9, 2, SW>, block<8, 2, SW>, block<7, 2, SW>, block<6, 2, SW>, block<5, 2, SW>,
+        block<4, 2, SW>};
+    static constexpr int two_p[] = {14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4};
     static constexpr block_fn one[] = {block<28, 1, SW>, block<24, 1, SW>, block<20, 1, SW>,
-                                       block<16, 1, SW>};
-    static constexpr int one_p[] = {28, 24, 20, 16};
+                                       block<16, 1, SW>, block<14, 1, SW>, block<12, 1, SW>};
+    static constexpr int one_p[] = {28, 24, 20, 16, 14, 12};
     const bool pair = j.panels - p0 >= 2;
     const int *widths = pair ? two_p : one_p;
-    const int count = pair ? 7 : 4;
-    const bool flat = SW == 1 && j.g.sh == 1;
-    const i64 run = flat ? (r1 - 1 - r0) * j.g.wp() + j.g.ow : j.g.ow;
+    const int count = pair ? 11 : 6;
+    const bool can_flat = SW == 1 && j.g.sh == 1;
+    const i64 run = (r1 - 1 - r0) * j.g.wp() + j.g.ow, rows = r1 - r0;
     int best = 0;
+    bool flat = false;
     i64 least = -1;
+    // a tile's cost in half cycles: K * P * NB FMAs on two ports, its P * NB results stored with
+    // the bias and activation (~2 cycles each), ~50 cycles around it (estimated)
+    const i64 nb = pair ? 2 : 1, per_position = (j.k + 4) * nb;
     for (int i = 0; i < count; ++i) {
-        const i64 computed = (run + widths[i] - 1) / widths[i] * widths[i];
-        if (least < 0 || computed < least) least = computed, best = i;
+        const i64 p = widths[i], tile = p * per_position + 100;
+        const i64 by_row = rows * ((j.g.ow + p - 1) / p) * tile;
+        const i64 by_flat = can_flat ? (run + p - 1) / p * tile : by_row + 1;
+        const i64 cost = std::min(by_row, by_flat);
+        if (least < 0 || cost < least) least = cost, best = i, flat = by_flat < by_row;
     }
-    (pair ? two : one)[best](j, xn, n, p0, r0, r1);
+    (pair ? two : one)[best](j, xn, n, p0, r0, r1, flat);
 }
 
 OC_TARGET void run(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r1) {
