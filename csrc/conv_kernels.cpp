@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "checks.h"
 #include "pool.h"
 
 namespace nb = nanobind;
@@ -359,9 +360,6 @@ void store_row(float *o, const float *t, std::int64_t n, float add, const float 
 // ---------------------------------------------------------------------------------------------
 // Checks.
 
-void check(bool ok, const std::string &what) {
-    if (!ok) throw nb::value_error(what.c_str());
-}
 
 template <typename A> std::pair<std::uintptr_t, std::uintptr_t> span_of(const A &a) {
     auto p = reinterpret_cast<std::uintptr_t>(a.data());
@@ -385,7 +383,7 @@ template <typename A> std::string shape_of(const A &a) {
 }
 
 Act make_act(const char *fn, int act, float alpha, float lo, float hi) {
-    check(act >= kIdentity && act <= kClip,
+    OFFLOAD_CHECK(act >= kIdentity && act <= kClip,
           std::string(fn) + ": activation code must be 0..5, got " + std::to_string(act));
     return Act{act, alpha, lo, hi};
 }
@@ -416,35 +414,35 @@ Geometry geometry(const char *fn, const In &x, const Out &y, std::int64_t m, std
                   const std::vector<std::int64_t> &pads, const std::vector<std::int64_t> &dil,
                   bool pooled = false) {
     const std::string f(fn);
-    check(x.ndim() == 4 && y.ndim() == 4, f + ": expected 4-D x and out (NCHW), got x " +
+    OFFLOAD_CHECK(x.ndim() == 4 && y.ndim() == 4, f + ": expected 4-D x and out (NCHW), got x " +
                                               shape_of(x) + ", out " + shape_of(y));
-    check(strides.size() == 2 && dil.size() == 2 && pads.size() == 4,
+    OFFLOAD_CHECK(strides.size() == 2 && dil.size() == 2 && pads.size() == 4,
           f + ": expected 2 strides, 2 dilations and 4 pads (top, left, bottom, right)");
     Geometry g{(std::int64_t) x.shape(0), (std::int64_t) x.shape(1), (std::int64_t) x.shape(2),
                (std::int64_t) x.shape(3), m, kh, kw, (std::int64_t) y.shape(2),
                (std::int64_t) y.shape(3), strides[0], strides[1], dil[0], dil[1], pads[0],
                pads[1], pads[2], pads[3]};
-    check(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.sh <= (1 << 20) &&
+    OFFLOAD_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.sh <= (1 << 20) &&
               g.sw <= (1 << 20) && g.dh <= (1 << 20) && g.dw <= (1 << 20),
           f + ": strides and dilations must be 1 to 2**20");
-    check(g.pt >= 0 && g.pl >= 0 && g.pb >= 0 && g.pr >= 0 && g.pt <= (1 << 20) &&
+    OFFLOAD_CHECK(g.pt >= 0 && g.pl >= 0 && g.pb >= 0 && g.pr >= 0 && g.pt <= (1 << 20) &&
               g.pl <= (1 << 20) && g.pb <= (1 << 20) && g.pr <= (1 << 20),
           f + ": pads must be 0 to 2**20");
-    check(kh >= 1 && kw >= 1, f + ": the kernel must be at least 1x1");
-    check(c_w == g.c, f + ": weights have " + std::to_string(c_w) + " input channels, x has " +
+    OFFLOAD_CHECK(kh >= 1 && kw >= 1, f + ": the kernel must be at least 1x1");
+    OFFLOAD_CHECK(c_w == g.c, f + ": weights have " + std::to_string(c_w) + " input channels, x has " +
                           std::to_string(g.c));
     const std::int64_t span_h = g.dh * (kh - 1) + 1, span_w = g.dw * (kw - 1) + 1;
     const std::int64_t want_oh = g.hp() >= span_h ? (g.hp() - span_h) / g.sh + 1 : 0;
     const std::int64_t want_ow = g.wp() >= span_w ? (g.wp() - span_w) / g.sw + 1 : 0;
     const std::int64_t f_out = pooled ? 2 : 1;
-    check((std::int64_t) y.shape(0) == g.n && (std::int64_t) y.shape(1) == m &&
+    OFFLOAD_CHECK((std::int64_t) y.shape(0) == g.n && (std::int64_t) y.shape(1) == m &&
               g.oh == want_oh / f_out && g.ow == want_ow / f_out,
           f + ": out must be [" + std::to_string(g.n) + ", " + std::to_string(m) + ", " +
               std::to_string(want_oh / f_out) + ", " + std::to_string(want_ow / f_out) + "] for x " +
               shape_of(x) + (pooled ? " (the convolution pooled 2x2)" : "") + ", got " + shape_of(y));
     g.oh = want_oh;
     g.ow = want_ow;
-    check(product({g.n, g.c, g.hp(), g.wp()}) >= 0 && product({g.c, kh, kw, g.oh, g.ow}) >= 0 &&
+    OFFLOAD_CHECK(product({g.n, g.c, g.hp(), g.wp()}) >= 0 && product({g.c, kh, kw, g.oh, g.ow}) >= 0 &&
               product({g.n, m, g.c, kh, kw, g.oh, g.ow}) >= 0,
           f + ": sizes too large");
     return g;
@@ -452,10 +450,10 @@ Geometry geometry(const char *fn, const In &x, const Out &y, std::int64_t m, std
 
 void check_epilogue_args(const char *fn, const Out &y, std::int64_t m,
                          const std::optional<In> &bias, const std::optional<In> &residual) {
-    check(!bias || (std::int64_t) bias->size() == m,
+    OFFLOAD_CHECK(!bias || (std::int64_t) bias->size() == m,
           std::string(fn) + ": bias must have " + std::to_string(m) + " values, got " +
               std::to_string(bias ? bias->size() : 0));
-    check(!residual || residual->size() == y.size(),
+    OFFLOAD_CHECK(!residual || residual->size() == y.size(),
           std::string(fn) + ": residual must have out's " + std::to_string(y.size()) +
               " values, got " + std::to_string(residual ? residual->size() : 0));
     if (bias) check_apart(fn, "bias", y, *bias);
@@ -860,23 +858,23 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
                  std::vector<std::int64_t> strides) {
     const char *fn = "conv_direct";
     const std::int64_t lanes = wpk.ndim() == 5 ? (std::int64_t) wpk.shape(4) : 0;
-    check(lanes == kMB || lanes == oc::kLanes,
+    OFFLOAD_CHECK(lanes == kMB || lanes == oc::kLanes,
           std::string(fn) + ": packed weights must be [ceil(M/8), C, kh, kw, 8] or [ceil(M/16), "
                             "C, kh, kw, 16], got " + shape_of(wpk));
-    check(lanes == kMB || offload::gemm::has_avx512(),
+    OFFLOAD_CHECK(lanes == kMB || offload::gemm::has_avx512(),
           std::string(fn) + ": weights packed in 16 lanes need AVX-512, which this CPU lacks");
-    check(m >= 1 && (std::int64_t) wpk.shape(0) == (m + lanes - 1) / lanes,
+    OFFLOAD_CHECK(m >= 1 && (std::int64_t) wpk.shape(0) == (m + lanes - 1) / lanes,
           std::string(fn) + ": packed weights hold " + std::to_string(wpk.shape(0)) +
               " blocks of " + std::to_string(lanes) + " output channels, M = " +
               std::to_string(m) + " needs " + std::to_string((m + lanes - 1) / lanes));
-    check(pooling >= 0 && pooling <= 2, std::string(fn) + ": pool must be 0 (none), 1 (max 2x2) "
+    OFFLOAD_CHECK(pooling >= 0 && pooling <= 2, std::string(fn) + ": pool must be 0 (none), 1 (max 2x2) "
                                                           "or 2 (average 2x2), got " +
                                                           std::to_string(pooling));
-    check(!pooling || !residual, std::string(fn) + ": a residual cannot be added before a fused pool");
-    check(strides.size() == 2 && strides[0] >= 1 && strides[0] <= (1 << 20) &&
+    OFFLOAD_CHECK(!pooling || !residual, std::string(fn) + ": a residual cannot be added before a fused pool");
+    OFFLOAD_CHECK(strides.size() == 2 && strides[0] >= 1 && strides[0] <= (1 << 20) &&
               (strides[1] == 1 || strides[1] == 2),
           std::string(fn) + ": strides must be [1 to 2**20, 1 or 2]");
-    check(lanes == oc::kLanes || (strides[0] == 1 && strides[1] == 1),
+    OFFLOAD_CHECK(lanes == oc::kLanes || (strides[0] == 1 && strides[1] == 1),
           std::string(fn) + ": weights packed in 8 lanes take stride 1 only, got strides [" +
               std::to_string(strides[0]) + ", " + std::to_string(strides[1]) + "]");
     const Geometry g = geometry(fn, x, y, m, (std::int64_t) wpk.shape(1),
@@ -1011,12 +1009,12 @@ void conv_gemm(In x, In w2, std::optional<In> bias, std::optional<In> residual, 
                std::vector<std::int64_t> pads, std::vector<std::int64_t> dil, int act,
                float alpha, float lo, float hi) {
     const char *fn = "conv_gemm";
-    check(blas_ready(), "conv_gemm: no BLAS loaded (blas_load() found no SGEMM)");
-    check(w2.ndim() == 2, std::string(fn) + ": weights must be [M, C*kh*kw], got " + shape_of(w2));
-    check(kh >= 1 && kw >= 1 && kh <= (1 << 20) && kw <= (1 << 20),
+    OFFLOAD_CHECK(blas_ready(), "conv_gemm: no BLAS loaded (blas_load() found no SGEMM)");
+    OFFLOAD_CHECK(w2.ndim() == 2, std::string(fn) + ": weights must be [M, C*kh*kw], got " + shape_of(w2));
+    OFFLOAD_CHECK(kh >= 1 && kw >= 1 && kh <= (1 << 20) && kw <= (1 << 20),
           std::string(fn) + ": kernel sizes must be 1 to 2**20");
     const std::int64_t m = (std::int64_t) w2.shape(0), ckk = (std::int64_t) w2.shape(1);
-    check(x.ndim() == 4 && ckk == (std::int64_t) x.shape(1) * kh * kw,
+    OFFLOAD_CHECK(x.ndim() == 4 && ckk == (std::int64_t) x.shape(1) * kh * kw,
           std::string(fn) + ": weights [" + std::to_string(m) + ", " + std::to_string(ckk) +
               "] do not fit x " + shape_of(x) + " with a " + std::to_string(kh) + "x" +
               std::to_string(kw) + " kernel");
@@ -1079,17 +1077,17 @@ void conv_gemm(In x, In w2, std::optional<In> bias, std::optional<In> residual, 
 void gemm_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
                 float alpha, float lo, float hi) {
     const char *fn = "gemm_dense";
-    check(blas_ready(), "gemm_dense: no BLAS loaded (blas_load() found no SGEMM)");
-    check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2,
+    OFFLOAD_CHECK(blas_ready(), "gemm_dense: no BLAS loaded (blas_load() found no SGEMM)");
+    OFFLOAD_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2,
           "gemm_dense: expected 2-D x, w and out, got x " + shape_of(x) + ", w " + shape_of(w) +
               ", out " + shape_of(y));
     const std::int64_t rows = x.shape(0), k = x.shape(1), n = w.shape(1);
-    check((std::int64_t) w.shape(0) == k && (std::int64_t) y.shape(0) == rows &&
+    OFFLOAD_CHECK((std::int64_t) w.shape(0) == k && (std::int64_t) y.shape(0) == rows &&
               (std::int64_t) y.shape(1) == n,
           "gemm_dense: x " + shape_of(x) + " @ w " + shape_of(w) + " does not fit out " + shape_of(y));
-    check(!bias || (std::int64_t) bias->size() == n,
+    OFFLOAD_CHECK(!bias || (std::int64_t) bias->size() == n,
           "gemm_dense: bias must have " + std::to_string(n) + " values");
-    check(!residual || residual->size() == y.size(), "gemm_dense: residual must be [rows, n]");
+    OFFLOAD_CHECK(!residual || residual->size() == y.size(), "gemm_dense: residual must be [rows, n]");
     const Act a = make_act(fn, act, alpha, lo, hi);
     check_apart(fn, "x", y, x);
     check_apart(fn, "w", y, w);
@@ -1156,7 +1154,7 @@ void pool_plane(const float *x, float *y, std::int64_t h, std::int64_t w, std::i
 void pool2d(In x, Out y, bool is_max, std::vector<std::int64_t> kernel,
             std::vector<std::int64_t> strides, std::vector<std::int64_t> dil) {
     const char *fn = "pool2d";
-    check(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1 && kernel[0] <= (1 << 20) &&
+    OFFLOAD_CHECK(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1 && kernel[0] <= (1 << 20) &&
               kernel[1] <= (1 << 20),
           "pool2d: kernel must be 2 sizes from 1 to 2**20");
     const Geometry g = geometry(fn, x, y, (std::int64_t) x.shape(1), (std::int64_t) x.shape(1),
@@ -1223,19 +1221,19 @@ void dense_packed(In x, In wp, std::optional<In> bias, std::optional<In> residua
                   float alpha, float lo, float hi) {
     const char *fn = "dense_packed";
     using offload::gemm::kNR;
-    check(x.ndim() == 2 && y.ndim() == 2 && wp.ndim() == 3 && wp.shape(2) == (size_t) kNR,
+    OFFLOAD_CHECK(x.ndim() == 2 && y.ndim() == 2 && wp.ndim() == 3 && wp.shape(2) == (size_t) kNR,
           "dense_packed: expected x [rows, k], w packed [npad / 16, k, 16], out [rows, n]; got x " +
               shape_of(x) + ", w " + shape_of(wp) + ", out " + shape_of(y));
     const std::int64_t rows = x.shape(0), k = x.shape(1), n = y.shape(1);
     const std::int64_t npad = (std::int64_t) wp.shape(0) * kNR;
-    check((std::int64_t) wp.shape(1) == k && (std::int64_t) y.shape(0) == rows && n <= npad &&
+    OFFLOAD_CHECK((std::int64_t) wp.shape(1) == k && (std::int64_t) y.shape(0) == rows && n <= npad &&
               npad - n < kNR,
           "dense_packed: x " + shape_of(x) + " @ w packed " + shape_of(wp) + " does not fit out " +
               shape_of(y));
-    check(!bias || (std::int64_t) bias->size() == n,
+    OFFLOAD_CHECK(!bias || (std::int64_t) bias->size() == n,
           "dense_packed: bias must have " + std::to_string(n) + " values");
-    check(!residual || residual->size() == y.size(), "dense_packed: residual must be [rows, n]");
-    check(product({rows, k, npad}) >= 0, "dense_packed: sizes too large");
+    OFFLOAD_CHECK(!residual || residual->size() == y.size(), "dense_packed: residual must be [rows, n]");
+    OFFLOAD_CHECK(product({rows, k, npad}) >= 0, "dense_packed: sizes too large");
     const Act a = make_act(fn, act, alpha, lo, hi);
     check_apart(fn, "x", y, x);
     check_apart(fn, "w", y, wp);
@@ -1261,18 +1259,18 @@ void dense_packed(In x, In wp, std::optional<In> bias, std::optional<In> residua
 // (attention's batched products of two run-time tensors), products shared out over the pool.
 void matmul_batched(In a, In b, Out y) {
     const char *fn = "matmul_batched";
-    check(blas_ready(), "matmul_batched: no BLAS loaded (blas_load() found no SGEMM)");
-    check(a.ndim() == 3 && b.ndim() == 3 && y.ndim() == 3,
+    OFFLOAD_CHECK(blas_ready(), "matmul_batched: no BLAS loaded (blas_load() found no SGEMM)");
+    OFFLOAD_CHECK(a.ndim() == 3 && b.ndim() == 3 && y.ndim() == 3,
           "matmul_batched: expected a [B, M, K], b [B or 1, K, N], out [B, M, N], got a " +
               shape_of(a) + ", b " + shape_of(b) + ", out " + shape_of(y));
     const std::int64_t nb_ = (std::int64_t) a.shape(0), m = a.shape(1), k = a.shape(2),
                        n = b.shape(2), bb = b.shape(0);
-    check((std::int64_t) b.shape(1) == k && (bb == nb_ || bb == 1) &&
+    OFFLOAD_CHECK((std::int64_t) b.shape(1) == k && (bb == nb_ || bb == 1) &&
               (std::int64_t) y.shape(0) == nb_ && (std::int64_t) y.shape(1) == m &&
               (std::int64_t) y.shape(2) == n,
           "matmul_batched: a " + shape_of(a) + " @ b " + shape_of(b) + " does not fit out " +
               shape_of(y));
-    check(product({nb_, m, k, n}) >= 0, "matmul_batched: sizes too large");
+    OFFLOAD_CHECK(product({nb_, m, k, n}) >= 0, "matmul_batched: sizes too large");
     check_apart(fn, "a", y, a);
     check_apart(fn, "b", y, b);
     if (nb_ == 0 || m == 0 || n == 0) return;
@@ -1302,14 +1300,14 @@ int pool_threads() { return pool().threads(); }
 
 void register_conv_kernels(nb::module_ &m) {
     m.def("set_num_threads", [](int n) {
-              check(n >= 1 && n <= 4096, "set_num_threads: expected 1 to 4096 threads, got " +
+              OFFLOAD_CHECK(n >= 1 && n <= 4096, "set_num_threads: expected 1 to 4096 threads, got " +
                                              std::to_string(n));
               nb::gil_scoped_release release;
               pool().resize(n);
           }, nb::arg("n"), "Size the pool of the CPU device's kernels: n threads, the caller included.");
     m.def("get_num_threads", [] { return pool().threads(); });
     m.def("set_parallel_macs", [](std::int64_t macs) {
-              check(macs >= 0, "set_parallel_macs: expected >= 0");
+              OFFLOAD_CHECK(macs >= 0, "set_parallel_macs: expected >= 0");
               g_parallel_macs = macs;
           }, nb::arg("macs"), "Work below this many multiply-adds runs on the calling thread.");
     m.def("get_parallel_macs", [] { return g_parallel_macs.load(); });

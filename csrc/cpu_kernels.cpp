@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "pool.h"
 
 namespace nb = nanobind;
@@ -61,13 +62,10 @@ struct Epilogue {
     }
 };
 
-void check(bool ok, const std::string &what) {
-    if (!ok) throw nb::value_error(what.c_str());
-}
 
 // The activation code and its parameters, checked (an unknown code would silently be identity).
 Epilogue make_epilogue(const char *fn, int act, float alpha, float lo, float hi) {
-    check(act >= kIdentity && act <= kClip, std::string(fn) + ": activation code must be 0..5, got " +
+    OFFLOAD_CHECK(act >= kIdentity && act <= kClip, std::string(fn) + ": activation code must be 0..5, got " +
                                                 std::to_string(act));
     return Epilogue{act, alpha, lo, hi};
 }
@@ -120,14 +118,14 @@ void dense_rows(const float *x, const float *w, const float *bias, const float *
 // y[m, n] = act(x[m, k] @ w[k, n] + bias[n] + residual[m, n]); for small products.
 void dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
            float alpha, float lo, float hi) {
-    check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, "dense: expected 2-D x, w and out");
+    OFFLOAD_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, "dense: expected 2-D x, w and out");
     const std::int64_t m = x.shape(0), k = x.shape(1), n = w.shape(1);
-    check(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
+    OFFLOAD_CHECK(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
           "dense: x " + shape_of(nb::ndarray<>(x.handle())) + " @ w " +
               shape_of(nb::ndarray<>(w.handle())) + " does not fit out " +
               shape_of(nb::ndarray<>(y.handle())));
-    check(!bias || bias->size() == (size_t) n, "dense: bias must have " + std::to_string(n) + " values");
-    check(!residual || (residual->size() == (size_t) (m * n)), "dense: residual must be [m, n]");
+    OFFLOAD_CHECK(!bias || bias->size() == (size_t) n, "dense: bias must have " + std::to_string(n) + " values");
+    OFFLOAD_CHECK(!residual || (residual->size() == (size_t) (m * n)), "dense: residual must be [m, n]");
     const Epilogue e = make_epilogue("dense", act, alpha, lo, hi);
     check_apart("dense", "x", y, x);
     check_apart("dense", "w", y, w);
@@ -162,18 +160,18 @@ void epilogue_rows(float *y, const float *bias, std::int64_t nbias, int bias_axi
 // conv's per-channel bias over [N*C, H*W]; 1: one per column), add residual, apply activation.
 void epilogue(Out y, std::optional<In> bias, int bias_axis, std::optional<In> residual, int act,
               float alpha, float lo, float hi) {
-    check(y.ndim() == 2, "epilogue: expected a 2-D view of the output");
-    check(bias_axis == 0 || bias_axis == 1, "epilogue: bias_axis must be 0 or 1, got " +
+    OFFLOAD_CHECK(y.ndim() == 2, "epilogue: expected a 2-D view of the output");
+    OFFLOAD_CHECK(bias_axis == 0 || bias_axis == 1, "epilogue: bias_axis must be 0 or 1, got " +
                                                 std::to_string(bias_axis));
     const std::int64_t rows = y.shape(0), cols = y.shape(1);
     std::int64_t nbias = 0;
     if (bias) {
         nbias = (std::int64_t) bias->size();
-        check(nbias > 0 && (bias_axis == 0 ? rows % nbias == 0 : nbias == cols),
+        OFFLOAD_CHECK(nbias > 0 && (bias_axis == 0 ? rows % nbias == 0 : nbias == cols),
               "epilogue: " + std::to_string(nbias) + " bias values do not fit output [" +
                   std::to_string(rows) + ", " + std::to_string(cols) + "]");
     }
-    check(!residual || residual->size() == (size_t) (rows * cols),
+    OFFLOAD_CHECK(!residual || residual->size() == (size_t) (rows * cols),
           "epilogue: residual must have the output's size");
     const Epilogue e = make_epilogue("epilogue", act, alpha, lo, hi);
     if (bias) check_apart("epilogue", "bias", y, *bias);
@@ -211,7 +209,7 @@ void softmax_rows(const float *x, float *y, std::int64_t rows, std::int64_t cols
 
 // Softmax over the last axis of x viewed as [rows, cols].
 void softmax(In x, Out y) {
-    check(x.ndim() >= 1 && x.size() == y.size(), "softmax: x and out must have the same size");
+    OFFLOAD_CHECK(x.ndim() >= 1 && x.size() == y.size(), "softmax: x and out must have the same size");
     check_apart("softmax", "x", y, x, /*same_ok=*/true);
     const std::int64_t cols = x.shape(x.ndim() - 1);
     const std::int64_t rows = cols ? (std::int64_t) x.size() / cols : 0;
@@ -225,12 +223,12 @@ void softmax(In x, Out y) {
 // back to NCHW with the fused epilogue, in one pass.
 void conv_epilogue(In prod, Out y, std::optional<In> bias, std::optional<In> residual, int act,
                    float alpha, float lo, float hi) {
-    check(prod.ndim() == 3 && y.ndim() == 3, "conv_epilogue: expected prod [M, N, HW], y [N, M, HW]");
+    OFFLOAD_CHECK(prod.ndim() == 3 && y.ndim() == 3, "conv_epilogue: expected prod [M, N, HW], y [N, M, HW]");
     const std::int64_t m = prod.shape(0), n = prod.shape(1), hw = prod.shape(2);
-    check(y.shape(0) == (size_t) n && y.shape(1) == (size_t) m && y.shape(2) == (size_t) hw,
+    OFFLOAD_CHECK(y.shape(0) == (size_t) n && y.shape(1) == (size_t) m && y.shape(2) == (size_t) hw,
           "conv_epilogue: y must be [N, M, HW] for prod [M, N, HW]");
-    check(!bias || bias->size() == (size_t) m, "conv_epilogue: bias must have M values");
-    check(!residual || residual->size() == y.size(), "conv_epilogue: residual must match y");
+    OFFLOAD_CHECK(!bias || bias->size() == (size_t) m, "conv_epilogue: bias must have M values");
+    OFFLOAD_CHECK(!residual || residual->size() == y.size(), "conv_epilogue: residual must match y");
     const Epilogue e = make_epilogue("conv_epilogue", act, alpha, lo, hi);
     check_apart("conv_epilogue", "prod", y, prod);
     if (bias) check_apart("conv_epilogue", "bias", y, *bias);
@@ -264,17 +262,17 @@ class Program {
   public:
     void add_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y, int act,
                    float alpha, float lo, float hi) {
-        check(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2,
+        OFFLOAD_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2,
               "Program.add_dense: expected 2-D x, w and out, got x " + shape_of(nb::ndarray<>(x.handle())) +
                   ", w " + shape_of(nb::ndarray<>(w.handle())) + ", out " +
                   shape_of(nb::ndarray<>(y.handle())));
         const std::int64_t m = x.shape(0), k = x.shape(1), n = w.shape(1);
-        check(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
+        OFFLOAD_CHECK(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
               "Program.add_dense: x " + shape_of(nb::ndarray<>(x.handle())) + " @ w " +
                   shape_of(nb::ndarray<>(w.handle())) + " does not fit out " +
                   shape_of(nb::ndarray<>(y.handle())));
-        check(!bias || bias->size() == (size_t) n, "Program.add_dense: bias must have n values");
-        check(!residual || residual->size() == y.size(), "Program.add_dense: bad residual");
+        OFFLOAD_CHECK(!bias || bias->size() == (size_t) n, "Program.add_dense: bias must have n values");
+        OFFLOAD_CHECK(!residual || residual->size() == y.size(), "Program.add_dense: bad residual");
         const Epilogue e = make_epilogue("Program.add_dense", act, alpha, lo, hi);
         check_apart("Program.add_dense", "x", y, x);
         check_apart("Program.add_dense", "w", y, w);
@@ -285,7 +283,7 @@ class Program {
         ops_.push_back(std::move(op));
     }
     void add_softmax(In x, Out y) {
-        check(x.ndim() >= 1 && x.size() == y.size(), "Program.add_softmax: x " +
+        OFFLOAD_CHECK(x.ndim() >= 1 && x.size() == y.size(), "Program.add_softmax: x " +
                                                          shape_of(nb::ndarray<>(x.handle())) +
                                                          " and out " +
                                                          shape_of(nb::ndarray<>(y.handle())) +

@@ -54,7 +54,6 @@ constexpr i64 kTask = 1 << 15;     // elements per item of the pool
 
 enum Op : int { kSum, kMean, kMax, kMin };
 
-using offload::check;
 using offload::shape_of;
 
 template <typename A, typename B> void check_apart(const char *fn, const A &out, const B &x) {
@@ -62,7 +61,7 @@ template <typename A, typename B> void check_apart(const char *fn, const A &out,
     auto o1 = o0 + out.size() * sizeof(*out.data());
     auto x0 = reinterpret_cast<std::uintptr_t>(x.data());
     auto x1 = x0 + x.size() * sizeof(*x.data());
-    check(o0 >= o1 || x0 >= x1 || o1 <= x0 || x1 <= o0,
+    OFFLOAD_CHECK(o0 >= o1 || x0 >= x1 || o1 <= x0 || x1 <= o0,
           std::string(fn) + ": out overlaps x (it would be read after being written); pass "
                             "separate arrays");
 }
@@ -71,11 +70,11 @@ template <typename A, typename B> void check_apart(const char *fn, const A &out,
 template <typename A>
 void check_shapes(const char *fn, const In &x, const A &out, bool m_axis) {
     const std::string want = m_axis ? "[outer, k, inner]" : "[outer, inner]";
-    check(x.ndim() == 3, std::string(fn) + ": x must be [outer, n, inner], got " + shape_of(x));
-    check(out.ndim() == (m_axis ? 3u : 2u),
+    OFFLOAD_CHECK(x.ndim() == 3, std::string(fn) + ": x must be [outer, n, inner], got " + shape_of(x));
+    OFFLOAD_CHECK(out.ndim() == (m_axis ? 3u : 2u),
           std::string(fn) + ": out must be " + want + ", got " + shape_of(out));
     const size_t last = out.ndim() - 1;
-    check(out.shape(0) == x.shape(0) && out.shape(last) == x.shape(2),
+    OFFLOAD_CHECK(out.shape(0) == x.shape(0) && out.shape(last) == x.shape(2),
           std::string(fn) + ": out must be " + want + " = [" + std::to_string(x.shape(0)) +
               (m_axis ? ", k, " : ", ") + std::to_string(x.shape(2)) + "] for x " + shape_of(x) +
               ", got " + shape_of(out));
@@ -311,7 +310,7 @@ template <typename Fn> void share(i64 count, i64 unit, bool parallel, Fn fn) {
 void topk(In x, Indices out, bool largest) {
     check_shapes("topk", x, out, true);
     const i64 outer = x.shape(0), n = x.shape(1), inner = x.shape(2), k = out.shape(1);
-    check(k <= n, "topk: k = " + std::to_string(k) + " (out " + shape_of(out) +
+    OFFLOAD_CHECK(k <= n, "topk: k = " + std::to_string(k) + " (out " + shape_of(out) +
                       ") is larger than n = " + std::to_string(n) + " (x " + shape_of(x) + ")");
     check_apart("topk", out, x);
     if (!k || !outer || !inner) return;
@@ -328,7 +327,7 @@ void topk(In x, Indices out, bool largest) {
 void reduce(In x, Out out, const std::string &fn) {
     const int op = fn == "sum" ? kSum : fn == "mean" ? kMean : fn == "max" ? kMax
                    : fn == "min" ? kMin : -1;
-    check(op >= 0, "reduce: fn must be 'sum', 'mean', 'max' or 'min', got '" + fn + "'");
+    OFFLOAD_CHECK(op >= 0, "reduce: fn must be 'sum', 'mean', 'max' or 'min', got '" + fn + "'");
     check_shapes("reduce", x, out, false);
     check_apart("reduce", out, x);
     const i64 outer = x.shape(0), n = x.shape(1), inner = x.shape(2);
@@ -375,18 +374,18 @@ struct Walk {
     Walk(const char *fn, const Target &out, std::initializer_list<const View *> srcs) {
         std::vector<const View *> in(srcs);
         for (const View *v : in) {
-            check(v->ndim() == out.ndim(), std::string(fn) + ": operands " + shape_of(*v) +
+            OFFLOAD_CHECK(v->ndim() == out.ndim(), std::string(fn) + ": operands " + shape_of(*v) +
                                                " and out " + shape_of(out) + " must have one rank");
             for (size_t d = 0; d < out.ndim(); ++d)
-                check(v->shape(d) == out.shape(d), std::string(fn) + ": operand " + shape_of(*v) +
+                OFFLOAD_CHECK(v->shape(d) == out.shape(d), std::string(fn) + ": operand " + shape_of(*v) +
                                                        " and out " + shape_of(out) +
                                                        " must have the same shape");
         }
-        check(out.ndim() <= 32, std::string(fn) + ": at most 32 axes");
+        OFFLOAD_CHECK(out.ndim() <= 32, std::string(fn) + ": at most 32 axes");
         strides.resize(in.size() + 1);
         for (size_t d = 0; d < out.ndim(); ++d) {
             if (out.shape(d) == 1) continue;
-            check(out.stride(d) != 0, std::string(fn) + ": out repeats elements (a zero stride)");
+            OFFLOAD_CHECK(out.stride(d) != 0, std::string(fn) + ": out repeats elements (a zero stride)");
             shape.push_back(out.shape(d));
             strides[0].push_back(out.stride(d));
             for (size_t k = 0; k < in.size(); ++k) strides[k + 1].push_back(in[k]->stride(d));
@@ -411,13 +410,13 @@ struct Walk {
         std::sort(steps.begin(), steps.end());
         i64 span = 1;
         for (auto &[stride, n] : steps) {
-            check(stride >= span, std::string(fn) + ": out's elements overlap one another");
+            OFFLOAD_CHECK(stride >= span, std::string(fn) + ": out's elements overlap one another");
             span = stride * n;
         }
         const auto [o0, o1] = extent(out);
         for (const View *v : in) {
             const auto [s0, s1] = extent(*v);
-            check(s1 <= o0 || o1 <= s0 || s0 == s1,
+            OFFLOAD_CHECK(s1 <= o0 || o1 <= s0 || s0 == s1,
                   std::string(fn) + ": out overlaps an operand (it would be read after being written)");
         }
         len = shape.back();
@@ -473,9 +472,9 @@ void copy_rows(const Walk &w, const char *src, char *dst, i64 r0, i64 r1) {
 // out = src (element by element; both any strides, one shape and dtype, apart in memory).
 void copy_view(View src, Target out) {
     const char *fn = "copy_view";
-    check(src.dtype() == out.dtype(), std::string(fn) + ": src and out must have the same dtype");
+    OFFLOAD_CHECK(src.dtype() == out.dtype(), std::string(fn) + ": src and out must have the same dtype");
     const i64 item = out.itemsize();
-    check(item == 1 || item == 2 || item == 4 || item == 8,
+    OFFLOAD_CHECK(item == 1 || item == 2 || item == 4 || item == 8,
           std::string(fn) + ": elements of 1, 2, 4 or 8 bytes, got " + std::to_string(item));
     const Walk w(fn, out, {&src});
     if (out.size() == 0) return;
@@ -517,10 +516,10 @@ template <int OP> INDEX_CLONES void binary_row(float *o, const float *a, const f
 // out = a OP b for float32 views of out's shape (broadcast axes: stride 0), apart from out.
 void binary_view(View a, View b, Target out, int op) {
     const char *fn = "binary_view";
-    check(op >= kAdd && op <= kMinimum, std::string(fn) + ": op must be 0..5 (add, sub, mul, div, "
+    OFFLOAD_CHECK(op >= kAdd && op <= kMinimum, std::string(fn) + ": op must be 0..5 (add, sub, mul, div, "
                                                           "maximum, minimum), got " + std::to_string(op));
     const auto f32 = nb::dtype<float>();
-    check(a.dtype() == f32 && b.dtype() == f32 && out.dtype() == f32,
+    OFFLOAD_CHECK(a.dtype() == f32 && b.dtype() == f32 && out.dtype() == f32,
           std::string(fn) + ": float32 operands and out");
     const Walk w(fn, out, {&a, &b});
     if (out.size() == 0) return;

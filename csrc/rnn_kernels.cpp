@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "checks.h"
 #include "pool.h"
 
 namespace nb = nanobind;
@@ -252,9 +253,7 @@ template <typename Fn> void in_threads(i64 n, i64 blocks, Fn fn) {
     });
 }
 
-void check(bool ok, const std::string &what) {
-    if (!ok) throw nb::value_error(("rnn: " + what).c_str());
-}
+#define RNN_CHECK(ok, what) OFFLOAD_CHECK(ok, std::string("rnn: ") + (what))
 
 std::string shape_str(const nb::ndarray<> &a) {
     std::string s = "[";
@@ -267,9 +266,10 @@ template <typename A> std::string shape_of(const A &a) { return shape_str(nb::nd
 template <typename A> void check_shape(const A &a, std::vector<i64> want, const char *what) {
     bool ok = a.ndim() == want.size();
     for (size_t i = 0; ok && i < want.size(); ++i) ok = (i64) a.shape(i) == want[i];
+    if (ok) return;
     std::string w = "[";
     for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
-    check(ok, std::string(what) + " must have shape " + w + "], got " + shape_of(a));
+    RNN_CHECK(ok, std::string(what) + " must have shape " + w + "], got " + shape_of(a));
 }
 
 template <typename A> void check_apart(const Out &out, const A &in, const char *what) {
@@ -277,7 +277,7 @@ template <typename A> void check_apart(const Out &out, const A &in, const char *
     auto o1 = o0 + out.size() * sizeof(float);
     auto i0 = reinterpret_cast<std::uintptr_t>(in.data());
     auto i1 = i0 + in.size() * sizeof(*in.data());
-    check(o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0,
+    RNN_CHECK(o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0,
           std::string("out overlaps ") + what + " (it would be read after being written)");
 }
 
@@ -285,20 +285,20 @@ template <typename A> void check_apart(const Out &out, const A &in, const char *
 void rnn(int cell, int direction, In x, In wtp, In rt, In wb, In rb, std::optional<In> p,
          std::optional<Lens> lens, std::optional<In> h0, std::optional<In> c0, Out out, float clip,
          bool input_forget, bool linear_before_reset, int threads, bool wide) {
-    check(cell == kLSTM || cell == kGRU, "cell must be 0 (LSTM) or 1 (GRU), got " + std::to_string(cell));
-    check(direction >= 0 && direction <= 2,
+    RNN_CHECK(cell == kLSTM || cell == kGRU, "cell must be 0 (LSTM) or 1 (GRU), got " + std::to_string(cell));
+    RNN_CHECK(direction >= 0 && direction <= 2,
           "direction must be 0 (forward), 1 (reverse) or 2 (bidirectional), got " + std::to_string(direction));
-    check(std::isfinite(clip) && clip >= 0.f, "clip must be finite and >= 0");
+    RNN_CHECK(std::isfinite(clip) && clip >= 0.f, "clip must be finite and >= 0");
     const int D = direction == 2 ? 2 : 1;
     const i64 G = cell == kLSTM ? 4 : 3, extra = cell == kLSTM ? 2 : 1;
-    check(out.ndim() == 4, "out must be [T + " + std::to_string(extra) + ", D, B, H], got " + shape_of(out));
+    RNN_CHECK(out.ndim() == 4, "out must be [T + " + std::to_string(extra) + ", D, B, H], got " + shape_of(out));
     const i64 T = (i64) out.shape(0) - extra, B = out.shape(2), H = out.shape(3);
-    check(T >= 0 && (i64) out.shape(1) == D && H > 0,
+    RNN_CHECK(T >= 0 && (i64) out.shape(1) == D && H > 0,
           "out " + shape_of(out) + " is not [T + " + std::to_string(extra) + ", " + std::to_string(D) +
               ", B, H] with H > 0");
     const i64 seg1 = cell == kLSTM ? pad16(4 * H) : pad16(2 * H);
     const i64 NP = cell == kLSTM ? seg1 : seg1 + pad16(H);
-    check(x.ndim() == 3, "x must be [T, B, I], got " + shape_of(x));
+    RNN_CHECK(x.ndim() == 3, "x must be [T, B, I], got " + shape_of(x));
     const i64 I = x.shape(2), NX = pad16(G * H);
     check_shape(x, {T, B, I}, "x");
     check_shape(wtp, {D, NX / kNR, I, kNR}, "wtp (W^T in panels of 16 columns)");
@@ -306,18 +306,18 @@ void rnn(int cell, int direction, In x, In wtp, In rt, In wb, In rb, std::option
     check_shape(wb, {D, G * H}, "wb");
     check_shape(rb, {D, G * H}, "rb");
     if (p) {
-        check(cell == kLSTM, "peepholes p on a GRU");
+        RNN_CHECK(cell == kLSTM, "peepholes p on a GRU");
         check_shape(*p, {D, 3 * H}, "p");
     }
     if (h0) check_shape(*h0, {D, B, H}, "initial_h");
     if (c0) {
-        check(cell == kLSTM, "initial_c on a GRU");
+        RNN_CHECK(cell == kLSTM, "initial_c on a GRU");
         check_shape(*c0, {D, B, H}, "initial_c");
     }
     if (lens) {
         check_shape(*lens, {B}, "sequence_lens");
         for (i64 b = 0; b < B; ++b)
-            check(lens->data()[b] >= 0 && lens->data()[b] <= T,
+            RNN_CHECK(lens->data()[b] >= 0 && lens->data()[b] <= T,
                   "sequence_lens[" + std::to_string(b) + "] = " + std::to_string(lens->data()[b]) +
                       " is outside [0, " + std::to_string(T) + "]");
         check_apart(out, *lens, "sequence_lens");

@@ -38,7 +38,6 @@ using i64 = std::int64_t;
 constexpr i64 kParallelElements = 1 << 16;  // less work than this runs on the calling thread
 constexpr i64 kBlock = 1 << 12;             // elements per task of the elementwise kernels
 
-using offload::check;
 using offload::shape_of;
 
 // ``out`` must not overlap ``in`` (it would be read after being written), except as the very
@@ -111,7 +110,7 @@ template <typename Fn> void in_blocks(i64 n, i64 block, bool parallel, Fn fn) {
 // y = gelu(x) = x/2 (1 + erf(x / sqrt 2)), or erf(x) with gelu false; in place allowed.
 void gelu(In x, Out y, bool is_gelu) {
     const char *fn = is_gelu ? "gelu" : "erf";
-    check(x.size() == y.size(), std::string(fn) + ": x " + shape_of(x) + " and out " +
+    OFFLOAD_CHECK(x.size() == y.size(), std::string(fn) + ": x " + shape_of(x) + " and out " +
                                     shape_of(y) + " must have the same size");
     check_apart(fn, "x", y, x, true);
     const float *xd = x.data();
@@ -171,17 +170,17 @@ void softmax_row(const float *x, const float *b, float scale, float *y, i64 n) {
 // div H * P). In place allowed.
 void softmax_scaled(In x, std::optional<In> bias, float scale, i64 bias_div, Out y) {
     const char *fn = "softmax_scaled";
-    check(x.ndim() >= 1 && x.size() == y.size(),
+    OFFLOAD_CHECK(x.ndim() >= 1 && x.size() == y.size(),
           std::string(fn) + ": x " + shape_of(x) + " and out " + shape_of(y) + " must have the same size");
-    check(std::isfinite(scale), std::string(fn) + ": scale must be finite");
+    OFFLOAD_CHECK(std::isfinite(scale), std::string(fn) + ": scale must be finite");
     const i64 n = (i64) x.shape(x.ndim() - 1), rows = n ? (i64) x.size() / n : 0;
     i64 bias_rows = 0;
     if (bias) {
-        check(bias->ndim() >= 1 && (i64) bias->shape(bias->ndim() - 1) == n,
+        OFFLOAD_CHECK(bias->ndim() >= 1 && (i64) bias->shape(bias->ndim() - 1) == n,
               std::string(fn) + ": bias " + shape_of(*bias) + " must end in the softmax axis (" +
                   std::to_string(n) + ")");
         bias_rows = n ? (i64) bias->size() / n : 0;
-        check(bias_div >= 1 && bias_rows >= 1 && rows % bias_div == 0,
+        OFFLOAD_CHECK(bias_div >= 1 && bias_rows >= 1 && rows % bias_div == 0,
               std::string(fn) + ": bias_div " + std::to_string(bias_div) + " must be >= 1 and divide the " +
                   std::to_string(rows) + " rows, and bias must have rows");
         check_apart(fn, "bias", y, *bias, false);
@@ -215,15 +214,15 @@ void layernorm_row(const float *x, const float *g, const float *b, float eps, fl
 // scale and bias have n values. In place allowed.
 void layernorm(In x, In scale, std::optional<In> bias, float eps, Out y) {
     const char *fn = "layernorm";
-    check(x.ndim() >= 1 && x.size() == y.size(),
+    OFFLOAD_CHECK(x.ndim() >= 1 && x.size() == y.size(),
           std::string(fn) + ": x " + shape_of(x) + " and out " + shape_of(y) + " must have the same size");
     const i64 n = (i64) x.shape(x.ndim() - 1), rows = n ? (i64) x.size() / n : 0;
-    check((i64) scale.size() == n, std::string(fn) + ": scale has " + std::to_string(scale.size()) +
+    OFFLOAD_CHECK((i64) scale.size() == n, std::string(fn) + ": scale has " + std::to_string(scale.size()) +
                                        " values, expected " + std::to_string(n));
-    check(!bias || (i64) bias->size() == n, std::string(fn) + ": bias has " +
+    OFFLOAD_CHECK(!bias || (i64) bias->size() == n, std::string(fn) + ": bias has " +
                                                 std::to_string(bias ? bias->size() : 0) +
                                                 " values, expected " + std::to_string(n));
-    check(std::isfinite(eps) && eps >= 0.f, std::string(fn) + ": epsilon must be finite and >= 0");
+    OFFLOAD_CHECK(std::isfinite(eps) && eps >= 0.f, std::string(fn) + ": epsilon must be finite and >= 0");
     check_apart(fn, "x", y, x, true);
     check_apart(fn, "scale", y, scale, false);
     if (bias) check_apart(fn, "bias", y, *bias, false);
