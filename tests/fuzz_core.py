@@ -422,8 +422,69 @@ def check_copy_view(r: Reader):
         np.testing.assert_array_equal(np.asarray(out), before)
 
 
+def _conv_reference(x, w, b, strides, pads, dil):
+    """The convolution by its definition, in float64 (NCHW, groups 1)."""
+    n, c, h, wd = x.shape
+    m, _, kh, kw = w.shape
+    xp = np.zeros((n, c, h + pads[0] + pads[2], wd + pads[1] + pads[3]))
+    xp[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + wd] = x
+    oh = (xp.shape[2] - dil[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (xp.shape[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
+    y = np.zeros((n, m, max(oh, 0), max(ow, 0)))
+    if oh <= 0 or ow <= 0:
+        return y
+    for i in range(kh):
+        for j in range(kw):
+            taps = xp[:, :, i * dil[0]:i * dil[0] + (oh - 1) * strides[0] + 1:strides[0],
+                      j * dil[1]:j * dil[1] + (ow - 1) * strides[1] + 1:strides[1]]
+            y += np.einsum("nchw,mc->nmhw", taps, w[:, :, i, j])
+    return y + b[None, :, None, None]
+
+
+def check_conv(r: Reader):
+    """_core.conv_direct on fuzzed geometry (strides, pads, dilations, a fused 2x2 pool, both
+    weight layouts, M across panel boundaries), sometimes an operand replaced by a fuzzed one
+    (wrong shape, dtype, layout, or a view of ``out``); where a call is accepted on the operands
+    made here, its result against the definition."""
+    from offload.drivers import cpu as _cpu
+    n, c, h, wd, m = r.int(0, 2), r.int(1, 5), r.int(1, 9), r.int(1, 9), r.int(1, 40)
+    kh, kw = r.int(1, 4), r.int(1, 4)
+    strides = [1, 1] if r.flag() else [r.int(1, 3), r.int(1, 3)]
+    pads = [r.int(0, 3) for _ in range(4)]
+    dil = [r.int(1, 2), r.int(1, 2)]
+    pool = r.int(0, 2) if r.byte() % 3 == 0 else 0
+    lanes = 16 if r.flag() else 8
+    x = (np.arange(n * c * h * wd, dtype=np.float32) % 7 - 3).reshape(n, c, h, wd) / 4
+    w = (np.arange(m * c * kh * kw, dtype=np.float32) % 5 - 2).reshape(m, c, kh, kw) / 8
+    b = np.arange(m, dtype=np.float32) / 16
+    ref = _conv_reference(x, w, b, strides, pads, dil)
+    oh, ow = ref.shape[2:]
+    if pool:
+        oh, ow = oh // 2, ow // 2
+    out = np.full((n, m, oh, ow), np.nan, np.float32)
+    act = r.int(0, 7)
+    act = -1 if act == 7 else act  # 6 and -1: unknown codes (an exhausted input reads 0)
+    args = [x, _cpu._pack_direct(w, lanes), b, None, out]
+    replaced = False
+    if r.byte() % 4 == 3:  # (not 0: what an exhausted input reads)
+        args[r.int(0, 4)] = operand(r, out)
+        replaced = True
+    try:
+        _core.conv_direct(*args, m, pads, dil, act, 0.25, -1.0, 1.0, pool=pool, strides=strides)
+    except REFUSALS:
+        return
+    if replaced or act not in (0, 1) or not out.size:
+        return
+    if act == 1:
+        ref = np.maximum(ref, 0)
+    if pool:
+        win = ref[:, :, :2 * oh, :2 * ow].reshape(n, m, oh, 2, ow, 2)
+        ref = win.max(axis=(3, 5)) if pool == 1 else win.mean(axis=(3, 5))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
 CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc,
-          check_rnn, check_rows, check_index, check_copy_view]
+          check_rnn, check_rows, check_index, check_copy_view, check_conv]
 
 
 def one_input(data: bytes) -> None:

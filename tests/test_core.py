@@ -649,6 +649,16 @@ def test_fuzz_core_seeded():
         fuzz_core.one_input(data)
 
 
+def test_fuzz_conv_direct_seeded():
+    """300 seeded fuzzed convolutions (fuzz_core.check_conv: both weight layouts, strides, pads,
+    dilations, fused pools; results against the definition), under ASan in CI: the direct
+    kernels read past each row of the padded image into a slack that this must show to be
+    enough."""
+    import fuzz_core
+    for data in fuzz_core.seeded(300, seed=16, size=48):
+        fuzz_core.check_conv(fuzz_core.Reader(data))
+
+
 # ---- conv kernels, large products and the thread pool (csrc/conv_kernels.cpp) ----
 
 import threadpoolctl  # noqa: E402
