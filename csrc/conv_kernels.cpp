@@ -672,7 +672,7 @@ OC_TARGET __attribute__((always_inline)) inline void tile(const Job &j, const fl
         for (int p = 0; p < P; ++p) {
             __m512 v = _mm512_add_ps(acc[p][n], bv);
             if (j.act_in_tile) v = act16(v, j.act);
-            _mm512_storeu_ps(t + p * 2 * kLanes + n * kLanes, v);
+            _mm512_storeu_ps(t + p * NB * kLanes + n * kLanes, v);
         }
     }
 }
@@ -721,18 +721,18 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
     const i64 wp = g.wp();
     const i64 pitch = flat ? wp : (g.ow + P - 1) / P * P;
     const i64 rows_t = flat ? (r1 - 1 - r0) * wp + g.ow : (r1 - r0) * pitch;  // tile rows used
-    float *t = scratch((std::size_t) ((rows_t + P) * 2 * kLanes), 1);
+    float *t = scratch((std::size_t) ((rows_t + P) * NB * kLanes), 1);
     const float *w = j.w + p0 * j.k * kLanes, *bias = j.bias.data() + p0 * kLanes;
     if (flat)
         for (i64 q = 0; q < rows_t; q += P)
-            tile<P, NB, SW>(j, xn + r0 * wp + q, w, bias, t + q * 2 * kLanes);
+            tile<P, NB, SW>(j, xn + r0 * wp + q, w, bias, t + q * NB * kLanes);
     else
         for (i64 row = r0; row < r1; ++row)
             for (i64 col = 0; col < g.ow; col += P)
                 tile<P, NB, SW>(j, xn + row * g.sh * wp + col * SW, w, bias,
-                                t + ((row - r0) * pitch + col) * 2 * kLanes);
+                                t + ((row - r0) * pitch + col) * NB * kLanes);
     if (j.pool && !j.act_vector)  // the activation before the pool
-        for (i64 q = 0; q < rows_t; ++q) finish_row(t + q * 2 * kLanes, NB * kLanes, 0.f, nullptr, j.act);
+        for (i64 q = 0; q < rows_t; ++q) finish_row(t + q * NB * kLanes, NB * kLanes, 0.f, nullptr, j.act);
 
     // the output positions of this chunk are contiguous in each output plane
     const bool pooled = j.pool != 0;
@@ -755,14 +755,14 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
         for (int nb = 0; nb < NB; ++nb) {
             __m512 r[16];
             for (int i = 0; i < 16; ++i) {
-                const float *a = t + src[i] * 2 * kLanes + nb * kLanes;
+                const float *a = t + src[i] * NB * kLanes + nb * kLanes;
                 if (!pooled) {
                     r[i] = _mm512_loadu_ps(a);
                     continue;
                 }
-                const float *b = a + pitch * 2 * kLanes;
-                const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 2 * kLanes),
-                             b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 2 * kLanes);
+                const float *b = a + pitch * NB * kLanes;
+                const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + NB * kLanes),
+                             b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + NB * kLanes);
                 if (j.pool == 1) {
                     r[i] = max_nan(max_nan(a0, a1), max_nan(b0, b1));
                 } else {
@@ -918,8 +918,8 @@ void conv_direct(In x, In wpk, std::optional<In> bias, std::optional<In> residua
     const std::int64_t macs = g.n * m * g.c * g.kh * g.kw * g.oh * g.ow;
     const bool parallel = macs >= g_parallel_macs;
     std::int64_t rows;
-    if (in_lanes) {  // a tile buffer of at most ~512 positions x 32 channels (64 KiB)
-        rows = std::clamp<std::int64_t>(512 / g.wp(), 1, g.oh);
+    if (in_lanes) {  // a tile buffer of ~256 positions x 32 channels (32 KiB: stays in L1)
+        rows = std::clamp<std::int64_t>(256 / g.wp(), 1, g.oh);
     } else {
         const std::int64_t per_row = kMB * g.wp() * g.c * g.kh * g.kw;
         rows = std::clamp<std::int64_t>((1 << 16) / std::max<std::int64_t>(1, per_row), 1, g.oh);
