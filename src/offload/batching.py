@@ -9,6 +9,11 @@ previous batch ran have waited already: they go at once, with whatever else is q
 the device is never left idle to fill a batch). A request larger than
 ``max_batch`` is split into pieces that are batched like any other and joined again.
 
+A batch formed while the device is free waits for company (up to ``max_delay_us``) only until
+it has as many requests as such batches had lately (LONELY_AFTER, LONELY_PROBE): callers that
+wait for their answers (one alone, or a few threads) are not made to wait ``max_delay_us`` at
+every call, and a caller alone runs its call in its own thread (``Batcher.call``).
+
 What a request costs is Python work, so it is kept to a few objects: a ``Future`` (a
 concurrent.futures.Future without a Condition of its own, see below) and a tuple in the queue of
 its sample shape. The worker marks a batch running, answers it and records its statistics under
@@ -237,6 +242,8 @@ class Batcher:
         self._expect = 0
         self._early = 0
         self._notify_at = 0  # queued requests at which a worker waiting for company is woken
+        self._running = 0  # batches running: taken by a worker, or run by a caller (call())
+        self._inline = 0  # of them, run by a caller
         self.batches = 0  # device calls made
         self.requests = 0  # requests (pieces) served
         # one worker per device, so that several devices each run a batch at once
@@ -297,6 +304,63 @@ class Batcher:
                 self._cond.notify()
         return future
 
+    def call(self, arrays):
+        """``submit(arrays).result()``, for a caller that waits for its answer (``model(x)``).
+
+        A caller alone (the company expected is one request, see LONELY_AFTER), with nothing
+        queued and no batch running, runs its request here, in its own thread: handing it to
+        the worker and the answer back would wake two threads, which costs more than the run
+        of a small model. It counts as a batch that went early; the probe still goes through
+        the worker and waits, so that callers who come are noticed."""
+        n = arrays[0].shape[0]
+        if (self._expect == 1 and not self._queues and not self._running and n <= self.max_batch
+                and (len(arrays) == 1 or all(a.shape[0] == n for a in arrays))):  # else submit
+            with self._lock:
+                alone = (self._expect == 1 and not self._queues and not self._running
+                         and self._early < LONELY_PROBE - 1 and not self._closed)
+                if alone:
+                    self._running += 1
+                    self._inline += 1
+                    self._early += 1
+                    if self._keep is None and self._owner is not None:
+                        self._keep = self._owner()
+                    owner = self._keep
+            if alone:
+                return self._run_here(arrays, n, owner)
+        return self.submit(arrays).result()
+
+    def _run_here(self, arrays, n, owner):
+        started = perf_counter()
+        try:
+            merged = self._gather([arrays], n)
+            if self._owner is None:
+                outputs = self._execute(merged, 0.0)
+            else:
+                outputs = self._execute(owner, merged, 0.0)
+            del merged, owner
+            result = self._finish([o[:n] for o in outputs])
+        except Exception as e:  # typed, as the worker gives it (KeyboardInterrupt goes as is)
+            if isinstance(e, OffloadError):
+                raise
+            raise _wrapped(e) from e
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._inline -= 1
+                self._free_since = done = perf_counter()
+                if not self._queues:
+                    self._keep = None
+                if self._closed:
+                    self._cond.notify_all()  # close() waits for runs in callers' threads
+        self.batches += 1
+        self.requests += 1
+        if self._record is not None:
+            try:
+                self._record([done - started], [0.0])
+            except Exception:  # noqa: BLE001 - a statistic must not lose the answer
+                pass
+        return result
+
     def _submit_split(self, arrays, n, key):
         """A request over max_batch rows: pieces of max_batch rows, batched like any other and
         joined again into one future (recorded once in the statistics, when joined)."""
@@ -338,6 +402,8 @@ class Batcher:
                 self._rows.clear()
                 keep, self._keep = self._keep, None
             self._cond.notify_all()
+            while self._inline:  # runs in callers' threads (call()) finish first
+                self._cond.wait()
         for entry in dropped:  # outside the lock: callbacks may run here
             entry[0].cancel()
             entry[0].set_running_or_notify_cancel()  # concurrent.futures.wait() is told
@@ -405,6 +471,8 @@ class Batcher:
                     self._keep = None
                 if free:
                     self._learn(len(batch), early)
+                if batch:
+                    self._running += 1
                 return batch, owner
 
     def _learn(self, requests: int, early: bool) -> None:
@@ -518,7 +586,7 @@ class Batcher:
                     results.append(finish(part) if e[4] is None else _unwrap(part))
                     offset = end
         except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
-            self._free_since = perf_counter()
+            self._ran()
             error = e if isinstance(e, OffloadError) else _wrapped(e)
             for entry in batch:
                 _fail(entry[0], error)
@@ -527,7 +595,7 @@ class Batcher:
         self.requests += n
         # before the answers: a caller that comes back with its next request after its answer
         # is company to wait for, not a request that waited while the device ran
-        done = self._free_since = perf_counter()
+        done = self._ran()
         if self._splits:  # pieces: their split records the request once, when joined
             for e in batch:
                 if e[4] is not None:
@@ -539,6 +607,13 @@ class Batcher:
             except Exception:  # noqa: BLE001 - a statistic must not lose the answer
                 pass
         self._settle(batch, results)
+
+    def _ran(self) -> float:
+        """A worker's batch has its outputs (or failed): the device is free, from now."""
+        with self._lock:
+            self._running -= 1
+            self._free_since = now = perf_counter()
+        return now
 
     def _settle(self, batch, results):
         """Answer a batch's futures (running, so nobody else can) under one lock; the callers

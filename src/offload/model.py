@@ -389,7 +389,10 @@ class Model:
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *inputs, out=None, **named):
         if self._batcher is not None and out is None:
-            return self.submit(*inputs, **named).result()
+            arrays = self._prepare(inputs, named)
+            if self._closing:
+                raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
+            return self._batcher.call(arrays)
         return self._run(inputs, named, out=out)
 
     def run(self, *inputs, out=None, profile=None, **named):
