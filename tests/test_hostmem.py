@@ -151,7 +151,7 @@ def test_batcher_gathers_exactly_like_numpy(batcher, rows):
     batch = [_Request(rng.standard_normal((n, 16)).astype(np.float32),
                       rng.standard_normal((n, 2, 3)).astype(np.float32)) for n in rows]
     for _ in range(3):  # again on reused blocks, which hold the previous batch's rows
-        merged = batcher._gather(batch)
+        merged = batcher._gather([r.arrays for r in batch], sum(rows))
         expected = _numpy_gather(batcher, batch)
         for m, e in zip(merged, expected):
             assert m.dtype == e.dtype and m.shape == e.shape
@@ -167,7 +167,7 @@ def test_batcher_gathers_exactly_like_numpy(batcher, rows):
     lambda n: np.ones((n, 16), np.int32)])                        # integer
 def test_batcher_falls_back_to_numpy_for_other_inputs(batcher, make):
     batch = [_Request(np.zeros((2, 16), np.float32)), _Request(make(3))]
-    merged, expected = batcher._gather(batch), _numpy_gather(batcher, batch)
+    merged, expected = batcher._gather([r.arrays for r in batch], 5), _numpy_gather(batcher, batch)
     assert merged[0].dtype == expected[0].dtype
     np.testing.assert_array_equal(merged[0], expected[0])
 

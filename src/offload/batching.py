@@ -8,6 +8,17 @@ them as one batch, and hands each caller exactly its own rows. Requests that arr
 previous batch ran have waited already: they go at once, with whatever else is queued (under load
 the device is never left idle to fill a batch). A request larger than
 ``max_batch`` is split into pieces that are batched like any other and joined again.
+
+A batch formed while the device is free waits for company (up to ``max_delay_us``) only until
+it has as many requests as such batches had lately (LONELY_AFTER, LONELY_PROBE): callers that
+wait for their answers (one alone, or a few threads) are not made to wait ``max_delay_us`` at
+every call, and a caller alone runs its call in its own thread (``Batcher.call``).
+
+What a request costs is Python work, so it is kept to a few objects: a ``Future`` (a
+concurrent.futures.Future without a Condition of its own, see below) and a tuple in the queue of
+its sample shape. The worker marks a batch running, answers it and records its statistics under
+one acquisition of the batcher's lock each, not one per request; one-row requests get their rows
+as views made in one pass over the outputs.
 """
 
 from __future__ import annotations
@@ -15,10 +26,13 @@ from __future__ import annotations
 import concurrent.futures
 import numbers
 import threading
-import time
 import weakref
 from collections import OrderedDict, deque
+from concurrent.futures import CancelledError, InvalidStateError
+from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING,
+                                      RUNNING)
 from dataclasses import dataclass
+from time import perf_counter
 
 import numpy as np
 
@@ -27,8 +41,13 @@ from .errors import ArgumentError, DeviceMemoryError, OffloadError
 
 MAX_BATCH = 2**31 - 1  # rows: device kernels index a batch with 32-bit integers
 MAX_DELAY_US = 60e6  # one minute: a request waits at most this long for others to join it
-LONELY_AFTER = 4    # batches of one request in a row before requests stop waiting for company
-LONELY_PROBE = 16   # ... except one batch in this many, which still waits
+# A batch formed while the device is free waits max_delay_us for company, unless the last
+# LONELY_AFTER such batches all waited and none reached more than k requests: then a batch goes
+# as soon as it has k (the callers there are: one caller alone goes at once, 8 threads calling
+# synchronously go when all 8 are in), except one batch in LONELY_PROBE, which still waits its
+# full delay, to notice callers that come (a larger batch then raises k at once).
+LONELY_AFTER = 4
+LONELY_PROBE = 16
 
 
 @dataclass(frozen=True)
@@ -60,30 +79,133 @@ class Batching:
         object.__setattr__(self, "max_delay_us", float(d))
 
 
-class _Request:
-    __slots__ = ("arrays", "rows", "future", "arrived", "finish", "owner", "key")
 
-    def __init__(self, arrays, future, finish, arrived=None, owner=None, rows=None, key=None):
-        self.arrays = arrays
-        self.rows = arrays[0].shape[0] if rows is None else rows
-        self.future = future
-        self.finish = finish  # turns this request's list of outputs into its result
-        self.arrived = time.perf_counter() if arrived is None else arrived
-        self.owner = owner  # what runs it (the model), held while the request waits
-        # the sample shapes: requests with the same key are merged
-        self.key = tuple(a.shape[1:] for a in arrays) if key is None else key
+_DONE = (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED)
+
+
+class Future(concurrent.futures.Future):
+    """The concurrent.futures.Future of a batched request (what ``Model.submit`` returns),
+    cheaper to make and to answer than the standard one and the same to its users: ``result``,
+    ``exception``, ``cancel``, ``done``, done callbacks, ``concurrent.futures.wait`` and
+    ``as_completed``, ``asyncio.wrap_future``.
+
+    A standard Future makes a Condition (and the RLock inside it) per request, which cost more
+    than the rest of a request. Here the futures of one batcher share its Condition as
+    ``_condition``, used as a lock only (``wait``/``as_completed`` acquire and release it, and
+    so do the inherited ``done``, ``add_done_callback``, ...); a caller that has to wait for the
+    answer blocks on a lock made for it then (``_wake``), released once when the future is done
+    and passed on by each waiter to the next. The batcher marks a batch running and answers it
+    under one acquisition of its lock each (``Batcher._take_batch``, ``Batcher._settle``)."""
+
+    _state = PENDING
+    _result = None
+    _exception = None
+    _wake = None  # made by the first caller that waits; released when the future is done
+
+    def __init__(self, condition):  # noqa: D107 - concurrent.futures.Future's init, lighter
+        self._condition = condition
+        self._waiters = []
+        self._done_callbacks = []
+
+    def _wait(self, timeout):
+        """This future's state once it is done, waiting at most ``timeout`` seconds."""
+        lock = self._condition
+        with lock:
+            state = self._state
+            if state in _DONE:
+                return state
+            wake = self._wake
+            if wake is None:
+                wake = self._wake = threading.Lock()
+                wake.acquire()
+        if wake.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            wake.release()  # for the next caller waiting on this future, if any
+            return self._state  # set before the wake was released
+        with lock:
+            state = self._state
+        if state not in _DONE:
+            raise TimeoutError()
+        return state
+
+    def result(self, timeout=None):
+        lock = self._condition
+        lock.acquire()
+        state = self._state
+        lock.release()
+        if state is not FINISHED and self._wait(timeout) is not FINISHED:
+            raise CancelledError()
+        error = self._exception
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = self = None  # no reference cycle through the traceback
+        return self._result
+
+    def exception(self, timeout=None):
+        lock = self._condition
+        lock.acquire()
+        state = self._state
+        lock.release()
+        if state is not FINISHED and self._wait(timeout) is not FINISHED:
+            raise CancelledError()
+        return self._exception
+
+    def cancel(self):
+        with self._condition:
+            state = self._state
+            if state is RUNNING or state is FINISHED:
+                return False
+            if state is CANCELLED or state is CANCELLED_AND_NOTIFIED:
+                return True
+            self._state = CANCELLED
+            if self._wake is not None:
+                self._wake.release()
+        self._invoke_callbacks()
+        return True
+
+    def set_result(self, result):
+        with self._condition:
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            if self._wake is not None:
+                self._wake.release()
+        self._invoke_callbacks()
+
+    def set_exception(self, exception):
+        with self._condition:
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            for waiter in self._waiters:
+                waiter.add_exception(self)
+            if self._wake is not None:
+                self._wake.release()
+        self._invoke_callbacks()
+
+
+def _unwrap(outputs):
+    """A request's result from the list of its outputs: the array, or a tuple of them."""
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 class Batcher:
     """Merges requests for ``execute(arrays, queue_wait_s) -> list of output arrays`` (one run
     of the model on a batch) and splits the results back to each request's future, whose result
-    is ``finish(list of its outputs)``. ``record(latency_s, wait_s)`` is told of every request
-    answered.
+    is ``finish(list of its outputs)`` (default: the array, or a tuple of them).
+    ``record(latencies_s, waits_s)`` is told of the requests answered by each batch (two lists,
+    one entry per request).
 
     When ``execute`` is a bound method (``model._execute_batch``), the batcher holds its object
-    weakly: only waiting requests keep it alive, so a model that is dropped without ``close()``
-    is collected, and its batcher's threads stop. A failure in a worker thread fails every
-    request it holds or that waits with an OffloadError (never a silent death, never a hang)."""
+    weakly: it holds it strongly only while requests wait, so a model that is dropped without
+    ``close()`` is collected, and its batcher's threads stop. A failure in a worker thread fails
+    every request it holds or that waits with an OffloadError (never a silent death, never a
+    hang)."""
 
     def __init__(self, execute, config: Batching, record=None, finish=None,
                  name: str = "offload-batcher", workers: int = 1):
@@ -95,24 +217,33 @@ class Batcher:
             self._owner, self._execute = weakref.ref(owner), execute.__func__
         else:
             self._owner, self._execute = None, execute
-        self._record = record or (lambda latency_s, wait_s: None)
-        self._finish = finish or (lambda outputs: outputs[0] if len(outputs) == 1
-                                  else tuple(outputs))
+        self._record = record
+        self._finish = finish or _unwrap
         self.max_batch = config.max_batch
         self.max_delay_s = config.max_delay_us * 1e-6
+        # queue entries: (future, arrays, rows, arrived, split or None); only non-empty queues
         self._queues: dict[tuple, deque] = {}
         self._rows: dict[tuple, int] = {}  # rows waiting per sample shape
+        self._keep = None  # the owner (the model), held while requests are queued
+        self._splits = 0  # split requests not answered yet (their pieces are not recorded)
         # workers waiting with nothing queued: only they (or a full batch) need a notify; a
         # worker waiting for a batch to fill wakes at its deadline, not at every request
         self._idle = 0
-        self._cond = threading.Condition()
+        # one lock for the queues and the futures' states (Future._condition)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self._broken: OffloadError | None = None  # why the worker threads stopped
-        self._free_since = 0.0  # when the worker finished its last batch
-        # consecutive batches of a single request: after a few, a request stops waiting for
-        # company that does not come (one caller is then not delayed by max_delay_us at every
-        # call); one batch in LONELY_PROBE still waits, to notice callers that come back
-        self._lonely = 0
+        self._free_since = 0.0  # when the worker's last batch had its outputs
+        # the requests in the last LONELY_AFTER batches formed while the device was free, and
+        # what they say: a batch goes once it has _expect requests (0: it waits max_delay_us);
+        # _early counts the batches that went so since the last that waited (the probe)
+        self._company: deque = deque(maxlen=LONELY_AFTER)
+        self._expect = 0
+        self._early = 0
+        self._notify_at = 0  # queued requests at which a worker waiting for company is woken
+        self._running = 0  # batches running: taken by a worker, or run by a caller (call())
+        self._inline = 0  # of them, run by a caller
         self.batches = 0  # device calls made
         self.requests = 0  # requests (pieces) served
         # one worker per device, so that several devices each run a batch at once
@@ -127,7 +258,7 @@ class Batcher:
                 if t.ident is not None:
                     t.join()
             raise OffloadError(f"could not start the batcher thread {name}: {e}") from None
-        if self._owner is not None:  # the owner collected: stop (nothing waits: see _Request)
+        if self._owner is not None:  # the owner collected: stop (nothing waits: see _keep)
             f = weakref.finalize(owner, Batcher._stop, weakref.ref(self))
             f.atexit = False
 
@@ -141,55 +272,127 @@ class Batcher:
                 self._cond.notify_all()
 
     # -- callers -------------------------------------------------------------------------------
-    def submit(self, arrays: list[np.ndarray]) -> concurrent.futures.Future:
+    def submit(self, arrays) -> Future:
+        """A Future of the outputs for ``arrays`` (the model's inputs, each with the batch axis
+        first)."""
         if len(arrays) == 1:  # the common case, without building sets and generators
             shape = arrays[0].shape
-            n, key = shape[0], (shape[1:],)
+            n, key = shape[0], shape[1:]
         else:
             rows = {a.shape[0] for a in arrays}
             if len(rows) != 1:
                 raise OffloadError(f"batched inputs must share the batch axis; got batch sizes "
                                    f"{[a.shape[0] for a in arrays]}")
-            n, key = rows.pop(), None
-        owner = self._owner() if self._owner is not None else None
-        if n <= self.max_batch:
-            future = concurrent.futures.Future()
-            request = _Request(arrays, future, self._finish, None, owner, n, key)
-            with self._cond:
-                if self._broken is not None or self._closed:
-                    self._refuse()
-                queue = self._queues.get(request.key)
-                if queue is None:
-                    queue = self._queues[request.key] = deque()
-                queue.append(request)
-                rows = self._rows[request.key] = self._rows.get(request.key, 0) + n
-                if self._idle or rows >= self.max_batch:
-                    self._cond.notify()
-            return future
-        now = time.perf_counter()
-        pieces = [_Request([a[i:i + self.max_batch] for a in arrays], concurrent.futures.Future(),
-                           list, now, owner) for i in range(0, n, self.max_batch)]
-        joined = _joined([p.future for p in pieces], self._finish)
-        self._enqueue(pieces)
-        return joined
+            n, key = rows.pop(), tuple(a.shape[1:] for a in arrays)
+        if n > self.max_batch:
+            return self._submit_split(arrays, n, key)
+        future = Future(self._cond)
+        entry = (future, arrays, n, perf_counter(), None)
+        with self._lock:
+            if self._closed:
+                self._refuse()
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = deque()
+                rows = self._rows[key] = n
+                if self._keep is None and self._owner is not None:
+                    self._keep = self._owner()
+            else:
+                rows = self._rows[key] = self._rows[key] + n
+            queue.append(entry)
+            if self._idle or rows >= self.max_batch or len(queue) == self._notify_at:
+                self._cond.notify()
+        return future
+
+    def call(self, arrays):
+        """``submit(arrays).result()``, for a caller that waits for its answer (``model(x)``).
+
+        A caller alone (the company expected is one request, see LONELY_AFTER), with nothing
+        queued and no batch running, runs its request here, in its own thread: handing it to
+        the worker and the answer back would wake two threads, which costs more than the run
+        of a small model. It counts as a batch that went early; the probe still goes through
+        the worker and waits, so that callers who come are noticed."""
+        n = arrays[0].shape[0]
+        if (self._expect == 1 and not self._queues and not self._running and n <= self.max_batch
+                and (len(arrays) == 1 or all(a.shape[0] == n for a in arrays))):  # else submit
+            with self._lock:
+                alone = (self._expect == 1 and not self._queues and not self._running
+                         and self._early < LONELY_PROBE - 1 and not self._closed)
+                if alone:
+                    self._running += 1
+                    self._inline += 1
+                    self._early += 1
+                    if self._keep is None and self._owner is not None:
+                        self._keep = self._owner()
+                    owner = self._keep
+            if alone:
+                return self._run_here(arrays, n, owner)
+        return self.submit(arrays).result()
+
+    def _run_here(self, arrays, n, owner):
+        started = perf_counter()
+        try:
+            merged = self._gather([arrays], n)
+            if self._owner is None:
+                outputs = self._execute(merged, 0.0)
+            else:
+                outputs = self._execute(owner, merged, 0.0)
+            del merged, owner
+            result = self._finish([o[:n] for o in outputs])
+        except Exception as e:  # typed, as the worker gives it (KeyboardInterrupt goes as is)
+            if isinstance(e, OffloadError):
+                raise
+            raise _wrapped(e) from e
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._inline -= 1
+                self._free_since = done = perf_counter()
+                if not self._queues:
+                    self._keep = None
+                if self._closed:
+                    self._cond.notify_all()  # close() waits for runs in callers' threads
+        self.batches += 1
+        self.requests += 1
+        if self._record is not None:
+            try:
+                self._record([done - started], [0.0])
+            except Exception:  # noqa: BLE001 - a statistic must not lose the answer
+                pass
+        return result
+
+    def _submit_split(self, arrays, n, key):
+        """A request over max_batch rows: pieces of max_batch rows, batched like any other and
+        joined again into one future (recorded once in the statistics, when joined)."""
+        now = perf_counter()
+        step = self.max_batch
+        pieces = [Future(self._cond) for _ in range(0, n, step)]
+        split = _Split(self, pieces, now)
+        entries = [(f, [a[i:i + step] for a in arrays], min(step, n - i), now, split)
+                   for f, i in zip(pieces, range(0, n, step))]
+        with self._lock:
+            if self._closed:
+                self._refuse()
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = deque()
+                self._rows[key] = 0
+                if self._keep is None and self._owner is not None:
+                    self._keep = self._owner()
+            queue.extend(entries)
+            self._rows[key] += n
+            self._splits += 1
+            self._cond.notify()
+        return split.future
 
     def _refuse(self):
         if self._broken is not None:
             raise OffloadError(*self._broken.args)
         raise OffloadError("the model is closed: no new requests")
 
-    def _enqueue(self, requests):
-        with self._cond:
-            if self._broken is not None or self._closed:
-                self._refuse()
-            for r in requests:
-                self._queues.setdefault(r.key, deque()).append(r)
-                self._rows[r.key] = self._rows.get(r.key, 0) + r.rows
-            self._cond.notify()
-
     def close(self, cancel: bool = False) -> None:
         """Stop taking requests; finish the waiting ones (or cancel them); join the worker."""
-        dropped = []
+        dropped, keep = [], None
         with self._cond:
             self._closed = True
             if cancel:
@@ -197,21 +400,27 @@ class Batcher:
                     dropped.extend(queue)
                 self._queues.clear()
                 self._rows.clear()
+                keep, self._keep = self._keep, None
             self._cond.notify_all()
-        for r in dropped:  # outside the lock: the last reference to the model may go here
-            r.future.cancel()
-        del dropped
+            while self._inline:  # runs in callers' threads (call()) finish first
+                self._cond.wait()
+        for entry in dropped:  # outside the lock: callbacks may run here
+            entry[0].cancel()
+            entry[0].set_running_or_notify_cancel()  # concurrent.futures.wait() is told
+        del dropped, keep  # the last reference to the model may go here
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join()
 
     # -- the worker ----------------------------------------------------------------------------
     def _take_batch(self):
-        """Block until a batch is due; return its requests (or None when closed and drained)."""
+        """Block until a batch is due; return (its entries, marked running, and the owner), or
+        None when closed and drained. Requests cancelled while they waited are told and left
+        out."""
         with self._cond:
+            queues = self._queues
             while True:
-                waiting = [(q[0].arrived, key) for key, q in self._queues.items() if q]
-                if not waiting:
+                if not queues:
                     if self._closed:
                         return None
                     self._idle += 1
@@ -220,38 +429,78 @@ class Batcher:
                     finally:
                         self._idle -= 1
                     continue
-                first, key = min(waiting) if len(waiting) > 1 else waiting[0]
-                queue = self._queues[key]
-                patient = self._lonely < LONELY_AFTER or self._lonely % LONELY_PROBE == 0
-                if (patient and first >= self._free_since and not self._closed
-                        and self._rows[key] < self.max_batch):
-                    due = first + self.max_delay_s
-                    now = time.perf_counter()
-                    if now < due:
-                        self._cond.wait(due - now)
-                        continue
-                batch, total = [], 0
-                while queue and total + queue[0].rows <= self.max_batch:
-                    r = queue.popleft()
-                    batch.append(r)
-                    total += r.rows
-                self._rows[key] -= total
-                self._lonely = self._lonely + 1 if len(batch) == 1 else 0
-                return batch
+                if len(queues) == 1:
+                    for key, queue in queues.items():
+                        first = queue[0][3]
+                else:
+                    first, key = min((q[0][3], k) for k, q in queues.items())
+                    queue = queues[key]
+                # formed while the device is free (requests that came while it ran have waited
+                # already, and go at once with whatever else is queued): wait for company, up
+                # to max_delay_us, or until the company expected is there
+                free, early = first >= self._free_since, False
+                if free and not self._closed and self._rows[key] < self.max_batch:
+                    expect = self._expect if self._early < LONELY_PROBE - 1 else 0
+                    if expect and len(queue) >= expect:
+                        early = True
+                    else:
+                        due = first + self.max_delay_s
+                        now = perf_counter()
+                        if now < due:
+                            self._notify_at = expect
+                            self._cond.wait(due - now)
+                            self._notify_at = 0
+                            continue
+                batch, total, taken, limit = [], 0, 0, self.max_batch
+                while queue and total + queue[0][2] <= limit:
+                    entry = queue.popleft()
+                    future = entry[0]
+                    taken += entry[2]
+                    if future._state is PENDING:
+                        future._state = RUNNING
+                        batch.append(entry)
+                        total += entry[2]
+                    else:  # cancelled while it waited: concurrent.futures.wait() is told
+                        future.set_running_or_notify_cancel()
+                if queue:
+                    self._rows[key] -= taken
+                else:
+                    del queues[key], self._rows[key]
+                owner = self._keep
+                if not queues:
+                    self._keep = None
+                if free:
+                    self._learn(len(batch), early)
+                if batch:
+                    self._running += 1
+                return batch, owner
+
+    def _learn(self, requests: int, early: bool) -> None:
+        """A batch formed while the device was free took ``requests``, ``early`` when it went
+        with the company expected instead of waiting: how many requests to expect next."""
+        if early and requests <= self._expect:
+            self._early += 1
+            return
+        if not early:  # it waited out max_delay_us (or filled up): the company there is
+            self._early = 0
+        company = self._company  # (or an early batch that outgrew the expectation)
+        company.append(requests)
+        if len(company) == LONELY_AFTER:
+            self._expect = max(company)
 
     def _loop(self):
         batch = None
         try:
             while True:
-                batch = self._take_batch()
-                if batch is None:
+                taken = self._take_batch()
+                if taken is None:
                     return
-                live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-                if live:
-                    self._run(live)
-                # the requests (and the model they hold) go now, not when the next batch comes
-                batch = live = None
-                self._free_since = time.perf_counter()
+                batch, owner = taken
+                taken = None
+                if batch:
+                    self._run(batch, owner)
+                # the requests (and the model) go now, not when the next batch comes
+                batch = owner = None
         except BaseException as e:  # noqa: BLE001 - a bug or a failure outside any request
             self._fail_all(e, batch or [])
 
@@ -264,12 +513,14 @@ class Batcher:
         with self._cond:
             self._broken = self._broken or broken
             self._closed = True
-            waiting = [r for q in self._queues.values() for r in q]
+            waiting = [e for q in self._queues.values() for e in q]
             self._queues.clear()
             self._rows.clear()
+            keep, self._keep = self._keep, None
             self._cond.notify_all()
-        for r in list(batch) + waiting:
-            _fail(r.future, broken)
+        for entry in list(batch) + waiting:
+            _fail(entry[0], broken)
+        del keep
 
     def bucket(self, rows: int) -> int:
         """Rows of the device run for ``rows`` requested: a multiple of a step that is
@@ -279,15 +530,15 @@ class Batcher:
         step = max(1, min(self.max_batch // 8, 1 << (rows - 1).bit_length()))
         return min(self.max_batch, -(-rows // step) * step)
 
-    def _gather(self, batch):
-        """The batch's inputs in one block per input (one copy), padded with zero rows."""
-        rows = sum(r.rows for r in batch)
+    def _gather(self, inputs, rows):
+        """The batch's inputs in one block per input (one copy), padded with zero rows:
+        ``inputs`` holds each request's list of arrays, ``rows`` their rows in all."""
         size = self.bucket(rows)
-        if len(batch) == 1 and size == rows:
-            return batch[0].arrays
+        if len(inputs) == 1 and size == rows:
+            return inputs[0]
         merged = []
-        for k in range(len(batch[0].arrays)):
-            parts = [r.arrays[k] for r in batch]
+        for k in range(len(inputs[0])):
+            parts = [arrays[k] for arrays in inputs]
             block = None
             shape = (size,) + parts[0].shape[1:]
             try:
@@ -303,43 +554,135 @@ class Batcher:
                     block[rows:] = 0
             except MemoryError:
                 raise DeviceMemoryError(f"host memory: cannot allocate the merged batch of "
-                                        f"{len(batch)} requests, shape {list(shape)}") from None
+                                        f"{len(inputs)} requests, shape {list(shape)}") from None
             merged.append(block)
         return merged
 
-    def _run(self, batch):
-        started = time.perf_counter()
+    def _run(self, batch, owner):
+        started = perf_counter()
+        n = len(batch)
+        arrived = [e[3] for e in batch]
         try:
-            wait = started - sum(r.arrived for r in batch) / len(batch)
-            arrays = self._gather(batch)
+            counts = [e[2] for e in batch]
+            rows = sum(counts)
+            wait = started - sum(arrived) / n
+            arrays = self._gather([e[1] for e in batch], rows)
             if self._owner is None:
                 outputs = self._execute(arrays, wait)
-            else:  # the owner is alive: each waiting request holds it
-                outputs = self._execute(batch[0].owner, arrays, wait)
+            else:  # the owner is alive: held while its requests wait
+                outputs = self._execute(owner, arrays, wait)
             del arrays
-            if len(batch) == 1:
-                results = [batch[0].finish([o[:batch[0].rows] for o in outputs])]
+            if (counts.count(1) == n and self._finish is _unwrap
+                    and all(type(o) is np.ndarray for o in outputs)):
+                # one row each: the rows of each output as (1, ...) views, in one pass
+                views = [list(o[:n].reshape((n, 1) + o.shape[1:])) for o in outputs]
+                results = views[0] if len(views) == 1 else list(zip(*views))
             else:
-                offset, results = 0, []
-                for r in batch:
-                    end = offset + r.rows
-                    results.append(r.finish([o[offset:end] for o in outputs]))
+                finish, results, offset = self._finish, [], 0
+                for e in batch:
+                    end = offset + e[2]
+                    part = [o[offset:end] for o in outputs]
+                    # pieces of a split request: joined (then finished) by their _Split
+                    results.append(finish(part) if e[4] is None else _unwrap(part))
                     offset = end
         except BaseException as e:  # noqa: BLE001 - the error belongs to exactly these callers
+            self._ran()
             error = e if isinstance(e, OffloadError) else _wrapped(e)
-            for r in batch:
-                _fail(r.future, error)
+            for entry in batch:
+                _fail(entry[0], error)
             return
         self.batches += 1
-        self.requests += len(batch)
-        done = time.perf_counter()
-        for r, result in zip(batch, results):
-            if r.finish is not list:  # pieces of a split request are counted once, when joined
+        self.requests += n
+        # before the answers: a caller that comes back with its next request after its answer
+        # is company to wait for, not a request that waited while the device ran
+        done = self._ran()
+        if self._splits:  # pieces: their split records the request once, when joined
+            for e in batch:
+                if e[4] is not None:
+                    e[4].started(started - e[3])
+            arrived = [e[3] for e in batch if e[4] is None]
+        if self._record is not None and arrived:
+            try:
+                self._record([done - a for a in arrived], [started - a for a in arrived])
+            except Exception:  # noqa: BLE001 - a statistic must not lose the answer
+                pass
+        self._settle(batch, results)
+
+    def _ran(self) -> float:
+        """A worker's batch has its outputs (or failed): the device is free, from now."""
+        with self._lock:
+            self._running -= 1
+            self._free_since = now = perf_counter()
+        return now
+
+    def _settle(self, batch, results):
+        """Answer a batch's futures (running, so nobody else can) under one lock; the callers
+        waiting are woken after it, so that they do not wake only to wait for it."""
+        called = wakes = None
+        with self._lock:
+            for entry, result in zip(batch, results):
+                future = entry[0]
+                future._result = result
+                future._state = FINISHED
+                if future._waiters:
+                    for waiter in future._waiters:
+                        waiter.add_result(future)
+                if future._wake is not None:
+                    wakes = (wakes or []) + [future._wake]
+                if future._done_callbacks:
+                    called = (called or []) + [future]
+        if wakes:
+            for wake in wakes:
+                wake.release()
+        if called:
+            for future in called:
+                future._invoke_callbacks()
+
+
+class _Split:
+    """The pieces of a request larger than max_batch, joined in order into one future when the
+    last is answered, and recorded in the statistics once."""
+
+    def __init__(self, batcher: Batcher, pieces: list, arrived: float):
+        self.batcher, self.pieces, self.arrived = batcher, pieces, arrived
+        self.wait = 0.0  # the longest a piece waited: until the request's last piece started
+        self.future = Future(batcher._cond)
+        self.future.set_running_or_notify_cancel()
+        self._remaining = len(pieces)
+        self._lock = threading.Lock()
+        for f in pieces:
+            f.add_done_callback(self._done)
+
+    def started(self, wait_s: float) -> None:
+        self.wait = max(self.wait, wait_s)
+
+    def _done(self, _):
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining:
+                return
+        b = self.batcher
+        with b._lock:
+            b._splits -= 1
+        try:
+            parts = [f.result() for f in self.pieces]
+            if isinstance(parts[0], tuple):
+                outputs = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+            else:
+                outputs = [np.concatenate(parts)]
+            result = b._finish(outputs)
+        except CancelledError:
+            _fail(self.future, OffloadError("part of a split request was cancelled"))
+        except BaseException as e:  # noqa: BLE001 - a failed piece, or joining failed
+            _fail(self.future, e if isinstance(e, OffloadError) else _wrapped(e))
+        else:
+            if b._record is not None:
                 try:
-                    self._record(done - r.arrived, started - r.arrived)
+                    b._record([perf_counter() - self.arrived], [self.wait])
                 except Exception:  # noqa: BLE001 - a statistic must not lose the answer
                     pass
-            r.future.set_result(result)
+            self.future.set_result(result)
+        self.pieces = None
 
 
 class _Arena:
@@ -387,33 +730,6 @@ class _Arena:
 _ARENA = _Arena()
 
 
-def _joined(futures, finish) -> concurrent.futures.Future:
-    """One future for the pieces of a split request: their outputs concatenated in order."""
-    joined = concurrent.futures.Future()
-    joined.set_running_or_notify_cancel()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def done(_):
-        with lock:
-            remaining[0] -= 1
-            if remaining[0]:
-                return
-        try:
-            parts = [f.result() for f in futures]
-            result = finish([np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))])
-        except concurrent.futures.CancelledError:
-            _fail(joined, OffloadError("part of a split request was cancelled"))
-        except BaseException as e:  # noqa: BLE001 - a failed piece, or joining failed
-            _fail(joined, e if isinstance(e, OffloadError) else _wrapped(e))
-        else:
-            joined.set_result(result)
-
-    for f in futures:
-        f.add_done_callback(done)
-    return joined
-
-
 def _wrapped(error: BaseException) -> OffloadError:
     """An unexpected exception in the batcher as the typed error its callers get."""
     kind = DeviceMemoryError if isinstance(error, MemoryError) else OffloadError
@@ -425,5 +741,5 @@ def _wrapped(error: BaseException) -> OffloadError:
 def _fail(future, error) -> None:
     try:
         future.set_exception(error)
-    except concurrent.futures.InvalidStateError:  # answered (or cancelled) already
+    except InvalidStateError:  # answered (or cancelled) already
         pass

@@ -109,6 +109,14 @@ class Stats:
             self.latency.append(latency_s)
             self.wait.append(wait_s)
 
+    def requests(self, latencies_s: list, waits_s: list):
+        """Requests answered together (a batch): their latencies and queue waits, one each."""
+        with self._lock:
+            self._values["calls"] += len(latencies_s)
+            self._values["queue_wait_s"] += sum(waits_s)
+            self.latency.extend(latencies_s)
+            self.wait.extend(waits_s)
+
     def fallback(self, reason: str) -> bool:
         """Count a fallback; True the first time this reason is seen."""
         with self._lock:
@@ -327,13 +335,17 @@ class Model:
             samples = tuple(t.shape[1:] for t in graph.inputs)
             if all(isinstance(d, int) for s in samples for d in s):
                 self._check_batchable(samples)
-            self._batcher = Batcher(self._execute_batch, batching, self._stats.request,
-                                    self._unwrap, name=f"offload-batcher-{graph.name}",
+            self._batcher = Batcher(self._execute_batch, batching, self._stats.requests,
+                                    name=f"offload-batcher-{graph.name}",
                                     workers=len(self.devices))
-        # per input: (name, rank, [(axis, size) of fixed axes]) for the fast check of each call
-        self._input_checks = [(np.dtype(t.dtype), len(t.shape),
-                               [(i, d) for i, d in enumerate(t.shape) if isinstance(d, int)])
-                              for t in graph.inputs]
+        # per input, for the fast check of each call: (dtype, rank, the shape after the first
+        # axis where that is fixed and the first is not, else None, [(axis, size) fixed])
+        self._input_checks = [
+            (np.dtype(t.dtype), len(t.shape),
+             tuple(t.shape[1:]) if len(t.shape) >= 1 and not isinstance(t.shape[0], int) and
+             all(isinstance(d, int) for d in t.shape[1:]) else None,
+             [(i, d) for i, d in enumerate(t.shape) if isinstance(d, int)])
+            for t in graph.inputs]
 
     @property
     def _plans(self):
@@ -377,7 +389,10 @@ class Model:
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *inputs, out=None, **named):
         if self._batcher is not None and out is None:
-            return self.submit(*inputs, **named).result()
+            arrays = self._prepare(inputs, named)
+            if self._closing:
+                raise OffloadError(f"model {self.source or self.graph.name!r} is closed")
+            return self._batcher.call(arrays)
         return self._run(inputs, named, out=out)
 
     def run(self, *inputs, out=None, profile=None, **named):
@@ -485,18 +500,20 @@ class Model:
 
     def _prepare(self, inputs, named) -> list[np.ndarray]:
         if not named and len(inputs) == len(self._input_checks):
-            ok = True  # fast path: float32 arrays of the right shape, checked without formatting
-            for x, (dtype, rank, fixed) in zip(inputs, self._input_checks):
-                if type(x) is not np.ndarray or x.dtype != dtype or x.ndim != rank:
-                    ok = False
+            # fast path: arrays of the declared dtype (the same dtype object: others take the
+            # full check) and shape, checked without formatting anything
+            for x, (dtype, rank, tail, fixed) in zip(inputs, self._input_checks):
+                if type(x) is not np.ndarray or x.dtype is not dtype:
                     break
                 shape = x.shape
-                for i, d in fixed:
-                    if shape[i] != d:
-                        ok = False
-                if not ok:
+                if len(shape) != rank:
                     break
-            if ok:
+                if tail is not None:  # every axis but the first fixed: one comparison
+                    if shape[1:] != tail:
+                        break
+                elif any(shape[i] != d for i, d in fixed):
+                    break
+            else:
                 return inputs
         specs = self.graph.inputs
         if named and inputs:
