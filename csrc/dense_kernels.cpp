@@ -56,28 +56,21 @@ constexpr i64 kMaxWidth = 1 << 16;  // columns of one layer (its rows of a block
 constexpr i64 kRowAlign = 12;       // blocks are whole register blocks (12 rows; 6 on AVX2)
 constexpr i64 kMaxBlock = 384;
 
-// The activations applied to the accumulators before they are stored, with the results of
+// The activations applied to the accumulators before they are stored, with the bits of
 // cpu_kernels.cpp's Epilogue and conv_kernels.cpp's finish_row (NaN kept; ReLU(-0) = +0,
-// leaky(-0) = -0). ReLU and leaky ReLU are integer operations on the bits: these helpers are
-// compiled for the baseline and inlined into the AVX-512 function, and GCC 12 splits a float
-// vector comparison there into scalar ones (a 10x slower ReLU layer), while it keeps shifts
-// and bitwise operations whole; clip's x < lo ? lo : x is recognised as a max (vmaxps, whose
-// NaN rule is that expression's).
-template <typename V> using Bits = typename Tile<V>::I;
+// leaky(-0) = -0). Each is one comparison and a select (max/min): these helpers are compiled
+// for the baseline and inlined into the AVX-512 function, where GCC 12 keeps that whole but
+// splits two comparisons or'ed together (v > 0 | v != v) into scalar ones (a 10x slower ReLU
+// layer).
 struct Relu {
     template <typename V> GEMM_INLINE V operator()(V v) const {
-        const Bits<V> b = (Bits<V>) v;
-        const Bits<V> negative = b >> 31, nan = (0x7f800000 - (b & 0x7fffffff)) >> 31;
-        return (V) (b & (~negative | nan));
+        v = v < V{} ? V{} : v;  // (NaN compares false: it stays)
+        return v + 0.0f;        // -0 + 0 = +0
     }
 };
 struct LeakyRelu {
     float alpha;
-    template <typename V> GEMM_INLINE V operator()(V v) const {
-        const Bits<V> b = (Bits<V>) v, scaled = (Bits<V>) (v * alpha);
-        const Bits<V> below = (b >> 31) & (-(b & 0x7fffffff) >> 31);  // sign set, not zero
-        return (V) ((scaled & below) | (b & ~below));
-    }
+    template <typename V> GEMM_INLINE V operator()(V v) const { return v >= V{} ? v : v * alpha; }
 };
 struct Clip {
     float lo, hi;
