@@ -38,7 +38,6 @@ namespace {
 using In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 using Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
 using i64 = std::int64_t;
-using offload::check;
 using offload::shape_of;
 using namespace offload::gemm;
 
@@ -187,27 +186,27 @@ class DenseChain {
         : x_(x), w_(std::move(w)), y_(y) {
         const std::string f(fn);
         const size_t count = w_.size();
-        check(count >= 1 && count <= (size_t) kMaxLayers,
+        OFFLOAD_CHECK(count >= 1 && count <= (size_t) kMaxLayers,
               f + ": expected 1 to " + std::to_string(kMaxLayers) + " layers, got " +
                   std::to_string(count));
-        check(bias.size() == count && act.size() == count && alpha.size() == count &&
+        OFFLOAD_CHECK(bias.size() == count && act.size() == count && alpha.size() == count &&
                   lo.size() == count && hi.size() == count,
               f + ": expected one bias (or None), act, alpha, lo and hi per layer (" +
                   std::to_string(count) + " layers), got " + std::to_string(bias.size()) +
                   " biases, " + std::to_string(act.size()) + " acts, " +
                   std::to_string(alpha.size()) + " alphas, " + std::to_string(lo.size()) +
                   " los, " + std::to_string(hi.size()) + " his");
-        check(x.ndim() == 2 && y.ndim() == 2,
+        OFFLOAD_CHECK(x.ndim() == 2 && y.ndim() == 2,
               f + ": expected x [rows, k] and out [rows, n], got x " + shape_of(x) + ", out " +
                   shape_of(y));
         rows_ = (i64) x.shape(0);
-        check((i64) y.shape(0) == rows_,
+        OFFLOAD_CHECK((i64) y.shape(0) == rows_,
               f + ": x " + shape_of(x) + " and out " + shape_of(y) + " have different rows");
-        check(block_rows >= 0 && block_rows <= kMaxBlock,
+        OFFLOAD_CHECK(block_rows >= 0 && block_rows <= kMaxBlock,
               f + ": block_rows must be 0 (chosen here) to " + std::to_string(kMaxBlock) +
                   ", got " + std::to_string(block_rows));
         for (size_t l = 0; l < count; ++l)
-            check(w_[l].ndim() == 3 && w_[l].shape(2) == (size_t) kNR,
+            OFFLOAD_CHECK(w_[l].ndim() == 3 && w_[l].shape(2) == (size_t) kNR,
                   f + ": layer " + std::to_string(l) + ": expected w packed [npad / 16, k, 16], got " +
                       shape_of(w_[l]));
         check_apart(f, "x", x);
@@ -218,26 +217,26 @@ class DenseChain {
             const In &wl = w_[l];
             const std::string at = f + ": layer " + std::to_string(l) + ": ";
             const i64 npad = (i64) wl.shape(0) * kNR;
-            check((i64) wl.shape(1) == k,
+            OFFLOAD_CHECK((i64) wl.shape(1) == k,
                   at + "w packed " + shape_of(wl) + " takes " + std::to_string(wl.shape(1)) +
                       " inputs, " + (l ? "the layer before gives " : "x has ") +
                       std::to_string(k));
             // the width of this layer: the inputs of the next one, or out's columns
             const i64 n = l + 1 < count ? (i64) w_[l + 1].shape(1) : (i64) y.shape(1);
-            check(n <= npad && npad - n < kNR,
+            OFFLOAD_CHECK(n <= npad && npad - n < kNR,
                   at + "w packed " + shape_of(wl) + " holds " + std::to_string(npad) +
                       " columns, for the " + std::to_string(n) + " " +
                       (l + 1 < count ? "inputs of the next layer" : "columns of out") +
                       " (expected " + std::to_string(n) + " padded to a multiple of 16: " +
                       std::to_string(pad16(n)) + ")");
-            check(npad <= kMaxWidth, at + std::to_string(npad) + " columns; a chain takes up to " +
+            OFFLOAD_CHECK(npad <= kMaxWidth, at + std::to_string(npad) + " columns; a chain takes up to " +
                                          std::to_string(kMaxWidth));
-            check(!bias[l] || (i64) bias[l]->size() == n,
+            OFFLOAD_CHECK(!bias[l] || (i64) bias[l]->size() == n,
                   at + "bias must have " + std::to_string(n) + " values, got " +
                       (bias[l] ? std::to_string(bias[l]->size()) : std::string("none")));
-            check(act[l] >= kIdentity && act[l] <= kClip,
+            OFFLOAD_CHECK(act[l] >= kIdentity && act[l] <= kClip,
                   at + "activation code must be 0..5, got " + std::to_string(act[l]));
-            check(product(rows_, k, npad) >= 0, at + "sizes too large");
+            OFFLOAD_CHECK(product(rows_, k, npad) >= 0, at + "sizes too large");
             check_apart(f, "w[" + std::to_string(l) + "]", wl);
             if (bias[l]) check_apart(f, "bias[" + std::to_string(l) + "]", *bias[l]);
             biases_[l].assign((size_t) npad, 0.f);
@@ -248,7 +247,7 @@ class DenseChain {
             width = std::max(width, npad);
             k = n;
         }
-        check(lanes == 0 || lanes == 8 || (lanes == 16 && has_avx512()),
+        OFFLOAD_CHECK(lanes == 0 || lanes == 8 || (lanes == 16 && has_avx512()),
               f + ": lanes must be 0 (the widest this CPU runs), 8 or 16 (with AVX-512), got " +
                   std::to_string(lanes));
         wide_ = lanes == 0 ? has_avx512() : lanes == 16;
@@ -296,7 +295,7 @@ class DenseChain {
     template <typename A> void check_apart(const std::string &fn, const std::string &what, const A &in) {
         auto o0 = reinterpret_cast<std::uintptr_t>(y_.data()), o1 = o0 + y_.size() * sizeof(float);
         auto i0 = reinterpret_cast<std::uintptr_t>(in.data()), i1 = i0 + in.size() * sizeof(float);
-        check(o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0,
+        OFFLOAD_CHECK(o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0,
               fn + ": out overlaps " + what + " (it would be read after being written); pass "
                    "separate arrays");
     }
