@@ -166,9 +166,9 @@ __attribute__((target("avx512f,avx512vl,avx512dq,fma,avx2")))
 void chain_avx512(const ChainJob &j, i64 r0, i64 r1) { chain_rows<v16>(j, r0, r1); }
 CHAIN_CLONES void chain_v8(const ChainJob &j, i64 r0, i64 r1) { chain_rows<v8>(j, r0, r1); }
 
-// Rows per block: the two buffers of block x widest-npad floats within ~96 KiB (L2, next to
-// the weights; the rows of the layer being computed and the next one's input in L1), whole
-// register blocks, at least 12 and at most 384 rows.
+// Rows per block: the two buffers of block x widest-npad floats within ~96 KiB, in L2 beside
+// the weights (a register block's input and output rows in L1); whole register blocks, 12 to
+// 384 rows. (jet_mlp: 192 rows, hcal_mlp: 48; 48 to 192 measured the same on both.)
 i64 auto_block(i64 width) {
     const i64 fit = (96 << 10) / (2 * 4 * std::max<i64>(width, kNR));
     return std::clamp<i64>(fit / kRowAlign * kRowAlign, kRowAlign, kMaxBlock);
@@ -254,6 +254,7 @@ class DenseChain {
         block_ = block_rows ? (block_rows + kRowAlign - 1) / kRowAlign * kRowAlign
                             : auto_block(width);
         width_ = width;
+        row_macs_ = macs_;
         macs_ = product(macs_, rows_);
     }
 
@@ -262,15 +263,19 @@ class DenseChain {
         offload::FlushDenormals ftz;
         const ChainJob j{layers_.data(), (int) layers_.size(), x_.data(), y_.data(), block_, width_};
         auto *kernel = wide_ ? chain_avx512 : chain_v8;
-        const bool parallel = macs_ < 0 || macs_ >= offload::parallel_macs();
-        // blocks of rows as the tasks (at most block_; fewer when that leaves threads idle)
-        i64 step = block_;
+        // Parallel from 4x the pool's threshold (set_parallel_macs): the chain does ~60
+        // multiply-adds per ns on one AVX-512 core, and waking a helper cost more than it saved
+        // below that (jet_mlp at 512 rows: 44 us on 2 threads, 32 on one; at 1024 rows even).
+        const bool parallel = macs_ < 0 || macs_ / 4 >= offload::parallel_macs();
+        // Tasks: blocks of rows (several per thread, for threads slowed by other work), but
+        // each at least ~2**20 multiply-adds: every task reads all the weights into its core's
+        // cache (hcal_mlp at 64 rows in tasks of 12 rows took 1.5x its single-thread time).
+        i64 step = rows_;
         if (parallel) {
+            const auto up = [](i64 r) { return (r + kRowAlign - 1) / kRowAlign * kRowAlign; };
             const i64 parts = 4 * (i64) offload::pool_threads();
-            step = std::min(block_, std::max(kRowAlign, ((rows_ + parts - 1) / parts + kRowAlign - 1) /
-                                                            kRowAlign * kRowAlign));
-        } else {
-            step = rows_;
+            const i64 least = up(((i64(1) << 20) + row_macs_ - 1) / std::max<i64>(row_macs_, 1));
+            step = std::max(least, std::min(block_, up((rows_ + parts - 1) / parts)));
         }
         offload::parallel_for((rows_ + step - 1) / step, [&](i64 i) {
             kernel(j, i * step, std::min(rows_, (i + 1) * step));
@@ -305,7 +310,7 @@ class DenseChain {
     Out y_;
     std::vector<Layer> layers_;
     std::vector<std::vector<float>> biases_;
-    i64 rows_ = 0, block_ = kRowAlign, width_ = 0, macs_ = 0;
+    i64 rows_ = 0, block_ = kRowAlign, width_ = 0, macs_ = 0, row_macs_ = 0;
     bool wide_ = false;
 };
 
