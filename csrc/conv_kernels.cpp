@@ -1313,6 +1313,7 @@ void parallel_for(std::int64_t count, const std::function<void(std::int64_t)> &f
     pool().run(count, fn, parallel);
 }
 int pool_threads() { return pool().threads(); }
+std::int64_t parallel_macs() { return g_parallel_macs.load(); }
 }  // namespace offload
 
 void register_conv_kernels(nb::module_ &m) {

@@ -535,6 +535,8 @@ void register_rnn_kernels(nb::module_ &m);
 void register_row_kernels(nb::module_ &m);
 // Index kernels of the graph taggers: top-k and reductions over trailing axes (index_kernels.cpp).
 void register_index_kernels(nb::module_ &m);
+// Chains of dense layers through one kernel, the intermediates in cache (dense_kernels.cpp).
+void register_dense_kernels(nb::module_ &m);
 
 NB_MODULE(_core, m) {
     m.doc() = "Native helpers for offload (aligned host buffers, pointers).";
@@ -627,4 +629,5 @@ NB_MODULE(_core, m) {
     register_rnn_kernels(m);
     register_row_kernels(m);
     register_index_kernels(m);
+    register_dense_kernels(m);
 }

@@ -2,7 +2,8 @@
 // same pass) with B packed in panels of 16 columns ([ncols / 16, k, 16], each panel contiguous)
 // and every row of C starting from a bias. Templates over the vector width: 8 lanes (AVX2 or the
 // baseline) or 16 (AVX-512); the caller instantiates them in a function compiled for that width
-// (rnn_kernels.cpp: the LSTM/GRU time loop; conv_kernels.cpp: dense layers).
+// (rnn_kernels.cpp: the LSTM/GRU time loop; conv_kernels.cpp: dense layers; dense_kernels.cpp:
+// chains of dense layers, an activation applied to the accumulators before they are stored).
 #pragma once
 
 #include <algorithm>
@@ -37,6 +38,13 @@ template <typename V> GEMM_INLINE V load(const float *p) { V v; std::memcpy(&v, 
 template <typename V> GEMM_INLINE void store(float *p, V v) { std::memcpy(p, &v, sizeof v); }
 template <typename V> GEMM_INLINE V splat(float x) { return V{} + x; }
 
+// What a tile's accumulators go through on their way to memory: nothing (the LSTM's gates, the
+// packed dense layers), or an activation applied in registers (dense_kernels.cpp's fused
+// chains: ReLU, leaky ReLU, clip).
+struct NoEpilogue {
+    template <typename V> GEMM_INLINE V operator()(V v) const { return v; }
+};
+
 // A product's operands: A [rows, k] (rows lda apart) and B [k, ncols] packed in panels of kNR
 // columns ([ncols / kNR, k, kNR], each panel contiguous: streamed in order).
 struct Operands {
@@ -49,9 +57,9 @@ struct Operands {
 // C[MR, NB * kNR] (columns j0...) = x.a @ x.b + y.a @ y.b over NB panels side by side, every
 // row starting from bias (the biases of the gates, folded into the product). Two operands: the
 // LSTM's step input and state in one pass over C (y.k = 0: none).
-template <typename V, int MR, int NB>
+template <typename V, int MR, int NB, typename Ep = NoEpilogue>
 GEMM_INLINE void gemm_tile(const Operands &x, const Operands &y, i64 j0, const float *bias,
-                          float *C, i64 ldc) {
+                          float *C, i64 ldc, const Ep &ep = Ep()) {
     constexpr int W = kLanes<V>, NV = NB * kNR / W;  // vectors in a row of the tile
     // every loop but k's unrolled (the accumulators stay in registers; GCC would not unroll
     // 8 x 3 by itself and kept them in memory)
@@ -82,28 +90,30 @@ GEMM_INLINE void gemm_tile(const Operands &x, const Operands &y, i64 j0, const f
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) store(C + i * ldc + j0 + v * W, acc[i][v]);
+        for (int v = 0; v < NV; ++v) store(C + i * ldc + j0 + v * W, ep(acc[i][v]));
 }
 
 // Columns [j0, ncols) by tiles of NB panels, the rest by tiles of NB / 2, ...
-template <typename V, int MR, int NB>
+template <typename V, int MR, int NB, typename Ep = NoEpilogue>
 GEMM_INLINE void gemm_cols(const Operands &x, const Operands &y, i64 j0, i64 ncols,
-                          const float *bias, float *C, i64 ldc) {
-    for (; j0 + NB * kNR <= ncols; j0 += NB * kNR) gemm_tile<V, MR, NB>(x, y, j0, bias, C, ldc);
+                          const float *bias, float *C, i64 ldc, const Ep &ep = Ep()) {
+    for (; j0 + NB * kNR <= ncols; j0 += NB * kNR)
+        gemm_tile<V, MR, NB>(x, y, j0, bias, C, ldc, ep);
     if constexpr (NB > 1)
-        if (j0 < ncols) gemm_cols<V, MR, NB / 2>(x, y, j0, ncols, bias, C, ldc);
+        if (j0 < ncols) gemm_cols<V, MR, NB / 2>(x, y, j0, ncols, bias, C, ldc, ep);
 }
 
-// C[mr, ncols] = bias + x.a @ x.b + y.a @ y.b, ncols a multiple of kNR, mr in [1, Tile<V>::MR].
+// C[mr, ncols] = ep(bias + x.a @ x.b + y.a @ y.b), ncols a multiple of kNR, mr in
+// [1, Tile<V>::MR].
 // Few rows (batch 1): more panels per tile, so that 8 accumulators hide the FMAs' latency
 // (one row x 2 panels waited on it: DeepJet's LSTM 10% slower at batch 1; 4 or 16 panels too).
-template <typename V, int MR = Tile<V>::MR>
+template <typename V, int MR = Tile<V>::MR, typename Ep = NoEpilogue>
 GEMM_INLINE void gemm_rows(int mr, const Operands &x, const Operands &y, i64 ncols,
-                          const float *bias, float *C, i64 ldc) {
+                          const float *bias, float *C, i64 ldc, const Ep &ep = Ep()) {
     if constexpr (MR > 1)
-        if (mr < MR) return gemm_rows<V, MR - 1>(mr, x, y, ncols, bias, C, ldc);
+        if (mr < MR) return gemm_rows<V, MR - 1, Ep>(mr, x, y, ncols, bias, C, ldc, ep);
     constexpr int NB = std::max(Tile<V>::NB, 8 * kLanes<V> / kNR / MR);
-    gemm_cols<V, MR, NB>(x, y, 0, ncols, bias, C, ldc);
+    gemm_cols<V, MR, NB>(x, y, 0, ncols, bias, C, ldc, ep);
 }
 
 inline i64 pad16(i64 n) { return (n + kNR - 1) / kNR * kNR; }

@@ -19,6 +19,9 @@ void parallel_for(std::int64_t count, const std::function<void(std::int64_t)> &f
 // The pool's size (set_num_threads), the calling thread included.
 int pool_threads();
 
+// Work below this many multiply-adds runs on the calling thread (set_parallel_macs).
+std::int64_t parallel_macs();
+
 // While alive: denormal float32 results are flushed to zero and denormal operands read as zero
 // (x86 MXCSR FTZ | DAZ) on this thread; the caller's mode comes back at the end. Every kernel
 // entry point and the pool's helpers hold one, as CUDA kernels compiled with -ftz=true and

@@ -483,8 +483,63 @@ def check_conv(r: Reader):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def check_dense_chain(r: Reader):
+    """dense_chain / DenseChain on a chain of fuzzed widths, activations, block sizes and
+    lanes, one or two operands replaced by a fuzzed one (wrong shape/dtype/layout, a view of
+    ``out``, a list that lies about its length); where a call is accepted on the arrays built
+    here, its result against NumPy. A DenseChain's arrays are dropped before run()."""
+    layers = r.int(1, 4)
+    dims = [r.int(0, 40) for _ in range(layers + 1)]
+    rows = r.int(0, 30)
+    pad = lambda n: -(-n // 16) * 16  # noqa: E731
+    f = lambda *shape: (np.arange(int(np.prod(shape)), dtype=np.float32) % 5 - 2) / 4  # noqa: E731
+    ws = [f(k, n).reshape(k, n) for k, n in zip(dims, dims[1:])]
+    wps = []
+    for w in ws:
+        k, n = w.shape
+        cols = np.zeros((k, pad(n)), np.float32)
+        cols[:, :n] = w
+        wps.append(np.ascontiguousarray(cols.reshape(k, pad(n) // 16, 16).transpose(1, 0, 2)))
+    bs = [f(n) if r.flag() else None for n in dims[1:]]
+    acts = [(r.int(-1, 6), float(r.int(-2, 2)) / 4, -float(r.int(0, 2)), float(r.int(0, 2)))
+            for _ in range(layers)]
+    x, out = f(rows, dims[0]).reshape(rows, dims[0]), np.full((rows, dims[-1]), 9.0, np.float32)
+    args = [x, list(wps), list(bs), out] + [list(a) for a in zip(*acts)]
+    changed = False
+    for _ in range(r.int(0, 2)):
+        k = r.int(0, len(args) - 1)
+        changed = True
+        if k in (1, 2) and isinstance(args[k], list) and args[k] and r.flag():  # an item, a lying list
+            items = args[k]
+            if r.flag():
+                items[r.int(0, len(items) - 1)] = operand(r, out)
+            else:
+                args[k] = Temporaries(items, len(items) + r.int(0, 2))
+        else:
+            args[k] = operand(r, out)
+    block, lanes = r.pick([0, 0, 12, 13, 384, 385, -1]), r.pick([0, 0, 8, 16, 4])
+    keep = r.flag()
+    try:
+        if keep:
+            chain = _core.DenseChain(*args, block, lanes)
+            del args
+            chain.run()
+        else:
+            _core.dense_chain(*args, block, lanes)
+    except REFUSALS:
+        return
+    if changed:
+        return
+    v = x.astype(np.float64)
+    for w, b, (code, alpha, lo, hi) in zip(ws, bs, acts):
+        v = v @ w + (0 if b is None else b)
+        v = [v, np.maximum(v, 0), np.where(v >= 0, v, v * alpha), 1 / (1 + np.exp(-v)),
+             np.tanh(v), np.clip(v, lo, hi)][code]
+    np.testing.assert_allclose(out, v, rtol=1e-4, atol=1e-4)
+
+
 CHECKS = [check_gather, check_copy, check_kernels, check_program, check_hostbuffer, check_misc,
-          check_rnn, check_rows, check_index, check_copy_view, check_conv]
+          check_rnn, check_rows, check_index, check_copy_view, check_conv, check_dense_chain]
 
 
 def one_input(data: bytes) -> None:

@@ -1487,3 +1487,156 @@ def test_dense_packed_checks_before_touching_memory():
             _core.dense_packed(*args, 0, 0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="activation"):
         _core.dense_packed(x, wp, None, None, out, 9, 0.0, 0.0, 0.0)
+
+
+# ---- fused chains of dense layers (csrc/dense_kernels.cpp) ----
+
+_CHAIN_ACTS = [(0, 0.0, 0.0, 0.0), (1, 0.0, 0.0, 0.0), (2, 0.1, 0.0, 0.0), (3, 0.0, 0.0, 0.0),
+               (4, 0.0, 0.0, 0.0), (5, 0.0, -0.5, 0.75)]
+_CHAIN_LANES = [8, 16] if _core.DenseChain(
+    np.zeros((1, 1), np.float32), [np.zeros((1, 1, 16), np.float32)], [None],
+    np.zeros((1, 1), np.float32), [0], [0.0], [0.0], [0.0]).lanes == 16 else [8]
+
+
+def _chain_layers(rng, dims, acts):
+    from offload.drivers.cpu import pack_columns
+    ws = [(rng.standard_normal((k, n)) / np.sqrt(max(k, 1))).astype(np.float32)
+          for k, n in zip(dims, dims[1:])]
+    bs = [rng.standard_normal(n).astype(np.float32) if i % 3 != 1 else None
+          for i, n in enumerate(dims[1:])]
+    return ws, [pack_columns(w) for w in ws], bs, acts
+
+
+def _chain_reference(x, ws, bs, acts):
+    v = x.astype(np.float64)
+    for w, b, (code, alpha, lo, hi) in zip(ws, bs, acts):
+        v = v @ w + (0 if b is None else b)
+        v = [v, np.maximum(v, 0), np.where(v >= 0, v, v * alpha), 1 / (1 + np.exp(-v)),
+             np.tanh(v), np.clip(v, lo, hi)][code]
+    return v
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lanes", _CHAIN_LANES)
+def test_dense_chain_matches_numpy_and_the_layers_one_by_one(threads, lanes):
+    """Every activation at every position, widths around the 16-column panels, rows around
+    the register blocks and the blocks of rows (forced small: several blocks per task): the
+    result of NumPy in float64, and (16 lanes, as dense_packed runs here) the same bits as the
+    layers one by one through dense_packed."""
+    rng = np.random.default_rng(16)
+    old = _core.get_num_threads(), _core.get_parallel_macs()
+    _core.set_num_threads(threads)
+    _core.set_parallel_macs(0)
+    try:
+        for dims in ([16, 64, 32, 32, 5], [47, 200, 100, 50, 20, 10, 5, 1], [3, 17, 16, 33],
+                     [1, 1], [5, 0, 7], [0, 4, 3], [8, 40, 0]):
+            for rows in (0, 1, 5, 12, 13, 97):
+                for block in (0, 12, 24):
+                    acts = [_CHAIN_ACTS[int(i)] for i in rng.integers(0, 6, len(dims) - 1)]
+                    ws, wps, bs, acts = _chain_layers(rng, dims, acts)
+                    x = rng.standard_normal((rows, dims[0])).astype(np.float32)
+                    out = np.full((rows, dims[-1]), np.nan, np.float32)
+                    _core.dense_chain(x, wps, bs, out, *map(list, zip(*acts)), block, lanes)
+                    np.testing.assert_allclose(out, _chain_reference(x, ws, bs, acts),
+                                               rtol=1e-5, atol=1e-5)
+                    if lanes == 16 and all(dims):
+                        v = x
+                        for wp, b, a, n in zip(wps, bs, acts, dims[1:]):
+                            y = np.empty((rows, n), np.float32)
+                            _core.dense_packed(v, wp, b, None, y, *a)
+                            v = y
+                        np.testing.assert_array_equal(out, v)
+    finally:
+        _core.set_num_threads(old[0])
+        _core.set_parallel_macs(old[1])
+
+
+@pytest.mark.parametrize("lanes", _CHAIN_LANES)
+def test_dense_chain_activations_keep_nan_and_signed_zeros_as_dense_packed(lanes):
+    """The activations applied in registers (bit operations for ReLU and leaky ReLU) give the
+    bits of dense_packed's epilogue on NaN, infinities and -0 (an identity layer whose bias is
+    -0 passes x through exactly)."""
+    from offload.drivers.cpu import pack_columns
+    special = [np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, -1.5, 2.5, -1e-30, 3e38]
+    x = np.array([special[i:] + special[:i] for i in range(13)], np.float32)[:, :10]
+    x = np.concatenate([x] * 4, axis=1)  # 40 columns: two whole panels and a part
+    wp = pack_columns(np.eye(40, dtype=np.float32))
+    bias = np.full(40, -0.0, np.float32)
+    for code, alpha, lo, hi in _CHAIN_ACTS + [(2, -0.5, 0.0, 0.0), (5, 0.0, 1.0, -1.0)]:
+        want = np.empty_like(x)
+        _core.dense_packed(x, wp, bias, None, want, code, alpha, lo, hi)
+        got = np.empty_like(x)
+        with np.errstate(all="ignore"):
+            _core.dense_chain(x, [wp], [bias], got, [code], [alpha], [lo], [hi], 0, lanes)
+        same = (got.view(np.int32) == want.view(np.int32)) | (np.isnan(got) & np.isnan(want))
+        assert same.all(), (code, alpha, lo, hi, x[~same], got[~same], want[~same])
+
+
+def test_dense_chain_checks_before_touching_memory():
+    from offload.drivers.cpu import pack_columns
+    x = np.ones((4, 8), np.float32)
+    w1, w2 = pack_columns(np.ones((8, 20), np.float32)), pack_columns(np.ones((20, 3), np.float32))
+    out = np.zeros((4, 3), np.float32)
+    good = dict(x=x, w_packed=[w1, w2], bias=[None, None], out=out, act=[1, 0],
+                alpha=[0.0, 0.0], lo=[0.0, 0.0], hi=[0.0, 0.0])
+    cases = [
+        (dict(w_packed=[], bias=[], act=[], alpha=[], lo=[], hi=[]), "expected 1 to 64 layers, got 0"),
+        (dict(bias=[None]), "one bias .* per layer \\(2 layers\\), got 1 biases"),
+        (dict(act=[1]), "got 2 biases, 1 acts"),
+        (dict(x=x.reshape(-1)), "expected x \\[rows, k\\] and out \\[rows, n\\], got x \\[32\\]"),
+        (dict(out=np.zeros((5, 3), np.float32)), "have different rows"),
+        (dict(w_packed=[w1, w2[:, :, :8].copy()]), "layer 1: expected w packed .* got \\[1, 20, 8\\]"),
+        (dict(x=np.ones((4, 7), np.float32)), "layer 0: w packed \\[2, 8, 16\\] takes 8 inputs, x has 7"),
+        (dict(w_packed=[w1, pack_columns(np.ones((15, 3), np.float32))]),
+         "layer 0: w packed \\[2, 8, 16\\] holds 32 columns, for the 15 inputs of the next "
+         "layer \\(expected 15 padded to a multiple of 16: 16\\)"),
+        (dict(w_packed=[w1, pack_columns(np.ones((33, 3), np.float32))]), "for the 33 inputs"),
+        (dict(out=np.zeros((4, 17), np.float32)), "layer 1: .* for the 17 columns of out"),
+        (dict(bias=[np.ones(19, np.float32), None]), "layer 0: bias must have 20 values, got 19"),
+        (dict(act=[1, 6]), "layer 1: activation code must be 0..5, got 6"),
+        (dict(act=[-1, 0]), "layer 0: activation code must be 0..5, got -1"),
+        (dict(x=out.reshape(-1)[:8].reshape(1, 8), out=out[:1]), "out overlaps x"),
+        (dict(out=w2.reshape(-1)[:12].reshape(4, 3)), "out overlaps w\\[1\\]"),
+    ]
+    for change, match in cases:
+        args = dict(good, **change)
+        before = [a.copy() for a in (x, w1, w2, out)]
+        with pytest.raises(ValueError, match=match):
+            _core.dense_chain(**args)
+        with pytest.raises(ValueError, match=match.replace("dense_chain", "DenseChain")):
+            _core.DenseChain(**args)
+        for a, b in zip((x, w1, w2, out), before):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="block_rows must be 0 .* to 384, got 385"):
+        _core.dense_chain(**good, block_rows=385)
+    with pytest.raises(ValueError, match="lanes must be 0"):
+        _core.dense_chain(**good, lanes=4)
+    with pytest.raises(TypeError):  # float64 out: refused, never converted
+        _core.dense_chain(**dict(good, out=out.astype(np.float64)))
+    with pytest.raises(TypeError):  # DenseChain converts nothing: it keeps what it reads
+        _core.DenseChain(**dict(good, x=x.astype(np.float64)))
+    with pytest.raises(ValueError, match="layer 0: 65552 columns; a chain takes up to 65536"):
+        wide = np.zeros((4097, 0, 16), np.float32)
+        _core.dense_chain(np.ones((1, 0), np.float32), [wide], [None],
+                          np.zeros((1, 4097 * 16 - 5), np.float32), [0], [0.0], [0.0], [0.0])
+    _core.dense_chain(**good)
+    np.testing.assert_array_equal(out, np.full((4, 3), 160.0, np.float32))
+
+
+def test_dense_chain_object_keeps_what_it_reads():
+    """DenseChain holds its arrays: run() after every other reference is gone reads them."""
+    import gc
+    rng = np.random.default_rng(3)
+    ws, wps, bs, acts = _chain_layers(rng, [6, 40, 9], [_CHAIN_ACTS[1], _CHAIN_ACTS[0]])
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    want = _chain_reference(x, ws, bs, acts)
+    out = np.zeros((50, 9), np.float32)
+    chain = _core.DenseChain(x.copy(), [w.copy() for w in wps], [b if b is None else b.copy()
+                                                                 for b in bs],
+                             out, *map(list, zip(*acts)))
+    gc.collect()
+    junk = [np.full(4096, np.nan, np.float32) for _ in range(64)]
+    chain.run()
+    del junk
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert chain.block_rows % 12 == 0 and chain.lanes in (8, 16)

@@ -269,7 +269,8 @@ def test_a_run_that_finds_no_memory_is_halved_until_it_fits(jet):
 def test_ten_million_rows_under_a_memory_cap_are_split_and_typed():
     """The issue's 10**7-row call: before, one plan of 10**7 rows (gigabytes of activations)
     and, under a memory cap, a raw MemoryError from aligned_empty; now runs of
-    OFFLOAD_MAX_RUN_ROWS rows, and a plan asked for that size a DeviceMemoryError."""
+    OFFLOAD_MAX_RUN_ROWS rows, and a plan asked for three times that size (its two dense layers
+    are one fused chain: a plan of 10**7 rows fits) a DeviceMemoryError."""
     result = _run_python("""
         import resource, numpy as np
         import offload
@@ -280,13 +281,15 @@ def test_ten_million_rows_under_a_memory_cap_are_split_and_typed():
                  G.Node("dense", ["h", "w2"], ["y"], {}, "d2")]
         graph = G.Graph(nodes, [G.TensorInfo("x", ("N", 16))], ["y"], {"w1": w1, "w2": w2})
         model = offload.Model(graph, offload.device("cpu"))
-        x = np.ones((10**7, 16), np.float32)  # 640 MB; one plan for it: 2.6 GB of activations
+        x = np.ones((10**7, 16), np.float32)  # 640 MB; unfused, one plan for it: 2.6 GB of activations
         vm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize")][0]
         resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30),) * 2)
         y = model(x)
         print("split", y.shape, float(y[0, 0]), float(y[-1, 1]), model.stats["device_runs"])
         try:
-            model.plan((10**7, 16))
+            # (d1 and d2 run as one fused chain on the cpu device: a plan of 10**7 rows holds only
+            # its input and output, 0.7 GB, under the cap; 3 * 10**7 rows are 2.2 GB)
+            model.plan((3 * 10**7, 16))
         except offload.DeviceMemoryError as e:
             print("typed", "bytes" in str(e))
     """, timeout=300)

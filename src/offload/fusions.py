@@ -18,6 +18,7 @@ def fuse(entries, shapes, values, outputs, device_ops):
     entries = _fuse_softmax_inputs(entries, shapes, values, outputs, device_ops)
     entries = _fuse_gelu(entries, shapes, values, outputs, device_ops)
     entries = _fuse_conv_pool(entries, outputs, device_ops)
+    entries = _fuse_dense_chain(entries, shapes, outputs, device_ops)
     return _live_entries(entries, outputs)
 
 
@@ -207,6 +208,68 @@ def _fuse_conv_pool(entries, outputs, device_ops):
                        c_node.source_op)
         out[c] = (fused, dict(c_attrs, pool=node.op), c_ops, out_shape)
         drop.add(k)
+    return [e for j, e in enumerate(out) if j not in drop]
+
+
+def _chain_layer(entry, shapes):
+    """(k, n) of a dense entry that can be a layer of a fused chain: constant weights (and
+    bias), no fused residual, float (not fixed point); else None."""
+    node, attrs, operands, out_shape = entry
+    if node.op != "dense" or "fixed" in attrs or "chain" in attrs or attrs.get("residual") \
+            or not 2 <= len(operands) <= 3 or any(n in shapes for n in operands[1:]) \
+            or operands[0] not in shapes or not out_shape:
+        return None
+    return shapes[operands[0]][-1], out_shape[-1]
+
+
+def _fuse_dense_chain(entries, shapes, outputs, device_ops):
+    """Consecutive dense layers (Gemm/MatMul, bias, activation) where each output is read only
+    by the next layer, as its input, and is not a graph output, as one dense step with attrs
+    ``chain`` (each layer's attrs) and ``counts`` (each layer's constant operands: weight, or
+    weight and bias) on the operands [x, w1, (b1), w2, (b2), ...], on a device whose dense
+    builder takes it (build_dense.fused_chain(rows, [(k, n), ...]) says which chains are worth
+    it): the cpu device runs blocks of rows through every layer, its intermediates in cache.
+    The chain runs where its last layer stood."""
+    fits = getattr(device_ops.get("dense"), "fused_chain", None) if device_ops else None
+    if not callable(fits):
+        return entries
+    readers, by_out = _readers_and_producers(entries)
+    # the one dense layer that reads each dense layer's output, when it is the only reader
+    next_of = {}
+    for k, entry in enumerate(entries):
+        if _chain_layer(entry, shapes) is None:
+            continue
+        src = entry[2][0]
+        j = by_out.get(src)
+        if j is not None and src not in outputs and readers.get(src) == 1 and \
+                _chain_layer(entries[j], shapes) is not None:
+            next_of[j] = k
+    # chains start at a layer that reads no chained one; one cut short by fits() (or a layer
+    # that fits in no chain) goes on from the layer after it
+    pending = sorted(set(next_of) - set(next_of.values()), reverse=True)
+    out, drop = list(entries), set()
+    while pending:
+        chain = [pending.pop()]
+        rows = math.prod(entries[chain[0]][3][:-1])
+        while chain[-1] in next_of:
+            candidate = chain + [next_of[chain[-1]]]
+            if not fits(rows, [_chain_layer(entries[j], shapes) for j in candidate]):
+                break
+            chain = candidate
+        if chain[-1] in next_of:
+            pending.append(next_of[chain[-1]])
+        if len(chain) < 2:
+            continue
+        layers = [entries[j] for j in chain]
+        operands = [layers[0][2][0]] + [name for _, _, ops, _ in layers for name in ops[1:]]
+        name = "+".join(n.name for n, _, _, _ in layers)
+        attrs = {"chain": tuple(a for _, a, _, _ in layers),
+                 "counts": tuple(len(ops) - 1 for _, _, ops, _ in layers), "node": name}
+        last_node, _, _, last_shape = layers[-1]
+        fused = G.Node("dense", operands, last_node.outputs, {"chain": len(chain)}, name,
+                       last_node.source_op)
+        out[chain[-1]] = (fused, attrs, operands, last_shape)
+        drop.update(chain[:-1])
     return [e for j, e in enumerate(out) if j not in drop]
 
 

@@ -99,6 +99,8 @@ def epilogue(y2: np.ndarray, attrs: dict, bias=None, bias_axis=1, residual=None)
 
 
 def build_dense(ctx, attrs, ins, out):
+    if "chain" in attrs:
+        return _build_dense_chain(ctx, attrs, ins, out)
     x, w = ins[0], ins[1]
     k, n = w.shape
     x2 = x.reshape(-1, k)
@@ -117,6 +119,53 @@ def build_dense(ctx, attrs, ins, out):
                                  *_activation_args(attrs))
     return _sequence(functools.partial(np.matmul, x2, w, out=y2),
                      epilogue(y2, attrs, bias, 1, residual))
+
+
+CHAIN_MAX_WIDTH = 1024  # columns of one layer of a fused chain
+CHAIN_MAX_WEIGHTS = 1 << 18  # packed weights of a whole chain, in floats (1 MiB: they stay in L2)
+
+
+def _chain_fits(rows, dims):
+    """Whether dense layers of these (k, n), each read only by the next, run as one fused
+    chain (fusions._fuse_dense_chain): each block of rows goes through every layer with its
+    intermediates in cache, and every block reads every layer's weights again, so they must
+    stay in L2 together; products too small for dense_packed stay with the merged small-op
+    program, whose one call costs less."""
+    if max(n for _, n in dims) > CHAIN_MAX_WIDTH or \
+            sum(k * _pad16(n) for k, n in dims) > CHAIN_MAX_WEIGHTS:
+        return False
+    return any(rows * k * n > SMALL_DENSE_MACS for k, n in dims)
+
+
+def _build_dense_chain(ctx, attrs, ins, out):
+    """Dense layers fused by fusions._fuse_dense_chain: ins are [x, w1, (b1), w2, (b2), ...];
+    float32 runs as one _core.DenseChain over weights packed as dense_packed takes them, any
+    other storage layer by layer through scratch buffers."""
+    layers, pos = [], 1
+    for a, count in zip(attrs["chain"], attrs["counts"]):
+        layers.append((a, ins[pos], ins[pos + 1] if count > 1 else None))
+        pos += count
+    x = ins[0]
+    k0, n_last = layers[0][1].shape[0], layers[-1][1].shape[1]
+    x2, y2 = x.reshape(-1, k0), out.reshape(-1, n_last)
+    if _c_float32(x2, y2) and all(w.dtype == F32 for _, w, _ in layers):
+        acts = [_activation_args(a) for a, _, _ in layers]
+        chain = _core.DenseChain(
+            x2, [ctx.weight(w, "panels", pack_columns) for _, w, _ in layers],
+            [ctx.weight(b) if b is not None else None for _, _, b in layers], y2,
+            [a[0] for a in acts], [a[1] for a in acts], [a[2] for a in acts],
+            [a[3] for a in acts])
+        return chain.run
+    runs, src = [], x
+    for i, (a, w, b) in enumerate(layers):  # (intermediates in scratch slots 0 and 1)
+        dst = out if i == len(layers) - 1 else \
+            ctx.scratch(x.shape[:-1] + (w.shape[1],), out.dtype, slot=i % 2)
+        runs.append(build_dense(ctx, a, [src, w] + ([b] if b is not None else []), dst))
+        src = dst
+    return _sequence(*runs)
+
+
+build_dense.fused_chain = _chain_fits  # the plan may fuse chains of dense layers (fusions.py)
 
 
 def _padded_source(x, pads, value):
