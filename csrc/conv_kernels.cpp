@@ -628,6 +628,7 @@ namespace oc {
 
 using i64 = std::int64_t;
 constexpr int kLanes = 16;
+constexpr i64 kKc = 128;  // reduction indices per pass over a chunk's tiles
 
 struct Job {
     Geometry g;
@@ -659,17 +660,21 @@ OC_TARGET __attribute__((always_inline)) inline __m512 act16(__m512 v, const Act
     }
 }
 
+// Reduction indices [k0, k1): the accumulators start from zero (first) or from the partial sums
+// the tile stored in t; the last range adds the bias (and the activation) before storing.
 template <int P, int NB, int SW>
 OC_TARGET __attribute__((always_inline)) inline void tile(const Job &j, const float *x,
                                                           const float *w, const float *bias,
-                                                          float *t) {
+                                                          float *t, i64 k0, i64 k1, bool first,
+                                                          bool last) {
     __m512 acc[P][NB];
 #pragma GCC unroll 32
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 2
-        for (int n = 0; n < NB; ++n) acc[p][n] = _mm512_setzero_ps();
+        for (int n = 0; n < NB; ++n)
+            acc[p][n] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(t + p * NB * kLanes + n * kLanes);
     const i64 K = j.k, *koff = j.koff.data();
-    for (i64 k = 0; k < K; ++k) {
+    for (i64 k = k0; k < k1; ++k) {
         const float *s = x + koff[k];
         asm("" : "+r"(s));  // one base register for the P loads (GCC kept P bases, spilled)
         __m512 wv[NB];
@@ -687,8 +692,11 @@ OC_TARGET __attribute__((always_inline)) inline void tile(const Job &j, const fl
         const __m512 bv = _mm512_loadu_ps(bias + n * kLanes);
 #pragma GCC unroll 32
         for (int p = 0; p < P; ++p) {
-            __m512 v = _mm512_add_ps(acc[p][n], bv);
-            if (j.act_in_tile) v = act16(v, j.act);
+            __m512 v = acc[p][n];
+            if (last) {
+                v = _mm512_add_ps(v, bv);
+                if (j.act_in_tile) v = act16(v, j.act);
+            }
             _mm512_storeu_ps(t + p * NB * kLanes + n * kLanes, v);
         }
     }
@@ -740,14 +748,22 @@ OC_TARGET void block(const Job &j, const float *xn, i64 n, i64 p0, i64 r0, i64 r
     const i64 rows_t = flat ? (r1 - 1 - r0) * wp + g.ow : (r1 - r0) * pitch;  // tile rows used
     float *t = scratch((std::size_t) ((rows_t + P) * NB * kLanes), 1);
     const float *w = j.w + p0 * j.k * kLanes, *bias = j.bias.data() + p0 * kLanes;
-    if (flat)
-        for (i64 q = 0; q < rows_t; q += P)
-            tile<P, NB, SW>(j, xn + r0 * wp + q, w, bias, t + q * NB * kLanes);
-    else
-        for (i64 row = r0; row < r1; ++row)
-            for (i64 col = 0; col < g.ow; col += P)
-                tile<P, NB, SW>(j, xn + row * g.sh * wp + col * SW, w, bias,
-                                t + ((row - r0) * pitch + col) * NB * kLanes);
+    // the reduction in ranges whose weights (NB panels x kKc x 64 bytes: 16 KiB) stay in L1
+    // across the chunk's tiles, instead of streaming all K from L2 for every tile
+    for (i64 k0 = 0; k0 < j.k; k0 += kKc) {
+        const i64 k1 = std::min(j.k, k0 + kKc);
+        const bool first = k0 == 0, last = k1 == j.k;
+        if (flat)
+            for (i64 q = 0; q < rows_t; q += P)
+                tile<P, NB, SW>(j, xn + r0 * wp + q, w, bias, t + q * NB * kLanes, k0, k1, first,
+                                last);
+        else
+            for (i64 row = r0; row < r1; ++row)
+                for (i64 col = 0; col < g.ow; col += P)
+                    tile<P, NB, SW>(j, xn + row * g.sh * wp + col * SW, w, bias,
+                                    t + ((row - r0) * pitch + col) * NB * kLanes, k0, k1, first,
+                                    last);
+    }
     if (j.pool && !j.act_vector)  // the activation before the pool
         for (i64 q = 0; q < rows_t; ++q) finish_row(t + q * NB * kLanes, NB * kLanes, 0.f, nullptr, j.act);
 
