@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import pathlib
 import shlex
@@ -145,12 +144,7 @@ def main(argv=None) -> int:
            "requests": args.requests, "threads": args.threads, "repeats": args.repeats,
            "batching": {"max_batch": config.max_batch, "max_delay_us": config.max_delay_us},
            "load_average_end": os.getloadavg()[0], "rows": rows}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = bench.results_base(out, "batcher")
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    base.with_suffix(".md").write_text(markdown(doc))
-    print(f"wrote {base}.md and .json")
+    bench.write_results(args.out, "batcher", doc, markdown(doc))
     return 0
 
 

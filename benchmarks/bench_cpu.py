@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -254,11 +253,8 @@ def main(argv=None) -> int:
         print(bench.format_suite(busy_rows, BUSY_COLUMNS))
     if doc["geomean_ratio"]:
         print(f"\ngeometric mean offload/onnxruntime: {doc['geomean_ratio']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = bench.results_base(args.out, "cpu", now)
-    base.with_suffix(".json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
-    base.with_suffix(".md").write_text(_markdown(doc) + "\n")
-    print(f"\nwrote {base}.json and {base}.md")
+    print()
+    bench.write_results(args.out, "cpu", _jsonable(doc), _markdown(doc), now, indent=1)
     return 1 if any(r.get("error") for r in rows + busy_rows) else 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import shlex
 import sys
@@ -85,10 +84,6 @@ def main(argv=None) -> int:
     doc = {"command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": bench.machine_info(), "rows": rows}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"hostmem-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M}"
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     mach = doc["machine"]
     lines = ["# Host memory: offload's native pieces vs NumPy", "", f"- date: {doc['date']}",
              f"- command: `{doc['command']}`",
@@ -98,8 +93,7 @@ def main(argv=None) -> int:
              "| --- | --- | ---: | --- | ---: | ---: |"]
     lines += [f"| {r['what']} | {r['offload']} | {r['offload_us']:.2f} | {r['reference']} | "
               f"{r['reference_us']:.2f} | {r['ratio']:.2f} |" for r in rows]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {base}.md and .json")
+    bench.write_results(args.out, "hostmem", doc, "\n".join(lines))
     return 0
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import pathlib
 import shlex
 import sys
@@ -104,13 +102,7 @@ def main(argv=None) -> int:
                                 "device": offload.device(spec).name}
         print(f"{spec}: " + ", ".join(f"{n} {v:.2f} us" for n, v in us.items()))
         print("   host overhead cut: " + ", ".join(f"{k} {v:.0%}" for k, v in cuts.items()))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    base = out / f"overhead-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    base.with_suffix(".md").write_text(markdown(doc))
-    print(f"wrote {base}.md and .json")
+    bench.write_results(args.out, "overhead", doc, markdown(doc))
     return 0
 
 

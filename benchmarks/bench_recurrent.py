@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import shlex
@@ -78,10 +77,6 @@ def main(argv=None) -> int:
            "env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                               "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                    if k in os.environ}}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = bench.results_base(out, "recurrent")
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     mach = doc["machine"]
     lines = ["# Recurrent tagger: DeepJet-sized (1-D convs + LSTMs 150/50/50), beside "
              "onnxruntime", "",
@@ -96,8 +91,7 @@ def main(argv=None) -> int:
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['batch']} | {r['contender']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
               f"{r['events_per_s']:.0f} | {r['vs_onnxruntime']:.2f}x |" for r in rows]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {base}.md and .json")
+    bench.write_results(args.out, "recurrent", doc, "\n".join(lines))
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing as mp
 import os
 import pathlib
@@ -363,14 +362,10 @@ def main(argv=None) -> int:
                 doc["throughput"] = throughput(args, server, pool)
         finally:
             pool.close()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    base = out / f"sonic-{'overhead-' if args.overhead_only else ''}{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    base.with_suffix(".md").write_text(markdown(doc))
+    base = bench.write_results(args.out, "sonic-overhead" if args.overhead_only else "sonic",
+                               doc, markdown(doc))
     why = plot(doc, base.with_suffix(".png")) if doc["throughput"] else "no sweep"
-    print(f"wrote {base}.md, .json" + (f" ({why})" if why else ", .png"))
+    print(f"wrote {base}.png" if not why else f"no plot: {why}")
     return 0
 
 

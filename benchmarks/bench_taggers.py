@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import shlex
@@ -79,10 +78,6 @@ def main(argv=None) -> int:
            "machine": bench.machine_info(), "rows": rows,
            "env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
                    if k in os.environ}}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = bench.results_base(out, "taggers")
-    base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     mach = doc["machine"]
     lines = ["# Taggers: ParticleNet-like and ParT-like, P = 50, beside onnxruntime", "",
              f"- date: {doc['date']}", f"- command: `{doc['command']}`",
@@ -95,8 +90,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['model']} | {r['batch']} | {r['contender']} | {r['median_ms']:.3f} | "
               f"{r['p90_ms']:.3f} | {r['events_per_s']:.0f} | {r['vs_onnxruntime']:.2f}x |"
               for r in rows]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {base}.md and .json")
+    bench.write_results(args.out, "taggers", doc, "\n".join(lines))
     return 0
 
 

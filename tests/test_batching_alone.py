@@ -11,12 +11,17 @@ import offload
 from offload import batching, zoo
 
 
-def test_a_lone_caller_stops_waiting_and_company_is_still_merged():
-    delay_s = 0.25
+def _batched_jet_mlp(delay_s):
+    """jet_mlp batched with max_delay_us = delay_s, a one-row input and its unbatched answer."""
     model = offload.load(zoo.path("jet_mlp"), device="cpu",
                          batching=offload.Batching(max_batch=64, max_delay_us=delay_s * 1e6))
     x = zoo.sample_input("jet_mlp", 1)
-    want = offload.load(zoo.path("jet_mlp"), device="cpu")(x)
+    return model, x, offload.load(zoo.path("jet_mlp"), device="cpu")(x)
+
+
+def test_a_lone_caller_stops_waiting_and_company_is_still_merged():
+    delay_s = 0.25
+    model, x, want = _batched_jet_mlp(delay_s)
     b = model._batcher
     try:
         waits = []
@@ -58,10 +63,7 @@ def test_synchronous_callers_are_expected_and_not_waited_for():
     comes, a batch goes as soon as the 4 are in (not after max_delay_us); with 2 callers left
     it learns 2 within LONELY_AFTER batches."""
     delay_s = 0.1
-    model = offload.load(zoo.path("jet_mlp"), device="cpu",
-                         batching=offload.Batching(max_batch=64, max_delay_us=delay_s * 1e6))
-    x = zoo.sample_input("jet_mlp", 1)
-    want = offload.load(zoo.path("jet_mlp"), device="cpu")(x)
+    model, x, want = _batched_jet_mlp(delay_s)
     b = model._batcher
     calls = 40
     errors = []

@@ -164,29 +164,32 @@ class Future(concurrent.futures.Future):
         self._invoke_callbacks()
         return True
 
-    def set_result(self, result):
+    def _answer_locked(self, value, failed: bool):
+        """Under the lock (a pending or running future): the outcome set and ``wait()``'s
+        waiters told; returns the wake lock to release once the lock is let go."""
+        if failed:
+            self._exception = value
+        else:
+            self._result = value
+        self._state = FINISHED
+        for waiter in self._waiters:
+            (waiter.add_exception if failed else waiter.add_result)(self)
+        return self._wake
+
+    def _answer(self, value, failed: bool):
         with self._condition:
             if self._state in _DONE:
                 raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
-            for waiter in self._waiters:
-                waiter.add_result(self)
-            if self._wake is not None:
-                self._wake.release()
+            wake = self._answer_locked(value, failed)
+        if wake is not None:
+            wake.release()
         self._invoke_callbacks()
 
+    def set_result(self, result):
+        self._answer(result, False)
+
     def set_exception(self, exception):
-        with self._condition:
-            if self._state in _DONE:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
-            self._state = FINISHED
-            for waiter in self._waiters:
-                waiter.add_exception(self)
-            if self._wake is not None:
-                self._wake.release()
-        self._invoke_callbacks()
+        self._answer(exception, True)
 
 
 def _unwrap(outputs):
@@ -289,20 +292,25 @@ class Batcher:
         future = Future(self._cond)
         entry = (future, arrays, n, perf_counter(), None)
         with self._lock:
-            if self._closed:
-                self._refuse()
-            queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = deque()
-                rows = self._rows[key] = n
-                if self._keep is None and self._owner is not None:
-                    self._keep = self._owner()
-            else:
-                rows = self._rows[key] = self._rows[key] + n
+            queue = self._queue_for(key)
             queue.append(entry)
+            rows = self._rows[key] = self._rows[key] + n
             if self._idle or rows >= self.max_batch or len(queue) == self._notify_at:
                 self._cond.notify()
         return future
+
+    def _queue_for(self, key) -> deque:
+        """Under the lock, for a new request: the queue of its sample shape (made, and the
+        owner held, when it is the first); refused when closed."""
+        if self._closed:
+            self._refuse()
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+            self._rows[key] = 0
+            if self._keep is None and self._owner is not None:
+                self._keep = self._owner()
+        return queue
 
     def call(self, arrays):
         """``submit(arrays).result()``, for a caller that waits for its answer (``model(x)``).
@@ -354,12 +362,16 @@ class Batcher:
                     self._cond.notify_all()  # close() waits for runs in callers' threads
         self.batches += 1
         self.requests += 1
+        self._recorded([done - started], [0.0])
+        return result
+
+    def _recorded(self, latencies_s, waits_s) -> None:
+        """The statistics told of answered requests (a failure there must not lose answers)."""
         if self._record is not None:
             try:
-                self._record([done - started], [0.0])
-            except Exception:  # noqa: BLE001 - a statistic must not lose the answer
+                self._record(latencies_s, waits_s)
+            except Exception:  # noqa: BLE001
                 pass
-        return result
 
     def _submit_split(self, arrays, n, key):
         """A request over max_batch rows: pieces of max_batch rows, batched like any other and
@@ -371,15 +383,7 @@ class Batcher:
         entries = [(f, [a[i:i + step] for a in arrays], min(step, n - i), now, split)
                    for f, i in zip(pieces, range(0, n, step))]
         with self._lock:
-            if self._closed:
-                self._refuse()
-            queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = deque()
-                self._rows[key] = 0
-                if self._keep is None and self._owner is not None:
-                    self._keep = self._owner()
-            queue.extend(entries)
+            self._queue_for(key).extend(entries)
             self._rows[key] += n
             self._splits += 1
             self._cond.notify()
@@ -601,11 +605,8 @@ class Batcher:
                 if e[4] is not None:
                     e[4].started(started - e[3])
             arrived = [e[3] for e in batch if e[4] is None]
-        if self._record is not None and arrived:
-            try:
-                self._record([done - a for a in arrived], [started - a for a in arrived])
-            except Exception:  # noqa: BLE001 - a statistic must not lose the answer
-                pass
+        if arrived:
+            self._recorded([done - a for a in arrived], [started - a for a in arrived])
         self._settle(batch, results)
 
     def _ran(self) -> float:
@@ -622,13 +623,9 @@ class Batcher:
         with self._lock:
             for entry, result in zip(batch, results):
                 future = entry[0]
-                future._result = result
-                future._state = FINISHED
-                if future._waiters:
-                    for waiter in future._waiters:
-                        waiter.add_result(future)
-                if future._wake is not None:
-                    wakes = (wakes or []) + [future._wake]
+                wake = future._answer_locked(result, False)
+                if wake is not None:
+                    wakes = (wakes or []) + [wake]
                 if future._done_callbacks:
                     called = (called or []) + [future]
         if wakes:
@@ -676,11 +673,7 @@ class _Split:
         except BaseException as e:  # noqa: BLE001 - a failed piece, or joining failed
             _fail(self.future, e if isinstance(e, OffloadError) else _wrapped(e))
         else:
-            if b._record is not None:
-                try:
-                    b._record([perf_counter() - self.arrived], [self.wait])
-                except Exception:  # noqa: BLE001 - a statistic must not lose the answer
-                    pass
+            b._recorded([perf_counter() - self.arrived], [self.wait])
             self.future.set_result(result)
         self.pieces = None
 

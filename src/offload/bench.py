@@ -31,7 +31,7 @@ __all__ = [
     "Case", "Contender", "Measurement", "contention", "cpu_counters", "format_profile",
     "format_suite", "format_table", "machine_info", "make_input", "measure", "model_path",
     "offload_contender", "onnxruntime_contender", "onnxruntime_missing_reason", "profile",
-    "results_base", "run_suite",
+    "results_base", "run_suite", "write_results",
 ]
 
 
@@ -237,6 +237,20 @@ def results_base(out, name: str, when=None):
     while base.with_suffix(".json").exists() or base.with_suffix(".md").exists():
         base = out / f"{name}-{when:%Y%m%d-%H%M}-{k}"
         k += 1
+    return base
+
+
+def write_results(out, name: str, doc: dict, markdown: str, when=None, indent: int = 2):
+    """A benchmark's record: ``doc`` as JSON and ``markdown`` under ``out`` (made if missing) at
+    ``results_base(out, name, when)``, which is returned; says where on stdout."""
+    import json
+    import pathlib
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = results_base(out, name, when)
+    base.with_suffix(".json").write_text(json.dumps(doc, indent=indent) + "\n")
+    base.with_suffix(".md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    print(f"wrote {base}.md and .json")
     return base
 
 
