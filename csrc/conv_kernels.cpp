@@ -378,26 +378,8 @@ void store_row(float *o, const float *t, std::int64_t n, float add, const float 
 // Checks.
 
 
-template <typename A> std::pair<std::uintptr_t, std::uintptr_t> span_of(const A &a) {
-    auto p = reinterpret_cast<std::uintptr_t>(a.data());
-    return {p, p + a.size() * sizeof(float)};
-}
-
-template <typename A, typename B>
-void check_apart(const char *fn, const char *what, const A &out, const B &in, bool same_ok = false) {
-    auto [o0, o1] = span_of(out);
-    auto [i0, i1] = span_of(in);
-    if (o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0) return;
-    if (same_ok && o0 == i0 && o1 == i1) return;
-    throw nb::value_error((std::string(fn) + ": out overlaps " + what +
-                           " (it would be read after being written); pass separate arrays").c_str());
-}
-
-template <typename A> std::string shape_of(const A &a) {
-    std::string s = "[";
-    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
+using offload::check_apart;
+using offload::shape_of;
 
 Act make_act(const char *fn, int act, float alpha, float lo, float hi) {
     OFFLOAD_CHECK(act >= kIdentity && act <= kClip,
@@ -1118,14 +1100,10 @@ void gemm_dense(In x, In w, std::optional<In> bias, std::optional<In> residual, 
     OFFLOAD_CHECK((std::int64_t) w.shape(0) == k && (std::int64_t) y.shape(0) == rows &&
               (std::int64_t) y.shape(1) == n,
           "gemm_dense: x " + shape_of(x) + " @ w " + shape_of(w) + " does not fit out " + shape_of(y));
-    OFFLOAD_CHECK(!bias || (std::int64_t) bias->size() == n,
-          "gemm_dense: bias must have " + std::to_string(n) + " values");
-    OFFLOAD_CHECK(!residual || residual->size() == y.size(), "gemm_dense: residual must be [rows, n]");
+    check_epilogue_args(fn, y, n, bias, residual);
     const Act a = make_act(fn, act, alpha, lo, hi);
     check_apart(fn, "x", y, x);
     check_apart(fn, "w", y, w);
-    if (bias) check_apart(fn, "bias", y, *bias);
-    if (residual) check_apart(fn, "residual", y, *residual, true);
     if (rows == 0 || n == 0) return;
     const float *xd = x.data(), *wd = w.data(), *bd = bias ? bias->data() : nullptr;
     const float *rd = residual ? residual->data() : nullptr;
@@ -1263,15 +1241,11 @@ void dense_packed(In x, In wp, std::optional<In> bias, std::optional<In> residua
               npad - n < kNR,
           "dense_packed: x " + shape_of(x) + " @ w packed " + shape_of(wp) + " does not fit out " +
               shape_of(y));
-    OFFLOAD_CHECK(!bias || (std::int64_t) bias->size() == n,
-          "dense_packed: bias must have " + std::to_string(n) + " values");
-    OFFLOAD_CHECK(!residual || residual->size() == y.size(), "dense_packed: residual must be [rows, n]");
+    check_epilogue_args(fn, y, n, bias, residual);
     OFFLOAD_CHECK(product({rows, k, npad}) >= 0, "dense_packed: sizes too large");
     const Act a = make_act(fn, act, alpha, lo, hi);
     check_apart(fn, "x", y, x);
     check_apart(fn, "w", y, wp);
-    if (bias) check_apart(fn, "bias", y, *bias);
-    if (residual) check_apart(fn, "residual", y, *residual, true);
     if (rows == 0 || n == 0) return;
     std::vector<float> b(npad, 0.f);
     if (bias) std::copy(bias->data(), bias->data() + n, b.begin());

@@ -70,30 +70,8 @@ Epilogue make_epilogue(const char *fn, int act, float alpha, float lo, float hi)
     return Epilogue{act, alpha, lo, hi};
 }
 
-template <typename A> std::pair<std::uintptr_t, std::uintptr_t> span_of(const A &a) {
-    auto p = reinterpret_cast<std::uintptr_t>(a.data());
-    return {p, p + a.size() * sizeof(float)};
-}
-
-// An output that overlaps an operand would be read after it was written: a wrong answer, so
-// refused. Only ``same_ok`` allows the exact same array (in-place kernels such as softmax).
-template <typename A, typename B>
-void check_apart(const char *fn, const char *what, const A &out, const B &in, bool same_ok = false) {
-    auto [o0, o1] = span_of(out);
-    auto [i0, i1] = span_of(in);
-    if (o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0)
-        return;
-    if (same_ok && o0 == i0 && o1 == i1)
-        return;
-    throw nb::value_error((std::string(fn) + ": out overlaps " + what +
-                           " (it would be read after being written); pass separate arrays").c_str());
-}
-
-std::string shape_of(const nb::ndarray<> &a) {
-    std::string s = "[";
-    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
+using offload::check_apart;
+using offload::shape_of;
 
 OFFLOAD_CLONES
 void dense_rows(const float *x, const float *w, const float *bias, const float *residual,
@@ -121,9 +99,7 @@ void dense(In x, In w, std::optional<In> bias, std::optional<In> residual, Out y
     OFFLOAD_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, "dense: expected 2-D x, w and out");
     const std::int64_t m = x.shape(0), k = x.shape(1), n = w.shape(1);
     OFFLOAD_CHECK(w.shape(0) == (size_t) k && y.shape(0) == (size_t) m && y.shape(1) == (size_t) n,
-          "dense: x " + shape_of(nb::ndarray<>(x.handle())) + " @ w " +
-              shape_of(nb::ndarray<>(w.handle())) + " does not fit out " +
-              shape_of(nb::ndarray<>(y.handle())));
+          "dense: x " + shape_of(x) + " @ w " + shape_of(w) + " does not fit out " + shape_of(y));
     OFFLOAD_CHECK(!bias || bias->size() == (size_t) n, "dense: bias must have " + std::to_string(n) + " values");
     OFFLOAD_CHECK(!residual || (residual->size() == (size_t) (m * n)), "dense: residual must be [m, n]");
     const Epilogue e = make_epilogue("dense", act, alpha, lo, hi);

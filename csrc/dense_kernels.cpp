@@ -298,11 +298,7 @@ class DenseChain {
 
     // out must not share memory with what it reads (it would be read after being written)
     template <typename A> void check_apart(const std::string &fn, const std::string &what, const A &in) {
-        auto o0 = reinterpret_cast<std::uintptr_t>(y_.data()), o1 = o0 + y_.size() * sizeof(float);
-        auto i0 = reinterpret_cast<std::uintptr_t>(in.data()), i1 = i0 + in.size() * sizeof(float);
-        OFFLOAD_CHECK(o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0,
-              fn + ": out overlaps " + what + " (it would be read after being written); pass "
-                   "separate arrays");
+        offload::check_apart(fn, what, y_, in);
     }
 
     In x_;

@@ -56,15 +56,7 @@ enum Op : int { kSum, kMean, kMax, kMin };
 
 using offload::shape_of;
 
-template <typename A, typename B> void check_apart(const char *fn, const A &out, const B &x) {
-    auto o0 = reinterpret_cast<std::uintptr_t>(out.data());
-    auto o1 = o0 + out.size() * sizeof(*out.data());
-    auto x0 = reinterpret_cast<std::uintptr_t>(x.data());
-    auto x1 = x0 + x.size() * sizeof(*x.data());
-    OFFLOAD_CHECK(o0 >= o1 || x0 >= x1 || o1 <= x0 || x1 <= o0,
-          std::string(fn) + ": out overlaps x (it would be read after being written); pass "
-                            "separate arrays");
-}
+using offload::check_apart;
 
 // x [outer, n, inner], out [outer, m, inner] (m_axis) or [outer, inner] (no m_axis).
 template <typename A>
@@ -312,7 +304,7 @@ void topk(In x, Indices out, bool largest) {
     const i64 outer = x.shape(0), n = x.shape(1), inner = x.shape(2), k = out.shape(1);
     OFFLOAD_CHECK(k <= n, "topk: k = " + std::to_string(k) + " (out " + shape_of(out) +
                       ") is larger than n = " + std::to_string(n) + " (x " + shape_of(x) + ")");
-    check_apart("topk", out, x);
+    check_apart("topk", "x", out, x);
     if (!k || !outer || !inner) return;
     const float *xd = x.data();
     i64 *od = out.data();
@@ -329,7 +321,7 @@ void reduce(In x, Out out, const std::string &fn) {
                    : fn == "min" ? kMin : -1;
     OFFLOAD_CHECK(op >= 0, "reduce: fn must be 'sum', 'mean', 'max' or 'min', got '" + fn + "'");
     check_shapes("reduce", x, out, false);
-    check_apart("reduce", out, x);
+    check_apart("reduce", "x", out, x);
     const i64 outer = x.shape(0), n = x.shape(1), inner = x.shape(2);
     if (!outer || !inner) return;
     const float *xd = x.data();

@@ -255,13 +255,7 @@ template <typename Fn> void in_threads(i64 n, i64 blocks, Fn fn) {
 
 #define RNN_CHECK(ok, what) OFFLOAD_CHECK(ok, std::string("rnn: ") + (what))
 
-std::string shape_str(const nb::ndarray<> &a) {
-    std::string s = "[";
-    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
-
-template <typename A> std::string shape_of(const A &a) { return shape_str(nb::ndarray<>(a.handle())); }
+using offload::shape_of;
 
 template <typename A> void check_shape(const A &a, std::vector<i64> want, const char *what) {
     bool ok = a.ndim() == want.size();
@@ -273,12 +267,7 @@ template <typename A> void check_shape(const A &a, std::vector<i64> want, const 
 }
 
 template <typename A> void check_apart(const Out &out, const A &in, const char *what) {
-    auto o0 = reinterpret_cast<std::uintptr_t>(out.data());
-    auto o1 = o0 + out.size() * sizeof(float);
-    auto i0 = reinterpret_cast<std::uintptr_t>(in.data());
-    auto i1 = i0 + in.size() * sizeof(*in.data());
-    RNN_CHECK(o0 >= o1 || i0 >= i1 || o1 <= i0 || i1 <= o0,
-          std::string("out overlaps ") + what + " (it would be read after being written)");
+    offload::check_apart("rnn", what, out, in);
 }
 
 // See the module docstring of offload._core (core.cpp) and drivers/cpu.py build_rnn.
